@@ -273,7 +273,7 @@ def _normalise_value(key, value):
     if isinstance(value, float):
         return _normalise_value(key, float(value))
     item = getattr(value, "item", None)
-    if callable(item) and type(value).__module__.split(".")[0] == "numpy":
+    if callable(item) and hasattr(value, "dtype"):     # a numpy-like scalar
         return _normalise_value(key, item())
     import numbers
     if isinstance(value, numbers.Number) and not isinstance(value, numbers.Complex) \
@@ -1833,7 +1833,9 @@ class Streamer(object):
         self._fast = not (self._echo or self._closed)
         self._pump_lock = threading.Lock()      # serialises use_async=False delivery
         self._thread = None
-        if s["use_async"]:
+        if not s["use_async"]:
+            engine.wake_at = 1                  # log() always asks _notify()
+        else:
             self._thread = threading.Thread(
                 target=engine.run, daemon=True,
                 name="isstreamer_lite[%s]" % self._bucket[0][:32])
@@ -1904,11 +1906,12 @@ class Streamer(object):
             return _time()
 
     def _notify(self, count):
+        engine = self._engine
         if self._thread is not None:
-            self._engine.wake.set()
-        elif count >= self._settings["buffer_size"]:
+            engine.wake.set()
+        elif count + engine.in_memory >= self._settings["buffer_size"]:
             with self._pump_lock:
-                self._engine.pump(deadline=_monotonic() + self._settings["timeout"])
+                engine.pump(deadline=_monotonic() + self._settings["timeout"])
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -2085,8 +2088,9 @@ class _Sink(object):
     """
 
     def __init__(self, host="127.0.0.1", port=0, rate_limit=None, window=10.0,
-                 access_key=None, jsonl=None, echo=None):
+                 access_key=None, jsonl=None, echo=None, ssl_context=None):
         self.host = host
+        self.ssl_context = ssl_context
         self.port = port
         self.rate_limit = rate_limit
         self.window = window
@@ -2106,7 +2110,7 @@ class _Sink(object):
 
     @property
     def url(self):
-        return "http://%s:%d" % (self.host, self.port)
+        return "%s://%s:%d" % ("https" if self.ssl_context else "http", self.host, self.port)
 
     def start(self):
         import http.server
@@ -2134,6 +2138,9 @@ class _Sink(object):
 
         self._server = Server((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
+        if self.ssl_context is not None:
+            self._server.socket = self.ssl_context.wrap_socket(self._server.socket,
+                                                               server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
                                         name="isstreamer_lite-sink")
         self._thread.start()
@@ -2158,7 +2165,10 @@ class _Sink(object):
             return True
 
     def fault(self, handler, path):
-        """Answer the request differently and return True (tests override it)."""
+        """Answer the request yourself and return True (tests override it).
+
+        The request body is already read, as ``handler.body``.
+        """
         return False
 
     @staticmethod
@@ -2197,6 +2207,7 @@ class _Sink(object):
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         path = handler.path.split("?")[0]
+        handler.body = body
         with self.changed:
             self.requests += 1
         if self.fault(handler, path):

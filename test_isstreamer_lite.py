@@ -1,0 +1,757 @@
+"""Tests for isstreamer_lite: ``python3 -m unittest -v test_isstreamer_lite``.
+
+Real HTTP to servers on 127.0.0.1 started by the tests; no sleeps to
+synchronise; nothing reaches the real Initial State servers.
+"""
+
+import collections
+import csv
+import datetime
+import decimal
+import fractions
+import glob
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import isstreamer_lite as lite
+
+HERE = os.path.dirname(os.path.abspath(lite.__file__))
+KEY = "ist_test_access_key_0123456789"
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy",
+              "NO_PROXY", "all_proxy", "ALL_PROXY")
+CONFIG_VARS = ("IS_ACCESS_KEY", "IS_BUCKET_KEY", "IS_BUCKET_NAME", "IS_API_BASE",
+               "IS_SPOOL_DIR", "IS_DURABLE")
+_saved_env = {}
+
+# A self-signed certificate for 127.0.0.1 and localhost, valid until 2126,
+# made for these tests only (openssl req -x509 -newkey rsa:2048 -days 36500).
+_TEST_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIDJzCCAg+gAwIBAgIUNbaqqsYX9v2wx0SHlsVdex2EDu4wDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyOTAzNTIzNloYDzIxMjYx
+MTA1MDM1MjM2WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQCnKQkqHk/tZ31E9Z9IAKtMMgd0LjQgKcShX/buaqgn
+rs6KS+KiIO1C77Pre7WUWvE24CK8yamKd5fbbiUjxCb3sB8wbgW9atWktzflVkUa
+TWXbG58lIy7X8YcrTy0d8sDkh3FuYAtENkl10sWG4Lqxig17bEKIg5xSPzj3rywl
+vquz4mmCyI+Uk1DFqmF2cKyXKIuIKZwyvMAUrOgvF4SwC7czig2g9jq2Op3Ru3Cj
+4+kN8h9ifGP6v+45OuiRFlWp8hOEgQCcmcPt5q/b2gofT66ukIxVP8TbAraxTmJO
+mqIE39nm5207oTXdaQYA+8FONEWAiUW+9PHrqiVKzZVpAgMBAAGjbzBtMB0GA1Ud
+DgQWBBTeu1dW/pkeOAS7Ujvsuz9uCUj1LTAfBgNVHSMEGDAWgBTeu1dW/pkeOAS7
+Ujvsuz9uCUj1LTAPBgNVHRMBAf8EBTADAQH/MBoGA1UdEQQTMBGHBH8AAAGCCWxv
+Y2FsaG9zdDANBgkqhkiG9w0BAQsFAAOCAQEAPM9PtH2VNighxDP4Zmvx5o4N3IvG
+veFkQEd64g6sLYmcuKZ5aOILoCQuaijf4FTBnc1Kl1O6NcU5uiiJLndMG8ZTHrat
+KVoUJra/Mrp6pRtRtRtG9ced/5Whb8POafrrMT6r5QeCFnl4AWXfmBuF0dff8q8P
+LoZ77Vcf60Me2GjoV6eaKBZd9kJNcibhQMB3Xo36Dsx+ezrisM3c9WuwMyopkII7
+1bR8ZI3CgHc9WjgQWGXeCvuNFamQ0Rnh8uke2Kzgl+hvBYizE3DUaVS0Y98xVhkF
+FL63XuRu3nDNtW1yd2TISthY/tWgUayXcxcKqj4Vf7HWDutrF4PUAp4Jjw==
+-----END CERTIFICATE-----
+"""
+
+_TEST_KEY = """\
+-----BEGIN PRIVATE KEY-----
+MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCnKQkqHk/tZ31E
+9Z9IAKtMMgd0LjQgKcShX/buaqgnrs6KS+KiIO1C77Pre7WUWvE24CK8yamKd5fb
+biUjxCb3sB8wbgW9atWktzflVkUaTWXbG58lIy7X8YcrTy0d8sDkh3FuYAtENkl1
+0sWG4Lqxig17bEKIg5xSPzj3rywlvquz4mmCyI+Uk1DFqmF2cKyXKIuIKZwyvMAU
+rOgvF4SwC7czig2g9jq2Op3Ru3Cj4+kN8h9ifGP6v+45OuiRFlWp8hOEgQCcmcPt
+5q/b2gofT66ukIxVP8TbAraxTmJOmqIE39nm5207oTXdaQYA+8FONEWAiUW+9PHr
+qiVKzZVpAgMBAAECggEAAIN2bRQIGClH5T0BRENcQ1upUjNiIvHTPNECp9uEBhCE
+v0AEbjhpAi+iVIgzbUU/lco9Jmn9hK4MCrcyk1g4QRfgFfyrNS3C15gIf+0ylntu
+Y1dDtzrTG1lj75TKsAYy5CuBBF8fKb0mSfUKePjvxI6Grr5iZfD25fnJFFm2v6xD
+rT9v7MhrKbkxuwpEnqdSscunwV74oHFovMB+M6o+c45hgTDoCPQrGAf1NTSK5Fgo
+6iMA4KrR07wo0OA1O+6GcY26MhqetIZv6xIuyIhnbO6gjW3DnXpaSHGSKCWLbLOk
+zupx52JeCFFpwuVyUzmS/eyi+V22v3ex3XJ62026AQKBgQDVG0gfTNhF18BVAyKw
+Q/YhOzWIsywir8Wx0laTTOJctRBrPiKf/0f5VrTkQwdrCdXgdoDaFMguXQtDDQI9
+F28rVTmFtk0k4THZEIxSjIMqQOqZkEwtPFOo5ZDKylFjBdxBFRufk8YI8S7hw5IG
+rZePRGk5UGjI0E31trPPjCRR8QKBgQDIzkkd2fO/YoP+2kRPY7ePBeN55d4dAuth
++ZFN5roYIOqwh4fG0ORySP43OxmewI75zcxg2RvYg3HZU5u1eEOCY8MLehe0IV7g
+eFmzthgy8CETWgzK3nkg4UlRIrSkRNeVoQiyEKqcNs6f/7ifiBNj12eS904eL1xj
+3g9hCjYC+QKBgQCxfMphv0e1S88VPspKUiARZ1Xb55ZPwWN/CbcvcW5qVic5moOO
+DDiuswdvwV/RR1zJWQlSGNLswnOZwaDmrrjZN170PXQczi4NIlosenjX3T9G7MZ1
+OnRXC/O+4ihMt9nMnr7l9laOpgks4Qyi4TuEiC63HIBZGByGFEfICWlKkQKBgC0e
+3SMOBE0uz8YGOW81UtuaUSDk2+Hc9BMRxuqgO5SMYO/FpGayLYLYj/bNGtanIflT
+mubwIeemsYBJ3yUJnvG/hOYhSw44qV766/0Ln6hieKwmgdVb5A/VT2ohyEFZDrAa
+fR+1ywBK+GbPSSbfpqu6jRVi6HSz46i1DvOZHcXRAoGAHNrjaFKzr8W8HlZ5Ey8W
+RGxwX+nfw4suX9UuHR4aqOy1b0Uvx8IY4bNWom3szMHajUAX4+SWpvHhlhJ4BpQ2
+YzxEaGOBMNlbnX1A3zpb42AGES6RVgdRi99DomJZHP9PFPyd5mTOSVW454UyHVFF
+vFTgtnAddKah4/p2M7aWNio=
+-----END PRIVATE KEY-----
+"""
+
+
+def setUpModule():
+    """Keep the developer's proxies and IS_* settings out of the tests."""
+    for name in PROXY_VARS + CONFIG_VARS:
+        if name in os.environ:
+            _saved_env[name] = os.environ.pop(name)
+
+
+def tearDownModule():
+    os.environ.update(_saved_env)
+
+
+def child_env(**extra):
+    """Environment for a subprocess: no proxies, no IS_* settings, this module."""
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS + CONFIG_VARS}
+    env["PYTHONPATH"] = HERE
+    env.update(extra)
+    return env
+
+
+class LiteTestCase(unittest.TestCase):
+    """Helpers: a sink per test, a temp spool, Streamers closed at cleanup."""
+
+    def setUp(self):
+        logger = logging.getLogger("isstreamer_lite")
+        state = (logger.level, list(logger.handlers))
+
+        def restore():
+            logger.setLevel(state[0])
+            logger.handlers[:] = state[1]
+        self.addCleanup(restore)
+
+    def sink(self, cls=lite._Sink, **kwargs):
+        sink = cls(**kwargs).start()
+        self.addCleanup(sink.stop)
+        return sink
+
+    def tempdir(self):
+        path = tempfile.mkdtemp(prefix="isl-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def streamer(self, sink=None, **kwargs):
+        options = dict(bucket_key="test-bucket", access_key=KEY, ini_file_location=False,
+                       spool_dir=self.tempdir(), flush_interval=0.05, backoff_base=0.01,
+                       backoff_cap=0.05)
+        if sink is not None:
+            options["api_base"] = sink.url
+        options.update(kwargs)
+        streamer = lite.Streamer(**options)
+        self.addCleanup(streamer.close, 5.0)
+        return streamer
+
+    def received(self, sink, bucket=None):
+        with sink.changed:
+            return [(e["key"], e["value"]) for b, e in sink.events
+                    if bucket is None or b == bucket]
+
+
+class RecordingSink(lite._Sink):
+    """A sink that also keeps each request's headers and bucket."""
+
+    def __init__(self, **kwargs):
+        lite._Sink.__init__(self, **kwargs)
+        self.seen = []
+
+    def fault(self, handler, path):
+        with self.changed:
+            self.seen.append((path, dict(handler.headers), threading.get_ident()))
+        return False
+
+
+class ConfigurationTest(LiteTestCase):
+    """Constructor arguments, then environment, then isstreamer.ini, then defaults."""
+
+    def setUp(self):
+        LiteTestCase.setUp(self)
+        self.home = self.tempdir()
+        self.cwd = self.tempdir()
+        old_home, old_cwd = os.environ.get("HOME"), os.getcwd()
+        os.environ["HOME"] = self.home
+        os.chdir(self.cwd)
+
+        def restore():
+            os.chdir(old_cwd)
+            if old_home is None:
+                os.environ.pop("HOME", None)
+            else:
+                os.environ["HOME"] = old_home
+            for name in CONFIG_VARS:
+                os.environ.pop(name, None)
+        self.addCleanup(restore)
+
+    def write_ini(self, folder, text):
+        path = os.path.join(folder, "isstreamer.ini")
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def make(self, **kwargs):
+        kwargs.setdefault("spool_dir", self.tempdir())
+        streamer = lite.Streamer(**kwargs)
+        self.addCleanup(streamer.close, 0.5)
+        return streamer
+
+    def test_arguments_beat_environment_beat_ini(self):
+        """Configuration: argument > IS_* variable > ini > default."""
+        self.write_ini(self.home, "[isstreamer.client_config]\naccess_key = ini_key\n"
+                                  "default_bucket = ini name\n"
+                                  "[isstreamer.api_config]\nstream_api_base = http://127.0.0.1:9\n")
+        s = self.make(offline=True)
+        self.assertEqual(s._settings["access_key"], "ini_key")
+        self.assertEqual(s.bucket_name, "ini name")
+        self.assertEqual(s._settings["api_base"], "http://127.0.0.1:9")
+        os.environ["IS_ACCESS_KEY"] = "env_key"
+        os.environ["IS_BUCKET_NAME"] = "env name"
+        os.environ["IS_BUCKET_KEY"] = "env-bucket"
+        os.environ["IS_API_BASE"] = "http://127.0.0.1:10"
+        s = self.make(offline=True)
+        self.assertEqual((s._settings["access_key"], s.bucket_name, s.bucket_key,
+                          s._settings["api_base"]),
+                         ("env_key", "env name", "env-bucket", "http://127.0.0.1:10"))
+        s = self.make(access_key="arg_key", bucket_name="arg name", bucket_key="arg-bucket",
+                      api_base="http://127.0.0.1:11", offline=True)
+        self.assertEqual((s._settings["access_key"], s.bucket_name, s.bucket_key,
+                          s._settings["api_base"]),
+                         ("arg_key", "arg name", "arg-bucket", "http://127.0.0.1:11"))
+
+    def test_default_api_base(self):
+        """Configuration: with nothing set the base is https://groker.init.st."""
+        s = self.make(access_key="k", offline=True)
+        self.assertEqual(s._settings["api_base"], "https://groker.init.st")
+
+    def test_api_config_read_without_client_config(self):
+        """Configuration: [isstreamer.api_config] counts even alone (ISStreamer ignored it)."""
+        self.write_ini(self.home, "[isstreamer.api_config]\nstream_api_base = http://127.0.0.1:12\n")
+        s = self.make(access_key="k", offline=True)
+        self.assertEqual(s._settings["api_base"], "http://127.0.0.1:12")
+
+    def test_ini_search_order(self):
+        """Configuration: ini_file_location, else ~/isstreamer.ini, else ./isstreamer.ini."""
+        self.write_ini(self.cwd, "[isstreamer.client_config]\naccess_key = cwd_key\n")
+        self.assertEqual(self.make(offline=True)._settings["access_key"], "cwd_key")
+        self.write_ini(self.home, "[isstreamer.client_config]\naccess_key = home_key\n")
+        self.assertEqual(self.make(offline=True)._settings["access_key"], "home_key")
+        other = self.write_ini(self.tempdir(), "[isstreamer.client_config]\naccess_key = own\n")
+        self.assertEqual(self.make(offline=True, ini_file_location=other)
+                         ._settings["access_key"], "own")
+
+    def test_missing_ini_location_is_an_error(self):
+        """Configuration: a given ini_file_location that does not exist is a ConfigError."""
+        with self.assertRaisesRegex(lite.ConfigError, "does not exist"):
+            self.make(ini_file_location=os.path.join(self.cwd, "nope.ini"))
+
+    def test_offline_mode_and_file_from_ini(self):
+        """Configuration: offline_mode and offline_file come from the ini."""
+        self.write_ini(self.home, "[isstreamer.client_config]\noffline_mode = true\n"
+                                  "offline_file = out.csv\n")
+        s = self.make()
+        self.assertTrue(s._settings["offline"])
+        self.assertEqual(s._settings["offline_file"], "out.csv")
+
+    def test_missing_access_key_is_an_error(self):
+        """Configuration: no access key anywhere (and not offline) fails at construction."""
+        with self.assertRaisesRegex(lite.ConfigError, "no access key"):
+            self.make()
+
+    def test_bad_api_base_is_an_error(self):
+        """Configuration: an api_base that is not http(s) fails at construction."""
+        for base in ("ftp://example.invalid", "groker.init.st", "https://", 42):
+            with self.assertRaises(lite.ConfigError, msg=repr(base)):
+                self.make(access_key="k", api_base=base)
+
+    def test_illegal_bucket_key_is_an_error(self):
+        """Configuration: a bucket key with : " ' or over 250 characters fails, naming the rule."""
+        for bad in ("a:b", 'a"b', "a'b"):
+            with self.assertRaisesRegex(lite.ConfigError, "may not contain"):
+                self.make(access_key="k", bucket_key=bad)
+        with self.assertRaisesRegex(lite.ConfigError, "251 characters; the limit is 250"):
+            self.make(access_key="k", bucket_key="b" * 251)
+
+    def test_empty_bucket_key_becomes_uuid4(self):
+        """Configuration: an empty bucket_key becomes a new UUID4."""
+        import uuid
+        key = self.make(access_key="k", offline=True).bucket_key
+        self.assertEqual(uuid.UUID(key).version, 4)
+
+    def test_bad_option_values(self):
+        """Configuration: nonsense option values are clear errors."""
+        for options in ({"buffer_size": 0}, {"flush_interval": -1}, {"max_queue": 1,
+                        "buffer_size": 10}, {"timeout": "soon"}, {"on_error": 5}):
+            with self.assertRaises((ValueError, TypeError), msg=repr(options)):
+                self.make(access_key="k", offline=True, **options)
+
+
+class WireTest(LiteTestCase):
+    """What goes over the wire matches the events API."""
+
+    def test_headers_body_and_bucket_first(self):
+        """Wire: the bucket is created first; events carry the documented headers."""
+        sink = self.sink(RecordingSink)
+        s = self.streamer(sink, bucket_name="My Bucket", buffer_size=3)
+        for i in range(5):
+            s.log("k%d" % i, i)
+        self.assertTrue(s.close(5))
+        paths = [p for p, _, _ in sink.seen]
+        self.assertEqual(paths[0], "/api/buckets")
+        self.assertEqual(sink.buckets, {"test-bucket": "My Bucket"})
+        self.assertEqual(paths[1:], ["/api/events", "/api/events"])
+        headers = sink.seen[1][1]
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(headers["X-IS-AccessKey"], KEY)
+        self.assertEqual(headers["X-IS-BucketKey"], "test-bucket")
+        self.assertEqual(headers["Accept-Version"], "~0")
+        self.assertTrue(headers["User-Agent"].startswith("isstreamer_lite/%s Python/"
+                                                         % lite.__version__))
+        self.assertEqual(self.received(sink), [("k%d" % i, i) for i in range(5)])
+
+    def test_epoch_on_every_event(self):
+        """Wire: each event carries the epoch taken at log() time."""
+        sink = self.sink()
+        s = self.streamer(sink)
+        before = time.time()
+        s.log("t", 1)
+        after = time.time()
+        self.assertTrue(s.flush(5))
+        epoch = sink.events[0][1]["epoch"]
+        self.assertTrue(before <= epoch <= after)
+
+    def test_body_never_over_one_megabyte(self):
+        """Wire: a large buffer of long values is sent in bodies under 1 MB."""
+        sink = self.sink()
+        sizes = []
+        original = sink.handle
+
+        def measure(handler):
+            sizes.append(int(handler.headers.get("Content-Length") or 0))
+            original(handler)
+        sink.handle = measure
+        s = self.streamer(sink, buffer_size=2000, max_queue=5000)
+        for i in range(1500):
+            s.log("k%d" % i, "\u00e9" * 2000)       # ~12 kB each once escaped
+        self.assertTrue(s.close(10))
+        self.assertEqual(len(sink.events), 1500)
+        self.assertTrue(all(size <= 1000000 for size in sizes), max(sizes))
+        self.assertGreater(len(sizes), 2)
+
+    def test_any_2xx_is_success(self):
+        """Wire: 200 and 202 count as delivered, like 204."""
+        class Sink2xx(lite._Sink):
+            def fault(self, handler, path):
+                if path != "/api/events":
+                    return False
+                with self.changed:
+                    self.events.extend(("b", e) for e in json.loads(handler.body.decode()))
+                self.reply(handler, 202 if self.requests % 2 else 200, {"ok": True})
+                return True
+        sink = self.sink(Sink2xx)
+        s = self.streamer(sink, buffer_size=1)
+        for i in range(4):
+            s.log("a", i)
+        self.assertTrue(s.flush(5))
+        self.assertEqual(s.stats()["delivered"], 4)
+        self.assertEqual(s.stats()["retried"], 0)
+        self.assertEqual(len(sink.events), 4)
+
+
+class ValidationTest(LiteTestCase):
+    """log() accepts the documented values, converts real numbers, rejects the rest."""
+
+    BAD = [("none", None), ("nan", float("nan")), ("inf", float("inf")),
+           ("bytes", b"raw"), ("dict", {"a": 1}), ("list", [1]), ("complex", 1j),
+           ("x" * 251, 1), ("long", "v" * 2001), (7, "non-str key"), ("", "empty key"),
+           ("dnan", decimal.Decimal("NaN"))]
+
+    def test_good_events_survive_bad_ones(self):
+        """Validation: good events between bad ones all arrive and no bad one does."""
+        sink = self.sink()
+        s = self.streamer(sink)
+        expected = []
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            for i, (key, value) in enumerate(self.BAD):
+                s.log("good%d" % i, i)
+                expected.append(("good%d" % i, i))
+                s.log(key, value)
+        self.assertTrue(s.close(5))
+        self.assertEqual(self.received(sink), expected)
+        self.assertEqual(len(logs.records), len(self.BAD))
+
+    def test_warning_names_key_type_and_rule(self):
+        """Validation: the warning names the key, the value's type and the rule."""
+        s = self.streamer(None, offline=True, offline_file=os.path.join(self.tempdir(), "o"))
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            s.log("reading", b"raw")
+            s.log("x" * 300, 1)
+            s.log("temp", float("nan"))
+        self.assertIn("'reading' is of type bytes", logs.output[0])
+        self.assertIn("values must be str, bool, int or a finite real number", logs.output[0])
+        self.assertIn("300 characters; the limit is 250", logs.output[1])
+        self.assertIn("must be finite", logs.output[2])
+
+    def test_strict_mode_raises_at_call_site(self):
+        """Validation: at debug_level 2 a bad event raises ValueError/TypeError."""
+        sink = self.sink()
+        s = self.streamer(sink, debug_level=2)
+        logging.getLogger("isstreamer_lite").setLevel(logging.WARNING)
+        for key, value in self.BAD:
+            with self.assertRaises((ValueError, TypeError), msg=repr((key, value))):
+                s.log(key, value)
+        s.log("fine", 1)
+        self.assertTrue(s.close(5))
+        self.assertEqual(self.received(sink), [("fine", 1)])
+
+    def test_real_numbers_are_converted(self):
+        """Validation: Decimal, Fraction, numpy-like scalars and subclasses are converted."""
+        class FakeNumpyScalar(object):
+            dtype = "float32"
+
+            def item(self):
+                return 2.5
+
+        class Celsius(float):
+            pass
+
+        sink = self.sink()
+        s = self.streamer(sink)
+        s.log("dec", decimal.Decimal("1.25"))
+        s.log("frac", fractions.Fraction(1, 4))
+        s.log("np", FakeNumpyScalar())
+        s.log("sub", Celsius(3.5))
+        s.log("big", 2 ** 70)
+        s.log("flag", False)
+        self.assertTrue(s.close(5))
+        got = dict(self.received(sink))
+        self.assertEqual(got, {"dec": 1.25, "frac": 0.25, "np": 2.5, "sub": 3.5,
+                               "big": 2 ** 70, "flag": False})
+        self.assertIs(got["flag"], False)
+
+    def test_epoch_override(self):
+        """Validation: epoch may be a number or a datetime; a bad one falls back to now."""
+        sink = self.sink()
+        s = self.streamer(sink)
+        when = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+        s.log("n", 1, epoch=1500000000.5)
+        s.log("d", 2, epoch=when)
+        before = time.time()
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            s.log("bad", 3, epoch="yesterday")
+        self.assertIn("using the current time", logs.output[0])
+        self.assertTrue(s.close(5))
+        epochs = {e["key"]: e["epoch"] for _, e in sink.events}
+        self.assertEqual(epochs["n"], 1500000000.5)
+        self.assertEqual(epochs["d"], when.timestamp())
+        self.assertGreaterEqual(epochs["bad"], before)
+
+    def test_log_after_close_is_rejected(self):
+        """Validation: log() after close() is a warning, or StreamerClosedError at level 2."""
+        sink = self.sink()
+        s = self.streamer(sink)
+        self.assertTrue(s.close(5))
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            s.log("late", 1)
+        self.assertIn("closed", logs.output[0])
+        strict = self.streamer(sink, debug_level=2)
+        logging.getLogger("isstreamer_lite").setLevel(logging.WARNING)
+        strict.close(5)
+        with self.assertRaises(lite.StreamerClosedError):
+            strict.log("late", 1)
+        self.assertNotIn(("late", 1), self.received(sink))
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+class Sensor(object):
+    unit = "C"
+
+    def __init__(self):
+        self.reading = 21.5
+        self._private = "hidden"
+
+    @property
+    def doubled(self):
+        return self.reading * 2
+
+    @property
+    def broken(self):
+        raise RuntimeError("sensor offline")
+
+    def method(self):
+        return 1
+
+
+class LogObjectTest(LiteTestCase):
+    """log_object flattens containers and objects into prefixed keys."""
+
+    def logged(self, obj, **kwargs):
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=100)
+        s.log_object(obj, **kwargs)
+        self.assertTrue(s.close(5))
+        return sink
+
+    def test_dict_list_and_prefixes(self):
+        """log_object: dict -> dict_<key>, list -> list_<index>, key_prefix and ""."""
+        self.assertEqual(self.received(self.logged({"a": 1, "b": "x"})),
+                         [("dict_a", 1), ("dict_b", "x")])
+        self.assertEqual(self.received(self.logged([5, 6])), [("list_0", 5), ("list_1", 6)])
+        self.assertEqual(self.received(self.logged([5], key_prefix="p")), [("p_0", 5)])
+        self.assertEqual(self.received(self.logged({"a": 1}, key_prefix="")), [("a", 1)])
+        self.assertEqual(self.received(self.logged((7, 8))), [("tuple_0", 7), ("tuple_1", 8)])
+
+    def test_namedtuple_fields(self):
+        """log_object: a namedtuple (like psutil.virtual_memory()) logs its fields."""
+        self.assertEqual(self.received(self.logged(Point(1, 2))),
+                         [("Point_x", 1), ("Point_y", 2)])
+
+    @unittest.skipIf(sys.version_info < (3, 7), "dataclasses need Python 3.7")
+    def test_dataclass_fields(self):
+        """log_object: a dataclass logs its fields."""
+        import dataclasses
+        Reading = dataclasses.make_dataclass("Reading", [("temp", float), ("ok", bool)])
+        self.assertEqual(self.received(self.logged(Reading(20.5, True))),
+                         [("Reading_temp", 20.5), ("Reading_ok", True)])
+
+    def test_object_attributes_and_properties(self):
+        """log_object: public non-callable attributes and properties; failing ones skipped."""
+        self.assertEqual(sorted(self.received(self.logged(Sensor()))),
+                         [("Sensor_doubled", 43.0), ("Sensor_reading", 21.5), ("Sensor_unit", "C")])
+
+    def test_nested_containers_flatten(self):
+        """log_object: nested dicts and lists flatten with _."""
+        got = self.received(self.logged({"a": {"b": [1, {"c": 2}]}, "p": Point(3, 4)},
+                                        key_prefix="s"))
+        self.assertEqual(got, [("s_a_b_0", 1), ("s_a_b_1_c", 2), ("s_p_x", 3), ("s_p_y", 4)])
+
+    def test_one_timestamp_and_bad_values_skipped(self):
+        """log_object: one epoch for the call; an unloggable value is skipped, the rest go."""
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=100)
+        with self.assertLogs("isstreamer_lite", "WARNING"):
+            s.log_object({"a": 1, "bad": b"x", "nan": float("nan"), "c": 3})
+        self.assertTrue(s.close(5))
+        self.assertEqual(self.received(sink), [("dict_a", 1), ("dict_c", 3)])
+        self.assertEqual(len({e["epoch"] for _, e in sink.events}), 1)
+
+    def test_strict_log_object_raises_after_logging_the_rest(self):
+        """log_object: at debug_level 2 the first bad value raises after the good ones are queued."""
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=100, debug_level=2)
+        logging.getLogger("isstreamer_lite").setLevel(logging.WARNING)
+        with self.assertRaises(TypeError):
+            s.log_object({"a": 1, "bad": b"x", "c": 3})
+        self.assertTrue(s.close(5))
+        self.assertEqual(self.received(sink), [("dict_a", 1), ("dict_c", 3)])
+
+
+class BucketTest(LiteTestCase):
+    """set_bucket sends later events to the new bucket only."""
+
+    def test_set_bucket_splits_unflushed_events(self):
+        """set_bucket: events before go to the old bucket, after to the new; requests never mix."""
+        sink = self.sink(RecordingSink)
+        s = self.streamer(sink, buffer_size=100, flush_interval=30)
+        s.log("a", 1)
+        s.log("b", 2)
+        s.set_bucket("Second", "second-bucket")
+        s.log("c", 3)
+        self.assertTrue(s.close(5))
+        self.assertEqual(self.received(sink, "test-bucket"), [("a", 1), ("b", 2)])
+        self.assertEqual(self.received(sink, "second-bucket"), [("c", 3)])
+        self.assertEqual(sink.buckets["second-bucket"], "Second")
+        self.assertEqual(s.bucket_key, "second-bucket")
+        events_requests = [h["X-IS-BucketKey"] for p, h, _ in sink.seen if p == "/api/events"]
+        self.assertEqual(events_requests, ["test-bucket", "second-bucket"])
+
+    def test_set_bucket_creates_bucket_before_its_events(self):
+        """set_bucket: the new bucket is created before any of its events is sent."""
+        sink = self.sink(RecordingSink)
+        s = self.streamer(sink)
+        s.set_bucket("", "other")
+        s.log("x", 1)
+        self.assertTrue(s.close(5))
+        order = [(p, h.get("X-IS-BucketKey")) for p, h, _ in sink.seen]
+        self.assertLess(order.index(("/api/buckets", "other")),
+                        order.index(("/api/events", "other")))
+
+    def test_bucket_created_at_construction(self):
+        """Bucket: the bucket is created even before anything is logged."""
+        sink = self.sink()
+        s = self.streamer(sink)
+        self.assertTrue(s.flush(5))
+        self.assertIn("test-bucket", sink.buckets)
+
+
+class BatchingTest(LiteTestCase):
+    """When the worker sends: full buffer, flush_interval, flush() and close()."""
+
+    def test_full_buffer_is_sent_without_flush(self):
+        """Batching: buffer_size events are sent without waiting for flush_interval."""
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=5, flush_interval=3600)
+        for i in range(5):
+            s.log("k", i)
+        self.assertTrue(sink.wait_for(5, 10))
+
+    def test_flush_interval_sends_a_partial_batch(self):
+        """Batching: a partial batch goes once flush_interval has passed."""
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=100, flush_interval=0.05)
+        s.log("k", 1)
+        self.assertTrue(sink.wait_for(1, 10))
+
+    def test_flush_returns_true_when_delivered(self):
+        """flush: returns True once everything logged before it is delivered."""
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=100, flush_interval=3600)
+        for i in range(42):
+            s.log("k", i)
+        self.assertTrue(s.flush(5))
+        self.assertEqual(len(sink.events), 42)
+
+    def test_close_is_idempotent_and_context_manager(self):
+        """close: idempotent; with-statement closes and delivers."""
+        sink = self.sink()
+        with self.streamer(sink, buffer_size=100, flush_interval=3600) as s:
+            s.log("k", 1)
+        self.assertEqual(self.received(sink), [("k", 1)])
+        self.assertTrue(s.close(1))
+        self.assertTrue(s.stats()["closed"])
+
+    def test_threads_exactly_once_in_order(self):
+        """log: 8 threads x 5,000 calls arrive exactly once each, in per-thread order."""
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=500, max_queue=100000)
+        start = threading.Event()
+
+        def produce(n):
+            start.wait(10)
+            for i in range(5000):
+                s.log("t%d" % n, i)
+        threads = [threading.Thread(target=produce, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        start.set()
+        for t in threads:
+            t.join(60)
+        self.assertTrue(s.close(30))
+        per_thread = collections.defaultdict(list)
+        for key, value in self.received(sink):
+            per_thread[key].append(value)
+        self.assertEqual(sorted(per_thread), ["t%d" % n for n in range(8)])
+        for key, values in per_thread.items():
+            self.assertEqual(values, list(range(5000)), key)
+
+    def test_synchronous_mode_sends_in_callers_thread(self):
+        """use_async=False: the caller's thread delivers when the buffer fills."""
+        sink = self.sink(RecordingSink)
+        s = self.streamer(sink, buffer_size=3, use_async=False)
+        self.assertIsNone(s._thread)
+        for i in range(3):
+            s.log("k", i)
+        self.assertEqual(self.received(sink), [("k", 0), ("k", 1), ("k", 2)])
+        s.log("k", 3)
+        self.assertEqual(len(sink.events), 3)
+        self.assertTrue(s.flush(5))
+        self.assertEqual(len(sink.events), 4)
+        s.log("k", 4)
+        self.assertTrue(s.close(5))
+        self.assertEqual([v for _, v in self.received(sink)], [0, 1, 2, 3, 4])
+
+
+class OfflineTest(LiteTestCase):
+    """offline=True writes epoch,key,value rows and sends nothing."""
+
+    def test_rows_appended_never_truncated(self):
+        """offline: CSV rows are appended across Streamers, quoting intact."""
+        path = os.path.join(self.tempdir(), "out.csv")
+        for run in range(2):
+            s = lite.Streamer("b", access_key="", offline=True, offline_file=path,
+                              ini_file_location=False, api_base="http://127.0.0.1:9")
+            s.log("run", run, epoch=1000.5 + run)
+            s.log("text", 'a, "quoted" value')
+            self.assertTrue(s.close(5))
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        self.assertEqual(rows, [["1000.5", "run", "0"], [rows[1][0], "text", 'a, "quoted" value'],
+                                ["1001.5", "run", "1"], [rows[3][0], "text", 'a, "quoted" value']])
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+
+class DebugLevelTest(LiteTestCase):
+    """debug_level echoes events and shows requests, never the access key."""
+
+    def test_echo_and_requests_without_key(self):
+        """debug_level: 1 echoes events, 3 shows requests; the key shows only its last 4."""
+        sink = self.sink()
+        with self.assertLogs("isstreamer_lite", "DEBUG") as logs:
+            s = self.streamer(sink, debug_level=3)
+            s.log("temp", 21.5)
+            self.assertTrue(s.close(5))
+        text = "\n".join(logs.output)
+        self.assertIn("temp 21.5", text)
+        self.assertIn("POST /api/events", text)
+        self.assertIn(KEY[-4:], text)
+        self.assertNotIn(KEY, text)
+        self.assertNotIn(KEY[:-4], text)
+
+    def test_quiet_by_default(self):
+        """debug_level: 0 logs nothing below WARNING for a healthy run."""
+        sink = self.sink()
+        logger = logging.getLogger("isstreamer_lite")
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        s = self.streamer(sink)
+        s.log("a", 1)
+        self.assertTrue(s.close(5))
+        self.assertEqual([r for r in records if r.levelno >= logging.INFO], [])
+
+
+class ProcessTest(LiteTestCase):
+    """Import, exit and the smoke test, in fresh interpreters."""
+
+    def run_python(self, code, timeout=60, **env):
+        return subprocess.run([sys.executable, "-c", code], env=child_env(**env),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout)
+
+    def test_import_has_no_side_effects(self):
+        """Import: no thread, no network modules (ssl, http.client, urllib.request)."""
+        result = self.run_python(
+            "import sys, threading, isstreamer_lite\n"
+            "print(threading.active_count(), sorted(m for m in ('ssl', 'http.client', "
+            "'urllib.request', 'uuid', 'configparser') if m in sys.modules))")
+        self.assertEqual(result.stdout.split("\n")[0], "1 []", result.stderr)
+
+    def test_exit_without_close_delivers(self):
+        """Exit: a script that never calls close() delivers everything it logged."""
+        sink = self.sink()
+        result = self.run_python(
+            "import isstreamer_lite\n"
+            "s = isstreamer_lite.Streamer('b', 'exit-bucket', 'ist_k', ini_file_location=False,"
+            " api_base=%r, spool_dir=%r, buffer_size=7, flush_interval=60)\n"
+            "for i in range(100): s.log('k', i)\n" % (sink.url, self.tempdir()))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([v for _, v in self.received(sink)], list(range(100)))
+
+    def test_smoke_test_passes(self):
+        """Smoke test: python3 -m isstreamer_lite exits 0 and says OK."""
+        result = subprocess.run([sys.executable, "-m", "isstreamer_lite"], env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=60, cwd=self.tempdir())
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("OK", result.stdout)
+
+    def test_main_selftest_in_process(self):
+        """Smoke test: main([]) and main(["selftest"]) return 0 and report OK."""
+        import contextlib
+        for argv in ([], ["selftest"]):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(lite.main(argv), 0, out.getvalue())
+            self.assertIn("OK", out.getvalue())
