@@ -845,11 +845,14 @@ class _Spool(object):
         return found
 
     def pending(self, now):
-        """True if a segment this Streamer can claim holds lines to replay.
+        """True if this Streamer has spooled lines it can replay.
 
-        Looks at the disk at most once a second; segments locked by another
-        writer or replayer do not count.
+        Its own open segments count; other segments are looked for on disk at
+        most once a second, and those locked by another writer or replayer
+        do not count.
         """
+        if any(size for path, fd, size in self._writers.values()):
+            return True                     # our own spooled lines, sealed before replay
         segment = self._segment
         if segment is not None:
             if segment.lines or segment.outstanding:

@@ -139,7 +139,7 @@ class LiteTestCase(unittest.TestCase):
             options["api_base"] = sink.url
         options.update(kwargs)
         streamer = lite.Streamer(**options)
-        self.addCleanup(streamer.close, 5.0)
+        self.addCleanup(streamer.close, 2.0)
         return streamer
 
     def received(self, sink, bucket=None):
@@ -755,3 +755,180 @@ class ProcessTest(LiteTestCase):
             with contextlib.redirect_stdout(out):
                 self.assertEqual(lite.main(argv), 0, out.getvalue())
             self.assertIn("OK", out.getvalue())
+
+
+def tls_files(case):
+    """Write the test certificate and key; return (cert path, key path)."""
+    folder = case.tempdir()
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(cert, "w") as handle:
+        handle.write(_TEST_CERT)
+    with open(key, "w") as handle:
+        handle.write(_TEST_KEY)
+    return cert, key
+
+
+class ConnectProxy(object):
+    """A loopback HTTP CONNECT proxy that records the targets it tunnels to."""
+
+    def __init__(self):
+        self.targets = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.open = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.open.append(client)
+            threading.Thread(target=self.tunnel, args=(client,), daemon=True).start()
+
+    def tunnel(self, client):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = client.recv(4096)
+            if not chunk:
+                client.close()
+                return
+            request += chunk
+        method, target = request.split(b" ")[:2]
+        self.targets.append((method.decode(), target.decode()))
+        host, port = target.decode().rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)), timeout=10)
+        self.open.append(upstream)
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(source, sink):
+            try:
+                while True:
+                    data = source.recv(65536)
+                    if not data:
+                        break
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (source, sink):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def close(self):
+        self.listener.close()
+        for s in self.open:
+            s.close()
+
+
+class ClosingSink(lite._Sink):
+    """A sink that closes every connection after answering, without saying so."""
+
+    def fault(self, handler, path):
+        handler.close_connection = True     # no Connection: close header is sent
+        return False
+
+
+class TransportTest(LiteTestCase):
+    """One kept-alive connection, transparent reconnects, proxies and TLS."""
+
+    def https_sink(self):
+        cert, key = tls_files(self)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") \
+            else ssl.SSLContext(ssl.PROTOCOL_SSLv23)
+        context.load_cert_chain(cert, key)
+        return self.sink(ssl_context=context), cert
+
+    def test_connection_is_reused(self):
+        """Transport: 30 requests use one TCP connection."""
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=1)
+        for i in range(30):
+            s.log("k", i)
+        self.assertTrue(s.close(10))
+        self.assertEqual(len(sink.events), 30)
+        self.assertEqual(sink.connections, 1)
+        self.assertEqual(s.stats()["connections"], 1)
+
+    def test_reconnects_when_server_closed_idle_connection(self):
+        """Transport: a connection the server closed is reopened, not counted as a failure."""
+        sink = self.sink(ClosingSink)
+        s = self.streamer(sink, buffer_size=1)
+        for i in range(10):
+            s.log("k", i)
+            self.assertTrue(s.flush(5))
+        self.assertEqual([v for _, v in self.received(sink)], list(range(10)))
+        self.assertEqual(s.stats()["retried"], 0)
+        self.assertGreaterEqual(sink.connections, 10)
+
+    def test_https_with_own_context_and_reuse(self):
+        """Transport: HTTPS through the user's SSL context, one connection for many requests."""
+        sink, cert = self.https_sink()
+        context = ssl.create_default_context(cafile=cert)
+        s = self.streamer(sink, buffer_size=1, ssl_context=context)
+        for i in range(20):
+            s.log("k", i)
+        self.assertTrue(s.close(10))
+        self.assertEqual(len(sink.events), 20)
+        self.assertEqual(sink.connections, 1)
+
+    def test_certificate_is_verified_by_default(self):
+        """Transport: an untrusted certificate is refused; nothing is delivered."""
+        sink, cert = self.https_sink()
+        s = self.streamer(sink)
+        s.log("k", 1)
+        self.assertFalse(s.flush(1.0))
+        self.assertEqual(sink.events, [])
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", s.stats()["last_error"])
+
+    def test_ssl_cert_file_is_honoured(self):
+        """Transport: SSL_CERT_FILE makes the default context trust a certificate."""
+        sink, cert = self.https_sink()
+        os.environ["SSL_CERT_FILE"] = cert
+        self.addCleanup(os.environ.pop, "SSL_CERT_FILE", None)
+        s = self.streamer(sink)
+        s.log("k", 1)
+        self.assertTrue(s.flush(5), s.stats()["last_error"])
+        self.assertEqual(self.received(sink), [("k", 1)])
+
+    def test_https_proxy_tunnel(self):
+        """Transport: with https_proxy set, requests go through a CONNECT tunnel."""
+        sink, cert = self.https_sink()
+        proxy = ConnectProxy()
+        self.addCleanup(proxy.close)
+        os.environ["https_proxy"] = "http://127.0.0.1:%d" % proxy.port
+        self.addCleanup(os.environ.pop, "https_proxy", None)
+        s = self.streamer(sink, buffer_size=1, ssl_context=ssl.create_default_context(cafile=cert))
+        for i in range(5):
+            s.log("k", i)
+        self.assertTrue(s.close(10), s.stats()["last_error"])
+        self.assertEqual(len(sink.events), 5)
+        self.assertEqual(proxy.targets, [("CONNECT", "127.0.0.1:%d" % sink.port)])
+
+    def test_no_proxy_bypasses_proxy(self):
+        """Transport: a host listed in no_proxy is reached directly."""
+        sink = self.sink()
+        os.environ["http_proxy"] = "http://127.0.0.1:9"       # nothing listens there
+        os.environ["no_proxy"] = "127.0.0.1"
+        self.addCleanup(os.environ.pop, "http_proxy", None)
+        self.addCleanup(os.environ.pop, "no_proxy", None)
+        s = self.streamer(sink)
+        s.log("k", 1)
+        self.assertTrue(s.flush(5), s.stats()["last_error"])
+
+    def test_plain_http_to_remote_host_warns(self):
+        """Transport: http:// to a host that is not loopback warns that the key is in clear."""
+        sink = self.sink()
+        original = lite._is_loopback
+        lite._is_loopback = lambda host: False
+        self.addCleanup(setattr, lite, "_is_loopback", original)
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            self.streamer(sink)
+        self.assertIn("travels in clear text", logs.output[0])
