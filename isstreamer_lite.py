@@ -66,6 +66,8 @@ _MAX_BODY_BYTES = 1000000
 # A spool segment is closed and a new one begun past this size, so that a
 # delivered segment can be deleted whole instead of rewritten.
 _SEGMENT_BYTES = 1 << 20
+# wake_at while the worker is awake: log() then never signals it.
+_NEVER = sys.maxsize
 # Longest idle wait of the worker: every wait has a timeout.
 _IDLE_WAIT = 60.0
 # Warnings about dropped events are repeated at most this often.
@@ -1581,6 +1583,7 @@ class _Engine(object):
         size = self.settings["buffer_size"]
         while not self.stopped:
             self.wake.clear()
+            self.wake_at = _NEVER           # awake: log() need not signal us
             try:
                 delay = self.step()
             except Exception:               # never let the worker die with events queued
@@ -1600,6 +1603,8 @@ class _Engine(object):
                     self.wake_at = max(size, self.settings["max_queue"] - self.in_memory + 1)
                 else:
                     self.wake_at = size
+                if len(self.queue) >= self.wake_at:
+                    continue                # filled up before wake_at was armed
                 if self.closing:
                     delay = min(delay, max(0.0, self.close_deadline - now))
                 self.wake.wait(delay)
