@@ -244,6 +244,98 @@ def _check_number(name, value, low, high=None):
     return value
 
 
+def _new_bucket_key():
+    """A random UUID4 string, as ISStreamer made for an empty bucket_key."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = "".join("%02x" % b for b in raw)
+    return "-".join((text[:8], text[8:12], text[12:16], text[16:20], text[20:]))
+
+
+def _enable_console_logging(debug_level):
+    """debug_level >= 1: show our messages on stderr unless logging is set up."""
+    if _log.level == logging.NOTSET:
+        _log.setLevel(logging.DEBUG if debug_level >= 3 else logging.INFO)
+    if not _log.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("isstreamer_lite: %(message)s"))
+        _log.addHandler(handler)
+
+
+def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, debug_level,
+                      buffer_size, offline, use_async, api_base, flush_interval, timeout,
+                      wait_timeout, exit_timeout, max_retries, backoff_base, backoff_cap,
+                      retry_after_cap, pause_interval, max_queue, spool_dir, spool_max_bytes,
+                      offline_file, on_error, ssl_context):
+    """Validate the options and merge them with environment, ini and defaults.
+
+    Returns the settings dict the engine reads; raises ConfigError,
+    ValueError or TypeError naming the value and the rule.
+    """
+    ini = {} if ini_file_location is False else _read_ini(_find_ini(ini_file_location))
+    where = " in %s" % ini["path"] if "path" in ini else ""
+    access_key = _pick(access_key, "IS_ACCESS_KEY", ini, "access_key", "")
+    bucket_key = _pick(bucket_key, "IS_BUCKET_KEY", ini, "bucket_key", "")
+    bucket_name = _pick(bucket_name, "IS_BUCKET_NAME", ini, "bucket_name", "")
+    api_base = _pick(api_base, "IS_API_BASE", ini, "api_base", _DEFAULT_API_BASE)
+    if offline is None:
+        offline = _parse_bool(ini.get("offline_mode", "false"), "offline_mode" + where)
+    if not isinstance(debug_level, int) or isinstance(debug_level, bool):
+        raise ValueError("debug_level must be an int, not %r" % (debug_level,))
+    if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1:
+        raise ValueError("buffer_size is %r; it must be a whole number of at least 1"
+                         % (buffer_size,))
+    if not isinstance(max_queue, int) or max_queue < buffer_size:
+        raise ValueError("max_queue is %r; it must be a whole number of at least "
+                         "buffer_size (%d)" % (max_queue, buffer_size))
+    for name, value, low in (("flush_interval", flush_interval, 0.001),
+                             ("timeout", timeout, 0.001), ("wait_timeout", wait_timeout, 0),
+                             ("exit_timeout", exit_timeout, 0),
+                             ("max_retries", max_retries, 1),
+                             ("backoff_base", backoff_base, 0.0001),
+                             ("backoff_cap", backoff_cap, 0.0001),
+                             ("retry_after_cap", retry_after_cap, 0),
+                             ("pause_interval", pause_interval, 0.001)):
+        _check_number(name, value, low)
+    if spool_max_bytes is not None:
+        _check_number("spool_max_bytes", spool_max_bytes, 0)
+    if on_error is not None and not callable(on_error):
+        raise TypeError("on_error must be callable, not %r" % (on_error,))
+    if not offline and not access_key:
+        raise ConfigError("no access key: pass access_key=, set IS_ACCESS_KEY, or put "
+                          "access_key in [isstreamer.client_config] of isstreamer.ini")
+    if not isinstance(access_key, str):
+        raise ConfigError("access_key must be a string, not %s" % type(access_key).__name__)
+    scheme, host = _check_api_base(api_base)[:2]
+    if not bucket_key:
+        bucket_key = _new_bucket_key()
+    _check_bucket(bucket_key, bucket_name)
+
+    if debug_level >= 1:
+        _enable_console_logging(debug_level)
+    if scheme == "http" and not _is_loopback(host) and not offline:
+        _log.warning("api_base %s is plain http://: the access key travels in clear text",
+                     api_base)
+    return {
+        "access_key": access_key, "api_base": api_base, "buffer_size": buffer_size,
+        "flush_interval": float(flush_interval), "timeout": float(timeout),
+        "wait_timeout": float(wait_timeout), "exit_timeout": float(exit_timeout),
+        "max_retries": int(max_retries), "backoff_base": float(backoff_base),
+        "backoff_cap": float(backoff_cap), "retry_after_cap": float(retry_after_cap),
+        "pause_interval": float(pause_interval), "max_queue": max_queue,
+        "spool_dir": _pick(spool_dir, "IS_SPOOL_DIR", ini, "spool_dir",
+                           _default_spool_dir()),
+        "spool_max_bytes": spool_max_bytes, "on_error": on_error,
+        "ssl_context": ssl_context, "offline": bool(offline), "use_async": bool(use_async),
+        "offline_file": _pick(offline_file, None, ini, "offline_file",
+                              "./isstreamer_out.csv"),
+        "debug_level": debug_level,
+        "user_agent": "isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
+        "bucket_key": bucket_key, "bucket_name": bucket_name,
+    }
+
+
 # --- Event validation and encoding -------------------------------------------
 
 def _normalise_value(key, value):
@@ -705,9 +797,10 @@ class _Spool(object):
     once the worker has stopped), so it needs no lock of its own.
     """
 
-    def __init__(self, root, access_key, max_bytes, fsync_each=False):
+    def __init__(self, root, access_key, max_bytes, fsync_each=False, only=None):
         self.root = root
         self.dir = os.path.join(root, _fingerprint(access_key))
+        self.only = only            # replay just these segment files (command line)
         self.max_bytes = max_bytes
         self.fsync_each = fsync_each
         self._writers = {}          # bucket key -> (path, fd, size)
@@ -831,6 +924,8 @@ class _Spool(object):
     # replaying
 
     def _all_segments(self):
+        if self.only is not None:
+            return [p for p in self.only if os.path.exists(p)]
         found = []
         try:
             buckets = os.listdir(self.dir)
@@ -1681,15 +1776,6 @@ def _after_fork_in_child():
         streamer._restart_after_fork()
 
 
-def _new_bucket_key():
-    """A random UUID4 string, as ISStreamer made for an empty bucket_key."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    text = "".join("%02x" % b for b in raw)
-    return "-".join((text[:8], text[8:12], text[12:16], text[16:20], text[20:]))
-
-
 def _attributes(obj):
     """Public, non-callable attributes of an object, properties included."""
     fields = getattr(type(obj), "__dataclass_fields__", None)
@@ -1749,68 +1835,20 @@ class Streamer(object):
                  retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
                  spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
                  on_error=None, ssl_context=None):
-        ini = {} if ini_file_location is False else _read_ini(_find_ini(ini_file_location))
-        where = " in %s" % ini["path"] if "path" in ini else ""
-        access_key = _pick(access_key, "IS_ACCESS_KEY", ini, "access_key", "")
-        bucket_key = _pick(bucket_key, "IS_BUCKET_KEY", ini, "bucket_key", "")
-        bucket_name = _pick(bucket_name, "IS_BUCKET_NAME", ini, "bucket_name", "")
-        api_base = _pick(api_base, "IS_API_BASE", ini, "api_base", _DEFAULT_API_BASE)
-        if offline is None:
-            offline = _parse_bool(ini.get("offline_mode", "false"), "offline_mode" + where)
-        if not isinstance(debug_level, int) or isinstance(debug_level, bool):
-            raise ValueError("debug_level must be an int, not %r" % (debug_level,))
-        if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1:
-            raise ValueError("buffer_size is %r; it must be a whole number of at least 1"
-                             % (buffer_size,))
-        if not isinstance(max_queue, int) or max_queue < buffer_size:
-            raise ValueError("max_queue is %r; it must be a whole number of at least "
-                             "buffer_size (%d)" % (max_queue, buffer_size))
-        for name, value, low in (("flush_interval", flush_interval, 0.001),
-                                 ("timeout", timeout, 0.001), ("wait_timeout", wait_timeout, 0),
-                                 ("exit_timeout", exit_timeout, 0),
-                                 ("max_retries", max_retries, 1),
-                                 ("backoff_base", backoff_base, 0.0001),
-                                 ("backoff_cap", backoff_cap, 0.0001),
-                                 ("retry_after_cap", retry_after_cap, 0),
-                                 ("pause_interval", pause_interval, 0.001)):
-            _check_number(name, value, low)
-        if spool_max_bytes is not None:
-            _check_number("spool_max_bytes", spool_max_bytes, 0)
-        if on_error is not None and not callable(on_error):
-            raise TypeError("on_error must be callable, not %r" % (on_error,))
-        if not offline and not access_key:
-            raise ConfigError("no access key: pass access_key=, set IS_ACCESS_KEY, or put "
-                              "access_key in [isstreamer.client_config] of isstreamer.ini")
-        if not isinstance(access_key, str):
-            raise ConfigError("access_key must be a string, not %s" % type(access_key).__name__)
-        scheme, host = _check_api_base(api_base)[:2]
-        if not bucket_key:
-            bucket_key = _new_bucket_key()
-        _check_bucket(bucket_key, bucket_name)
-
+        settings = _resolve_settings(
+            bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
+            ini_file_location=ini_file_location, debug_level=debug_level,
+            buffer_size=buffer_size, offline=offline, use_async=use_async, api_base=api_base,
+            flush_interval=flush_interval, timeout=timeout, wait_timeout=wait_timeout,
+            exit_timeout=exit_timeout, max_retries=max_retries, backoff_base=backoff_base,
+            backoff_cap=backoff_cap, retry_after_cap=retry_after_cap,
+            pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
+            spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
+            ssl_context=ssl_context)
+        self._settings = settings
+        bucket_key, bucket_name = settings.pop("bucket_key"), settings.pop("bucket_name")
         self._strict = debug_level >= 2
         self._echo = debug_level >= 1
-        if debug_level >= 1:
-            _enable_console_logging(debug_level)
-        if scheme == "http" and not _is_loopback(host) and not offline:
-            _log.warning("api_base %s is plain http://: the access key travels in clear text",
-                         api_base)
-        self._settings = {
-            "access_key": access_key, "api_base": api_base, "buffer_size": buffer_size,
-            "flush_interval": float(flush_interval), "timeout": float(timeout),
-            "wait_timeout": float(wait_timeout), "exit_timeout": float(exit_timeout),
-            "max_retries": int(max_retries), "backoff_base": float(backoff_base),
-            "backoff_cap": float(backoff_cap), "retry_after_cap": float(retry_after_cap),
-            "pause_interval": float(pause_interval), "max_queue": max_queue,
-            "spool_dir": _pick(spool_dir, "IS_SPOOL_DIR", ini, "spool_dir",
-                               _default_spool_dir()),
-            "spool_max_bytes": spool_max_bytes, "on_error": on_error,
-            "ssl_context": ssl_context, "offline": bool(offline), "use_async": bool(use_async),
-            "offline_file": _pick(offline_file, None, ini, "offline_file",
-                                  "./isstreamer_out.csv"),
-            "debug_level": debug_level,
-            "user_agent": "isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
-        }
         self._bucket = (bucket_key, bucket_name)
         self._closed = False
         self._close_started = False
@@ -2054,14 +2092,6 @@ class Streamer(object):
             "closed" if self._closed else "open")
 
 
-def _enable_console_logging(debug_level):
-    """debug_level >= 1: show our messages on stderr unless logging is set up."""
-    if _log.level == logging.NOTSET:
-        _log.setLevel(logging.DEBUG if debug_level >= 3 else logging.INFO)
-    if not _log.hasHandlers():
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("isstreamer_lite: %(message)s"))
-        _log.addHandler(handler)
 
 
 # --- Local sink --------------------------------------------------------------
@@ -2326,26 +2356,435 @@ def _selftest(out):
     return 1 if problems else 0
 
 
-def main(argv=None):
-    """Command line: ``python3 -m isstreamer_lite [selftest]``. Returns the exit code."""
+class _UsageError(Exception):
+    """A command-line input the user must fix (exit status 2)."""
+
+
+class _Stop(Exception):
+    """SIGTERM arrived while a command was streaming."""
+
+
+def _parse_cli_value(text, raw=False):
+    """A command-line value: true/false -> bool, numbers -> int/float, else str."""
+    if raw:
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if number - number == 0.0 else text
+
+
+def _parse_iso8601(text):
+    """Unix seconds from an ISO-8601 time; no zone means local time."""
+    import calendar
+    import re
+    match = re.match(r"^(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d)(\.\d+)?)?)?"
+                     r"\s*(Z|[+-]\d\d:?\d\d)?$", text.strip())
+    if match is None:
+        raise ValueError("%r is not an ISO-8601 time such as 2026-05-01T12:00:00Z" % text)
+    parts = [int(p or 0) for p in match.groups()[:6]]
+    fraction = float(match.group(7) or 0)
+    zone = match.group(8)
+    if zone is None:
+        return time.mktime(tuple(parts) + (0, 0, -1)) + fraction
+    offset = 0
+    if zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return calendar.timegm(tuple(parts) + (0, 0, 0)) - offset + fraction
+
+
+def _parse_epoch(text):
+    """--epoch: Unix seconds or an ISO-8601 time."""
+    try:
+        return float(text)
+    except ValueError:
+        return _parse_iso8601(text)
+
+
+def _parse_line(line):
+    """One ``pipe`` input line -> (key, value text or value, epoch or None).
+
+    Accepts ``key,value``, ``key=value`` and JSON objects with ``key``,
+    ``value`` and optional ``epoch`` or ``iso8601``. Raises ValueError.
+    """
+    text = line.strip()
+    if text.startswith("{"):
+        data = json.loads(text)
+        if not isinstance(data, dict) or "key" not in data or "value" not in data:
+            raise ValueError("a JSON line needs \"key\" and \"value\"")
+        epoch = data.get("epoch")
+        if epoch is None and data.get("iso8601") is not None:
+            epoch = _parse_iso8601(str(data["iso8601"]))
+        return data["key"], data["value"], epoch, True
+    equals, comma = text.find("="), text.find(",")
+    if equals > 0 and (comma < 0 or equals < comma):
+        key, value = text[:equals], text[equals + 1:]
+    elif comma > 0:
+        key, value = text[:comma], text[comma + 1:]
+    else:
+        raise ValueError("expected key,value or key=value or a JSON object")
+    return key.strip(), value.strip(), None, False
+
+
+def _cli_options(args, **overrides):
+    """Streamer keyword arguments from the common flags (then env, then ini)."""
+    import inspect
+    options = {name: p.default for name, p in
+               inspect.signature(Streamer.__init__).parameters.items() if name != "self"}
+    options.update(bucket_name=args.bucket_name or "", bucket_key=args.bucket_key or "",
+                   access_key=args.access_key or "", ini_file_location=args.ini,
+                   api_base=args.api_base, spool_dir=args.spool_dir, offline=False,
+                   debug_level=args.debug)
+    options.update(overrides)
+    return options
+
+
+def _install_sigterm_stop():
+    """Turn SIGTERM into _Stop in the main thread while a command streams."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise _Stop()
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _restore_sigterm():
+    """A second SIGTERM while closing ends the process at once, as usual."""
+    import signal
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _cmd_send(args, out, err):
+    if len(args.pairs) % 2:
+        raise _UsageError("send takes KEY VALUE pairs; got %d words" % len(args.pairs))
+    epoch = _parse_epoch(args.epoch) if args.epoch else None
+    events = []
+    for i in range(0, len(args.pairs), 2):
+        key = _check_key(args.pairs[i])
+        events.append((key, _normalise_value(key, _parse_cli_value(args.pairs[i + 1],
+                                                                   args.raw))))
+    streamer = Streamer(**_cli_options(args))
+    for key, value in events:
+        streamer.log(key, value, epoch)
+    delivered = streamer.close(args.timeout)
+    stats = streamer.stats()
+    if delivered:
+        out.write("sent %d events to bucket %s\n" % (len(args.pairs) // 2, streamer.bucket_key))
+        return 0
+    err.write("not delivered within %.0f s (%s); the events are spooled and will be sent "
+              "later\n" % (args.timeout, stats["last_error"] or "server did not answer"))
+    return 1
+
+
+def _cmd_pipe(args, out, err):
+    streamer = Streamer(**_cli_options(args))
+    bad = lines = 0
+    _install_sigterm_stop()
+    try:
+        for number, line in enumerate(iter(sys.stdin.readline, ""), 1):
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                key, value, epoch, typed = _parse_line(line)
+                if not typed:
+                    value = _parse_cli_value(value, args.raw)
+                if not isinstance(key, str) or not key:
+                    raise ValueError("the key is empty")
+                _check_key(key)
+                _normalise_value(key, value)
+                streamer.log(key, value, epoch)
+            except (TypeError, ValueError) as exc:
+                bad += 1
+                err.write("line %d skipped: %s\n" % (number, exc))
+    except (KeyboardInterrupt, _Stop):
+        err.write("stopping: flushing what was read\n")
+    _restore_sigterm()
+    delivered = streamer.close(args.timeout)
+    err.write("%d lines read, %d skipped, %s\n" % (lines, bad, "all delivered" if delivered
+              else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
+    return 0 if delivered else 1
+
+
+def _spool_summary(spool_dir, access_key=None):
+    """Pending spool contents per bucket: list of dicts (no network)."""
+    rows = []
+    keys = [_fingerprint(access_key)] if access_key else sorted(
+        d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
+        if os.path.isdir(os.path.join(spool_dir, d)))
+    for fingerprint in keys:
+        folder = os.path.join(spool_dir, fingerprint)
+        for bucket in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, bucket)
+            if not os.path.isdir(path):
+                continue
+            try:
+                with open(os.path.join(path, "bucket.json"), encoding="utf-8") as handle:
+                    meta = json.load(handle)
+            except (OSError, ValueError):
+                meta = {}
+            lines = events = segments = 0
+            for name in sorted(os.listdir(path)):
+                if not name.endswith(_SPOOL_SUFFIX):
+                    continue
+                segments += 1
+                segment = os.path.join(path, name)
+                retired = set()
+                if os.path.exists(segment + _ACK_SUFFIX):
+                    with open(segment + _ACK_SUFFIX, "rb") as handle:
+                        retired = {l.split(b" ")[0] for l in handle if l.endswith(b"\n")}
+                offset = 0
+                with open(segment, "rb") as handle:
+                    for line in handle:
+                        if str(offset).encode() not in retired and line.endswith(b"\n"):
+                            lines += 1
+                            try:
+                                events += len(_decode_body(line))
+                            except ValueError:
+                                pass
+                        offset += len(line)
+            rows.append({"key": fingerprint, "bucket_key": meta.get("bucketKey", "?"),
+                         "bucket_name": meta.get("bucketName", ""), "segments": segments,
+                         "lines": lines, "events": events})
+    return rows
+
+
+def _replay_spool(settings, paths, timeout):
+    """Send spooled lines (all of the key's, or just ``paths``); return stats, pending."""
+    spool = _Spool(settings["spool_dir"], settings["access_key"], settings["spool_max_bytes"],
+                   only=paths)
+    transport = _HTTPTransport(settings["api_base"], settings["timeout"],
+                               settings["ssl_context"], settings["user_agent"])
+    engine = _Engine(settings, transport, spool, _budget_for(settings["api_base"],
+                                                            settings["access_key"]))
+    deadline = _monotonic() + timeout
+    engine.closing, engine.close_deadline = True, deadline
+    engine.pump(None, deadline)
+    if not engine.stopped:
+        engine.give_up()
+    return engine.stats, spool.pending(_monotonic() + 2.0)
+
+
+def _cmd_replay(args, out, err):
+    if args.csv:
+        if not args.bucket_key:
+            raise _UsageError("replay --csv needs --bucket-key (an offline CSV has no bucket)")
+        import csv
+        streamer = Streamer(**_cli_options(args))
+        count = 0
+        with open(args.csv, newline="", encoding="utf-8") as handle:
+            for number, row in enumerate(csv.reader(handle), 1):
+                if len(row) != 3:
+                    err.write("%s line %d skipped: expected epoch,key,value\n" % (args.csv, number))
+                    continue
+                try:
+                    streamer.log(row[1], _parse_cli_value(row[2], args.raw), float(row[0]))
+                    count += 1
+                except ValueError as exc:
+                    err.write("%s line %d skipped: %s\n" % (args.csv, number, exc))
+        delivered = streamer.close(args.timeout)
+        out.write("%s %d events from %s to bucket %s\n" % (
+            "sent" if delivered else "could not send all of", count, args.csv, args.bucket_key))
+        return 0 if delivered else 1
+    options = _cli_options(args, bucket_key="replay")
+    if args.dry_run:
+        spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]
+        key = None
+        try:
+            key = _resolve_settings(**options)["access_key"]
+        except ConfigError:
+            pass
+        rows = _spool_summary(spool_dir, key)
+        if not rows:
+            out.write("nothing pending in %s\n" % spool_dir)
+        for row in rows:
+            out.write("key %s bucket %r (%s): %d events in %d lines, %d segment(s)\n" % (
+                row["key"], row["bucket_key"], row["bucket_name"] or "no name", row["events"],
+                row["lines"], row["segments"]))
+        return 0
+    options.pop("bucket_key")
+    settings = _resolve_settings(**dict(options, bucket_key="replay"))
+    paths = [os.path.abspath(p) for p in args.files] or None
+    stats, pending = _replay_spool(settings, paths, args.timeout)
+    out.write("replayed %d events in %d requests; %d dead-lettered; %s\n" % (
+        stats["replayed"], stats["requests"], stats["dead_lettered"],
+        "spool empty" if not pending else "some remain (%s)" % stats["last_error"]))
+    return 1 if pending else 0
+
+
+def _cmd_sink(args, out, err):
+    def echo(line):
+        out.write(line + "\n")
+        out.flush()
+    sink = _Sink(args.host, args.port, args.rate_limit, args.window, jsonl=args.jsonl,
+                 echo=None if args.quiet else echo)
+    sink.start()
+    out.write("events API on %s (IS_API_BASE=%s); Ctrl-C to stop\n" % (sink.url, sink.url))
+    out.flush()
+    _install_sigterm_stop()
+    try:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        _restore_sigterm()
+        sink.stop()
+    out.write("%d events in %d requests\n" % (len(sink.events), sink.requests))
+    return 0
+
+
+def _cmd_selftest(args, out, err):
+    if not args.live:
+        return _selftest(out)
+    settings = _resolve_settings(**_cli_options(args, bucket_key=args.bucket_key or
+                                                "isstreamer_lite-selftest",
+                                                bucket_name=args.bucket_name or
+                                                "isstreamer_lite selftest"))
+    transport = _HTTPTransport(settings["api_base"], settings["timeout"], None,
+                               settings["user_agent"])
+    engine = _Engine(settings, transport, None, None)
+    now = _time()
+    events = [("selftest_number", 1), ("selftest_text", "hello from isstreamer_lite"),
+              ("selftest_flag", True)]
+    out.write("live selftest against %s with access key %s, bucket %r\n" % (
+        settings["api_base"], _mask(settings["access_key"]), settings["bucket_key"]))
+    failed = False
+    for path, body in (("/api/buckets", json.dumps({"bucketKey": settings["bucket_key"],
+                                                    "bucketName": settings["bucket_name"]})
+                        .encode("utf-8")),
+                       ("/api/events", _encode_events([e + (now,) for e in events]))):
+        response, error = engine.request(path, body, settings["bucket_key"])
+        if error is not None:
+            out.write("  POST %s: %s: %s\n" % (path, type(error).__name__, error))
+            failed = True
+            continue
+        limits = ", ".join("%s=%s" % (h, response.headers[h]) for h in (
+            "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after")
+            if h in response.headers)
+        out.write("  POST %s -> %d %s%s\n" % (path, response.status, response.text(200),
+                                              " (%s)" % limits if limits else ""))
+        failed = failed or not 200 <= response.status < 300
+    transport.close()
+    out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted 3 test events"))
+    return 1 if failed else 0
+
+
+_EXAMPLES = {
+    "selftest": "python3 -m isstreamer_lite selftest\n"
+                "  IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite selftest --live",
+    "send": "IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite send --bucket-key garden "
+            "temperature 21.5 door_open false",
+    "pipe": "tail -f /var/log/sensor.log | python3 -m isstreamer_lite pipe --bucket-key garden\n"
+            "  printf 'temp,21.5\\nhumidity=40\\n{\"key\": \"ok\", \"value\": true}\\n' | "
+            "python3 -m isstreamer_lite pipe",
+    "replay": "python3 -m isstreamer_lite replay --dry-run\n"
+              "  python3 -m isstreamer_lite replay --csv isstreamer_out.csv --bucket-key garden",
+    "sink": "python3 -m isstreamer_lite sink --port 8080 --jsonl events.jsonl\n"
+            "  IS_API_BASE=http://127.0.0.1:8080 python3 my_sensor_script.py",
+}
+
+
+def _build_parser():
     import argparse
     parser = argparse.ArgumentParser(
         prog="python3 -m isstreamer_lite",
-        description="Stream events to Initial State. With no command, run the offline "
-                    "smoke test.",
-        epilog="exit codes: 0 ok, 1 delivery failed or events remain undelivered, "
-               "2 usage or configuration error")
+        description="Stream events to Initial State from the shell. With no command, run "
+                    "the offline smoke test.",
+        epilog="Key, bucket and API base come from the flags, then IS_ACCESS_KEY, "
+               "IS_BUCKET_KEY, IS_BUCKET_NAME, IS_API_BASE, then isstreamer.ini. "
+               "Exit codes: 0 ok, 1 delivery failed or events remain undelivered, "
+               "2 usage or configuration error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="isstreamer_lite " + __version__)
-    commands = parser.add_subparsers(dest="command")
-    commands.add_parser("selftest", help="offline smoke test against a loopback server",
-                        description="Start a loopback events server, stream events through "
-                                    "the whole pipeline and check they arrived. Example: "
-                                    "python3 -m isstreamer_lite selftest")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--access-key", help="access key (prefer IS_ACCESS_KEY: flags show "
+                                             "in the process list)")
+    common.add_argument("--bucket-key", help="bucket key (default: IS_BUCKET_KEY, ini, "
+                                             "or a new one)")
+    common.add_argument("--bucket-name", help="bucket name shown in the UI")
+    common.add_argument("--api-base", help="API base URL (default https://groker.init.st)")
+    common.add_argument("--ini", help="isstreamer.ini to read (default: ~/ then ./)")
+    common.add_argument("--spool-dir", help="spool folder (default: IS_SPOOL_DIR, ini, "
+                                            "~/.local/state/isstreamer_lite)")
+    common.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for delivery (default 30)")
+    common.add_argument("--debug", type=int, default=0, help="debug_level (0-3)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, help_text, description):
+        return commands.add_parser(
+            name, parents=[common], help=help_text,
+            description=description + "\n\nexample:\n  " + _EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = command("selftest", "offline smoke test (the default command)",
+                  "Start a loopback events server, stream events through the whole pipeline "
+                  "and check that they arrived. With --live, send three test events to the "
+                  "configured account and show the server's answers and rate-limit headers.")
+    sub.add_argument("--live", action="store_true", help="talk to the configured API")
+    sub = command("send", "send KEY VALUE pairs once and wait for delivery",
+                  "Send events once and wait until they are delivered; the exit status says "
+                  "whether they arrived. Numbers and true/false are sent as such.")
+    sub.add_argument("pairs", nargs="+", metavar="KEY VALUE")
+    sub.add_argument("--epoch", help="timestamp: Unix seconds or ISO-8601 (default now)")
+    sub.add_argument("--raw", action="store_true", help="send every value as text")
+    sub = command("pipe", "stream lines from standard input",
+                  "Read standard input line by line and stream each line as it comes: "
+                  "key,value or key=value or a JSON object with key, value and optional "
+                  "epoch or iso8601. Bad lines are reported with their number and skipped. "
+                  "End of input, Ctrl-C and SIGTERM flush and close.")
+    sub.add_argument("--raw", action="store_true", help="send every value as text")
+    sub = command("replay", "send what is in the spool (or a CSV from offline mode)",
+                  "Send the spooled events of the access key (or just the given segment "
+                  "files), or the rows of an offline CSV written by offline=True.")
+    sub.add_argument("files", nargs="*", help="spool segment files (default: all of the key)")
+    sub.add_argument("--dry-run", action="store_true", help="list what is pending per bucket")
+    sub.add_argument("--csv", help="offline CSV (epoch,key,value) to send; needs --bucket-key")
+    sub.add_argument("--raw", action="store_true", help="send CSV values as text")
+    sub = commands.add_parser(
+        "sink", help="run a local events API server for development",
+        description="A local server that speaks the events API, prints each event and "
+                    "answers with the documented status codes and rate-limit headers.\n\n"
+                    "example:\n  " + _EXAMPLES["sink"],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                         "127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any)")
+    sub.add_argument("--jsonl", help="also append each event as a JSON line to this file")
+    sub.add_argument("--rate-limit", type=int, help="requests allowed per window (default "
+                                                    "unlimited)")
+    sub.add_argument("--window", type=float, default=10.0, help="window seconds (default 10)")
+    sub.add_argument("--quiet", action="store_true", help="do not print events")
+    return parser
+
+
+def main(argv=None):
+    """The command line; returns the exit status (see ``--help``)."""
+    parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command in (None, "selftest"):
-        return _selftest(sys.stdout)
-    parser.error("unknown command %r" % args.command)
-    return 2
+    out, err = sys.stdout, sys.stderr
+    handlers = {None: None, "selftest": _cmd_selftest, "send": _cmd_send,
+                "pipe": _cmd_pipe, "replay": _cmd_replay, "sink": _cmd_sink}
+    if args.command is None:
+        return _selftest(out)
+    try:
+        return handlers[args.command](args, out, err)
+    except (_UsageError, ConfigError, ValueError, TypeError, OSError) as exc:
+        err.write("isstreamer_lite %s: %s\n" % (args.command, exc))
+        return 2
 
 
 if __name__ == "__main__":
