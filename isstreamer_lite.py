@@ -267,7 +267,8 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                       buffer_size, offline, use_async, api_base, flush_interval, timeout,
                       wait_timeout, exit_timeout, max_retries, backoff_base, backoff_cap,
                       retry_after_cap, pause_interval, max_queue, spool_dir, spool_max_bytes,
-                      offline_file, on_error, ssl_context):
+                      offline_file, on_error, ssl_context, durable, sync_interval,
+                      handle_sigterm):
     """Validate the options and merge them with environment, ini and defaults.
 
     Returns the settings dict the engine reads; raises ConfigError,
@@ -281,6 +282,10 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
     api_base = _pick(api_base, "IS_API_BASE", ini, "api_base", _DEFAULT_API_BASE)
     if offline is None:
         offline = _parse_bool(ini.get("offline_mode", "false"), "offline_mode" + where)
+    if durable is None:
+        durable = _parse_bool(os.environ.get("IS_DURABLE") or ini.get("durable", "false"),
+                              "IS_DURABLE" if os.environ.get("IS_DURABLE") else
+                              "durable" + where)
     if not isinstance(debug_level, int) or isinstance(debug_level, bool):
         raise ValueError("debug_level must be an int, not %r" % (debug_level,))
     if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1:
@@ -296,7 +301,8 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                              ("backoff_base", backoff_base, 0.0001),
                              ("backoff_cap", backoff_cap, 0.0001),
                              ("retry_after_cap", retry_after_cap, 0),
-                             ("pause_interval", pause_interval, 0.001)):
+                             ("pause_interval", pause_interval, 0.001),
+                             ("sync_interval", sync_interval, 0.001)):
         _check_number(name, value, low)
     if spool_max_bytes is not None:
         _check_number("spool_max_bytes", spool_max_bytes, 0)
@@ -330,7 +336,8 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
         "ssl_context": ssl_context, "offline": bool(offline), "use_async": bool(use_async),
         "offline_file": _pick(offline_file, None, ini, "offline_file",
                               "./isstreamer_out.csv"),
-        "debug_level": debug_level,
+        "debug_level": debug_level, "durable": bool(durable) and not offline,
+        "sync_interval": float(sync_interval), "handle_sigterm": bool(handle_sigterm),
         "user_agent": "isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
         "bucket_key": bucket_key, "bucket_name": bucket_name,
     }
@@ -809,6 +816,9 @@ class _Spool(object):
         self._scan_due = 0.0
         self._size = 0
         self._size_due = 0.0
+        self._sealed = []           # own segments closed this run, deleted once retired
+        self.orphans = 0            # lines in open segments no longer held in memory
+        self.on_seal = None         # called with a segment's path when it is closed
         self.warned_torn = set()
 
     # writing
@@ -895,13 +905,24 @@ class _Spool(object):
                 os.unlink(path)
             except OSError:
                 pass
+            return
+        self._sealed.append(path)
+        self._scan_due = 0.0
+        if self.on_seal is not None:
+            self.on_seal(path)
 
     def seal_all(self):
         """Close every segment being written so it can be replayed."""
-        if self._writers:
-            for bucket_key in list(self._writers):
-                self._seal(bucket_key)
-            self._scan_due = 0.0
+        for bucket_key in list(self._writers):
+            self._seal(bucket_key)
+        self.orphans = 0
+
+    def cleanup(self):
+        """Delete the segments this run closed whose lines were all retired."""
+        sealed, self._sealed = self._sealed, []
+        for path in sealed:
+            if self._segment is None and os.path.exists(path) and self._claim(path):
+                self.release_all()          # still has lines: leave it for replay
 
     def writing(self, path):
         return any(w[0] == path for w in self._writers.values())
@@ -948,7 +969,7 @@ class _Spool(object):
         most once a second, and those locked by another writer or replayer
         do not count.
         """
-        if any(size for path, fd, size in self._writers.values()):
+        if self.orphans:
             return True                     # our own spooled lines, sealed before replay
         segment = self._segment
         if segment is not None:
@@ -967,6 +988,8 @@ class _Spool(object):
         """The oldest unretired line this Streamer can claim, or None."""
         while self.pending(now):
             segment = self._segment
+            if segment is None:
+                return None                 # only orphans in open segments; sealed first
             if segment.lines:
                 item = segment.lines.popleft()
                 segment.outstanding += 1
@@ -1046,16 +1069,21 @@ class _Spool(object):
             start = end
         return segment
 
-    def retire(self, item):
-        """Record a line as delivered (or dead-lettered); delete a finished segment."""
-        segment = item.segment
-        segment.outstanding -= 1
-        record = ("%d %d\n" % (item.start, item.end)).encode("ascii")
-        fd = os.open(segment.path + _ACK_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    @staticmethod
+    def ack(path, start, end):
+        """Record the line at [start, end) of a segment as retired."""
+        record = ("%d %d\n" % (start, end)).encode("ascii")
+        fd = os.open(path + _ACK_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             _write_all(fd, record)
         finally:
             os.close(fd)
+
+    def retire(self, item):
+        """Record a claimed line as delivered (or dead-lettered); delete a finished segment."""
+        segment = item.segment
+        segment.outstanding -= 1
+        self.ack(segment.path, item.start, item.end)
         if not segment.lines and not segment.outstanding:
             self._finish(segment)
 
@@ -1153,7 +1181,7 @@ class _Batch(object):
     """Events of one bucket sent in one request, and how they fared."""
 
     __slots__ = ("seq", "bucket_key", "bucket_name", "events", "attempts",
-                 "bisecting", "spool_item", "body", "opened")
+                 "bisecting", "spool_item", "body", "opened", "journal")
 
     def __init__(self, seq, bucket_key, bucket_name, events, opened=0.0):
         self.seq = seq
@@ -1165,6 +1193,7 @@ class _Batch(object):
         self.spool_item = None
         self.body = None
         self.opened = opened
+        self.journal = None         # durable mode: (segment path, start, end) on disk
 
     def encoded(self):
         if self.body is None:
@@ -1219,8 +1248,10 @@ class _Engine(object):
             "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
             "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
             "buckets_created": 0, "last_error": None, "last_success": None,
-            "paused": "",
+            "paused": "", "journalled": 0, "journal_errors": 0,
         }
+        if spool is not None:
+            spool.on_seal = self.segment_sealed
 
     # taking from the queue
 
@@ -1231,7 +1262,8 @@ class _Engine(object):
         batches = self.batches
         tail = batches[-1] if batches else None
         open_tail = tail is not None and tail.spool_item is None and tail.seq > self.force_upto \
-            and tail.attempts == 0 and not tail.bisecting and len(tail.events) < size
+            and tail.attempts == 0 and not tail.bisecting and tail.journal is None \
+            and len(tail.events) < size
         taken = 0
         while True:
             try:
@@ -1292,7 +1324,8 @@ class _Engine(object):
             return self.batches[0]
         if self.spool is None or self.settings["offline"]:
             return None
-        self.spool.seal_all()
+        if self.spool.orphans:
+            self.spool.seal_all()           # make our own spooled lines replayable
         item = self.spool.next_item(now)
         if item is None:
             return None
@@ -1311,6 +1344,14 @@ class _Engine(object):
             self.give_up()
             return None
         self.settle_flushes(now)
+        if not self.settings["durable"]:
+            return self.advance(now)
+        due = self.journal(now)
+        delay = self.advance(now)
+        return due if delay is None else min(due, delay)
+
+    def advance(self, now):
+        """Create a bucket or send a batch if one is due; the delay to the next."""
         if now < self.retry_at:
             return self.retry_at - now
         batch = self.next_batch(now)
@@ -1432,6 +1473,8 @@ class _Engine(object):
         self.stats["last_success"] = _time()
         self.stats["paused"] = self.pause_reason = ""
         self.remove(batch)
+        if batch.journal is not None:
+            self.unjournal(batch)
         if batch.spool_item is not None:
             self.stats["replayed"] += len(batch.events)
             self.retire(batch.spool_item)
@@ -1504,6 +1547,8 @@ class _Engine(object):
             self.drop(len(batch.events), "dead_letter_unwritable", exc)
         if batch.spool_item is not None:
             self.retire(batch.spool_item)
+        if batch.journal is not None:
+            self.unjournal(batch)
         self.report(DeliveryError("event rejected by the server: %s" % reply[:200], status,
                                   "rejected", batch.bucket_key), batch.events)
 
@@ -1529,6 +1574,10 @@ class _Engine(object):
             return
         for part in reversed(parts):
             self.batches.insert(index, part)
+        if batch.journal is not None:       # journal the halves, then retire the whole
+            for part in parts:
+                self.journal_batch(part)
+            self.unjournal(batch)
 
     def retire(self, item):
         try:
@@ -1550,6 +1599,10 @@ class _Engine(object):
         if self.spool is None:
             self.drop(len(batch.events), "no_spool", None)
             return
+        if batch.journal is not None:       # durable mode: it is on disk already
+            self.spool.orphans += 1
+            self.stats["spooled"] += len(batch.events)
+            return
         body = batch.encoded()
         try:
             self.spool.append(batch.bucket_key, batch.bucket_name, body)
@@ -1566,10 +1619,71 @@ class _Engine(object):
                 reason = "spool_unwritable"
             self.drop(len(batch.events), reason, exc)
             return
+        self.spool.orphans += 1
         self.stats["spooled"] += len(batch.events)
         if why:
             _log.info("spooled %d events of bucket %r: %s", len(batch.events),
                       batch.bucket_key, why)
+
+    # durable mode: the journal is the spool, written before delivery
+
+    def journal(self, now):
+        """Journal batches that are ready or half a sync_interval old; fsync on time.
+
+        Returns the seconds until this must run again.
+        """
+        half = self.settings["sync_interval"] / 2.0
+        due = half
+        for batch in list(self.batches):
+            if batch.spool_item is not None or batch.journal is not None:
+                continue
+            age = now - batch.opened
+            if age >= half or self.ready(batch, now):
+                self.journal_batch(batch)
+            else:
+                due = min(due, half - age)
+        if self.unsynced:
+            if now - self.last_sync >= half:
+                self.spool.sync()
+                self.unsynced = False
+                self.last_sync = now
+            else:
+                due = min(due, self.last_sync + half - now)
+        return max(0.0, due)
+
+    def journal_batch(self, batch):
+        """Append one batch to the journal; on failure it is still sent from memory."""
+        try:
+            batch.journal = self.spool.append(batch.bucket_key, batch.bucket_name,
+                                              batch.encoded())
+        except OSError as exc:
+            self.stats["journal_errors"] += 1
+            self.stats["last_error"] = "journal: %s" % exc
+            now = _monotonic()
+            if now - self.last_drop_warning >= _DROP_WARN_EVERY:
+                self.last_drop_warning = now
+                _log.warning("cannot write the durable journal (%s); events are kept in "
+                             "memory only until it works again", exc)
+            return
+        self.unsynced = True
+        self.stats["journalled"] += len(batch.events)
+
+    def unjournal(self, batch):
+        """A journalled batch was delivered or dead-lettered: retire its line."""
+        path, start, end = batch.journal
+        batch.journal = None
+        try:
+            self.spool.ack(path, start, end)
+        except OSError as exc:
+            _log.warning("cannot record delivery in the journal (%s); those events may "
+                         "be sent again", exc)
+
+    def segment_sealed(self, path):
+        """A journal segment was closed: batches in it are now replayed from disk."""
+        for batch in list(self.batches):
+            if batch.journal is not None and batch.journal[0] == path:
+                self.batches.remove(batch)
+                self.in_memory -= len(batch.events)
 
     def drop(self, count, reason, exc):
         dropped = self.stats["dropped"]
@@ -1663,9 +1777,10 @@ class _Engine(object):
         if self.spool is not None:
             try:
                 self.spool.seal_all()
+                self.spool.release_all()
+                self.spool.cleanup()
             except OSError as exc:
                 _log.warning("closing spool segments: %s", exc)
-            self.spool.release_all()
         self.transport.close()
         for request in self.flushes:
             if not self.pending(_monotonic()):
@@ -1753,6 +1868,23 @@ def _install_process_hooks():
         os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM a normal exit (so the exit hook flushes), unless it is handled.
+
+    Only from the main thread, and only while SIGTERM has its default
+    disposition: a handler the application installed is never replaced.
+    """
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def _close_all_at_exit():
     """Flush and close every open Streamer, together, within exit_timeout."""
     with _hooks_lock:
@@ -1834,7 +1966,8 @@ class Streamer(object):
                  exit_timeout=5.0, max_retries=5, backoff_base=0.5, backoff_cap=30.0,
                  retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
                  spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
-                 on_error=None, ssl_context=None):
+                 on_error=None, ssl_context=None, durable=None, sync_interval=1.0,
+                 handle_sigterm=True):
         settings = _resolve_settings(
             bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
             ini_file_location=ini_file_location, debug_level=debug_level,
@@ -1844,7 +1977,8 @@ class Streamer(object):
             backoff_cap=backoff_cap, retry_after_cap=retry_after_cap,
             pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
             spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
-            ssl_context=ssl_context)
+            ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
+            handle_sigterm=handle_sigterm)
         self._settings = settings
         bucket_key, bucket_name = settings.pop("bucket_key"), settings.pop("bucket_name")
         self._strict = debug_level >= 2
@@ -1858,6 +1992,8 @@ class Streamer(object):
         with _hooks_lock:
             _open_streamers.add(self)
         _install_process_hooks()
+        if settings["handle_sigterm"]:
+            _exit_on_sigterm()
         if self._echo:
             _log.info("streaming to bucket %r (%r) at %s with access key %s%s", bucket_key,
                       bucket_name, "offline file " + self._settings["offline_file"]
@@ -2173,6 +2309,10 @@ class _Sink(object):
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
             allow_reuse_address = True
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, OSError)):
+                    http.server.HTTPServer.handle_error(self, request, client_address)
 
         self._server = Server((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
