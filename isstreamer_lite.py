@@ -818,6 +818,7 @@ class _Spool(object):
         self._size_due = 0.0
         self._sealed = []           # own segments closed this run, deleted once retired
         self.orphans = 0            # lines in open segments no longer held in memory
+        self.bytes_written = 0      # segment lines and ack records, for flash wear
         self.on_seal = None         # called with a segment's path when it is closed
         self.warned_torn = set()
 
@@ -884,6 +885,7 @@ class _Spool(object):
             raise
         self._writers[bucket_key] = (path, fd, size + len(line))
         self._size += len(line)
+        self.bytes_written += len(line)
         return path, size, size + len(line)
 
     def sync(self):
@@ -1069,8 +1071,7 @@ class _Spool(object):
             start = end
         return segment
 
-    @staticmethod
-    def ack(path, start, end):
+    def ack(self, path, start, end):
         """Record the line at [start, end) of a segment as retired."""
         record = ("%d %d\n" % (start, end)).encode("ascii")
         fd = os.open(path + _ACK_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -1078,6 +1079,7 @@ class _Spool(object):
             _write_all(fd, record)
         finally:
             os.close(fd)
+        self.bytes_written += len(record)
 
     def retire(self, item):
         """Record a claimed line as delivered (or dead-lettered); delete a finished segment."""
@@ -1348,7 +1350,9 @@ class _Engine(object):
             return self.advance(now)
         due = self.journal(now)
         delay = self.advance(now)
-        return due if delay is None else min(due, delay)
+        if due is None or delay is None:
+            return delay if due is None else due
+        return min(due, delay)
 
     def advance(self, now):
         """Create a bucket or send a batch if one is due; the delay to the next."""
@@ -1630,10 +1634,10 @@ class _Engine(object):
     def journal(self, now):
         """Journal batches that are ready or half a sync_interval old; fsync on time.
 
-        Returns the seconds until this must run again.
+        Returns the seconds until this must run again, or None if nothing waits.
         """
         half = self.settings["sync_interval"] / 2.0
-        due = half
+        due = None
         for batch in list(self.batches):
             if batch.spool_item is not None or batch.journal is not None:
                 continue
@@ -1641,15 +1645,16 @@ class _Engine(object):
             if age >= half or self.ready(batch, now):
                 self.journal_batch(batch)
             else:
-                due = min(due, half - age)
+                due = half - age if due is None else min(due, half - age)
         if self.unsynced:
             if now - self.last_sync >= half:
                 self.spool.sync()
                 self.unsynced = False
                 self.last_sync = now
             else:
-                due = min(due, self.last_sync + half - now)
-        return max(0.0, due)
+                wait = self.last_sync + half - now
+                due = wait if due is None else min(due, wait)
+        return None if due is None else max(0.0, due)
 
     def journal_batch(self, batch):
         """Append one batch to the journal; on failure it is still sent from memory."""
@@ -2219,6 +2224,7 @@ class Streamer(object):
         counters["dropped"] = dict(counters["dropped"])
         counters["queued"] = len(engine.queue) + engine.in_memory
         counters["connections"] = engine.transport.connections
+        counters["journal_bytes"] = engine.spool.bytes_written if engine.spool else 0
         counters["closed"] = self._closed
         return counters
 

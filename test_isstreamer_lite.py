@@ -120,6 +120,8 @@ class LiteTestCase(unittest.TestCase):
             logger.setLevel(state[0])
             logger.handlers[:] = state[1]
         self.addCleanup(restore)
+        # A handler of our own keeps debug_level >= 1 from adding a console one.
+        logger.addHandler(logging.NullHandler())
 
     def sink(self, cls=lite._Sink, **kwargs):
         sink = cls(**kwargs).start()
@@ -932,3 +934,194 @@ class TransportTest(LiteTestCase):
         with self.assertLogs("isstreamer_lite", "WARNING") as logs:
             self.streamer(sink)
         self.assertIn("travels in clear text", logs.output[0])
+
+
+STREAMING_CHILD = r'''
+import sys, time
+import isstreamer_lite as lite
+api_base, spool_dir, start, count, mode = sys.argv[1:6]
+start, count = int(start), int(count)
+streamer = lite.Streamer("", "crash-bucket", "ist_crash_key", ini_file_location=False,
+                         api_base=api_base, spool_dir=spool_dir, buffer_size=10,
+                         flush_interval=0.1, sync_interval=0.2, durable=(mode == "durable"),
+                         backoff_base=0.01, backoff_cap=0.1, exit_timeout=5.0)
+for i in range(start, start + count):
+    streamer.log("v", i)
+    if i % 10 == 9:
+        sys.stdout.write("%d\n" % i)
+        sys.stdout.flush()
+    time.sleep(0.0005)
+sys.stdout.write("done\n")
+sys.stdout.flush()
+if mode != "no-close":
+    streamer.close(10)
+'''
+
+
+def free_port():
+    """A loopback port nothing listens on (bound, then released)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+class CrashTest(LiteTestCase):
+    """Durable mode, SIGTERM and SIGKILL: what survives a dying process."""
+
+    def setUp(self):
+        LiteTestCase.setUp(self)
+        if not hasattr(signal_module(), "SIGKILL"):
+            self.skipTest("needs POSIX signals")
+        self.folder = self.tempdir()
+        self.spool = os.path.join(self.folder, "spool")
+        self.script = os.path.join(self.folder, "child.py")
+        with open(self.script, "w") as handle:
+            handle.write(STREAMING_CHILD)
+
+    def start_child(self, api_base, start, count, mode):
+        return subprocess.Popen([sys.executable, self.script, api_base, self.spool, str(start),
+                                 str(count), mode], env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+
+    def stream_until(self, child, last):
+        """Read progress lines until ``last`` was logged; return [(value, time read)]."""
+        seen = []
+        for line in child.stdout:
+            if line.strip() == "done":
+                break
+            seen.append((int(line), time.monotonic()))
+            if seen[-1][0] >= last:
+                break
+        return seen
+
+    def kill_runs(self, api_base, mode, kills, per_run=1000):
+        """Kill a streaming child with SIGKILL ``kills`` times; return [(start, safe upto)]."""
+        import random
+        rng = random.Random(1234)
+        runs = []
+        for k in range(kills):
+            start = k * per_run
+            child = self.start_child(api_base, start, per_run, mode)
+            seen = self.stream_until(child, start + rng.randrange(50, per_run - 50))
+            killed_at = time.monotonic()
+            child.kill()
+            child.communicate(timeout=30)
+            safe = [v for v, t in seen if killed_at - t > 0.2]      # sync_interval
+            runs.append((start, max(safe) if safe else start - 1))
+        return runs
+
+    def finish_run(self, api_base, start):
+        child = self.start_child(api_base, start, 20, "durable")
+        out, err = child.communicate(timeout=60)
+        self.assertEqual(child.returncode, 0, err)
+
+    def check(self, sink, runs, per_run=1000):
+        values = collections.Counter(e["value"] for _, e in sink.events)
+        duplicates = 0
+        for start, safe in runs:
+            missing = [v for v in range(start, safe + 1) if not values[v]]
+            self.assertEqual(missing, [], "run from %d lost events" % start)
+            run_dups = sum(values[v] - 1 for v in range(start, start + per_run) if values[v] > 1)
+            self.assertLessEqual(run_dups, 10, "more than one batch resent for run %d" % start)
+            duplicates += run_dups
+        return duplicates
+
+    def test_durable_survives_sigkill(self):
+        """Durable: 10 SIGKILLs while streaming lose nothing logged a sync_interval before."""
+        sink = self.sink()
+        runs = self.kill_runs(sink.url, "durable", 10)
+        self.finish_run(sink.url, 100000)
+        self.check(sink, runs)
+        leftovers = [n for _, _, names in os.walk(self.spool) for n in names
+                     if n.endswith(".jsonl")]
+        self.assertEqual(leftovers, [])
+
+    def test_durable_survives_sigkill_with_server_down(self):
+        """Durable: SIGKILLs while the server is down; all of it arrives once it is up."""
+        down = "http://127.0.0.1:%d" % free_port()
+        runs = self.kill_runs(down, "durable", 4, per_run=400)
+        sink = self.sink()
+        self.finish_run(sink.url, 100000)
+        self.assertEqual(self.check(sink, runs, per_run=400), 0)
+
+    def test_sigterm_loses_nothing(self):
+        """SIGTERM: a streaming process exits through the exit hook and delivers everything."""
+        sink = self.sink()
+        child = self.start_child(sink.url, 0, 5000, "no-close")
+        seen = self.stream_until(child, 300)
+        child.terminate()
+        child.communicate(timeout=30)
+        self.assertEqual(child.returncode, 143)
+        values = sorted(e["value"] for _, e in sink.events)
+        self.assertGreaterEqual(len(values), seen[-1][0] + 1)
+        self.assertEqual(values, list(range(len(values))))
+
+    def test_sigkill_default_mode_loses_at_most_last_flush_interval(self):
+        """SIGKILL, default mode: only what was logged in the last flush_interval may be lost."""
+        sink = self.sink()
+        child = self.start_child(sink.url, 0, 5000, "default")
+        seen = self.stream_until(child, 2000)
+        killed_at = time.monotonic()
+        child.kill()
+        child.communicate(timeout=30)
+        values = set(e["value"] for _, e in sink.events)
+        old_enough = [v for v, t in seen if killed_at - t > 0.1 + 0.3]   # flush_interval + slack
+        self.assertTrue(old_enough)
+        self.assertEqual([v for v in range(max(old_enough) + 1) if v not in values], [])
+
+    def test_sigterm_handler_of_application_is_kept(self):
+        """SIGTERM: a handler the application installed is never replaced; opt-out works."""
+        import signal
+        previous = signal.getsignal(signal.SIGTERM)
+        self.addCleanup(signal.signal, signal.SIGTERM, previous)
+
+        def mine(signum, frame):
+            pass
+        signal.signal(signal.SIGTERM, mine)
+        self.streamer(None, offline=True, offline_file=os.path.join(self.folder, "o.csv"))
+        self.assertIs(signal.getsignal(signal.SIGTERM), mine)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.streamer(None, offline=True, offline_file=os.path.join(self.folder, "o.csv"),
+                      handle_sigterm=False)
+        self.assertIs(signal.getsignal(signal.SIGTERM), signal.SIG_DFL)
+        self.streamer(None, offline=True, offline_file=os.path.join(self.folder, "o.csv"))
+        self.assertIs(signal.getsignal(signal.SIGTERM), lite._on_sigterm)
+
+    def test_journal_bytes_per_event(self):
+        """Durable: the journal written per event is at most 1.5x the event's JSON size."""
+        sink = self.sink()
+        s = self.streamer(sink, durable=True, buffer_size=10, sync_interval=0.2)
+        json_bytes = 0
+        for i in range(2000):
+            s.log("temperature", 20.0 + i / 100.0)
+        self.assertTrue(s.close(10))
+        for _, event in sink.events:
+            json_bytes += len(json.dumps(event, separators=(",", ":")))
+        written = s.stats()["journal_bytes"]
+        self.assertGreater(written, 0)
+        self.assertLessEqual(written / float(json_bytes), 1.5)
+        self.assertEqual(s.stats()["journalled"], 2000)
+
+    def test_durable_log_is_not_blocked_by_disk(self):
+        """Durable: the caller never writes the journal; the worker does."""
+        sink = self.sink()
+        s = self.streamer(sink, durable=True)
+        calls = []
+        original = s._engine.spool.append
+
+        def record(*args):
+            calls.append(threading.current_thread().name)
+            return original(*args)
+        s._engine.spool.append = record
+        for i in range(50):
+            s.log("k", i)
+        self.assertTrue(s.close(10))
+        self.assertTrue(calls)
+        self.assertTrue(all(name.startswith("isstreamer_lite[") for name in calls), calls)
+
+
+def signal_module():
+    import signal
+    return signal
