@@ -1329,6 +1329,9 @@ class _Engine(object):
         if self.spool.orphans:
             self.spool.seal_all()           # make our own spooled lines replayable
         item = self.spool.next_item(now)
+        while item is not None and item.events is None:
+            self.unreadable(item)           # a torn or corrupt line: never sent
+            item = self.spool.next_item(now)
         if item is None:
             return None
         segment = item.segment
@@ -1555,6 +1558,16 @@ class _Engine(object):
             self.unjournal(batch)
         self.report(DeliveryError("event rejected by the server: %s" % reply[:200], status,
                                   "rejected", batch.bucket_key), batch.events)
+
+    def unreadable(self, item):
+        """A spool line that is not a JSON array of events: dead-letter it as is."""
+        self.stats["dead_lettered"] += 1
+        try:
+            self.spool.dead_letter(item.segment.bucket_key, item.body, None,
+                                   "unreadable spool line (torn by a crash?)")
+        except OSError as exc:
+            self.drop(1, "dead_letter_unwritable", exc)
+        self.retire(item)
 
     # bookkeeping
 

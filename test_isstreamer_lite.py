@@ -8,15 +8,18 @@ import collections
 import csv
 import datetime
 import decimal
+import filecmp
 import fractions
 import glob
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1125,3 +1128,163 @@ class CrashTest(LiteTestCase):
 def signal_module():
     import signal
     return signal
+
+
+
+def installed_pythons():
+    """{(major, minor, micro): path} of pyenv's CPythons, else this interpreter."""
+    found = {}
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, universal_newlines=True,
+                              timeout=30).stdout.strip()
+        versions = os.path.join(root, "versions")
+        for name in (os.listdir(versions) if os.path.isdir(versions) else ()):
+            match = re.match(r"^(\d+)\.(\d+)\.(\d+)$", name)
+            path = os.path.join(versions, name, "bin", "python")
+            if match and os.access(path, os.X_OK):
+                found[tuple(int(part) for part in match.groups())] = path
+    if not any(version >= (3, 6) for version in found):
+        found[tuple(sys.version_info[:3])] = sys.executable
+    return found
+
+
+class InstallScriptTest(LiteTestCase):
+    """install.sh, run with sh into temporary folders (never the real home)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.script = os.path.join(HERE, "install.sh")
+        if not os.path.isfile(cls.script):
+            raise unittest.SkipTest("no install.sh next to %s (a vendored copy?)"
+                                    % lite.__file__)
+        pythons = installed_pythons()
+        supported = sorted(version for version in pythons if version >= (3, 6))
+        cls.oldest, cls.newest = pythons[supported[0]], pythons[supported[-1]]
+        old = sorted(version for version in pythons if version < (3, 0))
+        cls.python2 = pythons[old[-1]] if old else None
+
+    def install(self, *args, script=None, **env):
+        """Run install.sh with args; HOME and the user base are temporary folders."""
+        environ = child_env(HOME=self.tempdir(), PYTHONUSERBASE=self.tempdir())
+        environ.update(env)
+        del environ["PYTHONPATH"]  # the checkout must not shadow the installed copy
+        return subprocess.run(["sh", script or self.script] + list(args), env=environ,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60, cwd=self.tempdir())
+
+    def assertInstalled(self, result, folder):
+        """Exit 0, exactly the module in folder, byte for byte, and the smoke test ran."""
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 0, output)
+        self.assertEqual(os.listdir(folder), ["isstreamer_lite.py"], output)
+        self.assertTrue(filecmp.cmp(lite.__file__, os.path.join(folder, "isstreamer_lite.py"),
+                                    shallow=False), output)
+        self.assertIn("selftest on Python", result.stdout, output)
+        self.assertIn("OK", result.stdout, output)
+
+    def test_target_installs_for_oldest_and_newest_python(self):
+        """install.sh: --target creates the folder, copies the module, runs the smoke test."""
+        for python in sorted({self.oldest, self.newest}):
+            with self.subTest(python=python):
+                target = os.path.join(self.tempdir(), "vendor", "lib")
+                result = self.install("--python", python, "--target", target)
+                self.assertInstalled(result, target)
+                self.assertIn("PYTHONPATH", result.stdout)
+                self.assertIn("from isstreamer_lite import Streamer", result.stdout)
+
+    def test_second_run_is_idempotent(self):
+        """install.sh: a second run into the same folder succeeds with the same result."""
+        target = self.tempdir()
+        self.assertInstalled(self.install("--python", self.newest, "--target", target), target)
+        self.assertInstalled(self.install("--python", self.newest, "--target", target), target)
+
+    def test_uninstall_removes_target_copy(self):
+        """install.sh: --uninstall --target removes the module, then finds nothing."""
+        target = self.tempdir()
+        self.assertInstalled(self.install("--python", self.newest, "--target", target), target)
+        for expected in ("Removed", "Nothing to remove"):
+            result = self.install("--python", self.newest, "--uninstall", "--target", target)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertIn(expected, result.stdout)
+            self.assertEqual(os.listdir(target), [])
+
+    def test_user_site_install_and_uninstall(self):
+        """install.sh: the default installs into the user site-packages (a temp home)."""
+        home, userbase = self.tempdir(), self.tempdir()
+        probe = subprocess.run([self.newest, "-m", "site", "--user-site"],
+                               env=child_env(HOME=home, PYTHONUSERBASE=userbase),
+                               stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+        if probe.returncode != 0:
+            self.skipTest("%s does not use a user site-packages" % self.newest)
+        site = probe.stdout.strip()
+        self.assertTrue(site.startswith(userbase), site)
+        result = self.install("--python", self.newest, HOME=home, PYTHONUSERBASE=userbase)
+        self.assertInstalled(result, site)
+        self.assertEqual(stat.S_IMODE(os.stat(site).st_mode), 0o755)
+        result = self.install("--python", self.newest, "--uninstall", HOME=home,
+                              PYTHONUSERBASE=userbase)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(os.listdir(site), [])
+
+    def test_failing_smoke_test_exits_1(self):
+        """install.sh: a module whose smoke test fails makes the install exit 1."""
+        folder, target = self.tempdir(), self.tempdir()
+        shutil.copy(self.script, folder)
+        with open(os.path.join(folder, "isstreamer_lite.py"), "w") as handle:
+            handle.write('__version__ = "0.0.0"\nimport sys\n'
+                         'if __name__ == "__main__":\n    sys.exit("broken on purpose")\n')
+        result = self.install("--python", self.newest, "--target", target,
+                              script=os.path.join(folder, "install.sh"))
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("smoke test failed", result.stderr)
+
+    def test_python_2_is_refused(self):
+        """install.sh: Python 2.7 is refused with exit 2 and nothing installed."""
+        if self.python2 is None:
+            self.skipTest("no Python 2 installed")
+        target = os.path.join(self.tempdir(), "lib")
+        result = self.install("--python", self.python2, "--target", target)
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("3.6 or newer", result.stderr)
+        self.assertFalse(os.path.exists(target))
+
+    def test_unknown_option_is_usage_error(self):
+        """install.sh: an unknown option exits 2, naming it and pointing to --help."""
+        result = self.install("--frobnicate")
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("--frobnicate", result.stderr)
+        self.assertIn("--help", result.stderr)
+
+    def test_missing_argument_is_usage_error(self):
+        """install.sh: --target or --python without its argument exits 2."""
+        for option in ("--target", "--python"):
+            with self.subTest(option=option):
+                result = self.install(option)
+                self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+                self.assertIn(option, result.stderr)
+
+    def test_help_documents_every_option(self):
+        """install.sh: --help and -h exit 0 and document every option with examples."""
+        for flag in ("--help", "-h"):
+            with self.subTest(flag=flag):
+                result = self.install(flag)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                for word in ("--user", "--system", "--target", "--python", "--uninstall",
+                             "Examples"):
+                    self.assertIn(word, result.stdout)
+
+    def test_shellcheck_is_clean(self):
+        """install.sh: shellcheck finds nothing."""
+        shellcheck = shutil.which("shellcheck")
+        if shellcheck is None:
+            self.skipTest("shellcheck is not installed")
+        result = subprocess.run([shellcheck, self.script], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, universal_newlines=True,
+                                timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()

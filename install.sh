@@ -1,0 +1,320 @@
+#!/bin/sh
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 The isstreamer_lite authors
+#
+# Install isstreamer_lite.py (the file next to this script) for one Python,
+# then run its offline smoke test. POSIX sh; `sh install.sh --help` for usage.
+#
+# Exit status: 0 ok, 1 install or smoke test failed, 2 usage error (including
+# a Python older than 3.6).
+
+MODULE=isstreamer_lite
+PROG=install.sh
+
+usage() {
+    cat <<EOF
+Usage: sh $PROG [--user | --system | --target DIR] [--python PATH] [--uninstall]
+
+Install $MODULE.py, found next to this script, for one Python interpreter,
+then run its offline smoke test (python -m $MODULE) with that interpreter.
+Works from a checkout or from install.sh and $MODULE.py copied side by side.
+
+Where to install (pick one; the same options select what --uninstall removes):
+  --user          the interpreter's user site-packages (python -m site
+                  --user-site), created 0755 if missing; no root needed.
+                  This is the default.
+  --system        the interpreter's site-packages (sysconfig purelib);
+                  usually needs root.
+  --target DIR    the folder DIR, created if missing: a project's vendor
+                  folder, a mounted SD card. Python imports the module from
+                  there only with DIR on PYTHONPATH or sys.path.
+
+Options:
+  --python PATH   the interpreter to install for (default: python3). It must
+                  be Python 3.6 or newer.
+  --uninstall     remove $MODULE.py (and its cached bytecode) from the
+                  selected location instead of installing it.
+  -h, --help      show this help and exit.
+
+The copy is atomic (a temporary file in the destination, then a rename) and
+checked byte for byte; running the script again is harmless.
+
+Examples:
+  sh $PROG                              # python3's user site-packages
+  sudo sh $PROG --system                # python3's site-packages, for all users
+  sh $PROG --python /usr/bin/python3.9  # another interpreter's user site
+  sh $PROG --python venv/bin/python --system    # into a virtual environment
+  sh $PROG --target ./vendor            # vendor it into a project
+  sh $PROG --target /media/pi/SDCARD    # onto a mounted card
+  sh $PROG --uninstall                  # remove the user-site copy
+  sh $PROG --uninstall --target ./vendor        # remove the vendored copy
+
+Then, in Python:
+  from $MODULE import Streamer
+
+Exit status: 0 ok, 1 install or smoke test failed, 2 usage error (unknown
+option, missing argument, Python older than 3.6).
+EOF
+}
+
+say() {
+    printf '%s\n' "$*"
+}
+
+warn() {
+    printf '%s: warning: %s\n' "$PROG" "$*" >&2
+}
+
+fail() {
+    # fail STATUS MESSAGE: print MESSAGE to stderr and exit with STATUS.
+    status=$1
+    shift
+    printf '%s: error: %s\n' "$PROG" "$*" >&2
+    exit "$status"
+}
+
+usage_error() {
+    printf '%s: %s\n' "$PROG" "$*" >&2
+    printf "Try 'sh %s --help' for more information.\n" "$PROG" >&2
+    exit 2
+}
+
+# --- Options ------------------------------------------------------------------
+
+mode=user
+mode_option=
+python=python3
+uninstall=no
+target=
+
+set_mode() {
+    # set_mode MODE OPTION: choose the location once; a second choice is an error.
+    if [ -n "$mode_option" ] && [ "$mode_option" != "$2" ]; then
+        usage_error "$mode_option and $2 cannot be used together"
+    fi
+    mode=$1
+    mode_option=$2
+}
+
+while [ "$#" -gt 0 ]; do
+    case $1 in
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        --user)
+            set_mode user --user
+            ;;
+        --system)
+            set_mode system --system
+            ;;
+        --target | --python)
+            if [ "$#" -lt 2 ] || [ -z "$2" ]; then
+                usage_error "option $1 needs an argument"
+            fi
+            if [ "$1" = --target ]; then
+                set_mode target --target
+                target=$2
+            else
+                python=$2
+            fi
+            shift
+            ;;
+        --target=*)
+            set_mode target --target
+            target=${1#--target=}
+            [ -n "$target" ] || usage_error "option --target needs an argument"
+            ;;
+        --python=*)
+            python=${1#--python=}
+            [ -n "$python" ] || usage_error "option --python needs an argument"
+            ;;
+        --uninstall)
+            uninstall=yes
+            ;;
+        *)
+            usage_error "unknown option: $1"
+            ;;
+    esac
+    shift
+done
+
+# --- The module next to this script -----------------------------------------
+
+script_dir=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P) ||
+    fail 1 "cannot find the folder of $0"
+source_file=$script_dir/$MODULE.py
+if [ "$uninstall" = no ] && [ ! -f "$source_file" ]; then
+    fail 1 "$MODULE.py is not next to this script (looked for $source_file);" \
+        "copy install.sh and $MODULE.py into the same folder"
+fi
+version=
+if [ -f "$source_file" ]; then
+    version=$(sed -n 's/^__version__ = "\([^"]*\)".*$/\1/p' "$source_file" | head -n 1)
+    if [ "$uninstall" = no ] && [ -z "$version" ]; then
+        fail 1 "$source_file has no __version__ line: is it really $MODULE.py?"
+    fi
+fi
+
+# --- The interpreter ----------------------------------------------------------
+
+case $python in
+    /*) ;;
+    */*) python=$(pwd -P)/$python ;;  # the smoke test runs in another folder
+    *) ;;
+esac
+if ! command -v "$python" >/dev/null 2>&1; then
+    usage_error "no Python interpreter at '$python' (see --python)"
+fi
+# This line must run on Python 2 as well, to refuse it with a clear message.
+python_version=$("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) ||
+    usage_error "'$python' did not run as a Python interpreter (see --python)"
+case $python_version in
+    [0-2].* | 3.[0-5].*)
+        printf '%s: error: %s is Python %s; %s needs Python 3.6 or newer.\n' \
+            "$PROG" "$python" "$python_version" "$MODULE" >&2
+        printf 'Choose another interpreter with --python PATH.\n' >&2
+        exit 2
+        ;;
+    *) ;;
+esac
+
+# --- The destination ----------------------------------------------------------
+
+user_site_enabled=yes
+case $mode in
+    user)
+        # Exits 0 only if this interpreter reads its user site (not in a
+        # virtual environment, no -s or PYTHONNOUSERSITE); prints it anyway.
+        dest_dir=$("$python" -m site --user-site) || user_site_enabled=no
+        [ -n "$dest_dir" ] || fail 1 "$python did not tell its user site-packages folder"
+        ;;
+    system)
+        dest_dir=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') ||
+            fail 1 "$python did not tell its site-packages folder"
+        ;;
+    target)
+        dest_dir=$target
+        ;;
+    *) ;;
+esac
+dest_file=$dest_dir/$MODULE.py
+
+# A pip-installed copy has a .dist-info record that a bare copy or removal
+# would leave lying; let pip manage it.
+pip_record=
+for record in "$dest_dir/$MODULE"-*.dist-info; do
+    [ -e "$record" ] && pip_record=$record
+done
+
+# --- Uninstall ----------------------------------------------------------------
+
+if [ "$uninstall" = yes ]; then
+    if [ ! -e "$dest_file" ]; then
+        say "Nothing to remove: there is no $MODULE.py in $dest_dir."
+        exit 0
+    fi
+    dest_dir=$(CDPATH='' cd -- "$dest_dir" && pwd -P) || fail 1 "cannot enter $dest_dir"
+    dest_file=$dest_dir/$MODULE.py
+    if [ -n "$pip_record" ]; then
+        fail 1 "pip installed $MODULE in $dest_dir ($pip_record);" \
+            "remove it with: $python -m pip uninstall isstreamer-lite"
+    fi
+    if [ -f "$source_file" ] && [ "$dest_dir" = "$script_dir" ]; then
+        fail 1 "$dest_file is the file this script installs from; not removing it"
+    fi
+    rm -f -- "$dest_file" || fail 1 "could not remove $dest_file"
+    say "Removed $dest_file"
+    for cached in "$dest_dir/__pycache__/$MODULE".*.pyc; do
+        if [ -e "$cached" ]; then
+            rm -f -- "$cached" && say "Removed $cached"
+        fi
+    done
+    exit 0
+fi
+
+# --- Install ------------------------------------------------------------------
+
+if [ -n "$pip_record" ]; then
+    fail 1 "pip installed $MODULE in $dest_dir ($pip_record);" \
+        "upgrade it with pip, or run '$python -m pip uninstall isstreamer-lite' first"
+fi
+
+if [ ! -d "$dest_dir" ]; then
+    (umask 022 && mkdir -p -- "$dest_dir") || fail 1 "could not create $dest_dir"
+    say "Created $dest_dir"
+fi
+dest_dir=$(CDPATH='' cd -- "$dest_dir" && pwd -P) || fail 1 "cannot enter $dest_dir"
+dest_file=$dest_dir/$MODULE.py
+
+temp_file=
+work_dir=
+cleanup() {
+    [ -z "$temp_file" ] || rm -f -- "$temp_file"
+    [ -z "$work_dir" ] || rm -rf -- "$work_dir"
+}
+trap cleanup EXIT
+trap 'exit 1' HUP INT PIPE TERM
+
+if [ -f "$dest_file" ] && cmp -s -- "$source_file" "$dest_file"; then
+    say "$MODULE $version is already installed in $dest_dir (identical file)."
+else
+    # Copy next to the destination, then rename: a reader never sees half a module.
+    temp_file=$dest_dir/.$MODULE.py.$$.tmp
+    if ! cp -- "$source_file" "$temp_file" 2>/dev/null; then
+        temp_file=
+        if [ "$mode" = system ] && [ "$(id -u)" != 0 ]; then
+            fail 1 "cannot write to $dest_dir; run it as root (sudo sh $PROG --system)," \
+                "or install for this user only (sh $PROG)"
+        fi
+        fail 1 "cannot write to $dest_dir"
+    fi
+    chmod 644 "$temp_file" || fail 1 "could not make $temp_file readable"
+    mv -f -- "$temp_file" "$dest_file" ||
+        fail 1 "could not move the new file into place as $dest_file"
+    temp_file=
+    cmp -s -- "$source_file" "$dest_file" ||
+        fail 1 "$dest_file differs from $source_file after copying (disk full?)"
+    say "Installed $MODULE $version to $dest_file"
+fi
+
+# --- Smoke test -----------------------------------------------------------------
+
+# Run from an empty folder so the current directory cannot shadow the copy.
+work_dir=$(mktemp -d "${TMPDIR:-/tmp}/$MODULE-install.XXXXXX") ||
+    fail 1 "could not create a temporary folder"
+search_path=${PYTHONPATH-}
+if [ "$mode" = target ]; then
+    search_path=$dest_dir${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "$mode" = user ] && [ "$user_site_enabled" = no ]; then
+    warn "$python does not read its user site-packages (a virtual environment," \
+        "or PYTHONNOUSERSITE); it cannot import $dest_file, so the smoke test is skipped." \
+        "For a virtual environment, use --system."
+else
+    found=$(cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \
+        "$python" -c "import os, $MODULE; print(os.path.realpath($MODULE.__file__))")
+    if [ "$found" != "$dest_file" ]; then
+        warn "$python imports $MODULE from ${found:-nowhere}, not from $dest_file;" \
+            "that copy comes first on sys.path (PYTHONPATH, or a pip install?)"
+    fi
+    say "Running the smoke test: $python -m $MODULE"
+    (cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \
+        "$python" -m "$MODULE") || {
+        status=$?
+        fail 1 "the smoke test failed (exit status $status) with Python $python_version;" \
+            "$MODULE.py is installed in $dest_dir"
+    }
+fi
+
+say ""
+say "Done: $MODULE $version for Python $python_version ($python) is in $dest_dir."
+if [ "$mode" = target ]; then
+    say "Python imports it from there only with that folder on its path:"
+    say "  PYTHONPATH='$dest_dir' $python your_script.py"
+    say "or, in the script, before the import:"
+    say "  import sys; sys.path.insert(0, \"$dest_dir\")"
+fi
+say "Use it with:"
+say "  from $MODULE import Streamer"
