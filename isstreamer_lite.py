@@ -40,7 +40,6 @@ import collections
 import json
 import logging
 import os
-import random
 import sys
 import threading
 import time
@@ -599,8 +598,14 @@ class _Decision(object):
         return "_Decision(%r, %.3f, %r)" % (self.action, self.delay, self.reason)
 
 
-def _retry_delay(failures, base, cap, rand=random.random):
-    """Exponential back-off with full jitter: uniform in [0, min(cap, base*2^n)]."""
+def _retry_delay(failures, base, cap, rand=None):
+    """Exponential back-off with full jitter: uniform in [0, min(cap, base*2^n)].
+
+    ``rand`` returns a float in [0, 1) (default ``random.random``).
+    """
+    if rand is None:
+        import random
+        rand = random.random
     return rand() * min(cap, base * (2 ** min(failures, 30)))
 
 
@@ -621,7 +626,7 @@ def _parse_retry_after(value, now):
 
 
 def _decide(status, headers=None, error=None, failures=0, base=0.5, cap=30.0,
-            retry_after_cap=120.0, pause=60.0, now=None, rand=random.random):
+            retry_after_cap=120.0, pause=60.0, now=None, rand=None):
     """The delivery policy: one request's outcome -> a _Decision.
 
     ``status`` is the HTTP status or None when ``error`` (an exception)
@@ -866,7 +871,7 @@ class _Spool(object):
         if writer is None:
             folder = self._bucket_dir(bucket_key, bucket_name)
             name = "%017d-%d-%s%s" % (int(_time() * 1e6), os.getpid(),
-                                      "%08x" % random.getrandbits(32), _SPOOL_SUFFIX)
+                                      os.urandom(4).hex(), _SPOOL_SUFFIX)
             path = os.path.join(folder, name)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
             _lock_file(fd)
