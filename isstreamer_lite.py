@@ -2216,7 +2216,8 @@ class Streamer(object):
     def _finish_close(self, deadline):
         engine = self._engine
         if self._thread is not None:
-            self._thread.join(max(0.0, deadline - _monotonic()))
+            if not engine.stopped:
+                self._thread.join(max(0.0, deadline - _monotonic()))
             if self._thread.is_alive() and not engine.stopped:
                 engine.abandon()
         else:

@@ -1288,3 +1288,34 @@ class InstallScriptTest(LiteTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class HangingResolverTest(LiteTestCase):
+    """close() keeps its deadline even when name resolution never answers."""
+
+    def test_close_returns_while_dns_hangs(self):
+        """Lifecycle: close(1) returns in about 1 s with DNS hanging; events are spooled."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        original = socket.getaddrinfo
+
+        def hanging(host, *args, **kwargs):
+            if host == "hangs.example.invalid":     # never sent: answered here
+                release.wait(30)
+                raise socket.gaierror(-2, "Name or service not known")
+            return original(host, *args, **kwargs)
+        socket.getaddrinfo = hanging
+        self.addCleanup(setattr, socket, "getaddrinfo", original)
+        spool = self.tempdir()
+        s = self.streamer(None, api_base="http://hangs.example.invalid", spool_dir=spool,
+                          timeout=30)
+        for i in range(20):
+            s.log("k", i)
+        started = time.monotonic()
+        self.assertFalse(s.close(1.0))
+        self.assertLess(time.monotonic() - started, 2.0)
+        lines = []
+        for path in glob.glob(os.path.join(spool, "*", "*", "*.jsonl")):
+            with open(path) as handle:
+                lines.extend(json.loads(line) for line in handle)
+        self.assertEqual(sorted(e["value"] for line in lines for e in line), list(range(20)))
