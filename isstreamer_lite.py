@@ -1950,6 +1950,9 @@ def _attributes(obj):
 def _flatten(prefix, obj, depth=0, seen=None):
     """Yield (key, value) pairs of a dict, sequence, namedtuple or object."""
     seen = set() if seen is None else seen
+    if obj is None or isinstance(obj, (str, bytes, int, float)):
+        yield prefix, obj                   # a plain value is logged under the prefix
+        return
     if isinstance(obj, dict):
         items = list(obj.items())
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):

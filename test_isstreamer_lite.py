@@ -506,6 +506,10 @@ class LogObjectTest(LiteTestCase):
         self.assertEqual(self.received(self.logged({"a": 1}, key_prefix="")), [("a", 1)])
         self.assertEqual(self.received(self.logged((7, 8))), [("tuple_0", 7), ("tuple_1", 8)])
 
+    def test_plain_value_uses_prefix(self):
+        """log_object: a plain value is logged under the prefix as its key."""
+        self.assertEqual(self.received(self.logged(21.5, key_prefix="temp")), [("temp", 21.5)])
+
     def test_namedtuple_fields(self):
         """log_object: a namedtuple (like psutil.virtual_memory()) logs its fields."""
         self.assertEqual(self.received(self.logged(Point(1, 2))),
