@@ -2021,10 +2021,12 @@ class Streamer(object):
         if settings["handle_sigterm"]:
             _exit_on_sigterm()
         if self._echo:
-            _log.info("streaming to bucket %r (%r) at %s with access key %s%s", bucket_key,
-                      bucket_name, "offline file " + self._settings["offline_file"]
-                      if offline else api_base, _mask(access_key),
-                      "" if use_async else " (synchronous)")
+            _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s", bucket_key,
+                      bucket_name, "offline file " + settings["offline_file"]
+                      if settings["offline"] else settings["api_base"],
+                      _mask(settings["access_key"]),
+                      "" if settings["use_async"] else " (synchronous)",
+                      " (durable)" if settings["durable"] else "")
 
     def _start_engine(self):
         """Build the engine and, with use_async, its worker thread."""

@@ -1323,3 +1323,222 @@ class HangingResolverTest(LiteTestCase):
             with open(path) as handle:
                 lines.extend(json.loads(line) for line in handle)
         self.assertEqual(sorted(e["value"] for line in lines for e in line), list(range(20)))
+
+
+EXAMPLES_KEY = "ist_example_key"
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(lite.__file__)), "examples")
+EXAMPLES_PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy",
+                       "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
+
+# The seed README's "Basic Usage" block, verbatim but for the import line.
+README_BASIC = '''\
+from isstreamer_lite import Streamer
+
+# create or append to a Streamer instance
+streamer = Streamer(bucket_name="Some Bucket Name", bucket_key="bucket_key", access_key="YourAccessKey")
+
+# send some data
+streamer.log("test", "hi")
+streamer.log("temperature", 32)
+
+# flush data (force the buffer to empty and send)
+streamer.flush()
+
+# close the stream
+streamer.close()
+'''
+
+# An ISStreamer-style device script that never calls flush() or close().
+NO_CLOSE_SCRIPT = '''\
+from isstreamer_lite import Streamer
+
+streamer = Streamer(bucket_name="No Close", bucket_key="no_close", buffer_size=200)
+for reading in range(25):
+    streamer.log("reading", reading)
+streamer.log_object({"a": 1, "b": 2}, key_prefix="last")
+'''
+
+
+class ExamplesSink(lite._Sink):
+    """A sink that also keeps the events of each /api/events request, in order."""
+
+    def __init__(self, **kwargs):
+        lite._Sink.__init__(self, **kwargs)
+        self.requests_events = []
+
+    def fault(self, handler, path):
+        if path == "/api/events":
+            with self.changed:
+                self.requests_events.append(json.loads(handler.body.decode("utf-8")))
+        return False
+
+
+class ExamplesTest(unittest.TestCase):
+    """examples/*.py and ISStreamer scripts run unchanged but for the import."""
+
+    def setUp(self):
+        self.sink = ExamplesSink().start()
+        self.addCleanup(self.sink.stop)
+        self.dir = tempfile.mkdtemp(prefix="isl-examples-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def run_script(self, path):
+        """Run a script as a child; return its result after checking a clean exit."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in EXAMPLES_PROXY_VARS and not k.startswith("IS_")
+               and k != "XDG_STATE_HOME"}
+        env.update(IS_ACCESS_KEY=EXAMPLES_KEY, IS_API_BASE=self.sink.url,
+                   IS_SPOOL_DIR=os.path.join(self.dir, "spool"), HOME=self.dir,
+                   PYTHONPATH=os.path.dirname(os.path.abspath(lite.__file__)))
+        self.started = time.time()
+        result = subprocess.run([sys.executable, "-W", "default", path], cwd=self.dir,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=30)
+        self.finished = time.time()
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        return result
+
+    def run_example(self, name, quiet=True):
+        path = os.path.join(EXAMPLES_DIR, name)
+        if not os.path.isdir(EXAMPLES_DIR):
+            self.skipTest("no examples/ beside %s (a vendored copy)" % lite.__file__)
+        result = self.run_script(path)
+        if quiet:
+            self.assertEqual(result.stderr, "")
+        return result
+
+    def run_text(self, text):
+        path = os.path.join(self.dir, "device_script.py")
+        with open(path, "w") as handle:
+            handle.write(text)
+        result = self.run_script(path)
+        self.assertEqual(result.stderr, "")
+        return result
+
+    def received(self):
+        """(bucket name, key, value) of every event, in arrival order."""
+        with self.sink.changed:
+            return [(self.sink.buckets.get(b), e["key"], e["value"])
+                    for b, e in self.sink.events]
+
+    def epochs(self):
+        with self.sink.changed:
+            epochs = [e["epoch"] for _, e in self.sink.events]
+        for epoch in epochs:
+            self.assertTrue(self.started - 1 <= epoch <= self.finished + 1, epoch)
+        return epochs
+
+    def test_basic_logs_two_events(self):
+        """examples/basic.py: test=hi and temperature=32 reach bucket_key, named."""
+        self.run_example("basic.py")
+        self.assertEqual(self.received(), [("Some Bucket Name", "test", "hi"),
+                                           ("Some Bucket Name", "temperature", 32)])
+        self.assertEqual(self.sink.buckets, {"bucket_key": "Some Bucket Name"})
+        self.assertEqual({b for b, _ in self.sink.events}, {"bucket_key"})
+        self.epochs()
+
+    def test_flush_each_loop_sends_each_pass_whole(self):
+        """examples/flush_each_loop.py: counter, dict and growing list; no request spans two passes."""
+        self.run_example("flush_each_loop.py")
+        expected = []
+        for counter in range(3):
+            expected.append(("loop_counter", counter))
+            expected.extend([("some_dict_a", 1), ("some_dict_b", 2), ("some_dict_c", 3)])
+            expected.extend(("list_%d" % i, i) for i in range(counter + 1))
+        self.assertEqual(self.received(), [("Dynamic Buffer",) + e for e in expected])
+        self.assertEqual(list(self.sink.buckets.values()), ["Dynamic Buffer"])
+        # flush() ends each pass: every pass ends at a request boundary.
+        ends, total = set(), 0
+        for events in self.sink.requests_events:
+            total += len(events)
+            ends.add(total)
+        self.assertLessEqual({5, 11, 18}, ends)
+        self.epochs()
+
+    def test_log_object_keys_and_one_epoch_per_call(self):
+        """examples/log_object.py: dict, prefixed list, list and namedtuple keys; one epoch per call."""
+        self.run_example("log_object.py")
+        self.assertEqual([(k, v) for _, k, v in self.received()], [
+            ("dict_foo", "1"), ("dict_bar", "2"), ("cpu_0", 12.5), ("cpu_1", 40.0),
+            ("list_0", "1"), ("list_1", "2"), ("list_2", "3"),
+            ("svmem_total", 8000), ("svmem_available", 6000), ("svmem_percent", 25.0)])
+        self.assertEqual(list(self.sink.buckets.values()), ["test object logging"])
+        epochs = self.epochs()
+        calls = [epochs[0:2], epochs[2:4], epochs[4:7], epochs[7:10]]
+        self.assertEqual([len(set(call)) for call in calls], [1, 1, 1, 1])
+        self.assertEqual(len(set(epochs)), 4)
+
+    def test_switch_bucket_lands_in_both(self):
+        """examples/switch_bucket.py: key1=starting in "Starting Bucket" then "New Bucket"."""
+        self.run_example("switch_bucket.py")
+        self.assertEqual(self.received(), [("Starting Bucket", "key1", "starting"),
+                                           ("New Bucket", "key1", "starting")])
+        self.assertEqual(sorted(self.sink.buckets.values()), ["New Bucket", "Starting Bucket"])
+        first, second = [b for b, _ in self.sink.events]
+        self.assertNotEqual(first, second)
+        for bucket_key in (first, second):
+            self.assertRegex(bucket_key, r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-"
+                                         r"[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+        self.epochs()
+
+    def test_timestamp_override_pairs_share_epoch(self):
+        """examples/timestamp_override.py: each pass's two events carry the one epoch given."""
+        self.run_example("timestamp_override.py")
+        expected = []
+        for x in range(3):
+            expected.extend([("iteration", x), ("message", "same time")])
+        self.assertEqual([(k, v) for _, k, v in self.received()], expected)
+        self.assertEqual(list(self.sink.buckets.values()), ["Time Override Example"])
+        epochs = self.epochs()
+        self.assertEqual(epochs[0::2], epochs[1::2])    # logged 10 ms apart, same stamp
+        self.assertEqual(epochs[0::2], sorted(set(epochs)))
+
+    def test_offline_csv_writes_rows_sends_nothing(self):
+        """examples/offline_csv.py: epoch,key,value rows in ./isstreamer_out.csv; no request."""
+        self.run_example("offline_csv.py")
+        with open(os.path.join(self.dir, "isstreamer_out.csv"), newline="") as handle:
+            rows = list(csv.reader(handle))
+        expected = [["My Messages", "Stream Starting"]]
+        for num in range(1, 7):
+            expected.extend([["My Numbers", str(num)], ["My Booleans", str(num % 2 == 1)]])
+            if num % 3 == 0:
+                expected.append(["My Events", "pop"])
+        expected.append(["My Messages", "Stream Done"])
+        self.assertEqual([row[1:] for row in rows], expected)
+        for row in rows:
+            self.assertTrue(self.started - 1 <= float(row[0]) <= self.finished + 1, row)
+        self.assertEqual((self.sink.requests, self.sink.events, self.sink.buckets), (0, [], {}))
+
+    def test_debug_level_echoes_and_raises(self):
+        """examples/debug_level.py: the event is echoed on stderr, NaN raises, the key never shows."""
+        result = self.run_example("debug_level.py", quiet=False)
+        self.assertEqual(self.received(), [("SomeBucketName", "temperature", 21.5)])
+        self.assertRegex(result.stdout, r"^rejected: .*'temperature'.*nan")
+        lines = result.stderr.splitlines()
+        self.assertRegex(lines[-1], r"^isstreamer_lite: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: "
+                                    r"temperature 21\.5$")
+        self.assertNotIn(EXAMPLES_KEY, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertNotIn("Warning", result.stderr)
+        self.epochs()
+
+    def test_readme_basic_block_runs_unchanged(self):
+        """ISStreamer script: the seed README's basic block runs with only the import changed."""
+        self.sink.access_key = "YourAccessKey"          # the key written in the script is used
+        self.run_text(README_BASIC)
+        self.assertEqual(self.received(), [("Some Bucket Name", "test", "hi"),
+                                           ("Some Bucket Name", "temperature", 32)])
+        self.assertEqual(self.sink.buckets, {"bucket_key": "Some Bucket Name"})
+        self.epochs()
+
+    def test_script_without_close_delivers_at_exit(self):
+        """ISStreamer script: never calling flush() or close(), the exit hook delivers everything."""
+        self.run_text(NO_CLOSE_SCRIPT)
+        self.assertEqual([(k, v) for _, k, v in self.received()],
+                         [("reading", i) for i in range(25)] + [("last_a", 1), ("last_b", 2)])
+        self.assertEqual(self.sink.buckets, {"no_close": "No Close"})
+        self.epochs()
+
+
+if __name__ == "__main__":
+    unittest.main()
