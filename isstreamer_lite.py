@@ -1797,6 +1797,7 @@ class _Engine(object):
 
     def finish(self):
         self.stopped = True
+        left = self.pending(_monotonic())
         if self.spool is not None:
             try:
                 self.spool.seal_all()
@@ -1806,7 +1807,7 @@ class _Engine(object):
                 _log.warning("closing spool segments: %s", exc)
         self.transport.close()
         for request in self.flushes:
-            if not self.pending(_monotonic()):
+            if not left:
                 request.done.set()
 
     # driving the engine
@@ -2530,7 +2531,7 @@ class _UsageError(Exception):
     """A command-line input the user must fix (exit status 2)."""
 
 
-class _Stop(Exception):
+class _Stop(BaseException):
     """SIGTERM arrived while a command was streaming."""
 
 
@@ -2595,6 +2596,8 @@ def _parse_line(line):
         epoch = data.get("epoch")
         if epoch is None and data.get("iso8601") is not None:
             epoch = _parse_iso8601(str(data["iso8601"]))
+        if epoch is not None:
+            epoch = _normalise_epoch(epoch)
         return data["key"], data["value"], epoch, True
     equals, comma = text.find("="), text.find(",")
     if equals > 0 and (comma < 0 or equals < comma):
@@ -2627,14 +2630,16 @@ def _install_sigterm_stop():
 
     def stop(signum, frame):
         raise _Stop()
+    previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, stop)
+    return previous
 
 
-def _restore_sigterm():
+def _restore_sigterm(handler=None):
     """A second SIGTERM while closing ends the process at once, as usual."""
     import signal
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
 def _cmd_send(args, out, err):
@@ -2654,7 +2659,7 @@ def _cmd_send(args, out, err):
     if delivered:
         out.write("sent %d events to bucket %s\n" % (len(args.pairs) // 2, streamer.bucket_key))
         return 0
-    err.write("not delivered within %.0f s (%s); the events are spooled and will be sent "
+    err.write("not delivered within %g s (%s); the events are spooled and will be sent "
               "later\n" % (args.timeout, stats["last_error"] or "server did not answer"))
     return 1
 
@@ -2662,7 +2667,7 @@ def _cmd_send(args, out, err):
 def _cmd_pipe(args, out, err):
     streamer = Streamer(**_cli_options(args))
     bad = lines = 0
-    _install_sigterm_stop()
+    previous = _install_sigterm_stop()
     try:
         for number, line in enumerate(iter(sys.stdin.readline, ""), 1):
             if not line.strip():
@@ -2672,8 +2677,8 @@ def _cmd_pipe(args, out, err):
                 key, value, epoch, typed = _parse_line(line)
                 if not typed:
                     value = _parse_cli_value(value, args.raw)
-                if not isinstance(key, str) or not key:
-                    raise ValueError("the key is empty")
+                if not isinstance(key, str):
+                    raise ValueError("the key %r is not a string" % (key,))
                 _check_key(key)
                 _normalise_value(key, value)
                 streamer.log(key, value, epoch)
@@ -2684,6 +2689,7 @@ def _cmd_pipe(args, out, err):
         err.write("stopping: flushing what was read\n")
     _restore_sigterm()
     delivered = streamer.close(args.timeout)
+    _restore_sigterm(previous)
     err.write("%d lines read, %d skipped, %s\n" % (lines, bad, "all delivered" if delivered
               else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
     return 0 if delivered else 1
@@ -2726,6 +2732,8 @@ def _spool_summary(spool_dir, access_key=None):
                             except ValueError:
                                 pass
                         offset += len(line)
+            if not lines:
+                continue
             rows.append({"key": fingerprint, "bucket_key": meta.get("bucketKey", "?"),
                          "bucket_name": meta.get("bucketName", ""), "segments": segments,
                          "lines": lines, "events": events})
@@ -2802,16 +2810,16 @@ def _cmd_sink(args, out, err):
     sink = _Sink(args.host, args.port, args.rate_limit, args.window, jsonl=args.jsonl,
                  echo=None if args.quiet else echo)
     sink.start()
-    out.write("events API on %s (IS_API_BASE=%s); Ctrl-C to stop\n" % (sink.url, sink.url))
-    out.flush()
-    _install_sigterm_stop()
+    previous = _install_sigterm_stop()
     try:
+        out.write("events API on %s (IS_API_BASE=%s); Ctrl-C to stop\n" % (sink.url, sink.url))
+        out.flush()
         while True:
             time.sleep(3600)
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
-        _restore_sigterm()
+        _restore_sigterm(previous)
         sink.stop()
     out.write("%d events in %d requests\n" % (len(sink.events), sink.requests))
     return 0

@@ -4,19 +4,23 @@ Real HTTP to servers on 127.0.0.1 started by the tests; no sleeps to
 synchronise; nothing reaches the real Initial State servers.
 """
 
+import calendar
 import collections
+import contextlib
 import csv
 import datetime
 import decimal
 import filecmp
 import fractions
 import glob
+import http.client
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -26,6 +30,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import isstreamer_lite as lite
 
@@ -979,7 +984,7 @@ class CrashTest(LiteTestCase):
 
     def setUp(self):
         LiteTestCase.setUp(self)
-        if not hasattr(signal_module(), "SIGKILL"):
+        if not hasattr(signal, "SIGKILL"):
             self.skipTest("needs POSIX signals")
         self.folder = self.tempdir()
         self.spool = os.path.join(self.folder, "spool")
@@ -1080,7 +1085,6 @@ class CrashTest(LiteTestCase):
 
     def test_sigterm_handler_of_application_is_kept(self):
         """SIGTERM: a handler the application installed is never replaced; opt-out works."""
-        import signal
         previous = signal.getsignal(signal.SIGTERM)
         self.addCleanup(signal.signal, signal.SIGTERM, previous)
 
@@ -1128,10 +1132,6 @@ class CrashTest(LiteTestCase):
         self.assertTrue(calls)
         self.assertTrue(all(name.startswith("isstreamer_lite[") for name in calls), calls)
 
-
-def signal_module():
-    import signal
-    return signal
 
 
 
@@ -1538,6 +1538,822 @@ class ExamplesTest(unittest.TestCase):
                          [("reading", i) for i in range(25)] + [("last_a", 1), ("last_b", 2)])
         self.assertEqual(self.sink.buckets, {"no_close": "No Close"})
         self.epochs()
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+CLI_KEY = "ist_cli_test_key_0123456789"
+CLI_PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy",
+                  "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
+COMMANDS = ("selftest", "send", "pipe", "replay", "sink")
+# "isstreamer_lite: 2026-05-01 12:00:00: key value", the --debug 1 echo of one event.
+ECHO = re.compile(r"^isstreamer_lite: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: (\S+) (.*)$")
+
+
+def dead_url():
+    """An http:// base on 127.0.0.1 where nothing listens (connection refused)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    return "http://127.0.0.1:%d" % port
+
+
+def cli_env(home, **extra):
+    """A child's environment: no proxies, no IS_* settings, this module, HOME=home."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in CLI_PROXY_VARS and not k.startswith("IS_") and k != "XDG_STATE_HOME"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.abspath(lite.__file__))
+    env["HOME"] = home
+    env.update(extra)
+    return env
+
+
+def spool_segments(spool_dir):
+    return sorted(glob.glob(os.path.join(spool_dir, "*", "*", "*.jsonl")))
+
+
+class CliTestCase(unittest.TestCase):
+    """Helpers: temp dirs, sinks, main() with captured output, child processes."""
+
+    def setUp(self):
+        # Nothing from the developer's environment reaches main() in this process.
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in list(os.environ):
+            if name in CLI_PROXY_VARS or name.startswith("IS_") or name == "XDG_STATE_HOME":
+                del os.environ[name]
+        # main() may install SIGTERM handlers and logging handlers: put them back.
+        logger = lite._log
+        logging_state = (logger.level, list(logger.handlers))
+        handler = signal.getsignal(signal.SIGTERM)
+
+        def restore():
+            logger.setLevel(logging_state[0])
+            logger.handlers[:] = logging_state[1]
+            signal.signal(signal.SIGTERM, handler)
+        self.addCleanup(restore)
+        self.home = self.tempdir()
+        self.spool = self.tempdir()
+        self.ini = os.path.join(self.home, "empty.ini")
+        with open(self.ini, "w"):
+            pass
+
+    def tempdir(self):
+        path = tempfile.mkdtemp(prefix="isl-cli-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def sink(self, **kwargs):
+        sink = lite._Sink(**kwargs).start()
+        self.addCleanup(sink.stop)
+        return sink
+
+    def common(self, api_base):
+        """The flags that keep an in-process main() off the developer's config."""
+        return ["--api-base", api_base, "--access-key", CLI_KEY, "--ini", self.ini,
+                "--spool-dir", self.spool]
+
+    def main(self, argv, stdin=None):
+        """Run lite.main(argv) here; return (exit status, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(out))
+            stack.enter_context(contextlib.redirect_stderr(err))
+            if stdin is not None:
+                stack.enter_context(mock.patch.object(sys, "stdin", io.StringIO(stdin)))
+            try:
+                status = lite.main(argv)
+            except SystemExit as exc:
+                status = exc.code
+        return status, out.getvalue(), err.getvalue()
+
+    def env(self, **extra):
+        return cli_env(self.home, **extra)
+
+    def run_cli(self, args, input=None, timeout=60, **env):
+        """Run python -m isstreamer_lite ARGS to the end; a CompletedProcess."""
+        return subprocess.run([sys.executable, "-m", "isstreamer_lite"] + list(args),
+                              input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout, cwd=self.home,
+                              env=self.env(**env))
+
+    def popen(self, argv, **env):
+        """Start a child with pipes; killed at cleanup and by a 60 s failure guard."""
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, universal_newlines=True,
+                                 cwd=self.home, env=self.env(**env))
+        guard = threading.Timer(60.0, child.kill)
+        guard.daemon = True
+        guard.start()
+        self.addCleanup(guard.cancel)
+
+        def reap():
+            if child.poll() is None:
+                child.kill()
+                child.wait(30)
+            for stream in (child.stdin, child.stdout, child.stderr):
+                stream.close()
+        self.addCleanup(reap)
+        return child
+
+    def received(self, sink, bucket=None):
+        with sink.changed:
+            return [(e["key"], e["value"]) for b, e in sink.events
+                    if bucket is None or b == bucket]
+
+    def spool_events(self, api_base, buckets):
+        """Spool events with a Streamer that cannot reach ``api_base``.
+
+        ``buckets``: [(bucket key, bucket name, [(key, value), ...]), ...].
+        """
+        streamer = lite.Streamer(buckets[0][1], buckets[0][0], CLI_KEY,
+                                 ini_file_location=False, api_base=api_base,
+                                 spool_dir=self.spool, wait_timeout=0.5,
+                                 backoff_base=0.01, backoff_cap=0.05)
+        for number, (bucket_key, bucket_name, events) in enumerate(buckets):
+            if number:
+                streamer.set_bucket(bucket_name, bucket_key)
+            for key, value in events:
+                streamer.log(key, value)
+        streamer.close()
+        self.assertEqual(streamer.stats()["delivered"], 0)
+        rows = lite._spool_summary(self.spool, CLI_KEY)
+        self.assertEqual(sorted((r["bucket_key"], r["events"]) for r in rows),
+                         sorted((b[0], len(b[2])) for b in buckets))
+
+
+class CliHelpTest(CliTestCase):
+    """CLI help: --version, --help, usage errors."""
+
+    def test_version(self):
+        """CLI help: --version prints the version and exits 0."""
+        status, out, err = self.main(["--version"])
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out.strip(), "isstreamer_lite " + lite.__version__)
+
+    def test_top_level_help_lists_commands(self):
+        """CLI help: --help exits 0 and names every command and the exit codes."""
+        status, out, err = self.main(["--help"])
+        self.assertEqual(status, 0, err)
+        for command in COMMANDS:
+            self.assertIn(command, out)
+        self.assertIn("Exit codes", out)
+
+    def test_every_command_help_shows_an_example(self):
+        """CLI help: <command> --help exits 0 and shows an example of that command."""
+        for command in COMMANDS:
+            with self.subTest(command=command):
+                status, out, err = self.main([command, "--help"])
+                self.assertEqual(status, 0, err)
+                self.assertIn("example:", out)
+                self.assertIn("python3 -m isstreamer_lite %s" % command, out)
+
+    def test_unknown_command_exits_2(self):
+        """CLI help: an unknown command exits 2 with a usage message."""
+        status, out, err = self.main(["launch"])
+        self.assertEqual(status, 2)
+        self.assertIn("invalid choice", err)
+
+    def test_unknown_option_exits_2(self):
+        """CLI help: an unknown option exits 2 for the top level and for a command."""
+        for argv in (["--frobnicate"], ["send", "--frobnicate", "a", "1"],
+                     ["sink", "--port", "not-a-number"]):
+            with self.subTest(argv=argv):
+                status, out, err = self.main(argv)
+                self.assertEqual(status, 2)
+                self.assertIn("usage:", err)
+
+    def test_help_and_version_as_subprocess(self):
+        """CLI help: python -m isstreamer_lite --version, --help and pipe --help exit 0."""
+        for args, expected in ((["--version"], lite.__version__), (["--help"], "COMMAND"),
+                               (["pipe", "--help"], "example:")):
+            with self.subTest(args=args):
+                result = self.run_cli(args)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(expected, result.stdout)
+
+    def test_usage_error_as_subprocess(self):
+        """CLI help: a usage error in a child exits 2."""
+        result = self.run_cli(["send", "lonely"], IS_ACCESS_KEY=CLI_KEY)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("KEY VALUE pairs", result.stderr)
+
+
+class CliSendTest(CliTestCase):
+    """CLI send: typed values, timestamps, usage errors, a server that is down."""
+
+    def send(self, sink, *words):
+        return self.main(["send", "--bucket-key", "cli-send"] + self.common(sink.url)
+                         + list(words))
+
+    def test_numbers_and_booleans_are_typed(self):
+        """CLI send: numbers become int/float, true/false booleans, the rest text."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "temp", "21.5", "count", "3", "open", "true",
+                                     "shut", "FALSE", "name", "porch", "odd", "nan",
+                                     "big", "1e3")
+        self.assertEqual(status, 0, err)
+        self.assertIn("sent 7 events to bucket cli-send", out)
+        got = self.received(sink, "cli-send")
+        self.assertEqual(got, [("temp", 21.5), ("count", 3), ("open", True), ("shut", False),
+                               ("name", "porch"), ("odd", "nan"), ("big", 1000.0)])
+        self.assertEqual([type(v) for _, v in got],
+                         [float, int, bool, bool, str, str, float])
+        self.assertIn("cli-send", sink.buckets)
+
+    def test_raw_keeps_text(self):
+        """CLI send: --raw sends every value as the text it was given."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "--raw", "temp", "21.5", "open", "true")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink), [("temp", "21.5"), ("open", "true")])
+
+    def test_epoch_as_unix_seconds(self):
+        """CLI send: --epoch in Unix seconds stamps every event."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "--epoch", "1700000000.25", "a", "1", "b", "2")
+        self.assertEqual(status, 0, err)
+        self.assertEqual([e["epoch"] for _, e in sink.events], [1700000000.25] * 2)
+
+    def test_epoch_as_iso8601(self):
+        """CLI send: --epoch accepts ISO-8601 with Z and with a +02:00 offset."""
+        noon = calendar.timegm((2026, 5, 1, 12, 0, 0, 0, 0, 0))
+        for text, expected in (("2026-05-01T12:00:00Z", noon),
+                               ("2026-05-01T12:00:00.5Z", noon + 0.5),
+                               ("2026-05-01T14:00:00+02:00", noon),
+                               ("2026-05-01 10:00:00-0200", noon)):
+            with self.subTest(epoch=text):
+                sink = self.sink()
+                status, out, err = self.send(sink, "--epoch", text, "a", "1")
+                self.assertEqual(status, 0, err)
+                self.assertEqual([e["epoch"] for _, e in sink.events], [expected])
+
+    def test_bad_epoch_exits_2(self):
+        """CLI send: an --epoch that is neither a number nor ISO-8601 exits 2."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "--epoch", "yesterday", "a", "1")
+        self.assertEqual(status, 2)
+        self.assertIn("yesterday", err)
+        self.assertEqual(sink.requests, 0)
+
+    def test_odd_number_of_words_exits_2(self):
+        """CLI send: KEY VALUE pairs with a word missing exit 2 and send nothing."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "temp", "21.5", "humidity")
+        self.assertEqual(status, 2)
+        self.assertIn("got 3 words", err)
+        self.assertEqual(sink.requests, 0)
+
+    def test_bad_bucket_key_exits_2(self):
+        """CLI send: a bucket key with a colon exits 2 and names the rule."""
+        sink = self.sink()
+        status, out, err = self.main(["send", "--bucket-key", "garden:north"]
+                                     + self.common(sink.url) + ["a", "1"])
+        self.assertEqual(status, 2)
+        self.assertIn("bucket_key", err)
+        self.assertEqual(sink.requests, 0)
+
+    def test_key_over_250_characters_exits_2(self):
+        """CLI send: a 251-character key exits 2 and names the length and the limit."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "k" * 251, "1")
+        self.assertEqual(status, 2)
+        self.assertIn("251 characters; the limit is 250", err)
+        self.assertEqual(sink.requests, 0)
+
+    def test_missing_access_key_exits_2(self):
+        """CLI send: no access key anywhere exits 2 and says where to put one."""
+        sink = self.sink()
+        status, out, err = self.main(["send", "--api-base", sink.url, "--ini", self.ini,
+                                      "--spool-dir", self.spool, "a", "1"])
+        self.assertEqual(status, 2)
+        self.assertIn("IS_ACCESS_KEY", err)
+
+    def test_server_down_exits_1_and_spools(self):
+        """CLI send: with the server down it exits 1 within --timeout, events spooled."""
+        url = dead_url()
+        started = time.monotonic()
+        status, out, err = self.main(["send", "--bucket-key", "cli-down", "--timeout", "1"]
+                                     + self.common(url) + ["a", "1", "b", "two"])
+        elapsed = time.monotonic() - started
+        self.assertEqual(status, 1, err)
+        self.assertLess(elapsed, 3.0)
+        self.assertIn("spooled", err)
+        self.assertTrue(spool_segments(self.spool))
+        rows = lite._spool_summary(self.spool, CLI_KEY)
+        self.assertEqual([(r["bucket_key"], r["events"]) for r in rows], [("cli-down", 2)])
+
+    def test_spooled_after_retries_is_not_reported_sent(self):
+        """CLI send: events spooled after failed retries are never reported as sent."""
+        # Five quick failures spool the batch; the next retry is due after --timeout,
+        # as with the default back-off once the server has been down for a few seconds.
+        def delay(failures, base, cap, rand=None):
+            return 0.01 if failures < 6 else 60.0
+        with mock.patch.object(lite, "_retry_delay", delay):
+            status, out, err = self.main(["send", "--bucket-key", "cli-retried", "--timeout",
+                                          "10"] + self.common(dead_url()) + ["a", "1"])
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertIn("spooled", err)
+        rows = lite._spool_summary(self.spool, CLI_KEY)
+        self.assertEqual([(r["bucket_key"], r["events"]) for r in rows], [("cli-retried", 1)])
+
+    def test_send_as_subprocess(self):
+        """CLI send: a child configured by IS_* variables delivers and exits 0."""
+        sink = self.sink()
+        result = self.run_cli(["send", "--bucket-key", "cli-child", "temp", "21.5", "ok",
+                               "true"], IS_ACCESS_KEY=CLI_KEY, IS_API_BASE=sink.url,
+                              IS_SPOOL_DIR=self.spool)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("sent 2 events to bucket cli-child", result.stdout)
+        self.assertEqual(self.received(sink, "cli-child"), [("temp", 21.5), ("ok", True)])
+
+    def test_server_down_as_subprocess(self):
+        """CLI send: a child facing a dead server exits 1 and leaves the events spooled."""
+        result = self.run_cli(["send", "--bucket-key", "cli-child-down", "--timeout", "1",
+                               "a", "1"], IS_ACCESS_KEY=CLI_KEY, IS_API_BASE=dead_url(),
+                              IS_SPOOL_DIR=self.spool)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("spooled", result.stderr)
+        rows = lite._spool_summary(self.spool, CLI_KEY)
+        self.assertEqual([(r["bucket_key"], r["events"]) for r in rows],
+                         [("cli-child-down", 1)])
+
+
+class CliPipeTest(CliTestCase):
+    """CLI pipe: line formats, bad lines, empty input, SIGTERM."""
+
+    def pipe(self, sink, text, *flags):
+        return self.main(["pipe", "--bucket-key", "cli-pipe"] + self.common(sink.url)
+                         + list(flags), stdin=text)
+
+    def test_every_line_format(self):
+        """CLI pipe: key,value, key=value and JSON lines with epoch or iso8601 arrive."""
+        sink = self.sink()
+        noon = calendar.timegm((2026, 5, 1, 12, 0, 0, 0, 0, 0))
+        status, out, err = self.pipe(sink, "\n".join([
+            "temp,21.5",
+            "humidity=40",
+            "note = hello, world",
+            "door,open",
+            "flag,true",
+            '{"key": "ok", "value": true}',
+            '{"key": "text", "value": "21.5", "epoch": 1700000000.5}',
+            '{"key": "when", "value": 1, "iso8601": "2026-05-01T14:00:00+02:00"}',
+        ]) + "\n")
+        self.assertEqual(status, 0, err)
+        self.assertIn("8 lines read, 0 skipped, all delivered", err)
+        self.assertEqual(self.received(sink, "cli-pipe"), [
+            ("temp", 21.5), ("humidity", 40), ("note", "hello, world"), ("door", "open"),
+            ("flag", True), ("ok", True), ("text", "21.5"), ("when", 1)])
+        epochs = {e["key"]: e["epoch"] for _, e in sink.events}
+        self.assertEqual(epochs["text"], 1700000000.5)
+        self.assertEqual(epochs["when"], noon)
+
+    def test_raw_keeps_text(self):
+        """CLI pipe: --raw keeps key,value values as text; JSON values keep their type."""
+        sink = self.sink()
+        status, out, err = self.pipe(sink, 'temp,21.5\nflag=true\n{"key": "n", "value": 3}\n',
+                                     "--raw")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink), [("temp", "21.5"), ("flag", "true"), ("n", 3)])
+
+    def test_bad_lines_are_reported_and_skipped(self):
+        """CLI pipe: bad lines are reported with their line numbers and the rest arrive."""
+        sink = self.sink()
+        lines = ["good,1",                                   # 1
+                 "no separator here",                        # 2
+                 "",                                         # 3 (blank: ignored)
+                 "{not json",                                # 4
+                 '{"key": "k"}',                             # 5 no value
+                 "=5",                                       # 6 empty key
+                 "k" * 251 + ",1",                           # 7 key too long
+                 '{"key": "list", "value": [1, 2]}',         # 8 not a scalar
+                 '{"key": "t", "value": 1, "iso8601": "soon"}',  # 9 bad time
+                 '{"key": "", "value": 1}',                  # 10 empty key
+                 "good=2"]                                   # 11
+        status, out, err = self.pipe(sink, "\n".join(lines) + "\n")
+        self.assertEqual(status, 0, err)
+        reported = [int(n) for n in re.findall(r"^line (\d+) skipped: ", err, re.M)]
+        self.assertEqual(reported, [2, 4, 5, 6, 7, 8, 9, 10])
+        self.assertIn("251 characters", err)
+        self.assertIn("10 lines read, 8 skipped, all delivered", err)
+        self.assertEqual(self.received(sink), [("good", 1), ("good", 2)])
+
+    def test_non_numeric_epoch_is_a_bad_line(self):
+        """CLI pipe: a JSON line whose epoch is not a number is reported and skipped."""
+        sink = self.sink()
+        status, out, err = self.pipe(sink, '{"key": "a", "value": 1, "epoch": "noon"}\n'
+                                           'b,2\n')
+        self.assertEqual(status, 0, err)
+        self.assertRegex(err, r"(?m)^line 1 skipped: ")
+        self.assertEqual(self.received(sink), [("b", 2)])
+
+    def test_empty_input(self):
+        """CLI pipe: empty input exits 0 without sending anything."""
+        sink = self.sink()
+        status, out, err = self.pipe(sink, "")
+        self.assertEqual(status, 0, err)
+        self.assertIn("0 lines read, 0 skipped, all delivered", err)
+        self.assertEqual(sink.events, [])
+
+    def test_server_down_exits_1(self):
+        """CLI pipe: lines that cannot be delivered in --timeout are spooled, exit 1."""
+        status, out, err = self.main(["pipe", "--bucket-key", "cli-pipe-down", "--timeout",
+                                      "1"] + self.common(dead_url()), stdin="a,1\nb,2\n")
+        self.assertEqual(status, 1, err)
+        self.assertIn("some not delivered yet (spooled: 2)", err)
+        self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
+
+    def test_sigterm_handler_restored(self):
+        """CLI pipe: main() gives the caller's SIGTERM handler back when it returns."""
+        def mine(signum, frame):
+            pass
+        signal.signal(signal.SIGTERM, mine)
+        sink = self.sink()
+        status, out, err = self.pipe(sink, "a,1\n")
+        self.assertEqual(status, 0, err)
+        self.assertIs(signal.getsignal(signal.SIGTERM), mine)
+
+    def test_sigterm_while_echoing_stops(self):
+        """CLI pipe: SIGTERM arriving while an event is echoed (--debug 1) still stops."""
+        sink = self.sink()
+
+        class SignalOnWrite(io.StringIO):
+            # The handler main() installed runs as soon as write() returns, inside
+            # logging's StreamHandler.emit, as when a real SIGTERM lands there.
+            def write(self, text):
+                written = io.StringIO.write(self, text)
+                handled = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL,
+                                                                   signal.SIG_IGN, None)
+                if ECHO.match(text) and handled and not getattr(self, "sent", False):
+                    self.sent = True            # never SIGTERM this process unhandled
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return written
+        echo = SignalOnWrite()
+        handler = logging.StreamHandler(echo)
+        handler.setFormatter(logging.Formatter("isstreamer_lite: %(message)s"))
+        lite._log.addHandler(handler)
+        status, out, err = self.pipe(sink, "a,1\nb,2\nc,3\n", "--debug", "1")
+        self.assertEqual(status, 0, err)
+        self.assertTrue(echo.sent)
+        self.assertNotIn("Logging error", err)
+        self.assertIn("stopping: flushing what was read", err)
+        self.assertIn("1 lines read, 0 skipped, all delivered", err)
+        self.assertEqual(self.received(sink), [("a", 1)])
+
+    def test_pipe_as_subprocess(self):
+        """CLI pipe: a child reads standard input, skips a bad line, exits 0."""
+        sink = self.sink()
+        result = self.run_cli(["pipe", "--bucket-key", "cli-pipe-child"],
+                              input='temp,21.5\nnonsense\n{"key": "ok", "value": false}\n',
+                              IS_ACCESS_KEY=CLI_KEY, IS_API_BASE=sink.url,
+                              IS_SPOOL_DIR=self.spool)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("line 2 skipped", result.stderr)
+        self.assertIn("3 lines read, 1 skipped, all delivered", result.stderr)
+        self.assertEqual(self.received(sink, "cli-pipe-child"), [("temp", 21.5), ("ok", False)])
+
+    def test_sigterm_flushes_what_was_read(self):
+        """CLI pipe: SIGTERM after lines were read delivers them all and exits 0."""
+        sink = self.sink()
+        child = self.popen([sys.executable, "-m", "isstreamer_lite", "pipe", "--bucket-key",
+                            "cli-sigterm", "--debug", "1"], IS_ACCESS_KEY=CLI_KEY,
+                           IS_API_BASE=sink.url, IS_SPOOL_DIR=self.spool)
+        count = 5                           # under buffer_size: still queued at SIGTERM
+        child.stdin.write("".join("k%d,%d\n" % (i, i) for i in range(count)))
+        child.stdin.flush()
+        echoed, seen = [], []
+        while len(echoed) < count:
+            line = child.stderr.readline()
+            self.assertTrue(line, "the child ended early: %s" % "".join(seen))
+            seen.append(line)
+            if ECHO.match(line.rstrip("\n")):
+                echoed.append(line)
+        child.send_signal(signal.SIGTERM)
+        # Standard input stays open: only SIGTERM can end the child now.
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, err = child.communicate(timeout=30)
+            self.fail("pipe did not stop on SIGTERM: %s" % err)
+        out, err = child.communicate(timeout=30)
+        self.assertEqual(child.returncode, 0, "".join(seen) + err)
+        self.assertIn("stopping: flushing what was read", err)
+        self.assertIn("5 lines read, 0 skipped, all delivered", err)
+        self.assertTrue(sink.wait_for(count, 10))
+        self.assertEqual(self.received(sink, "cli-sigterm"),
+                         [("k%d" % i, i) for i in range(count)])
+
+
+# A process that spools 50 events (nothing listens at api_base), says READY and
+# waits to be killed: no close(), no exit hook.
+KILLED_CHILD = """\
+import sys
+import isstreamer_lite
+s = isstreamer_lite.Streamer("Killed", "cli-killed", %(key)r, ini_file_location=False,
+                             api_base=%(url)r, spool_dir=%(spool)r, max_retries=1,
+                             backoff_base=0.01, backoff_cap=0.05, flush_interval=0.01)
+for i in range(50):
+    s.log("n", i)
+print("READY", s.flush(1), s.stats()["spooled"])
+sys.stdout.flush()
+sys.stdin.readline()
+"""
+
+
+class CliReplayTest(CliTestCase):
+    """CLI replay: dry run, the spool of a killed process, segment files, offline CSV."""
+
+    def replay(self, api_base, *args):
+        return self.main(["replay"] + self.common(api_base) + list(args))
+
+    def test_dry_run_lists_pending_per_bucket(self):
+        """CLI replay: --dry-run lists events per bucket and sends nothing."""
+        self.spool_events(dead_url(), [("cli-a", "Bucket A", [("x", 1), ("y", 2), ("z", 3)]),
+                                       ("cli-b", "", [("w", "text")])])
+        before = spool_segments(self.spool)
+        sink = self.sink()
+        status, out, err = self.replay(sink.url, "--dry-run")
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"bucket 'cli-a' \(Bucket A\): 3 events in \d+ lines, "
+                              r"1 segment\(s\)")
+        self.assertRegex(out, r"bucket 'cli-b' \(no name\): 1 events in 1 lines")
+        self.assertEqual(sink.requests, 0)
+        self.assertEqual(spool_segments(self.spool), before)
+
+    def test_dry_run_with_nothing_pending(self):
+        """CLI replay: --dry-run on an empty spool says nothing is pending."""
+        status, out, err = self.replay(dead_url(), "--dry-run")
+        self.assertEqual(status, 0, err)
+        self.assertIn("nothing pending in %s" % self.spool, out)
+
+    def test_spool_of_killed_process_sent_once(self):
+        """CLI replay: the spool of a SIGKILLed process arrives once; replay again is a no-op."""
+        child = self.popen([sys.executable, "-c", KILLED_CHILD % {
+            "key": CLI_KEY, "url": dead_url(), "spool": self.spool}])
+        ready = child.stdout.readline()
+        self.assertEqual(ready.split(), ["READY", "False", "50"], child.stderr.read()
+                         if not ready else ready)
+        child.kill()
+        child.wait(30)
+        sink = self.sink()
+        result = self.run_cli(["replay"], IS_ACCESS_KEY=CLI_KEY, IS_API_BASE=sink.url,
+                              IS_SPOOL_DIR=self.spool)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("replayed 50 events", result.stdout)
+        self.assertIn("spool empty", result.stdout)
+        self.assertEqual(self.received(sink, "cli-killed"), [("n", i) for i in range(50)])
+        self.assertEqual(sink.buckets.get("cli-killed"), "Killed")
+        self.assertEqual(spool_segments(self.spool), [])
+        status, out, err = self.replay(sink.url)
+        self.assertEqual(status, 0, err)
+        self.assertIn("replayed 0 events", out)
+        self.assertEqual(len(sink.events), 50)
+
+    def test_dry_run_after_replay_says_nothing_pending(self):
+        """CLI replay: once a spool is replayed, --dry-run says nothing is pending."""
+        self.spool_events(dead_url(), [("cli-a", "A", [("x", 1)])])
+        sink = self.sink()
+        status, out, err = self.replay(sink.url)
+        self.assertEqual(status, 0, out + err)
+        status, out, err = self.replay(sink.url, "--dry-run")
+        self.assertEqual(status, 0, err)
+        self.assertIn("nothing pending", out)
+
+    def test_replay_in_process(self):
+        """CLI replay: main(["replay"]) sends every bucket's spool and empties it."""
+        self.spool_events(dead_url(), [("cli-a", "A", [("x", 1), ("y", 2)]),
+                                       ("cli-b", "B", [("z", 3)])])
+        sink = self.sink()
+        status, out, err = self.replay(sink.url)
+        self.assertEqual(status, 0, err)
+        self.assertIn("replayed 3 events", out)
+        self.assertEqual(self.received(sink, "cli-a"), [("x", 1), ("y", 2)])
+        self.assertEqual(self.received(sink, "cli-b"), [("z", 3)])
+        self.assertEqual(spool_segments(self.spool), [])
+
+    def test_server_down_exits_1_and_keeps_spool(self):
+        """CLI replay: with the server down it exits 1 and the spool stays as it was."""
+        url = dead_url()
+        self.spool_events(url, [("cli-a", "A", [("x", 1)])])
+        status, out, err = self.replay(url, "--timeout", "1")
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("some remain", out)
+        self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [1])
+
+    def test_explicit_segment_files(self):
+        """CLI replay: given segment files, only their events are sent."""
+        self.spool_events(dead_url(), [("cli-a", "A", [("x", 1), ("y", 2)]),
+                                       ("cli-b", "B", [("z", 3)])])
+        only_a = []
+        for path in spool_segments(self.spool):
+            with open(os.path.join(os.path.dirname(path), "bucket.json")) as handle:
+                if json.load(handle)["bucketKey"] == "cli-a":
+                    only_a.append(path)
+        self.assertTrue(only_a)
+        sink = self.sink()
+        status, out, err = self.replay(sink.url, *only_a)
+        self.assertEqual(status, 0, out + err)
+        self.assertIn("replayed 2 events", out)
+        self.assertEqual(self.received(sink), [("x", 1), ("y", 2)])
+        rows = lite._spool_summary(self.spool, CLI_KEY)
+        self.assertEqual({r["bucket_key"]: r["events"] for r in rows}.get("cli-b"), 1)
+
+    def offline_csv(self):
+        path = os.path.join(self.home, "isstreamer_out.csv")
+        streamer = lite.Streamer("Offline", "ignored", ini_file_location=False, offline=True,
+                                 offline_file=path, flush_interval=0.05)
+        streamer.log("temp", 21.5, epoch=1700000000.25)
+        streamer.log("count", 3, epoch=1700000001)
+        streamer.log("open", True, epoch=1700000002)
+        streamer.log("note", "hello, \"world\"", epoch=1700000003)
+        self.assertTrue(streamer.close(10))
+        return path
+
+    def test_csv_of_offline_mode(self):
+        """CLI replay: --csv sends an offline CSV's rows, typed, with their epochs."""
+        path = self.offline_csv()
+        sink = self.sink()
+        status, out, err = self.replay(sink.url, "--csv", path, "--bucket-key", "cli-csv")
+        self.assertEqual(status, 0, err)
+        self.assertIn("sent 4 events from %s to bucket cli-csv" % path, out)
+        self.assertEqual(self.received(sink, "cli-csv"), [
+            ("temp", 21.5), ("count", 3), ("open", True), ("note", 'hello, "world"')])
+        self.assertEqual([e["epoch"] for _, e in sink.events],
+                         [1700000000.25, 1700000001.0, 1700000002.0, 1700000003.0])
+
+    def test_csv_bad_rows_skipped(self):
+        """CLI replay: --csv reports rows that are not epoch,key,value and sends the rest."""
+        path = self.offline_csv()
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("just,two\nsoon,k,1\n1700000004.0,last,9\n")
+        sink = self.sink()
+        status, out, err = self.replay(sink.url, "--csv", path, "--bucket-key", "cli-csv")
+        self.assertEqual(status, 0, err)
+        self.assertIn("line 5 skipped: expected epoch,key,value", err)
+        self.assertIn("line 6 skipped", err)
+        self.assertEqual(self.received(sink)[-1], ("last", 9))
+        self.assertEqual(len(sink.events), 5)
+
+    def test_csv_without_bucket_key_exits_2(self):
+        """CLI replay: --csv without --bucket-key exits 2 and sends nothing."""
+        path = self.offline_csv()
+        sink = self.sink()
+        status, out, err = self.replay(sink.url, "--csv", path)
+        self.assertEqual(status, 2)
+        self.assertIn("--bucket-key", err)
+        self.assertEqual(sink.requests, 0)
+
+
+class CliSinkTest(CliTestCase):
+    """CLI sink: a child server on a free port, its output, --jsonl, rate limits, SIGTERM."""
+
+    def start_sink(self, *args):
+        """Start ``sink --port 0 ARGS``; return (child, its URL from the first line)."""
+        child = self.popen([sys.executable, "-m", "isstreamer_lite", "sink", "--port", "0"]
+                           + list(args))
+        first = child.stdout.readline()
+        match = re.match(r"events API on (http://127\.0\.0\.1:(\d+)) ", first)
+        self.assertIsNotNone(match, first or child.stderr.read())
+        self.assertNotEqual(match.group(2), "0")
+        return child, match.group(1)
+
+    def stream(self, url, events, bucket_key="cli-sink"):
+        streamer = lite.Streamer("", bucket_key, CLI_KEY, ini_file_location=False,
+                                 api_base=url, spool_dir=self.spool, flush_interval=0.05)
+        for key, value in events:
+            streamer.log(key, value)
+        self.assertTrue(streamer.close(10))
+
+    def stop(self, child):
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+        self.assertEqual(child.returncode, 0, err)
+        return out
+
+    def test_prints_events_and_stops_on_sigterm(self):
+        """CLI sink: prints each event it receives; SIGTERM stops it with exit 0."""
+        child, url = self.start_sink()
+        self.stream(url, [("temp", 21.5), ("door", "open")])
+        self.assertEqual(child.stdout.readline(), "cli-sink temp = 21.5\n")
+        self.assertEqual(child.stdout.readline(), "cli-sink door = 'open'\n")
+        out = self.stop(child)
+        self.assertRegex(out, r"2 events in \d+ requests")
+
+    def test_sigterm_right_after_start(self):
+        """CLI sink: SIGTERM as soon as it printed its URL stops it with exit 0."""
+        child, url = self.start_sink()
+        out = self.stop(child)
+        self.assertIn("0 events in 0 requests", out)
+
+    def test_jsonl_file(self):
+        """CLI sink: --jsonl appends each event as a JSON line with its bucket key."""
+        path = os.path.join(self.home, "events.jsonl")
+        child, url = self.start_sink("--jsonl", path, "--quiet")
+        self.stream(url, [("a", 1), ("b", True), ("c", "three")])
+        out = self.stop(child)
+        self.assertNotIn("cli-sink a", out)
+        with open(path, encoding="utf-8") as handle:
+            lines = [json.loads(line) for line in handle]
+        self.assertEqual([(d["bucketKey"], d["key"], d["value"]) for d in lines],
+                         [("cli-sink", "a", 1), ("cli-sink", "b", True),
+                          ("cli-sink", "c", "three")])
+        self.assertTrue(all(isinstance(d["epoch"], float) for d in lines))
+
+    def test_rate_limit_answers_429(self):
+        """CLI sink: --rate-limit 2 answers the third request 429 with the documented headers."""
+        # A long window, so that the three requests never straddle a window boundary.
+        child, url = self.start_sink("--rate-limit", "2", "--window", "3600", "--quiet")
+        port = int(url.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.addCleanup(conn.close)
+        body = json.dumps([{"key": "a", "value": 1}])
+        headers = {"X-IS-AccessKey": CLI_KEY, "X-IS-BucketKey": "cli-rate",
+                   "Content-Type": "application/json", "Accept-Version": "~0"}
+        answers = []
+        for _ in range(3):
+            conn.request("POST", "/api/events", body, headers)
+            response = conn.getresponse()
+            response.read()
+            answers.append((response.status, response.getheader("X-RateLimit-Limit"),
+                            response.getheader("X-RateLimit-Remaining"),
+                            response.getheader("X-RateLimit-Reset"),
+                            response.getheader("Retry-After")))
+        now = time.time()
+        self.assertEqual([a[:3] for a in answers],
+                         [(204, "2", "1"), (204, "2", "0"), (429, "2", "0")])
+        self.assertIsNone(answers[0][4])
+        reset, retry_after = float(answers[2][3]), float(answers[2][4])
+        self.assertGreater(reset, now - 1)
+        self.assertLessEqual(reset, now + 3600)
+        self.assertTrue(0 <= retry_after <= 3600, retry_after)
+        out = self.stop(child)
+        self.assertIn("2 events in 3 requests", out)
+
+
+class CliSelftestTest(CliTestCase):
+    """CLI selftest: offline smoke test and --live against a loopback server."""
+
+    def live(self, api_base, *args):
+        return self.main(["selftest", "--live"] + self.common(api_base) + list(args))
+
+    def test_live_against_sink(self):
+        """CLI selftest: --live creates the bucket, sends 3 events, shows 201 and 204."""
+        sink = self.sink()
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 0, out + err)
+        self.assertIn("POST /api/buckets -> 201", out)
+        self.assertIn("POST /api/events -> 204", out)
+        self.assertIn("OK", out)
+        self.assertIn(CLI_KEY[-4:], out)
+        self.assertNotIn(CLI_KEY, out)
+        self.assertEqual(len(self.received(sink, "isstreamer_lite-selftest")), 3)
+
+    def test_live_shows_rate_limit_headers(self):
+        """CLI selftest: --live shows the server's rate-limit headers."""
+        sink = self.sink(rate_limit=5, window=3600)
+        status, out, err = self.live(sink.url, "--bucket-key", "cli-live")
+        self.assertEqual(status, 0, out + err)
+        self.assertIn("x-ratelimit-limit=5", out.lower())
+        self.assertIn("x-ratelimit-remaining=4", out.lower())
+        self.assertIn("cli-live", sink.buckets)
+
+    def test_live_rejected_key_exits_1(self):
+        """CLI selftest: --live with a key the server refuses shows 401 and exits 1."""
+        sink = self.sink(access_key="ist_some_other_key")
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("-> 401", out)
+        self.assertIn("FAILED", out)
+
+    def test_live_server_down_exits_1(self):
+        """CLI selftest: --live against a dead server names the error and exits 1."""
+        status, out, err = self.live(dead_url())
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("ConnectionRefusedError", out)
+        self.assertIn("FAILED", out)
+
+    def test_offline_selftest_as_subprocess(self):
+        """CLI selftest: python -m isstreamer_lite selftest exits 0 and says OK."""
+        result = self.run_cli(["selftest"])
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("OK", result.stdout)
+
+    def test_live_as_subprocess(self):
+        """CLI selftest: selftest --live in a child uses IS_* and shows the status codes."""
+        sink = self.sink()
+        result = self.run_cli(["selftest", "--live"], IS_ACCESS_KEY=CLI_KEY,
+                              IS_API_BASE=sink.url, IS_SPOOL_DIR=self.spool)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("-> 201", result.stdout)
+        self.assertIn("-> 204", result.stdout)
 
 
 if __name__ == "__main__":
