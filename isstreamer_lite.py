@@ -711,6 +711,8 @@ class _RateBudget(object):
             if parsed is not None and abs(mktime_tz(parsed) - now) > 2.0:
                 skew = mktime_tz(parsed) - now
         reset -= skew
+        if reset <= now:
+            return              # a late answer from a window that is already over
         with self._lock:
             same_window = self._reset is not None and abs(reset - self._reset) < 1.0
             if same_window and self._remaining is not None:
@@ -1437,7 +1439,7 @@ class _Engine(object):
                          bucket_key, response.status, response.text())
             self.created.add(bucket_key)
             return True
-        self.failed(batch, decision, response, error, now, creating=bucket_key)
+        self.failed(batch, decision, response, error, _monotonic(), creating=bucket_key)
         return False
 
     def pace(self, now):
@@ -1478,7 +1480,7 @@ class _Engine(object):
             else:
                 self.reject(batch, response)
         else:
-            self.failed(batch, decision, response, error, now)
+            self.failed(batch, decision, response, error, _monotonic())
 
     def delivered(self, batch):
         self.failures = 0

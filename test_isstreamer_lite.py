@@ -10,6 +10,7 @@ import contextlib
 import csv
 import datetime
 import decimal
+import email.utils
 import filecmp
 import fractions
 import glob
@@ -24,12 +25,14 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unittest
+import warnings
 from unittest import mock
 
 import isstreamer_lite as lite
@@ -898,9 +901,10 @@ class TransportTest(LiteTestCase):
         sink, cert = self.https_sink()
         s = self.streamer(sink)
         s.log("k", 1)
-        self.assertFalse(s.flush(1.0))
+        self.assertFalse(s.flush(0.5))
         self.assertEqual(sink.events, [])
         self.assertIn("CERTIFICATE_VERIFY_FAILED", s.stats()["last_error"])
+        self.assertFalse(s.close(0.2))
 
     def test_ssl_cert_file_is_honoured(self):
         """Transport: SSL_CERT_FILE makes the default context trust a certificate."""
@@ -1571,10 +1575,6 @@ def cli_env(home, **extra):
     env["HOME"] = home
     env.update(extra)
     return env
-
-
-def spool_segments(spool_dir):
-    return sorted(glob.glob(os.path.join(spool_dir, "*", "*", "*.jsonl")))
 
 
 class CliTestCase(unittest.TestCase):
@@ -2354,6 +2354,1146 @@ class CliSelftestTest(CliTestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("-> 201", result.stdout)
         self.assertIn("-> 204", result.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+def report(name, **figures):
+    """Print a done-when test's figures to stderr (they go into the report)."""
+    sys.stderr.write("\n  [%s] %s\n" % (name, ", ".join(
+        "%s=%s" % (k, ("%.3f" % v) if isinstance(v, float) else v)
+        for k, v in sorted(figures.items()))))
+
+
+# --- Fault server ------------------------------------------------------------
+
+class FaultSink(lite._Sink):
+    """A sink that follows a script of faults per path, then answers normally.
+
+    ``script(path, *actions)`` queues actions for "/api/events", "/api/buckets"
+    or "*" (any path, used when the path's own queue is empty). An action is
+    a status code, ``(status, headers)``, ``"reset"`` (TCP RST, no answer),
+    ``"drop"`` (FIN, no answer), ``("delay", seconds[, action])`` (wait, then
+    the action or the normal answer) or ``("hang", seconds)`` (wait, then
+    drop). ``rule(handler, path)`` is asked when no scripted action is left
+    and returns an action or None. ``stop_hard()`` takes the server down the
+    way a crash does: refused connections, kept-alive ones cut.
+    """
+
+    def __init__(self, rule=None, **kwargs):
+        lite._Sink.__init__(self, **kwargs)
+        self.rule = rule
+        self.scripts = collections.defaultdict(collections.deque)
+        self.seen = []              # (monotonic time, path, action) per request
+        self.released = threading.Event()   # ends every delay and hang at once
+        self.dead = False
+        self._gate = threading.Condition()  # guards dead, _active and _conns
+        self._active = 0            # requests being answered normally
+        self._conns = []
+
+    def script(self, path, *actions):
+        with self.changed:
+            self.scripts[path].extend(actions)
+
+    def handle(self, handler):
+        with self._gate:
+            self._conns.append(handler.connection)
+            dead = self.dead
+            if not dead:
+                self._active += 1
+        if dead:
+            self.reset(handler)
+            return
+        try:
+            lite._Sink.handle(self, handler)
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
+
+    def fault(self, handler, path):
+        with self.changed:
+            queue = self.scripts.get(path) or self.scripts.get("*")
+            action = queue.popleft() if queue else None
+        if action is None and self.rule is not None:
+            action = self.rule(handler, path)
+        with self.changed:
+            self.seen.append((time.monotonic(), path, action))
+            self.changed.notify_all()
+        return self.perform(handler, action)
+
+    def perform(self, handler, action):
+        if action is None:
+            return False
+        if isinstance(action, int):
+            self.reply(handler, action, {"message": "scripted %d" % action})
+        elif isinstance(action, tuple) and isinstance(action[0], int):
+            self.reply(handler, action[0], {"message": "scripted %d" % action[0]}, action[1])
+        elif action == "reset":
+            self.reset(handler)
+        elif action == "drop":
+            self.drop(handler)
+        elif action[0] == "delay":
+            self.released.wait(action[1])
+            return self.perform(handler, action[2] if len(action) > 2 else None)
+        elif action[0] == "hang":
+            self.released.wait(action[1])
+            self.drop(handler)
+        else:
+            raise ValueError("unknown fault action %r" % (action,))
+        return True
+
+    @staticmethod
+    def reset(handler):
+        """Abort the connection with a TCP RST instead of an answer."""
+        handler.close_connection = True
+        try:
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          struct.pack("ii", 1, 0))
+            handler.connection.close()      # really closed (RST) once rfile is closed
+        except OSError:
+            pass
+
+    @staticmethod
+    def drop(handler):
+        """Close the connection without answering."""
+        handler.close_connection = True
+        try:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def stop_hard(self):
+        """Go down: new connections refused, open ones cut, nothing half-answered."""
+        with self._gate:
+            self.dead = True
+            self._gate.wait_for(lambda: self._active == 0, 5.0)
+            conns = list(self._conns)
+        self.stop()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wait_seen(self, predicate, timeout=10.0):
+        """Wait until predicate(list of (time, path, action)) holds; True if it did."""
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self.seen), timeout)
+
+
+class Outage(object):
+    """One fixed port whose server can go down (connection refused) and come back."""
+
+    def __init__(self, case, up=True, **sink_options):
+        self.case = case
+        self.options = sink_options
+        self.sinks = [case.sink(FaultSink, **sink_options)]
+        self.port = self.sinks[0].port
+        self.url = self.sinks[0].url
+        self._cancel = threading.Event()
+        case.addCleanup(self._cancel.set)
+        if not up:
+            self.down()
+
+    @property
+    def current(self):
+        return self.sinks[-1]
+
+    def down(self):
+        self.current.stop_hard()
+
+    def up(self):
+        sink = self.case.sink(FaultSink, port=self.port, **self.options)
+        self.sinks.append(sink)
+        return sink
+
+    def later(self, down_at_once, seconds):
+        """In a thread: (go down now, then) come back up after ``seconds``."""
+        def run():
+            if down_at_once:
+                self.down()
+            if not self._cancel.wait(seconds):
+                self.up()
+        thread = threading.Thread(target=run, daemon=True, name="outage")
+        thread.start()
+        return thread
+
+    def received(self, bucket=None):
+        pairs = []
+        for sink in self.sinks:
+            with sink.changed:
+                pairs.extend((e["key"], e["value"]) for b, e in sink.events
+                             if bucket is None or b == bucket)
+        return pairs
+
+
+def spool_segments(spool_dir):
+    """Spool segment files under ``spool_dir``, oldest first."""
+    return sorted(glob.glob(os.path.join(spool_dir, "*", "*", "*.jsonl")),
+                  key=os.path.basename)
+
+
+def spooled_events(spool_dir):
+    """Events in the unretired, complete lines of every spool segment."""
+    events = []
+    for path in spool_segments(spool_dir):
+        retired = set()
+        if os.path.exists(path + ".ack"):
+            with open(path + ".ack", "rb") as handle:
+                retired = {int(l.split()[0]) for l in handle if l.endswith(b"\n")}
+        offset = 0
+        with open(path, "rb") as handle:
+            for line in handle:
+                if offset not in retired and line.endswith(b"\n"):
+                    events.extend(json.loads(line.decode("utf-8")))
+                offset += len(line)
+    return events
+
+
+class _Watch(logging.Handler):
+    """Sets ``hit`` at the first record after which ``predicate()`` holds."""
+
+    def __init__(self, predicate):
+        logging.Handler.__init__(self)
+        self.predicate = predicate
+        self.hit = threading.Event()
+
+    def emit(self, record):
+        if not self.hit.is_set() and self.predicate():
+            self.hit.set()
+
+
+class DeliveryTestCase(unittest.TestCase):
+    """Helpers: servers and Streamers stopped at cleanup, temp spools, quiet logger."""
+
+    def setUp(self):
+        logger = logging.getLogger("isstreamer_lite")
+        state = (logger.level, list(logger.handlers), logger.propagate)
+        logger.addHandler(logging.NullHandler())    # no lastResort noise on stderr
+
+        def restore():
+            logger.setLevel(state[0])
+            logger.handlers[:] = state[1]
+            logger.propagate = state[2]
+        self.addCleanup(restore)
+
+    def sink(self, cls=FaultSink, **kwargs):
+        sink = cls(**kwargs).start()
+        self.addCleanup(sink.stop)
+        self.addCleanup(sink.released.set)      # runs before stop: no hang outlives a test
+        return sink
+
+    def tempdir(self):
+        path = tempfile.mkdtemp(prefix="isl-delivery-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def streamer(self, api_base, **kwargs):
+        options = dict(bucket_key="delivery-bucket", access_key=KEY, ini_file_location=False,
+                       api_base=api_base, flush_interval=0.05, backoff_base=0.01,
+                       backoff_cap=0.05)
+        options.update(kwargs)
+        if "spool_dir" not in options:
+            options["spool_dir"] = self.tempdir()
+        streamer = lite.Streamer(**options)
+        self.addCleanup(streamer.close, 2.0)
+        return streamer
+
+    def received(self, sink, bucket=None):
+        if isinstance(sink, Outage):
+            return sink.received(bucket)
+        with sink.changed:
+            return [(e["key"], e["value"]) for b, e in sink.events
+                    if bucket is None or b == bucket]
+
+    def wait_stats(self, streamer, predicate, timeout=10.0):
+        """Wait until predicate(streamer.stats()) holds, checked at each log record."""
+        logger = logging.getLogger("isstreamer_lite")
+        watch = _Watch(lambda: predicate(streamer.stats()))
+        level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(watch)
+        try:
+            if predicate(streamer.stats()):
+                return True
+            return watch.hit.wait(timeout)
+        finally:
+            logger.removeHandler(watch)
+            logger.setLevel(level)
+
+    def assertExactlyOnce(self, got, expected):
+        counts = collections.Counter(got)
+        lost = sorted(set(expected) - set(counts))
+        duplicated = sorted(k for k, n in counts.items() if n > 1)
+        extra = sorted(set(counts) - set(expected))
+        self.assertEqual((lost, duplicated, extra), ([], [], []),
+                         "lost %d, duplicated %d, unexpected %d"
+                         % (len(lost), len(duplicated), len(extra)))
+
+
+def events(prefix, count):
+    return [("%s%03d" % (prefix, i), i) for i in range(count)]
+
+
+def log_all(streamer, pairs):
+    for key, value in pairs:
+        streamer.log(key, value)
+
+
+# --- Delivery policy, without threads ----------------------------------------
+
+class DecideTest(unittest.TestCase):
+    """The delivery policy as one pure function: outcome -> _Decision."""
+
+    def decide(self, status=None, **kwargs):
+        options = dict(failures=0, base=0.5, cap=30.0, retry_after_cap=120.0, pause=60.0,
+                       now=1700000000.0, rand=lambda: 1.0)
+        options.update(kwargs)
+        return lite._decide(status, **options)
+
+    def test_2xx_is_delivered(self):
+        """Policy: 200, 201, 204 and 299 are delivered."""
+        for status in (200, 201, 204, 299):
+            self.assertEqual(self.decide(status).action, lite._DELIVERED, status)
+
+    def test_network_errors_are_retried(self):
+        """Policy: refused, reset and aborted connections retry with reason network."""
+        for error in (ConnectionRefusedError(111, "refused"), ConnectionResetError(104, "reset"),
+                      ConnectionAbortedError(), OSError(101, "unreachable"), EOFError()):
+            decision = self.decide(None, error=error, failures=2)
+            self.assertEqual((decision.action, decision.reason), (lite._RETRY, "network"),
+                             repr(error))
+            self.assertEqual(decision.delay, 2.0)
+
+    def test_timeouts_are_retried(self):
+        """Policy: socket.timeout and TimeoutError retry with reason timeout."""
+        for error in (socket.timeout("timed out"), TimeoutError()):
+            decision = self.decide(None, error=error)
+            self.assertEqual((decision.action, decision.reason), (lite._RETRY, "timeout"))
+
+    def test_408_and_5xx_retry_with_full_jitter(self):
+        """Policy: 408 and 5xx retry after rand() * min(cap, base * 2^failures)."""
+        for status in (408, 500, 502, 503, 504, 599):
+            for failures, rand, expected in ((0, 1.0, 0.5), (1, 1.0, 1.0), (3, 1.0, 4.0),
+                                             (3, 0.25, 1.0), (3, 0.0, 0.0)):
+                decision = self.decide(status, failures=failures, rand=lambda: rand)
+                self.assertEqual((decision.action, decision.reason),
+                                 (lite._RETRY, "server_error"), status)
+                self.assertAlmostEqual(decision.delay, expected, msg=(status, failures, rand))
+
+    def test_retry_delay_respects_cap(self):
+        """Policy: the back-off never exceeds the cap, however many failures."""
+        for failures in (6, 7, 30, 31, 1000, 10 ** 9):
+            decision = self.decide(503, failures=failures)
+            self.assertEqual(decision.delay, 30.0, failures)
+        self.assertEqual(self.decide(None, error=OSError(), failures=50, cap=0.05).delay, 0.05)
+
+    def test_429_waits_retry_after_seconds(self):
+        """Policy: 429 with Retry-After in seconds waits that long, as rate_limited."""
+        for header, expected in (("7", 7.0), (" 2.5 ", 2.5), ("0", 0.0)):
+            decision = self.decide(429, headers={"retry-after": header})
+            self.assertEqual((decision.action, decision.reason), (lite._WAIT, "rate_limited"))
+            self.assertEqual(decision.delay, expected)
+
+    def test_429_waits_until_retry_after_date(self):
+        """Policy: 429 with an HTTP-date Retry-After waits until then (injected now)."""
+        now = 1700000000.0
+        header = email.utils.formatdate(now + 20, usegmt=True)
+        decision = self.decide(429, headers={"retry-after": header}, now=now)
+        self.assertEqual((decision.action, decision.delay), (lite._WAIT, 20.0))
+        past = email.utils.formatdate(now - 20, usegmt=True)
+        self.assertEqual(self.decide(429, headers={"retry-after": past}, now=now).delay, 0.0)
+
+    def test_429_retry_after_is_capped(self):
+        """Policy: a Retry-After beyond retry_after_cap waits retry_after_cap."""
+        now = 1700000000.0
+        for header in ("3600", email.utils.formatdate(now + 86400, usegmt=True)):
+            decision = self.decide(429, headers={"retry-after": header}, now=now,
+                                   retry_after_cap=120.0)
+            self.assertEqual((decision.action, decision.delay), (lite._WAIT, 120.0), header)
+
+    def test_429_without_retry_after_backs_off(self):
+        """Policy: 429 without (or with an unreadable) Retry-After backs off with jitter."""
+        for headers in (None, {}, {"retry-after": "soon"}):
+            decision = self.decide(429, headers=headers, failures=2, rand=lambda: 0.5)
+            self.assertEqual((decision.action, decision.reason), (lite._WAIT, "rate_limited"))
+            self.assertEqual(decision.delay, 1.0)
+
+    def test_413_splits(self):
+        """Policy: 413 splits the batch, at once."""
+        decision = self.decide(413)
+        self.assertEqual((decision.action, decision.delay, decision.reason),
+                         (lite._SPLIT, 0.0, "too_large"))
+
+    def test_400_bisects(self):
+        """Policy: 400 bisects the batch to find the rejected events."""
+        decision = self.decide(400)
+        self.assertEqual((decision.action, decision.delay, decision.reason),
+                         (lite._BISECT, 0.0, "rejected"))
+
+    def test_401_403_pause_as_key_rejected(self):
+        """Policy: 401 and 403 pause for pause seconds with reason key_rejected."""
+        for status in (401, 403):
+            decision = self.decide(status, pause=7.0)
+            self.assertEqual((decision.action, decision.delay, decision.reason),
+                             (lite._PAUSE, 7.0, "key_rejected"))
+
+    def test_402_pauses_as_quota(self):
+        """Policy: 402 pauses for pause seconds with reason quota."""
+        decision = self.decide(402, pause=7.0)
+        self.assertEqual((decision.action, decision.delay, decision.reason),
+                         (lite._PAUSE, 7.0, "quota"))
+
+    def test_other_4xx_pause(self):
+        """Policy: another 4xx (404, 409) pauses, naming the status."""
+        for status in (404, 409):
+            decision = self.decide(status, pause=7.0)
+            self.assertEqual((decision.action, decision.reason), (lite._PAUSE, "http_%d" % status))
+
+    def test_pure_when_now_and_rand_given(self):
+        """Policy: with now and rand injected, no clock and no random source is read."""
+        def forbidden():
+            raise AssertionError("the policy read the clock")
+        original = lite._time
+        lite._time = forbidden
+        self.addCleanup(setattr, lite, "_time", original)
+        date = email.utils.formatdate(1700000030, usegmt=True)
+        self.assertEqual(self.decide(429, headers={"retry-after": date}).delay, 30.0)
+        first = [self.decide(503, failures=n).delay for n in range(8)]
+        self.assertEqual(first, [self.decide(503, failures=n).delay for n in range(8)])
+
+
+class RetryDelayTest(unittest.TestCase):
+    """_retry_delay and _parse_retry_after, without threads."""
+
+    def test_full_jitter_bounds(self):
+        """Back-off: uniform in [0, min(cap, base * 2^n)], and really jittered."""
+        for failures in range(12):
+            bound = min(5.0, 0.1 * 2 ** failures)
+            delays = [lite._retry_delay(failures, 0.1, 5.0) for _ in range(200)]
+            self.assertTrue(all(0.0 <= d <= bound for d in delays), failures)
+            self.assertGreater(len(set(delays)), 100)
+
+    def test_injected_rand_and_cap(self):
+        """Back-off: rand scales the bound; the cap holds for huge failure counts."""
+        self.assertEqual(lite._retry_delay(0, 0.5, 30.0, lambda: 1.0), 0.5)
+        self.assertEqual(lite._retry_delay(4, 0.5, 30.0, lambda: 1.0), 8.0)
+        self.assertEqual(lite._retry_delay(4, 0.5, 30.0, lambda: 0.5), 4.0)
+        self.assertEqual(lite._retry_delay(10 ** 6, 0.5, 30.0, lambda: 1.0), 30.0)
+        self.assertEqual(lite._retry_delay(3, 0.5, 30.0, lambda: 0.0), 0.0)
+
+    def test_parse_retry_after(self):
+        """Retry-After: seconds, fractions, negatives, HTTP dates, garbage."""
+        now = 1700000000.0
+        date = email.utils.formatdate(now + 42, usegmt=True)
+        for value, expected in ((None, None), ("5", 5.0), (" 2.5 ", 2.5), ("-3", 0.0),
+                                (date, 42.0), ("soon", None), ("", None),
+                                (email.utils.formatdate(now - 5, usegmt=True), 0.0)):
+            self.assertEqual(lite._parse_retry_after(value, now), expected, repr(value))
+
+
+class RateBudgetTest(unittest.TestCase):
+    """_RateBudget learns the window from X-RateLimit-* headers; no threads."""
+
+    NOW = 1700000000.0
+
+    def headers(self, limit, remaining, reset, date=None):
+        found = {"x-ratelimit-limit": str(limit), "x-ratelimit-remaining": str(remaining),
+                 "x-ratelimit-reset": "%.3f" % reset}
+        if date is not None:
+            found["date"] = email.utils.formatdate(date, usegmt=True)
+        return found
+
+    def test_unpaced_until_headers_seen(self):
+        """Pacing: without rate-limit headers nothing waits."""
+        budget = lite._RateBudget()
+        self.assertEqual([budget.reserve(self.NOW) for _ in range(100)], [0.0] * 100)
+        budget.update({}, self.NOW)
+        budget.update({"x-ratelimit-limit": "x", "x-ratelimit-remaining": "1",
+                       "x-ratelimit-reset": "1"}, self.NOW)
+        self.assertEqual(budget.reserve(self.NOW), 0.0)
+
+    def test_reserve_counts_down_then_waits_for_reset(self):
+        """Pacing: remaining requests go at once; then wait until the reset."""
+        budget = lite._RateBudget()
+        budget.update(self.headers(30, 3, self.NOW + 4.0), self.NOW)
+        self.assertEqual([budget.reserve(self.NOW) for _ in range(3)], [0.0] * 3)
+        self.assertAlmostEqual(budget.reserve(self.NOW + 1.0), 3.01, places=6)
+
+    def test_window_refills_at_reset(self):
+        """Pacing: at the reset time the window refills to the limit."""
+        budget = lite._RateBudget()
+        budget.update(self.headers(3, 0, self.NOW + 2.0), self.NOW)
+        self.assertGreater(budget.reserve(self.NOW), 0.0)
+        later = self.NOW + 2.0
+        self.assertEqual([budget.reserve(later) for _ in range(3)], [0.0] * 3)
+
+    def test_wait_is_capped(self):
+        """Pacing: a nonsense reset far away waits at most _MAX_WINDOW_WAIT."""
+        budget = lite._RateBudget()
+        budget.update(self.headers(10, 0, self.NOW + 1e6), self.NOW)
+        self.assertLessEqual(budget.reserve(self.NOW), lite._MAX_WINDOW_WAIT + 0.01)
+
+    def test_same_window_remaining_only_decreases(self):
+        """Pacing: a late answer in the same window never raises what is left."""
+        budget = lite._RateBudget()
+        budget.update(self.headers(30, 2, self.NOW + 10.0), self.NOW)
+        budget.update(self.headers(30, 20, self.NOW + 10.2), self.NOW)
+        self.assertEqual([budget.reserve(self.NOW) for _ in range(2)], [0.0, 0.0])
+        self.assertGreater(budget.reserve(self.NOW), 0.0)
+
+    def test_new_window_takes_server_remaining(self):
+        """Pacing: headers of a new window replace the old count."""
+        budget = lite._RateBudget()
+        budget.update(self.headers(30, 0, self.NOW + 1.0), self.NOW)
+        budget.update(self.headers(30, 5, self.NOW + 11.0), self.NOW + 1.0)
+        self.assertEqual([budget.reserve(self.NOW + 1.0) for _ in range(5)], [0.0] * 5)
+        self.assertAlmostEqual(budget.reserve(self.NOW + 1.0), 10.01, places=6)
+
+    def test_date_header_corrects_clock_skew(self):
+        """Pacing: a server clock 100 s ahead (Date header) does not make us wait 100 s."""
+        budget = lite._RateBudget()
+        budget.update(self.headers(5, 0, self.NOW + 110.0, date=self.NOW + 100), self.NOW)
+        self.assertAlmostEqual(budget.reserve(self.NOW), 10.01, places=6)
+        unskewed = lite._RateBudget()
+        unskewed.update(self.headers(5, 0, self.NOW + 11.0, date=self.NOW + 1), self.NOW)
+        self.assertAlmostEqual(unskewed.reserve(self.NOW), 11.01, places=6)
+
+    def test_late_answer_from_a_finished_window_is_ignored(self):
+        """Pacing: an answer from a window already over does not refill the current one."""
+        budget = lite._RateBudget()
+        budget.update(self.headers(3, 1, self.NOW + 11.0), self.NOW + 1.01)   # window 2
+        budget.update(self.headers(3, 2, self.NOW + 1.0), self.NOW + 1.02)    # late, window 1
+        self.assertEqual(budget.reserve(self.NOW + 1.03), 0.0)
+        self.assertAlmostEqual(budget.reserve(self.NOW + 1.03), 9.98, places=6)
+
+    def test_one_budget_per_access_key(self):
+        """Pacing: Streamers of one key and base share one budget; other keys do not."""
+        base = "http://127.0.0.1:9"
+        self.assertIs(lite._budget_for(base, "ist_a"), lite._budget_for(base, "ist_a"))
+        self.assertIsNot(lite._budget_for(base, "ist_a"), lite._budget_for(base, "ist_b"))
+
+
+# --- Faults on the wire ------------------------------------------------------
+
+class RetryTest(DeliveryTestCase):
+    """5xx, 408, resets, refused connections and timeouts, then success."""
+
+    def check_recovers(self, *actions, **options):
+        sink = self.sink()
+        sink.script("/api/events", *actions)
+        s = self.streamer(sink.url, **options)
+        expected = events("r", 25)
+        log_all(s, expected)
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(sink), expected)
+        self.assertGreater(s.stats()["retried"], 0)
+        self.assertEqual(s.stats()["dropped"], {})
+        return s, sink
+
+    def test_server_errors_then_success(self):
+        """Retry: 500, 503, 502, 504 then success delivers every event once."""
+        self.check_recovers(500, 503, 502, 504)
+
+    def test_408_then_success(self):
+        """Retry: 408 twice then success delivers every event once."""
+        self.check_recovers(408, 408)
+
+    def test_resets_then_success(self):
+        """Retry: connections reset three times then success delivers every event once."""
+        self.check_recovers("reset", "reset", "reset")
+
+    def test_dropped_connections_then_success(self):
+        """Retry: connections closed without an answer, then success: each event once."""
+        self.check_recovers("drop", "drop", "drop")
+
+    def test_timeout_then_success(self):
+        """Retry: a request that times out (no answer) is retried and delivered once."""
+        s, sink = self.check_recovers(("hang", 5.0), timeout=0.3)
+        self.assertIn("timed out", s.stats()["last_error"] or "")
+
+    def test_refused_then_success(self):
+        """Retry: connection refused until the server comes up, then each event once."""
+        outage = Outage(self, up=False)
+        failed = threading.Event()
+        s = self.streamer(outage.url, on_error=lambda exc, batch: failed.set())
+        expected = events("c", 25)
+        log_all(s, expected)
+        self.assertTrue(failed.wait(10))
+        self.assertIn("ConnectionRefusedError", s.stats()["last_error"])
+        outage.up()
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(outage), expected)
+        self.assertGreater(s.stats()["retried"], 0)
+
+    def test_slow_answer_is_not_a_failure(self):
+        """Retry: an answer that is slow but within timeout is delivered, not retried."""
+        sink = self.sink()
+        sink.script("/api/events", ("delay", 0.2))
+        s = self.streamer(sink.url)
+        log_all(s, events("s", 10))
+        self.assertTrue(s.flush(10))
+        self.assertEqual(s.stats()["retried"], 0)
+        self.assertExactlyOnce(self.received(sink), events("s", 10))
+
+
+class RateLimitedTest(DeliveryTestCase):
+    """429 waits as told and is not a failure."""
+
+    def gaps_after_429(self, sink):
+        seen = [(t, a) for t, p, a in sink.seen if p == "/api/events"]
+        return [seen[i + 1][0] - t for i, (t, a) in enumerate(seen[:-1])
+                if isinstance(a, tuple) and a[0] == 429]
+
+    def test_retry_after_seconds_honoured(self):
+        """429: Retry-After seconds are waited; counted as rate_limited, not retried."""
+        sink = self.sink()
+        sink.script("/api/events", (429, {"Retry-After": "0.25"}), (429, {"Retry-After": "0.25"}))
+        s = self.streamer(sink.url)
+        log_all(s, events("w", 10))
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(sink), events("w", 10))
+        stats = s.stats()
+        self.assertEqual((stats["rate_limited"], stats["retried"], stats["spooled"]), (2, 0, 0))
+        gaps = self.gaps_after_429(sink)
+        self.assertEqual(len(gaps), 2)
+        for gap in gaps:
+            self.assertGreaterEqual(gap, 0.23)
+
+    def test_retry_after_http_date_honoured(self):
+        """429: an HTTP-date Retry-After is waited for (1 s resolution)."""
+        sink = self.sink()
+        target = int(time.time()) + 1           # up to 1 s away (HTTP dates are whole seconds)
+        sink.script("/api/events", (429, {"Retry-After": email.utils.formatdate(
+            target, usegmt=True)}))
+        s = self.streamer(sink.url)
+        log_all(s, events("d", 10))
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertGreaterEqual(time.time(), target - 0.05)
+        self.assertEqual(s.stats()["rate_limited"], 1)
+        self.assertExactlyOnce(self.received(sink), events("d", 10))
+
+    def test_many_429_do_not_spool_or_grow_backoff(self):
+        """429: more 429s than max_retries neither spools the batch nor counts failures."""
+        sink = self.sink()
+        sink.script("/api/events", *[(429, {"Retry-After": "0.01"})] * 8)
+        s = self.streamer(sink.url, max_retries=3)
+        log_all(s, events("m", 10))
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        stats = s.stats()
+        self.assertEqual((stats["rate_limited"], stats["retried"], stats["spooled"]), (8, 0, 0))
+        self.assertExactlyOnce(self.received(sink), events("m", 10))
+
+    def test_retry_after_counts_from_the_answer(self):
+        """429: Retry-After is counted from when the answer arrived, not from the request."""
+        sink = self.sink()
+        sink.script("/api/events", ("delay", 0.3, (429, {"Retry-After": "0.3"})))
+        s = self.streamer(sink.url)
+        log_all(s, events("a", 10))
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        seen = [t for t, p, a in sink.seen if p == "/api/events"]
+        self.assertEqual(len(seen), 2)
+        # the 429 left the server 0.3 s after the request arrived; the retry must come
+        # at least 0.3 s after that, so at least 0.6 s after the first request
+        self.assertGreaterEqual(seen[1] - seen[0], 0.58)
+
+
+class SplitTest(DeliveryTestCase):
+    """413: the batch is split until it fits."""
+
+    def test_413_splits_until_accepted(self):
+        """413: a server taking at most 3 events a request gets every event, once, in order."""
+        def rule(handler, path):
+            if path == "/api/events" and len(json.loads(handler.body.decode("utf-8"))) > 3:
+                return 413
+            return None
+        sink = self.sink(rule=rule)
+        s = self.streamer(sink.url, buffer_size=10)
+        expected = events("t", 30)
+        log_all(s, expected)
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(sink), expected)
+        self.assertEqual(self.received(sink), expected)
+        self.assertEqual(s.stats()["dead_lettered"], 0)
+
+    def test_single_event_too_large_is_dead_lettered(self):
+        """413: one event that is still too large alone is dead-lettered; the rest arrive."""
+        def rule(handler, path):
+            if path == "/api/events" and b'"huge"' in handler.body:
+                return 413
+            return None
+        sink = self.sink(rule=rule)
+        spool_dir = self.tempdir()
+        s = self.streamer(sink.url, spool_dir=spool_dir)
+        good = events("t", 9)
+        log_all(s, good[:4] + [("huge", 1)] + good[4:])
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(sink), good)
+        self.assertEqual(s.stats()["dead_lettered"], 1)
+        files = glob.glob(os.path.join(spool_dir, "*", "deadletter.jsonl"))
+        with open(files[0], encoding="utf-8") as handle:
+            record = json.loads(handle.readline())
+        self.assertEqual((record["status"], json.loads(record["body"])[0]["key"]), (413, "huge"))
+
+
+class PoisonTest(DeliveryTestCase):
+    """400: bisect down to the rejected events and dead-letter only those."""
+
+    def test_poison_events_dead_lettered_rest_delivered(self):
+        """400: good events all delivered; each poison one in deadletter.jsonl with the reply."""
+        def rule(handler, path):
+            if path != "/api/events":
+                return None
+            body = json.loads(handler.body.decode("utf-8"))
+            body = body if isinstance(body, list) else [body]
+            if any(str(e.get("key", "")).startswith("poison") for e in body):
+                return (400, {"X-Why": "poison"})
+            return None
+        sink = self.sink(rule=rule)
+        spool_dir = self.tempdir()
+        s = self.streamer(sink.url, spool_dir=spool_dir)
+        good = events("g", 40)
+        poison = [("poison_%d" % i, i) for i in range(4)]
+        mixed = list(good)
+        for index, event in zip((3, 10, 11, 37), poison):
+            mixed.insert(index, event)
+        log_all(s, mixed)
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(sink), good)
+        self.assertEqual(s.stats()["dead_lettered"], 4)
+        files = glob.glob(os.path.join(spool_dir, "*", "deadletter.jsonl"))
+        self.assertEqual(len(files), 1)
+        self.assertEqual(stat.S_IMODE(os.stat(files[0]).st_mode), 0o600)
+        with open(files[0], encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle]
+        dead = []
+        for record in records:
+            self.assertEqual(record["status"], 400)
+            self.assertIn("scripted 400", record["reply"])
+            self.assertEqual(record["bucketKey"], "delivery-bucket")
+            dead.extend((e["key"], e["value"]) for e in json.loads(record["body"]))
+        self.assertExactlyOnce(dead, poison)
+        with open(files[0], encoding="utf-8") as handle:
+            self.assertNotIn(KEY, handle.read())
+
+
+class PauseTest(DeliveryTestCase):
+    """401/403 and 402: spool, one error, pause, probe, resume."""
+
+    def check_pause(self, status, reason):
+        refusing = [True]
+
+        def rule(handler, path):
+            return status if refusing[0] else None
+        sink = self.sink(rule=rule)
+        spool_dir = self.tempdir()
+        expected = events("p", 10)
+        with self.assertLogs("isstreamer_lite", "INFO") as logs:
+            s = self.streamer(sink.url, spool_dir=spool_dir, pause_interval=0.1)
+            log_all(s, expected)
+            # After the events are logged the worker refuses at most one request without
+            # them, then one with them (and spools them), then probes: wait for three.
+            with sink.changed:
+                start = len(sink.seen)
+            self.assertTrue(sink.wait_seen(lambda seen: len(seen) >= start + 3))
+            self.assertEqual(s.stats()["paused"], reason)
+            self.assertEqual(s.stats()["spooled"], 10)
+            self.assertTrue(spool_segments(spool_dir))
+            self.assertEqual(sorted((e["key"], e["value"]) for e in spooled_events(spool_dir)),
+                             expected)
+            self.assertFalse(s.flush(0.2))
+        errors = [r for r in logs.records if r.levelno >= logging.ERROR]
+        self.assertEqual(len(errors), 1, [r.getMessage() for r in errors])
+        self.assertNotIn(KEY, errors[0].getMessage())
+        self.assertEqual(self.received(sink), [])
+        refusing[0] = False
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(sink), expected)
+        self.assertEqual(s.stats()["paused"], "")
+        self.assertTrue(s.close(5))
+        self.assertEqual(spool_segments(spool_dir), [])
+        return errors[0].getMessage()
+
+    def test_401_spools_pauses_and_resumes(self):
+        """Pause: 401 spools the batch, logs one error, pauses, delivers when accepted again."""
+        message = self.check_pause(401, "key_rejected")
+        self.assertIn("access key", message)
+
+    def test_402_spools_pauses_and_resumes(self):
+        """Pause: 402 (quota) spools, logs one error, pauses, delivers when accepted again."""
+        message = self.check_pause(402, "quota")
+        self.assertIn("event limit", message)
+
+
+class OverflowTest(DeliveryTestCase):
+    """max_queue: events beyond it go to the spool while the server is down."""
+
+    def test_overflow_spooled_then_delivered(self):
+        """Overflow: beyond max_queue events are spooled, and delivered once the server is up."""
+        outage = Outage(self, up=False)
+        spool_dir = self.tempdir()
+        s = self.streamer(outage.url, spool_dir=spool_dir, max_queue=20, max_retries=10 ** 6)
+        expected = events("o", 100)
+        log_all(s, expected)
+        self.assertTrue(self.wait_stats(s, lambda st: st["spooled"] >= 80), s.stats())
+        self.assertLessEqual(s.stats()["queued"], 20)
+        self.assertGreaterEqual(len(spooled_events(spool_dir)), 80)
+        outage.up()
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(outage), expected)
+        self.assertEqual(s.stats()["dropped"], {})
+
+
+class UnwritableSpoolTest(DeliveryTestCase):
+    """A spool that cannot be written: counted drops, a warning, the Streamer lives on."""
+
+    def unwritable_dir(self):
+        folder = self.tempdir()
+        path = os.path.join(folder, "spool")
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o500)
+        self.addCleanup(os.chmod, path, 0o700)
+        try:
+            probe = os.path.join(path, "probe")
+            with open(probe, "w"):
+                pass
+        except OSError:
+            return path                     # the permission bits hold (not root)
+        os.unlink(probe)
+        os.chmod(path, 0o700)
+        path = os.path.join(folder, "not-a-dir")    # root: make mkdir fail instead
+        with open(path, "w") as handle:
+            handle.write("a file where the spool folder should be\n")
+        return path
+
+    def test_drops_counted_warned_and_streamer_keeps_working(self):
+        """Spool: unwritable spool drops with a reason and a warning; later events still go."""
+        outage = Outage(self, up=False)
+        s = self.streamer(outage.url, spool_dir=self.unwritable_dir(), max_retries=1)
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            log_all(s, events("x", 20))
+            self.assertTrue(self.wait_stats(
+                s, lambda st: sum(st["dropped"].values()) >= 20), s.stats())
+        self.assertEqual(s.stats()["dropped"], {"spool_unwritable": 20})
+        self.assertTrue(any("dropped" in line and "spool_unwritable" in line
+                            for line in logs.output), logs.output)
+        outage.up()
+        after = events("y", 15)
+        log_all(s, after)
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertExactlyOnce(self.received(outage), after)
+        self.assertTrue(s.close(5))
+
+
+class SpoolFormatTest(DeliveryTestCase):
+    """What the spool holds on disk, and replay past a torn line."""
+
+    def spool_while_down(self, url, spool_dir, pairs, bucket_key="delivery-bucket"):
+        s = self.streamer(url, spool_dir=spool_dir, bucket_key=bucket_key,
+                          bucket_name="Spooled")
+        log_all(s, pairs)
+        self.assertFalse(s.close(0.3))
+        return s
+
+    def test_lines_are_postable_private_and_keyless(self):
+        """Spool: each line a JSON array POSTable as-is; files 0600, dirs 0700, no key."""
+        outage = Outage(self, up=False)
+        spool_dir = self.tempdir()
+        expected = events("f", 25)
+        self.spool_while_down(outage.url, spool_dir, expected)
+        segments = spool_segments(spool_dir)
+        self.assertTrue(segments)
+        for root, dirs, files in os.walk(spool_dir):
+            for name in dirs:
+                path = os.path.join(root, name)
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700, path)
+            for name in files:
+                path = os.path.join(root, name)
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+                self.assertNotIn(KEY, path)
+                with open(path, "rb") as handle:
+                    self.assertNotIn(KEY.encode("ascii"), handle.read(), path)
+            self.assertNotIn(KEY, root)
+        import http.client
+        sink = outage.up()
+        lines = 0
+        for path in segments:
+            with open(path, "rb") as handle:
+                for line in handle:
+                    self.assertTrue(line.endswith(b"\n"))
+                    body = line.rstrip(b"\n")
+                    self.assertIsInstance(json.loads(body.decode("utf-8")), list)
+                    conn = http.client.HTTPConnection("127.0.0.1", sink.port, timeout=10)
+                    conn.request("POST", "/api/events", body, {
+                        "Content-Type": "application/json", "X-IS-AccessKey": KEY,
+                        "X-IS-BucketKey": "delivery-bucket"})
+                    self.assertEqual(conn.getresponse().status, 204)
+                    conn.close()
+                    lines += 1
+        self.assertGreater(lines, 0)
+        self.assertExactlyOnce(self.received(sink), expected)
+
+    def test_torn_line_skipped_reported_and_not_blocking(self):
+        """Spool: a torn last line is reported and skipped; lines before and after arrive."""
+        outage = Outage(self, up=False)
+        spool_dir = self.tempdir()
+        first, second = events("a", 10), events("b", 10)
+        self.spool_while_down(outage.url, spool_dir, first)
+        torn = spool_segments(spool_dir)[-1]
+        with open(torn, "rb") as handle:
+            before = handle.read()
+        self.assertTrue(before.endswith(b"\n"))            # complete lines precede the tear
+        with open(torn, "ab") as handle:
+            handle.write(b'[{"key":"torn","value":1,"ep')
+        self.spool_while_down(outage.url, spool_dir, second)
+        segments = spool_segments(spool_dir)
+        self.assertGreater(len(segments), 1)
+        self.assertLess(segments.index(torn), len(segments) - 1)   # lines after it exist
+        outage.up()
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            replayer = self.streamer(outage.url, spool_dir=spool_dir, bucket_key="replayer")
+            self.assertTrue(replayer.flush(10), replayer.stats()["last_error"])
+        self.assertTrue(any("torn" in line or "unreadable" in line for line in logs.output),
+                        logs.output)
+        self.assertExactlyOnce(self.received(outage, "delivery-bucket"), first + second)
+        self.assertEqual(replayer.stats()["replayed"], 20)
+        self.assertEqual(replayer.stats()["dead_lettered"], 1)
+        with open(glob.glob(os.path.join(spool_dir, "*", "deadletter.jsonl"))[0]) as handle:
+            self.assertIn('"key\\":\\"torn', handle.read())
+        self.assertTrue(replayer.close(5))
+        self.assertEqual(spool_segments(spool_dir), [])
+
+
+class DeadlineTest(DeliveryTestCase):
+    """flush(timeout) and close(timeout) return by their deadline; close spools."""
+
+    SLACK = 0.5     # scheduling on a loaded 2-core machine
+
+    def check_deadlines(self, url, spool_dir, sink=None):
+        s = self.streamer(url, spool_dir=spool_dir, timeout=10.0)
+        if sink is not None:
+            self.addCleanup(sink.released.set)      # before the Streamer's own cleanup
+        expected = events("l", 25)
+        log_all(s, expected)
+        started = time.monotonic()
+        self.assertFalse(s.flush(0.3))
+        self.assertLess(time.monotonic() - started, 0.3 + self.SLACK)
+        started = time.monotonic()
+        self.assertFalse(s.close(0.8))
+        self.assertLess(time.monotonic() - started, 0.8 + self.SLACK)
+        on_disk = [(e["key"], e["value"]) for e in spooled_events(spool_dir)]
+        self.assertExactlyOnce(on_disk, expected)
+        self.assertEqual(s.stats()["dropped"], {})
+
+    def test_server_down(self):
+        """Deadlines: with the server down, flush and close return in time; all is spooled."""
+        outage = Outage(self, up=False)
+        self.check_deadlines(outage.url, self.tempdir())
+
+    def test_server_never_answers(self):
+        """Deadlines: with a server that accepts but never answers, the same holds."""
+        sink = self.sink()
+        sink.script("*", *[("hang", 15.0)] * 20)
+        self.check_deadlines(sink.url, self.tempdir(), sink)
+        self.assertEqual(sink.events, [])
+
+
+class OnErrorTest(DeliveryTestCase):
+    """on_error(exc, events) on each failure; its exceptions are logged."""
+
+    def test_called_with_exception_and_events(self):
+        """on_error: gets a DeliveryError with status and reason, and the batch's events."""
+        calls = []
+        sink = self.sink()
+        sink.script("/api/events", 503)
+        s = self.streamer(sink.url, on_error=lambda exc, batch: calls.append((exc, batch)))
+        expected = events("e", 10)
+        log_all(s, expected)
+        self.assertTrue(s.flush(10))
+        self.assertEqual(len(calls), 1)
+        exc, batch = calls[0]
+        self.assertIsInstance(exc, lite.DeliveryError)
+        self.assertEqual((exc.status, exc.reason, exc.bucket_key),
+                         (503, "server_error", "delivery-bucket"))
+        self.assertEqual([(e[0], e[1]) for e in batch], expected)
+
+    def test_exception_in_callback_is_logged_not_raised(self):
+        """on_error: an exception inside it is logged and delivery goes on."""
+        def callback(exc, batch):
+            raise RuntimeError("callback bug")
+        sink = self.sink()
+        sink.script("/api/events", 500, 500)
+        s = self.streamer(sink.url, on_error=callback)
+        with self.assertLogs("isstreamer_lite", "ERROR") as logs:
+            log_all(s, events("e", 10))
+            self.assertTrue(s.flush(10))
+        self.assertTrue(any("on_error" in line and "callback bug" in line
+                            for line in logs.output), logs.output)
+        self.assertExactlyOnce(self.received(sink), events("e", 10))
+
+
+@unittest.skipUnless(hasattr(os, "fork") and sys.version_info >= (3, 7),
+                     "needs os.fork and os.register_at_fork (Python 3.7+)")
+class ForkTest(DeliveryTestCase):
+    """A forked child starts afresh: parent events are sent once, by the parent."""
+
+    def test_child_gets_fresh_queue(self):
+        """fork: parent logs N, child logs M, both close: the server gets N + M, once each."""
+        sink = self.sink()
+        s = self.streamer(sink.url, buffer_size=100, flush_interval=30.0)
+        parent, child = events("parent", 20), events("child", 15)
+        log_all(s, parent)                  # still queued in memory at the fork
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # 3.12+: fork of a threaded process
+            pid = os.fork()
+        if pid == 0:                        # the child: never return into unittest
+            code = 1
+            try:
+                import signal
+                signal.alarm(20)            # never outlive a stuck test
+                log_all(s, child)
+                stats = s.stats()
+                ok = s.close(10)
+                code = 0 if ok and stats["logged"] <= len(child) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status, 0)
+        self.assertTrue(s.close(10))
+        self.assertExactlyOnce(self.received(sink), parent + child)
+
+
+class SharedPacingTest(DeliveryTestCase):
+    """Two Streamers of one access key share one rate-limit budget."""
+
+    def test_two_streamers_one_budget(self):
+        """Pacing: two Streamers of one key against a limit get at most one 429 between them."""
+        key = "ist_shared_pacing_key_%d" % os.getpid()
+        sink = self.sink(rate_limit=20, window=1.0)
+        a = self.streamer(sink.url, access_key=key, bucket_key="shared-a")
+        b = self.streamer(sink.url, access_key=key, bucket_key="shared-b")
+        self.assertIs(a._engine.budget, b._engine.budget)
+        first, second = events("a", 150), events("b", 150)
+        log_all(a, first)
+        log_all(b, second)
+        self.assertTrue(a.flush(15), a.stats()["last_error"])
+        self.assertTrue(b.flush(15), b.stats()["last_error"])
+        self.assertExactlyOnce(self.received(sink), first + second)
+        self.assertLessEqual(sink.rate_limited, 1)
+
+
+# --- Done when ---------------------------------------------------------------
+
+class DoneWhenTest(DeliveryTestCase):
+    """The issue's three acceptance scenarios, with their figures printed."""
+
+    def test_outage_of_5s_loses_nothing_and_log_stays_fast(self):
+        """Done when 1: a 5 s outage amid 400 events 10 ms apart: 0 lost, log() < 50 ms."""
+        outage = Outage(self)
+        s = self.streamer(outage.url, flush_interval=1.0)
+        expected = events("o", 400)
+        durations = []
+        thread = None
+        started = time.perf_counter()
+        for i, (key, value) in enumerate(expected):
+            if i == 50:
+                thread = outage.later(True, 5.0)        # down now, up in 5 s
+            before = time.perf_counter()
+            s.log(key, value)
+            durations.append(time.perf_counter() - before)
+            pause = started + (i + 1) * 0.01 - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)           # pacing the events, not synchronising
+        self.assertTrue(s.flush(20), s.stats()["last_error"])
+        thread.join(10)
+        got = self.received(outage)
+        counts = collections.Counter(got)
+        stats = s.stats()
+        report("done-when 1", lost=len(set(expected) - set(counts)),
+               duplicates=sum(n - 1 for n in counts.values()),
+               max_log_ms=max(durations) * 1000, retried=stats["retried"],
+               spooled=stats["spooled"], replayed=stats["replayed"],
+               total_s=time.perf_counter() - started)
+        self.assertEqual(len(set(expected) - set(counts)), 0)
+        self.assertLess(max(durations), 0.05)
+        self.assertGreater(stats["retried"], 0)
+
+    def test_down_for_the_whole_run_then_new_process_delivers(self):
+        """Done when 2: server down all run: close() < 20 s, spooled; a new process sends all."""
+        outage = Outage(self, up=False)
+        spool_dir = self.tempdir()
+        s = lite.Streamer(bucket_key="dw2-bucket", access_key=KEY, ini_file_location=False,
+                          api_base=outage.url, spool_dir=spool_dir, wait_timeout=3.0)
+        self.addCleanup(s.close, 1.0)
+        expected = events("d", 300)
+        log_all(s, expected)
+        started = time.monotonic()
+        closed = s.close()
+        close_seconds = time.monotonic() - started
+        self.assertFalse(closed)
+        self.assertLess(close_seconds, 20.0)
+        on_disk = [(e["key"], e["value"]) for e in spooled_events(spool_dir)]
+        self.assertExactlyOnce(on_disk, expected)
+        outage.up()
+        script = (
+            "import json, os, sys\n"
+            "import isstreamer_lite as lite\n"
+            "s = lite.Streamer(bucket_key='dw2-replayer', ini_file_location=False,\n"
+            "                  api_base=sys.argv[1], spool_dir=sys.argv[2],\n"
+            "                  flush_interval=0.05, backoff_base=0.01, backoff_cap=0.05)\n"
+            "flushed = s.flush(20.0)\n"
+            "closed = s.close(10.0)\n"
+            "print(json.dumps({'flushed': flushed, 'closed': closed,\n"
+            "                  'replayed': s.stats()['replayed']}))\n")
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-c", script, outage.url, spool_dir],
+                                env=child_env(IS_ACCESS_KEY=KEY), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        replay_seconds = time.monotonic() - started
+        self.assertEqual(result.returncode, 0, result.stderr)
+        outcome = json.loads(result.stdout.strip().splitlines()[-1])
+        got = self.received(outage, "dw2-bucket")
+        counts = collections.Counter(got)
+        report("done-when 2", close_s=close_seconds, lost=len(set(expected) - set(counts)),
+               duplicates=sum(n - 1 for n in counts.values()), spooled_on_disk=len(on_disk),
+               replay_process_s=replay_seconds, child=outcome)
+        self.assertEqual(outcome, {"flushed": True, "closed": True, "replayed": 300})
+        self.assertExactlyOnce(got, expected)
+        self.assertEqual(spool_segments(spool_dir), [])
+
+    def test_burst_of_900_paced_under_rate_limit(self):
+        """Done when 3: 900 events against 30 requests/1 s window: 0 lost, <= one 429, in time."""
+        limit, window, buffer_size, count = 30, 1.0, 10, 900
+        sink = self.sink(rate_limit=limit, window=window)
+        s = self.streamer(sink.url, access_key="ist_done_when_3_%d" % os.getpid(),
+                          buffer_size=buffer_size, flush_interval=1.0)
+        expected = events("b", count)
+        started = time.monotonic()
+        log_all(s, expected)
+        self.assertTrue(s.flush(20), s.stats()["last_error"])
+        elapsed = time.monotonic() - started
+        # requests = ceil(count / buffer_size) = 90 need ceil(90 / limit) = 3 windows; the
+        # last window's requests may start once (3 - 1) windows have passed, so
+        # minimum = (ceil(requests / limit) - 1) * window = 2 windows = 2.0 s. The sink's
+        # windows start on whole seconds, so a first window already under way can make
+        # it as little as (ceil(requests / limit) - 2) * window = 1.0 s: a lower bound.
+        requests = -(-count // buffer_size)
+        minimum = (-(-requests // limit) - 1) * window
+        lower = (-(-requests // limit) - 2) * window
+        got = self.received(sink)
+        counts = collections.Counter(got)
+        report("done-when 3", lost=len(set(expected) - set(counts)),
+               duplicates=sum(n - 1 for n in counts.values()), status_429=sink.rate_limited,
+               elapsed_s=elapsed, minimum_s=minimum, lower_bound_s=lower,
+               ratio=elapsed / minimum,
+               requests=s.stats()["requests"])
+        self.assertExactlyOnce(got, expected)
+        self.assertLessEqual(sink.rate_limited, 1)
+        self.assertLessEqual(elapsed, 1.5 * minimum)
+        self.assertGreaterEqual(elapsed, lower)
 
 
 if __name__ == "__main__":
