@@ -1322,7 +1322,9 @@ class _Engine(object):
     # choosing what to send
 
     def ready(self, batch, now):
+        """Whether a batch should go now rather than wait for more events."""
         return (batch.spool_item is not None or batch.attempts or batch.bisecting
+                or batch is not self.batches[-1]            # closed: it cannot grow
                 or len(batch.events) >= self.settings["buffer_size"]
                 or batch.seq <= self.force_upto or self.closing
                 or now - batch.opened >= self.settings["flush_interval"])
