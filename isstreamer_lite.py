@@ -37,14 +37,29 @@ __all__ = [
 ]
 
 import collections
-import json
-import logging
 import os
 import sys
 import threading
 import time
 
-_log = logging.getLogger("isstreamer_lite")
+
+class _Logger(object):
+    """The ``isstreamer_lite`` logger, importing ``logging`` on first use.
+
+    ``logging`` (like ``json``) takes milliseconds to import on small devices
+    and new Pythons, so the module defers both until they are needed.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        global _log
+        import logging
+        _log = logging.getLogger("isstreamer_lite")
+        return getattr(_log, name)
+
+
+_log = _Logger()
 _time = time.time
 _monotonic = time.monotonic
 
@@ -254,6 +269,7 @@ def _new_bucket_key():
 
 def _enable_console_logging(debug_level):
     """debug_level >= 1: show our messages on stderr unless logging is set up."""
+    import logging
     if _log.level == logging.NOTSET:
         _log.setLevel(logging.DEBUG if debug_level >= 3 else logging.INFO)
     if not _log.hasHandlers():
@@ -413,19 +429,30 @@ def _normalise_epoch(epoch):
     return epoch
 
 
+def _json_bytes(data):
+    """Compact JSON of ``data`` as UTF-8 bytes."""
+    import json
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def _json_load(text):
+    """Parse JSON from str or UTF-8 bytes; ValueError if it is not JSON."""
+    import json
+    return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+
+
 def _event_dict(event):
     return {"key": event[0], "value": event[1], "epoch": event[2]}
 
 
 def _encode_events(events):
     """The JSON array body for a list of (key, value, epoch) tuples."""
-    return json.dumps([_event_dict(e) for e in events],
-                      separators=(",", ":")).encode("utf-8")
+    return _json_bytes([_event_dict(e) for e in events])
 
 
 def _decode_body(body):
     """Events from a JSON body (array or single object); ValueError if bad."""
-    data = json.loads(body.decode("utf-8") if isinstance(body, bytes) else body)
+    data = _json_load(body)
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -840,8 +867,8 @@ class _Spool(object):
                 tmp = "%s.%d.tmp" % (meta, os.getpid())
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
-                    _write_all(fd, json.dumps({"bucketKey": bucket_key,
-                                               "bucketName": bucket_name}).encode("utf-8"))
+                    _write_all(fd, _json_bytes({"bucketKey": bucket_key,
+                                                "bucketName": bucket_name}))
                 finally:
                     os.close(fd)
                 os.replace(tmp, meta)
@@ -1035,7 +1062,7 @@ class _Spool(object):
         folder = os.path.dirname(path)
         try:
             with open(os.path.join(folder, "bucket.json"), encoding="utf-8") as handle:
-                meta = json.load(handle)
+                meta = _json_load(handle.read())
             bucket_key, bucket_name = meta["bucketKey"], meta.get("bucketName", "")
         except (OSError, ValueError, KeyError) as exc:
             _log.warning("spool folder %s has no readable bucket.json (%s); "
@@ -1154,12 +1181,12 @@ class _Spool(object):
     def dead_letter(self, bucket_key, body, status, reply):
         """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
         _make_private_dir(self.dir)
-        record = json.dumps({"time": _time(), "bucketKey": bucket_key, "status": status,
-                             "reply": reply, "body": body.decode("utf-8", "replace")})
+        record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
+                              "reply": reply, "body": body.decode("utf-8", "replace")})
         fd = os.open(os.path.join(self.dir, "deadletter.jsonl"),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            _write_all(fd, record.encode("utf-8") + b"\n")
+            _write_all(fd, record + b"\n")
         finally:
             os.close(fd)
 
@@ -1426,8 +1453,7 @@ class _Engine(object):
         fields = {"bucketKey": bucket_key}
         if bucket_name:
             fields["bucketName"] = bucket_name
-        response, error = self.request("/api/buckets", json.dumps(fields).encode("utf-8"),
-                                       bucket_key)
+        response, error = self.request("/api/buckets", _json_bytes(fields), bucket_key)
         if self.stopped:
             return False
         decision = self.decide(response, error)
@@ -1773,7 +1799,8 @@ class _Engine(object):
     def settle_flushes(self, now):
         if not self.flushes:
             return
-        oldest = min((b.seq for b in self.batches if b.spool_item is None), default=None)
+        # Live batches stay in seq order, so the first one is the oldest.
+        oldest = next((b.seq for b in self.batches if b.spool_item is None), None)
         spool_busy = self.spool is not None and not self.settings["offline"] \
             and self.spool.pending(now)
         keep = []
@@ -2123,6 +2150,7 @@ class Streamer(object):
     def _notify(self, count):
         engine = self._engine
         if self._thread is not None:
+            engine.wake_at = _NEVER         # one signal per wake-up is enough
             engine.wake.set()
         elif count + engine.in_memory >= self._settings["buffer_size"]:
             with self._pump_lock:
@@ -2329,6 +2357,7 @@ class _Sink(object):
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             timeout = 30
+            disable_nagle_algorithm = True      # answers are small: no delayed-ACK stalls
 
             def setup(self):
                 http.server.BaseHTTPRequestHandler.setup(self)
@@ -2387,7 +2416,7 @@ class _Sink(object):
     @staticmethod
     def reply(handler, status, body=b"", headers=None):
         if isinstance(body, dict):
-            body = json.dumps(body).encode("utf-8")
+            body = _json_bytes(body)
         handler.send_response(status)
         for name, value in (headers or {}).items():
             handler.send_header(name, str(value))
@@ -2431,7 +2460,7 @@ class _Sink(object):
         if length > _MAX_BODY_BYTES:
             return self.reply(handler, 413, {"message": "request body over 1 MB"})
         try:
-            data = json.loads(body.decode("utf-8"))
+            data = _json_load(body)
         except (UnicodeDecodeError, ValueError):
             return self.reply(handler, 400, {"message": "body is not valid JSON"})
         if path.endswith("/api/buckets"):
@@ -2469,9 +2498,9 @@ class _Sink(object):
             self.events.extend((bucket_key, item) for item in items)
             self.changed.notify_all()
         if self.jsonl is not None:
-            lines = "".join(json.dumps(dict(item, bucketKey=bucket_key)) + "\n"
-                            for item in items)
-            with open(self.jsonl, "a", encoding="utf-8") as handle:
+            lines = b"".join(_json_bytes(dict(item, bucketKey=bucket_key)) + b"\n"
+                             for item in items)
+            with open(self.jsonl, "ab") as handle:
                 handle.write(lines)
         if self.echo is not None:
             for item in items:
@@ -2594,7 +2623,7 @@ def _parse_line(line):
     """
     text = line.strip()
     if text.startswith("{"):
-        data = json.loads(text)
+        data = _json_load(text)
         if not isinstance(data, dict) or "key" not in data or "value" not in data:
             raise ValueError("a JSON line needs \"key\" and \"value\"")
         epoch = data.get("epoch")
@@ -2713,7 +2742,7 @@ def _spool_summary(spool_dir, access_key=None):
                 continue
             try:
                 with open(os.path.join(path, "bucket.json"), encoding="utf-8") as handle:
-                    meta = json.load(handle)
+                    meta = _json_load(handle.read())
             except (OSError, ValueError):
                 meta = {}
             lines = events = segments = 0
@@ -2845,9 +2874,8 @@ def _cmd_selftest(args, out, err):
     out.write("live selftest against %s with access key %s, bucket %r\n" % (
         settings["api_base"], _mask(settings["access_key"]), settings["bucket_key"]))
     failed = False
-    for path, body in (("/api/buckets", json.dumps({"bucketKey": settings["bucket_key"],
-                                                    "bucketName": settings["bucket_name"]})
-                        .encode("utf-8")),
+    for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings["bucket_key"],
+                                                     "bucketName": settings["bucket_name"]})),
                        ("/api/events", _encode_events([e + (now,) for e in events]))):
         response, error = engine.request(path, body, settings["bucket_key"])
         if error is not None:
