@@ -1377,8 +1377,8 @@ class ExamplesSink(lite._Sink):
         return False
 
 
-class ExamplesTest(unittest.TestCase):
-    """examples/*.py and ISStreamer scripts run unchanged but for the import."""
+class ExampleCase(unittest.TestCase):
+    """Helpers: a recording sink, a temp dir, scripts run as children."""
 
     def setUp(self):
         self.sink = ExamplesSink().start()
@@ -1386,18 +1386,22 @@ class ExamplesTest(unittest.TestCase):
         self.dir = tempfile.mkdtemp(prefix="isl-examples-")
         self.addCleanup(shutil.rmtree, self.dir, True)
 
-    def run_script(self, path):
-        """Run a script as a child; return its result after checking a clean exit."""
+    def example_env(self, **extra):
+        """A child's environment: the sink, a temp spool and HOME, no proxies."""
         env = {k: v for k, v in os.environ.items()
                if k not in EXAMPLES_PROXY_VARS and not k.startswith("IS_")
                and k != "XDG_STATE_HOME"}
         env.update(IS_ACCESS_KEY=EXAMPLES_KEY, IS_API_BASE=self.sink.url,
                    IS_SPOOL_DIR=os.path.join(self.dir, "spool"), HOME=self.dir,
-                   PYTHONPATH=os.path.dirname(os.path.abspath(lite.__file__)))
+                   PYTHONPATH=os.path.dirname(os.path.abspath(lite.__file__)), **extra)
+        return env
+
+    def run_script(self, path):
+        """Run a script as a child; return its result after checking a clean exit."""
         self.started = time.time()
         result = subprocess.run([sys.executable, "-W", "default", path], cwd=self.dir,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True, timeout=30)
+                                env=self.example_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
         self.finished = time.time()
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         return result
@@ -1431,6 +1435,11 @@ class ExamplesTest(unittest.TestCase):
         for epoch in epochs:
             self.assertTrue(self.started - 1 <= epoch <= self.finished + 1, epoch)
         return epochs
+
+
+
+class ExamplesTest(ExampleCase):
+    """examples/*.py and ISStreamer scripts run unchanged but for the import."""
 
     def test_basic_logs_two_events(self):
         """examples/basic.py: test=hi and temperature=32 reach bucket_key, named."""
@@ -3498,3 +3507,67 @@ class DoneWhenTest(DeliveryTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class DeviceExamplesTest(ExampleCase):
+    """The device examples: Pi CPU temperature, the pipe one-liner, the systemd unit."""
+
+    def example_path(self, name):
+        if not os.path.isdir(EXAMPLES_DIR):
+            self.skipTest("no examples/ beside %s (a vendored copy)" % lite.__file__)
+        return os.path.join(EXAMPLES_DIR, name)
+
+    def fake_sensor(self, millidegrees):
+        path = os.path.join(self.dir, "temp")
+        with open(path, "w") as handle:
+            handle.write("%d\n" % millidegrees)
+        return path
+
+    def test_pi_cpu_temperature_reads_thermal_zone(self):
+        """examples/pi_cpu_temperature.py: logs the thermal zone in degrees Celsius."""
+        env = self.example_env(CPU_TEMP_FILE=self.fake_sensor(48312), CPU_TEMP_INTERVAL="0",
+                               CPU_TEMP_COUNT="3")
+        result = subprocess.run([sys.executable, self.example_path("pi_cpu_temperature.py")],
+                                cwd=self.dir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.received(), [("Pi CPU", "cpu_temp_c", 48.312)] * 3)
+
+    def test_service_stop_loses_nothing(self):
+        """examples/isstreamer-pi.service: SIGTERM (systemctl stop) delivers every reading."""
+        env = self.example_env(CPU_TEMP_FILE=self.fake_sensor(51000),
+                               CPU_TEMP_INTERVAL="3600")   # asleep when the stop comes
+        child = subprocess.Popen([sys.executable, self.example_path("pi_cpu_temperature.py")],
+                                 cwd=self.dir, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(child.stdout.readline().strip(), "cpu_temp_c 51.0")
+        child.terminate()
+        out, err = child.communicate(timeout=30)
+        self.assertEqual(child.returncode, 143, err)     # SuccessExitStatus=143 in the unit
+        self.assertEqual(self.received(), [("Pi CPU", "cpu_temp_c", 51.0)])
+
+    def test_service_unit_settings(self):
+        """examples/isstreamer-pi.service: stops with SIGTERM in time and counts 143 as success."""
+        import configparser
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.optionxform = str
+        unit.read(self.example_path("isstreamer-pi.service"))
+        service = unit["Service"]
+        self.assertIn("pi_cpu_temperature.py", service["ExecStart"])
+        self.assertEqual(service["KillSignal"], "SIGTERM")
+        self.assertIn("143", service["SuccessExitStatus"].split())
+        self.assertGreater(float(service["TimeoutStopSec"]), 5.0)    # exit_timeout
+        self.assertIn("multi-user.target", unit["Install"]["WantedBy"])
+
+    def test_load_average_pipe_one_liner(self):
+        """examples/load_average_pipe.sh: a shell loop into pipe streams each reading."""
+        if not os.path.exists("/proc/loadavg"):
+            self.skipTest("needs /proc/loadavg")
+        env = self.example_env(COUNT="3", INTERVAL="0", PYTHON=sys.executable)
+        result = subprocess.run(["sh", self.example_path("load_average_pipe.sh")],
+                                cwd=self.dir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        got = self.received()
+        self.assertEqual([(b, k) for b, k, _ in got], [("Pi load", "load_1m")] * 3)
+        self.assertTrue(all(isinstance(v, float) for _, _, v in got), got)
