@@ -1055,9 +1055,9 @@ class CrashTest(LiteTestCase):
         self.assertEqual(leftovers, [])
 
     def test_durable_survives_sigkill_with_server_down(self):
-        """Durable: SIGKILLs while the server is down; all of it arrives once it is up."""
+        """Durable: 10 SIGKILLs while the server is down; all of it arrives once it is up."""
         down = "http://127.0.0.1:%d" % free_port()
-        runs = self.kill_runs(down, "durable", 4, per_run=400)
+        runs = self.kill_runs(down, "durable", 10, per_run=400)
         sink = self.sink()
         self.finish_run(sink.url, 100000)
         self.assertEqual(self.check(sink, runs, per_run=400), 0)
