@@ -763,12 +763,12 @@ def _budget_for(api_base, access_key):
 # --- Spool -------------------------------------------------------------------
 
 def _make_private_dir(path):
-    """Create ``path`` (and parents) with the last levels 0700."""
+    """Create the folder ``path`` 0700; missing parents get the usual mode."""
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path)
-    if parent and parent != path and not os.path.isdir(parent):
-        _make_private_dir(parent)
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -861,7 +861,8 @@ class _Spool(object):
     def _bucket_dir(self, bucket_key, bucket_name):
         path = os.path.join(self.dir, _fingerprint(bucket_key))
         if bucket_key not in self._known_buckets:
-            _make_private_dir(path)
+            for folder in (self.root, self.dir, path):
+                _make_private_dir(folder)
             meta = os.path.join(path, "bucket.json")
             if not os.path.exists(meta):
                 tmp = "%s.%d.tmp" % (meta, os.getpid())
@@ -962,6 +963,9 @@ class _Spool(object):
 
     def writing(self, path):
         return any(w[0] == path for w in self._writers.values())
+
+    def writing_any(self):
+        return bool(self._writers)
 
     def forget_after_fork(self):
         """In a forked child: drop the parent's open segments without unlocking."""
@@ -1180,7 +1184,8 @@ class _Spool(object):
 
     def dead_letter(self, bucket_key, body, status, reply):
         """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
-        _make_private_dir(self.dir)
+        for folder in (self.root, self.dir):
+            _make_private_dir(folder)
         record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
                               "reply": reply, "body": body.decode("utf-8", "replace")})
         fd = os.open(os.path.join(self.dir, "deadletter.jsonl"),
@@ -1204,13 +1209,22 @@ class _BucketSwitch(object):
 
 
 class _FlushRequest(object):
-    """Queue marker: set ``done`` once everything before it is delivered."""
+    """Queue marker: set ``done`` once everything before it is settled.
 
-    __slots__ = ("done", "upto")
+    ``lost`` tells whether events were dropped meanwhile (then flush() and
+    close() answer False although nothing is left to send).
+    """
+
+    __slots__ = ("done", "upto", "dropped", "lost")
 
     def __init__(self):
         self.done = threading.Event()
         self.upto = None
+        self.dropped = 0
+        self.lost = False
+
+    def succeeded(self):
+        return self.done.is_set() and not self.lost
 
 
 class _Batch(object):
@@ -1280,6 +1294,7 @@ class _Engine(object):
         self.last_sync = 0.0
         self.unsynced = False
         self.last_drop_warning = -1e9
+        self.dropped_total = 0
         self.stats = {
             "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
             "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
@@ -1323,6 +1338,7 @@ class _Engine(object):
                 open_tail = False
             else:
                 item.upto = self.seq
+                item.dropped = self.dropped_total
                 self.force_upto = self.seq
                 self.flushes.append(item)
                 open_tail = False
@@ -1662,6 +1678,9 @@ class _Engine(object):
             import errno
             if isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC:
                 evicted = self.spool.evict_oldest()
+                if evicted is None and self.spool.writing_any():
+                    self.spool.seal_all()       # the oldest may be the one being written
+                    evicted = self.spool.evict_oldest()
                 if evicted is not None:
                     self.drop(evicted, "spool_full", exc)
                     self.to_spool(batch, why)
@@ -1741,11 +1760,12 @@ class _Engine(object):
     def drop(self, count, reason, exc):
         dropped = self.stats["dropped"]
         dropped[reason] = dropped.get(reason, 0) + count
+        self.dropped_total += count
         now = _monotonic()
         if now - self.last_drop_warning >= _DROP_WARN_EVERY:
             self.last_drop_warning = now
-            _log.warning("isstreamer_lite dropped %d events, oldest first (%s: %s); "
-                         "dropped so far: %s", count, reason, exc, dropped)
+            _log.warning("dropped %d events (%s: %s); dropped so far: %s", count, reason,
+                         exc, dropped)
 
     def report(self, exc, events):
         callback = self.settings["on_error"]
@@ -1806,10 +1826,14 @@ class _Engine(object):
         keep = []
         for request in self.flushes:
             if (oldest is None or oldest > request.upto) and not spool_busy:
-                request.done.set()
+                self.settle(request)
             else:
                 keep.append(request)
         self.flushes = keep
+
+    def settle(self, request):
+        request.lost = self.dropped_total > request.dropped
+        request.done.set()
 
     def give_up(self):
         """The close deadline passed: spool what is in memory and stop."""
@@ -1839,7 +1863,7 @@ class _Engine(object):
         self.transport.close()
         for request in self.flushes:
             if not left:
-                request.done.set()
+                self.settle(request)
 
     # driving the engine
 
@@ -2218,11 +2242,12 @@ class Streamer(object):
         self._queue.append(request)
         if self._thread is not None:
             self._engine.wake.set()
-            return request.done.wait(timeout)
+            request.done.wait(timeout)
+            return request.succeeded()
         deadline = _monotonic() + timeout
         with self._pump_lock:
             self._engine.pump(request.done, deadline)
-        return request.done.is_set()
+        return request.succeeded()
 
     def close(self, timeout=None):
         """Flush, spool what cannot be delivered by the deadline, stop the worker.
@@ -2265,7 +2290,7 @@ class Streamer(object):
                     engine.give_up()
         with _hooks_lock:
             _open_streamers.discard(self)
-        return self._close_request.done.is_set()
+        return self._close_request.succeeded()
 
     def __enter__(self):
         return self
@@ -2692,8 +2717,11 @@ def _cmd_send(args, out, err):
     if delivered:
         out.write("sent %d events to bucket %s\n" % (len(args.pairs) // 2, streamer.bucket_key))
         return 0
-    err.write("not delivered within %g s (%s); the events are spooled and will be sent "
-              "later\n" % (args.timeout, stats["last_error"] or "server did not answer"))
+    if stats["dropped"]:
+        err.write("events were dropped: %s\n" % stats["dropped"])
+    err.write("not everything was delivered within %g s (%s): what is left of these events "
+              "and of the key's earlier backlog is spooled and will be sent later\n"
+              % (args.timeout, stats["last_error"] or "server did not answer"))
     return 1
 
 
@@ -2840,7 +2868,8 @@ def _cmd_sink(args, out, err):
     def echo(line):
         out.write(line + "\n")
         out.flush()
-    sink = _Sink(args.host, args.port, args.rate_limit, args.window, jsonl=args.jsonl,
+    sink = _Sink(args.host, args.port, args.rate_limit, args.window,
+                 access_key=args.access_key, jsonl=args.jsonl,
                  echo=None if args.quiet else echo)
     sink.start()
     previous = _install_sigterm_stop()
@@ -2978,6 +3007,8 @@ def _build_parser():
                                                     "unlimited)")
     sub.add_argument("--window", type=float, default=10.0, help="window seconds (default 10)")
     sub.add_argument("--quiet", action="store_true", help="do not print events")
+    sub.add_argument("--access-key", help="accept only this access key (others get 401, "
+                                          "to try a wrong key); default: any")
     return parser
 
 

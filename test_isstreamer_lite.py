@@ -974,15 +974,6 @@ if mode != "no-close":
 '''
 
 
-def free_port():
-    """A loopback port nothing listens on (bound, then released)."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 class CrashTest(LiteTestCase):
     """Durable mode, SIGTERM and SIGKILL: what survives a dying process."""
 
@@ -1056,7 +1047,7 @@ class CrashTest(LiteTestCase):
 
     def test_durable_survives_sigkill_with_server_down(self):
         """Durable: 10 SIGKILLs while the server is down; all of it arrives once it is up."""
-        down = "http://127.0.0.1:%d" % free_port()
+        down = dead_url()
         runs = self.kill_runs(down, "durable", 10, per_run=400)
         sink = self.sink()
         self.finish_run(sink.url, 100000)
@@ -2256,6 +2247,19 @@ class CliSinkTest(CliTestCase):
         out = self.stop(child)
         self.assertRegex(out, r"2 events in \d+ requests")
 
+    def test_access_key_option_rejects_other_keys(self):
+        """CLI sink: --access-key answers 401 to any other key, 204 to that one."""
+        child, url = self.start_sink("--access-key", CLI_KEY, "--quiet")
+        port = int(url.rsplit(":", 1)[1])
+        for key, status in (("ist_wrong_key", 401), (CLI_KEY, 204)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/api/events", b'[{"key": "k", "value": 1}]',
+                         {"X-IS-AccessKey": key, "X-IS-BucketKey": "b",
+                          "Content-Type": "application/json"})
+            self.assertEqual(conn.getresponse().status, status)
+            conn.close()
+        self.stop(child)
+
     def test_sigterm_right_after_start(self):
         """CLI sink: SIGTERM as soon as it printed its URL stops it with exit 0."""
         child, url = self.start_sink()
@@ -3177,6 +3181,31 @@ class UnwritableSpoolTest(DeliveryTestCase):
         with open(path, "w") as handle:
             handle.write("a file where the spool folder should be\n")
         return path
+
+    def test_close_is_false_when_events_were_dropped(self):
+        """Spool: close() answers False when events had to be dropped, not True."""
+        outage = Outage(self, up=False)
+        s = self.streamer(outage.url, spool_dir=self.unwritable_dir(), max_retries=1)
+        with self.assertLogs("isstreamer_lite", "WARNING"):
+            log_all(s, events("x", 5))
+            self.assertFalse(s.close(0.5))
+        self.assertEqual(s.stats()["dropped"], {"spool_unwritable": 5})
+
+    def test_parents_of_spool_dir_keep_their_usual_mode(self):
+        """Spool: folders above spool_dir are made with the usual mode; only ours are 0700."""
+        outage = Outage(self, up=False)
+        spool = os.path.join(self.tempdir(), "state", "isstreamer_lite")
+        s = self.streamer(outage.url, spool_dir=spool, max_retries=1)
+        log_all(s, events("x", 3))
+        self.assertFalse(s.close(0.5))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(spool)).st_mode),
+                         0o777 & ~umask)
+        for folder in [spool] + glob.glob(os.path.join(spool, "*")) + \
+                glob.glob(os.path.join(spool, "*", "*")):
+            if os.path.isdir(folder):
+                self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o700, folder)
 
     def test_drops_counted_warned_and_streamer_keeps_working(self):
         """Spool: unwritable spool drops with a reason and a warning; later events still go."""
