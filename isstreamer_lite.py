@@ -80,6 +80,8 @@ _MAX_BODY_BYTES = 1000000
 # A spool segment is closed and a new one begun past this size, so that a
 # delivered segment can be deleted whole instead of rewritten.
 _SEGMENT_BYTES = 1 << 20
+# Validated keys remembered for log()'s fast path; more go the slow path.
+_KNOWN_KEYS = 1000
 # wake_at while the worker is awake: log() then never signals it.
 _NEVER = sys.maxsize
 # Longest idle wait of the worker: every wait has a timeout.
@@ -1890,8 +1892,10 @@ class _Engine(object):
                 # While backing off, wake for the queue only when it must spill.
                 if self.retry_at > now:
                     self.wake_at = max(size, self.settings["max_queue"] - self.in_memory + 1)
+                elif self.in_memory:
+                    self.wake_at = max(1, size - self.in_memory)    # when a batch is full
                 else:
-                    self.wake_at = size
+                    self.wake_at = 1        # the first event starts flush_interval
                 if len(self.queue) >= self.wake_at:
                     continue                # filled up before wake_at was armed
                 if self.closing:
@@ -2096,7 +2100,9 @@ class Streamer(object):
         engine.queue.append(_BucketSwitch(*self._bucket))
         self._engine = engine
         self._queue = engine.queue
-        self._fast = not (self._echo or self._closed)
+        # Keys already validated, so log() need not check them again; emptied
+        # on close() and never filled when events are echoed (slow path).
+        self._keys = set()
         self._pump_lock = threading.Lock()      # serialises use_async=False delivery
         self._thread = None
         if not s["use_async"]:
@@ -2126,24 +2132,20 @@ class Streamer(object):
         A bad event is not queued: it is a warning, or with ``debug_level``
         2 or more a ValueError/TypeError raised here.
         """
-        if epoch is None:
-            epoch = _time()
-        else:
-            epoch = self._epoch(epoch)
         kind = type(value)
-        if self._fast and type(key) is str and 0 < len(key) <= _MAX_KEY_CHARS and (
+        if epoch is None and type(key) is str and key in self._keys and (
                 kind is float and value - value == 0.0 or kind is int or kind is bool
                 or kind is str and len(value) <= _MAX_VALUE_CHARS):
             queue = self._queue
-            queue.append((key, value, epoch))
-            count = len(queue)
-            if count >= self._engine.wake_at or count == 1:
-                self._notify(count)
+            queue.append((key, value, _time()))
+            if len(queue) >= self._engine.wake_at:
+                self._notify()
             return
         self._log_checked(key, value, epoch)
 
     def _log_checked(self, key, value, epoch):
-        """The slow path of log(): closed, echo, conversion, rejection."""
+        """The slow path of log(): new keys, epochs, conversion, rejection, echo."""
+        epoch = _time() if epoch is None else self._epoch(epoch)
         try:
             if self._closed:
                 raise StreamerClosedError("the Streamer is closed; event %r was not logged"
@@ -2155,11 +2157,12 @@ class Streamer(object):
                 raise
             _log.warning("event not logged: %s", exc)
             return
+        if not (self._echo or self._closed) and len(self._keys) < _KNOWN_KEYS:
+            self._keys.add(key)
         queue = self._queue
         queue.append((key, value, epoch))
-        count = len(queue)
-        if count >= self._engine.wake_at or count == 1:
-            self._notify(count)
+        if len(queue) >= self._engine.wake_at:
+            self._notify()
         if self._echo:
             _log.info("%s: %s %r", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)),
                       key, value)
@@ -2171,12 +2174,12 @@ class Streamer(object):
             _log.warning("%s; using the current time instead", exc)
             return _time()
 
-    def _notify(self, count):
+    def _notify(self):
         engine = self._engine
         if self._thread is not None:
             engine.wake_at = _NEVER         # one signal per wake-up is enough
             engine.wake.set()
-        elif count + engine.in_memory >= self._settings["buffer_size"]:
+        elif len(engine.queue) + engine.in_memory >= self._settings["buffer_size"]:
             with self._pump_lock:
                 engine.pump(deadline=_monotonic() + self._settings["timeout"])
 
@@ -2213,7 +2216,7 @@ class Streamer(object):
         _check_bucket(bucket_key, bucket_name)
         self._bucket = (bucket_key, bucket_name)
         self._queue.append(_BucketSwitch(bucket_key, bucket_name))
-        self._notify(0)
+        self._notify()
 
     @property
     def bucket_key(self):
@@ -2266,7 +2269,7 @@ class Streamer(object):
                 return
             self._close_started = True
             self._closed = True
-            self._fast = False
+            self._keys = frozenset()
             self._close_request = _FlushRequest()
         engine = self._engine
         self._queue.append(self._close_request)
