@@ -801,6 +801,50 @@ def _write_all(fd, data):
         view = view[written:]
 
 
+def _retired_offsets(path):
+    """Start offsets of the segment's lines recorded in its ack log."""
+    retired = set()
+    try:
+        with open(path + _ACK_SUFFIX, "rb") as handle:
+            for line in handle:
+                if line.endswith(b"\n"):           # a torn last record retires nothing
+                    try:
+                        retired.add(int(line.split(b" ")[0]))
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    return retired
+
+
+def _unretired_lines(path, data):
+    """Yield (start, end, body, torn) for each line of a segment not yet retired.
+
+    ``data`` is the segment's content; ``torn`` marks a last line without its
+    newline (a crash while writing it).
+    """
+    retired = _retired_offsets(path)
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        torn = end < 0
+        end = len(data) if torn else end + 1
+        if start not in retired:
+            yield start, end, data[start:end].rstrip(b"\n"), torn
+        start = end
+
+
+def _count_events(bodies):
+    """Events in spool line bodies; unreadable ones count none."""
+    count = 0
+    for body in bodies:
+        try:
+            count += len(_decode_body(body))
+        except ValueError:
+            pass
+    return count
+
+
 class _SpoolItem(object):
     """One line of a spool segment, claimed for delivery."""
 
@@ -1075,40 +1119,22 @@ class _Spool(object):
                          "its segments are left in place", folder, exc)
             os.close(fd)
             return None
-        retired = set()
-        try:
-            with open(path + _ACK_SUFFIX, "rb") as handle:
-                for line in handle:
-                    if line.endswith(b"\n"):
-                        try:
-                            retired.add(int(line.split(b" ")[0]))
-                        except ValueError:
-                            pass
-        except OSError:
-            pass
         with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read()
         segment = _Segment(path, fd, bucket_key, bucket_name)
-        start = 0
-        while start < len(data):
-            end = data.find(b"\n", start)
-            torn = end < 0
-            end = len(data) if torn else end + 1
-            if start not in retired:
-                body = data[start:end].rstrip(b"\n")
-                try:
-                    if torn:
-                        raise ValueError("torn line (no newline at end of segment)")
-                    events = _decode_body(body)
-                except ValueError as exc:
-                    segment.lines.append(_SpoolItem(segment, start, end, body, None))
-                    if path not in self.warned_torn:
-                        self.warned_torn.add(path)
-                        _log.warning("spool segment %s: skipping unreadable line at byte %d "
-                                     "(%s); it goes to the dead-letter file", path, start, exc)
-                else:
-                    segment.lines.append(_SpoolItem(segment, start, end, body, events))
-            start = end
+        for start, end, body, torn in _unretired_lines(path, data):
+            try:
+                if torn:
+                    raise ValueError("torn line (no newline at end of segment)")
+                events = _decode_body(body)
+            except ValueError as exc:
+                segment.lines.append(_SpoolItem(segment, start, end, body, None))
+                if path not in self.warned_torn:
+                    self.warned_torn.add(path)
+                    _log.warning("spool segment %s: skipping unreadable line at byte %d "
+                                 "(%s); it goes to the dead-letter file", path, start, exc)
+            else:
+                segment.lines.append(_SpoolItem(segment, start, end, body, events))
         return segment
 
     def ack(self, path, start, end):
@@ -1154,7 +1180,7 @@ class _Spool(object):
             os.close(segment.fd)
 
     def evict_oldest(self):
-        """Delete the oldest claimable segment; return its event count or None."""
+        """Delete the oldest claimable segment; return its undelivered events or None."""
         for path in self._all_segments():
             if self.writing(path):
                 continue
@@ -1166,13 +1192,8 @@ class _Spool(object):
                 if not _lock_file(fd):
                     continue
                 with os.fdopen(os.dup(fd), "rb") as handle:
-                    lines = handle.read().splitlines()
-                events = 0
-                for line in lines:
-                    try:
-                        events += len(_decode_body(line))
-                    except ValueError:
-                        pass
+                    data = handle.read()
+                events = _count_events(body for _, _, body, _ in _unretired_lines(path, data))
                 os.unlink(path)
                 try:
                     os.unlink(path + _ACK_SUFFIX)
@@ -2782,20 +2803,12 @@ def _spool_summary(spool_dir, access_key=None):
                     continue
                 segments += 1
                 segment = os.path.join(path, name)
-                retired = set()
-                if os.path.exists(segment + _ACK_SUFFIX):
-                    with open(segment + _ACK_SUFFIX, "rb") as handle:
-                        retired = {l.split(b" ")[0] for l in handle if l.endswith(b"\n")}
-                offset = 0
                 with open(segment, "rb") as handle:
-                    for line in handle:
-                        if str(offset).encode() not in retired and line.endswith(b"\n"):
-                            lines += 1
-                            try:
-                                events += len(_decode_body(line))
-                            except ValueError:
-                                pass
-                        offset += len(line)
+                    data = handle.read()
+                bodies = [body for _, _, body, torn in _unretired_lines(segment, data)
+                          if not torn]
+                lines += len(bodies)
+                events += _count_events(bodies)
             if not lines:
                 continue
             rows.append({"key": fingerprint, "bucket_key": meta.get("bucketKey", "?"),

@@ -3600,3 +3600,19 @@ class DeviceExamplesTest(ExampleCase):
         got = self.received()
         self.assertEqual([(b, k) for b, k, _ in got], [("Pi load", "load_1m")] * 3)
         self.assertTrue(all(isinstance(v, float) for _, _, v in got), got)
+
+
+class SpoolEvictionTest(LiteTestCase):
+    """Evicting a segment counts only the events it still held."""
+
+    def test_evicted_segment_counts_only_undelivered_events(self):
+        """Spool: eviction drops (and counts) the unretired lines, not delivered ones."""
+        spool = lite._Spool(self.tempdir(), KEY, None)
+        body = lite._encode_events([("k", i, 1.0) for i in range(3)])
+        path, start, end = spool.append("bucket", "", body)
+        spool.append("bucket", "", body)
+        spool.seal_all()
+        spool.ack(path, start, end)             # the first line was delivered
+        self.assertEqual(spool.evict_oldest(), 3)
+        self.assertFalse(os.path.exists(path))
+        self.assertFalse(os.path.exists(path + ".ack"))
