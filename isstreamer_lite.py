@@ -91,6 +91,10 @@ _DROP_WARN_EVERY = 60.0
 # Longest a rate-limit window is believed to last, guarding against a
 # nonsense X-RateLimit-Reset or a badly skewed clock.
 _MAX_WINDOW_WAIT = 120.0
+# Integers beyond this do not survive the trip through most JSON consumers.
+_INT_LIMIT = 2 ** 63
+# Error bodies are read up to this much; the rest of the answer is discarded.
+_MAX_REPLY_BYTES = 64 * 1024
 _SPOOL_SUFFIX = ".jsonl"
 _ACK_SUFFIX = ".ack"
 
@@ -131,6 +135,15 @@ def _mask(secret):
     if not secret:
         return "(none)"
     return "..." + secret[-4:] if len(secret) > 8 else "****"
+
+
+def _scrub(text, secret):
+    """``text`` with every copy of ``secret`` (plain or escaped) masked."""
+    if secret:
+        for form in (secret, repr(secret)[1:-1]):
+            if form and form in text:
+                text = text.replace(form, _mask(secret))
+    return text
 
 
 def _fingerprint(text):
@@ -335,6 +348,11 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
         bucket_key = _new_bucket_key()
     _check_bucket(bucket_key, bucket_name)
 
+    spool_dir = _pick(spool_dir, "IS_SPOOL_DIR", ini, "spool_dir", _default_spool_dir())
+    if not offline:
+        _check_private_dir(spool_dir)
+        _check_private_dir(os.path.join(spool_dir, _fingerprint(access_key)),
+                           "the spool folder")
     if debug_level >= 1:
         _enable_console_logging(debug_level)
     if scheme == "http" and not _is_loopback(host) and not offline:
@@ -347,8 +365,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
         "max_retries": int(max_retries), "backoff_base": float(backoff_base),
         "backoff_cap": float(backoff_cap), "retry_after_cap": float(retry_after_cap),
         "pause_interval": float(pause_interval), "max_queue": max_queue,
-        "spool_dir": _pick(spool_dir, "IS_SPOOL_DIR", ini, "spool_dir",
-                           _default_spool_dir()),
+        "spool_dir": spool_dir,
         "spool_max_bytes": spool_max_bytes, "on_error": on_error,
         "ssl_context": ssl_context, "offline": bool(offline), "use_async": bool(use_async),
         "offline_file": _pick(offline_file, None, ini, "offline_file",
@@ -370,6 +387,9 @@ def _normalise_value(key, value):
     converted.
     """
     kind = type(value)
+    if kind is int and not -_INT_LIMIT <= value <= _INT_LIMIT:
+        raise ValueError("value for key %r is an integer of %d bits; the limit is 64 bits "
+                         "(JSON readers lose larger ones)" % (key, value.bit_length()))
     if kind is bool or kind is int:
         return value
     if kind is float:
@@ -387,7 +407,7 @@ def _normalise_value(key, value):
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
-        return int(value)
+        return _normalise_value(key, int(value))
     if isinstance(value, float):
         return _normalise_value(key, float(value))
     item = getattr(value, "item", None)
@@ -443,13 +463,17 @@ def _json_load(text):
     return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
 
 
-def _event_dict(event):
-    return {"key": event[0], "value": event[1], "epoch": event[2]}
+def _encode_json(data):
+    """Compact JSON text, NaN refused; replaces itself with the C encoder on first use."""
+    global _encode_json
+    import json
+    _encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    return _encode_json(data)
 
 
 def _encode_events(events):
     """The JSON array body for a list of (key, value, epoch) tuples."""
-    return _json_bytes([_event_dict(e) for e in events])
+    return b"[" + b",".join(_encode_event(e) for e in events) + b"]"
 
 
 def _decode_body(body):
@@ -465,11 +489,6 @@ def _decode_body(body):
             raise ValueError("not an event object: %r" % (item,))
         events.append((item["key"], item["value"], item.get("epoch", item.get("iso8601"))))
     return events
-
-
-def _split(events):
-    half = len(events) // 2
-    return events[:half], events[half:]
 
 
 # --- Transport ---------------------------------------------------------------
@@ -560,14 +579,23 @@ class _HTTPTransport(object):
             return "http://%s:%d%s%s" % (self.host, self.port, self.prefix, path)
         return self.prefix + path
 
-    def post(self, path, body, headers, timeout=None):
-        """POST ``body``; return a _Response or raise OSError/HTTPException."""
+    def post(self, path, body, headers, deadline=None):
+        """POST ``body`` before ``deadline`` (monotonic); a _Response, or raise.
+
+        Raises OSError or HTTPException. At most _MAX_REPLY_BYTES of the
+        answer are read; a connection with more, or that answered with an
+        interim 1xx, is not reused.
+        """
         import http.client
-        timeout = self.timeout if timeout is None else timeout
+        if deadline is None:
+            deadline = _monotonic() + self.timeout
         headers = dict(headers)
         if self._proxy is not None and self.scheme == "http" and self._proxy[2]:
             headers["Proxy-Authorization"] = self._proxy[2]
         for attempt in (1, 2):
+            timeout = min(self.timeout, deadline - _monotonic())
+            if timeout <= 0:
+                raise TimeoutError("no answer before the request's deadline")
             reused = self._conn is not None
             if self._conn is None:
                 self._conn = self._connect(timeout)
@@ -577,7 +605,12 @@ class _HTTPTransport(object):
             try:
                 conn.request("POST", self._target(path), body, headers)
                 response = conn.getresponse()
-                data = response.read()
+                if response.status < 200:
+                    raise http.client.HTTPException(
+                        "the server sent an interim %d answer as final" % response.status)
+                data = response.read(_MAX_REPLY_BYTES)
+                if not response.isclosed():
+                    self.close()            # more than we read: never reuse it
             except (http.client.RemoteDisconnected, ConnectionResetError,
                     ConnectionAbortedError, BrokenPipeError, http.client.BadStatusLine):
                 self.close()
@@ -593,6 +626,20 @@ class _HTTPTransport(object):
             return _Response(response.status,
                              {k.lower(): v for k, v in response.getheaders()}, data)
         raise AssertionError("unreachable")
+
+    def abort(self):
+        """Break a request running in another thread (its deadline passed)."""
+        conn = self._conn
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(2)            # SHUT_RDWR: the blocked read returns
+            except OSError:
+                pass
+
+    def forget(self):
+        """In a forked child: drop the parent's connection without closing it."""
+        self._conn = None
 
     def close(self):
         conn, self._conn = self._conn, None
@@ -673,7 +720,9 @@ def _decide(status, headers=None, error=None, failures=0, base=0.5, cap=30.0,
         after = _parse_retry_after((headers or {}).get("retry-after"), now)
         if after is None:
             return _Decision(_WAIT, _retry_delay(failures, base, cap, rand), "rate_limited")
-        return _Decision(_WAIT, min(after, retry_after_cap), "rate_limited")
+        # A Retry-After of 0 or in the past still waits, longer each time in a row.
+        floor = min(cap, base * (2 ** min(failures, 30))) / 2.0
+        return _Decision(_WAIT, max(floor, min(after, retry_after_cap)), "rate_limited")
     if status == 413:
         return _Decision(_SPLIT, 0.0, "too_large")
     if status == 400:
@@ -699,54 +748,69 @@ class _RateBudget(object):
     """Requests left in the rate-limit window of one access key.
 
     Learnt from X-RateLimit-Limit/Remaining/Reset on every response and
-    shared by every Streamer of the process using that key. Until a server
-    sends those headers nothing is paced.
+    shared by every Streamer of the process using that key. Kept in
+    monotonic time: the server's reset is turned into "seconds from now"
+    when its answer arrives, so a wall clock that steps cannot stall
+    sending, and a reset that is not a sane time in the next
+    _MAX_WINDOW_WAIT seconds is ignored or capped. What is left of a window
+    is spread over its remaining time rather than spent at once, so a
+    flush() or close() always finds a request to make. Until a server sends
+    those headers nothing is paced.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()   # guards the three fields below
+        self._lock = threading.Lock()   # guards the fields below; arithmetic only under it
         self._limit = None
         self._remaining = None
-        self._reset = None              # wall-clock time the window refills
+        self._reset = None              # monotonic time the window refills
+        self._span = 10.0               # longest window seen, seconds
+        self._next = 0.0                # monotonic time of the next evenly spaced request
 
     def reserve(self, now):
         """Take one request from the window: 0.0, or seconds to wait first."""
         with self._lock:
             if self._remaining is None:
                 return 0.0
-            if self._reset is not None and now >= self._reset:
+            if now >= self._reset:
+                while now >= self._reset:
+                    self._reset += self._span       # the next window, until we hear of it
                 self._remaining = self._limit
-                self._reset = None
-            if self._remaining > 0:
-                self._remaining -= 1
-                return 0.0
-            if self._reset is None:
-                return 0.0
-            return min(self._reset - now, _MAX_WINDOW_WAIT) + 0.01
+                self._next = 0.0
+            if self._remaining <= 0:
+                return self._reset - now + 0.01
+            if now < self._next:
+                return self._next - now
+            self._next = now + (self._reset - now) / self._remaining
+            self._remaining -= 1
+            return 0.0
 
-    def update(self, headers, now):
-        """Learn the window from a response's headers."""
+    def update(self, headers, now, wall):
+        """Learn the window from an answer's headers (``now`` monotonic, ``wall`` Unix)."""
         try:
             limit = int(headers["x-ratelimit-limit"])
             remaining = int(headers["x-ratelimit-remaining"])
             reset = float(headers["x-ratelimit-reset"])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError, OverflowError):
             return
-        skew = 0.0
         date = headers.get("date")
         if date:
             from email.utils import parsedate_tz, mktime_tz
             parsed = parsedate_tz(date)
-            if parsed is not None and abs(mktime_tz(parsed) - now) > 2.0:
-                skew = mktime_tz(parsed) - now
-        reset -= skew
-        if reset <= now:
-            return              # a late answer from a window that is already over
+            if parsed is not None and abs(mktime_tz(parsed) - wall) > 2.0:
+                reset -= mktime_tz(parsed) - wall       # the server's clock is off
+        left = reset - wall
+        if limit < 1 or not left > 0.0 or left == float("inf"):
+            return              # nonsense, or a late answer from a window that is over
+        left = min(left, _MAX_WINDOW_WAIT)
         with self._lock:
-            same_window = self._reset is not None and abs(reset - self._reset) < 1.0
+            same_window = self._reset is not None and abs(now + left - self._reset) < 1.0
             if same_window and self._remaining is not None:
                 remaining = min(remaining, self._remaining)
-            self._limit, self._remaining, self._reset = limit, remaining, reset
+            else:
+                self._next = 0.0
+            self._span = max(min(left, _MAX_WINDOW_WAIT), 1.0) if self._reset is None \
+                else max(self._span, min(left, _MAX_WINDOW_WAIT))
+            self._limit, self._remaining, self._reset = limit, max(0, remaining), now + left
 
 
 _budgets = {}
@@ -764,17 +828,51 @@ def _budget_for(api_base, access_key):
 
 # --- Spool -------------------------------------------------------------------
 
-def _make_private_dir(path):
-    """Create the folder ``path`` 0700; missing parents get the usual mode."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent and not os.path.isdir(parent):
-        os.makedirs(parent, exist_ok=True)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)     # never follow a link we did not make
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _private_dir(path):
+    """Create ``path`` and its missing parents 0700, whatever the umask."""
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(folder, 0o700)
+
+
+def _check_private_dir(path, what="spool_dir"):
+    """Refuse an existing folder that another user owns or others may write."""
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return                          # made 0700 when first needed
+    except OSError as exc:
+        raise ConfigError("%s %s cannot be read: %s" % (what, path, exc))
+    import stat
+    if not stat.S_ISDIR(st.st_mode):
+        return                          # unwritable: events stay in memory, then drop
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise ConfigError("%s %s belongs to uid %d, not to this user (uid %d); use a "
+                          "folder of your own" % (what, path, st.st_uid, os.geteuid()))
+    if st.st_mode & 0o022:
+        raise ConfigError("%s %s is writable by group or others (mode %04o); "
+                          "chmod 700 it or use another folder"
+                          % (what, path, stat.S_IMODE(st.st_mode)))
+
+
+def _open_private(path, flags):
+    """os.open a file 0600 without following a symlink at ``path``."""
+    return os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
 
 
 def _lock_file(fd):
@@ -790,6 +888,38 @@ def _lock_file(fd):
     return True
 
 
+def _probe_lock(path):
+    """Whether nobody holds the segment's lock (taken and let go at once)."""
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if not _lock_file(fd):
+            return False
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except ImportError:
+            pass
+        return os.fstat(fd).st_nlink > 0
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class _SpoolFull(OSError):
     """The spool reached spool_max_bytes."""
 
@@ -801,19 +931,27 @@ def _write_all(fd, data):
         view = view[written:]
 
 
+def _read_at(fd, start, length):
+    if hasattr(os, "pread"):
+        return os.pread(fd, length, start)
+    os.lseek(fd, start, os.SEEK_SET)
+    return os.read(fd, length)
+
+
 def _retired_offsets(path):
     """Start offsets of the segment's lines recorded in its ack log."""
     retired = set()
     try:
-        with open(path + _ACK_SUFFIX, "rb") as handle:
-            for line in handle:
-                if line.endswith(b"\n"):           # a torn last record retires nothing
-                    try:
-                        retired.add(int(line.split(b" ")[0]))
-                    except ValueError:
-                        pass
+        fd = _open_private(path + _ACK_SUFFIX, os.O_RDONLY)
     except OSError:
-        pass
+        return retired
+    with os.fdopen(fd, "rb") as handle:
+        for line in handle:
+            if line.endswith(b"\n"):           # a torn last record retires nothing
+                try:
+                    retired.add(int(line.split(b" ")[0]))
+                except ValueError:
+                    pass
     return retired
 
 
@@ -845,374 +983,436 @@ def _count_events(bodies):
     return count
 
 
-class _SpoolItem(object):
-    """One line of a spool segment, claimed for delivery."""
+def _join_arrays(lines):
+    """One JSON array body from several JSON array lines, without parsing them."""
+    inner = [line.strip()[1:-1].strip() for line in lines]
+    return b"[" + b",".join(part for part in inner if part) + b"]"
 
-    __slots__ = ("segment", "start", "end", "body", "events")
 
-    def __init__(self, segment, start, end, body, events):
+def _read_bucket_meta(folder):
+    fd = _open_private(os.path.join(folder, "bucket.json"), os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        meta = _json_load(handle.read())
+    return meta["bucketKey"], meta.get("bucketName", "")
+
+
+class _Ref(object):
+    """One line of a spool segment: where it is and how many events it holds.
+
+    ``seq`` is the first event's sequence number when this Streamer logged
+    them (None for lines of earlier runs); ``journal`` marks durable-mode
+    lines written before their first attempt.
+    """
+
+    __slots__ = ("segment", "start", "end", "count", "seq", "journal")
+
+    def __init__(self, segment, start, end, count, seq=None, journal=False):
         self.segment = segment
         self.start = start
         self.end = end
-        self.body = body
-        self.events = events
+        self.count = count
+        self.seq = seq
+        self.journal = journal
 
 
 class _Segment(object):
-    """A claimed spool segment being replayed: its lines and retired ones."""
+    """A segment file this process holds open and locked, and its unsent lines.
 
-    def __init__(self, path, fd, bucket_key, bucket_name):
-        self.path = path
-        self.fd = fd
-        self.bucket_key = bucket_key
-        self.bucket_name = bucket_name
-        self.lines = collections.deque()
-        self.outstanding = 0
-
-
-class _Spool(object):
-    """Segments of JSON-array lines for one access key, one folder a bucket.
-
-    Layout: ``<root>/<key fingerprint>/<bucket fingerprint>/`` holds
-    ``bucket.json`` (the bucket's key and name) and segments named
-    ``<microseconds>-<pid>-<random>.jsonl``; each line is a body that
-    ``POST /api/events`` accepts as-is. A writer holds an exclusive lock on
-    its segment; a replayer claims a segment by locking it, so no two
-    processes or Streamers send the same line. Delivered lines are recorded
-    by appending their offsets to ``<segment>.ack``; a fully delivered
-    segment is deleted. Used only by the worker thread (and by ``close()``
-    once the worker has stopped), so it needs no lock of its own.
+    ``lines`` are refs not handed out, oldest first; ``out`` counts refs
+    handed out in a batch and not yet acked or given back; ``writing`` is
+    True while the spool writer still appends to it.
     """
 
-    def __init__(self, root, access_key, max_bytes, fsync_each=False, only=None):
-        self.root = root
-        self.dir = os.path.join(root, _fingerprint(access_key))
-        self.only = only            # replay just these segment files (command line)
+    __slots__ = ("path", "fd", "bucket", "size", "lines", "out", "writing")
+
+    def __init__(self, path, fd, bucket, size=0, writing=False):
+        self.path = path
+        self.fd = fd
+        self.bucket = bucket            # (key, name)
+        self.size = size
+        self.lines = collections.deque()
+        self.out = 0
+        self.writing = writing
+
+
+class _SpoolWriter(object):
+    """Appends lines to this process's own segments, one open segment a bucket.
+
+    A new segment is created under a hidden name, locked, then renamed into
+    place, so no other process ever sees it unlocked. Its lines become the
+    reader's at once (``reader.hold``): a writer's lines are replayable
+    without closing the segment. Used by the worker thread only.
+    """
+
+    def __init__(self, folder, reader, max_bytes, durable):
+        self.folder = folder            # this access key's folder
+        self.reader = reader
         self.max_bytes = max_bytes
-        self.fsync_each = fsync_each
-        self._writers = {}          # bucket key -> (path, fd, size)
-        self._known_buckets = set()
-        self._segment = None        # the _Segment being replayed
-        self._scan_due = 0.0
+        self.durable = durable
+        self.open = {}                  # bucket key -> the _Segment being written
+        self.unsynced = False
+        self.bytes_written = 0
         self._size = 0
         self._size_due = 0.0
-        self._sealed = []           # own segments closed this run, deleted once retired
-        self.orphans = 0            # lines in open segments no longer held in memory
-        self.bytes_written = 0      # segment lines and ack records, for flash wear
-        self.on_seal = None         # called with a segment's path when it is closed
-        self.warned_torn = set()
-
-    # writing
-
-    def _bucket_dir(self, bucket_key, bucket_name):
-        path = os.path.join(self.dir, _fingerprint(bucket_key))
-        if bucket_key not in self._known_buckets:
-            for folder in (self.root, self.dir, path):
-                _make_private_dir(folder)
-            meta = os.path.join(path, "bucket.json")
-            if not os.path.exists(meta):
-                tmp = "%s.%d.tmp" % (meta, os.getpid())
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    _write_all(fd, _json_bytes({"bucketKey": bucket_key,
-                                                "bucketName": bucket_name}))
-                finally:
-                    os.close(fd)
-                os.replace(tmp, meta)
-            self._known_buckets.add(bucket_key)
-        return path
 
     def size(self, now):
         """Bytes in all segments of this access key (re-read every few seconds)."""
         if now >= self._size_due:
             total = 0
-            for path in self._all_segments():
+            for path in self.reader.on_disk():
                 try:
                     total += os.path.getsize(path)
                 except OSError:
                     pass
-            self._size = total
-            self._size_due = now + 5.0
+            self._size, self._size_due = total, now + 5.0
         return self._size
 
-    def append(self, bucket_key, bucket_name, body):
-        """Append one line; return its (path, start, end). Raises OSError."""
-        line = body + b"\n"
+    def append(self, bucket, parts, seq=None, journal=False):
+        """Write one line of encoded events; return its _Ref. Raises OSError."""
+        line = b"[" + b",".join(parts) + b"]\n"
         if self.max_bytes and self.size(_monotonic()) + len(line) > self.max_bytes:
             raise _SpoolFull("spool_max_bytes (%d) reached" % self.max_bytes)
-        writer = self._writers.get(bucket_key)
-        if writer is not None and writer[2] >= _SEGMENT_BYTES:
-            self._seal(bucket_key)
-            writer = None
-        if writer is None:
-            folder = self._bucket_dir(bucket_key, bucket_name)
-            name = "%017d-%d-%s%s" % (int(_time() * 1e6), os.getpid(),
-                                      os.urandom(4).hex(), _SPOOL_SUFFIX)
-            path = os.path.join(folder, name)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-            _lock_file(fd)
-            writer = (path, fd, 0)
-        path, fd, size = writer
+        segment = self._segment_for(bucket)
         try:
-            _write_all(fd, line)
-            if self.fsync_each:
-                os.fsync(fd)
+            _write_all(segment.fd, line)
         except OSError:
             try:
-                os.ftruncate(fd, size)      # never leave a torn line behind
+                os.ftruncate(segment.fd, segment.size)      # never leave a torn line
             except OSError:
                 pass
-            self._writers[bucket_key] = writer
             raise
-        self._writers[bucket_key] = (path, fd, size + len(line))
+        ref = _Ref(segment, segment.size, segment.size + len(line), len(parts), seq, journal)
+        segment.size += len(line)
+        segment.lines.append(ref)
         self._size += len(line)
         self.bytes_written += len(line)
-        return path, size, size + len(line)
+        self.unsynced = True
+        return ref
+
+    def _segment_for(self, bucket):
+        segment = self.open.get(bucket[0])
+        if segment is not None and (segment.fd < 0 or segment.size >= _SEGMENT_BYTES
+                                    or os.fstat(segment.fd).st_nlink == 0):
+            self._finish(segment)       # full, or removed under us: begin another
+            segment = None
+        if segment is None:
+            segment = self._create(bucket)
+            self.open[bucket[0]] = segment
+        return segment
+
+    def _create(self, bucket):
+        folder = os.path.join(self.folder, _fingerprint(bucket[0]))
+        _private_dir(folder)
+        meta = os.path.join(folder, "bucket.json")
+        if not os.path.lexists(meta):
+            tmp = "%s.%d.%s.tmp" % (meta, os.getpid(), os.urandom(4).hex())
+            fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                _write_all(fd, _json_bytes({"bucketKey": bucket[0], "bucketName": bucket[1]}))
+            finally:
+                os.close(fd)
+            os.replace(tmp, meta)
+        name = "%017d-%d-%s%s" % (int(_time() * 1e6), os.getpid(), os.urandom(4).hex(),
+                                  _SPOOL_SUFFIX)
+        hidden = os.path.join(folder, "." + name + ".new")
+        fd = _open_private(hidden, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        try:
+            _lock_file(fd)
+            path = os.path.join(folder, name)
+            os.rename(hidden, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self.durable:
+            _fsync_dir(folder)
+        segment = _Segment(path, fd, bucket, 0, writing=True)
+        self.reader.hold(segment)
+        return segment
+
+    def _finish(self, segment):
+        """Stop appending to a segment; the reader deletes it once delivered."""
+        if self.open.get(segment.bucket[0]) is segment:
+            del self.open[segment.bucket[0]]
+        segment.writing = False
+        if segment.fd >= 0:
+            try:
+                os.fsync(segment.fd)
+            except OSError:
+                pass
+        self.reader.settle(segment)
 
     def sync(self):
-        for path, fd, size in list(self._writers.values()):
+        """fsync every open segment (durable mode's schedule calls this)."""
+        self.unsynced = False
+        for segment in list(self.open.values()):
+            if segment.fd < 0:
+                continue
             try:
-                os.fsync(fd)
+                os.fsync(segment.fd)
             except OSError as exc:
                 _log.warning("fsync of spool segment failed: %s", exc)
 
-    def _seal(self, bucket_key):
-        path, fd, size = self._writers.pop(bucket_key)
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        os.close(fd)
-        if size == 0:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            return
-        self._sealed.append(path)
-        self._scan_due = 0.0
-        if self.on_seal is not None:
-            self.on_seal(path)
+    def close(self):
+        for segment in list(self.open.values()):
+            self._finish(segment)
+        self.unsynced = False
 
-    def seal_all(self):
-        """Close every segment being written so it can be replayed."""
-        for bucket_key in list(self._writers):
-            self._seal(bucket_key)
-        self.orphans = 0
 
-    def cleanup(self):
-        """Delete the segments this run closed whose lines were all retired."""
-        sealed, self._sealed = self._sealed, []
-        for path in sealed:
-            if self._segment is None and os.path.exists(path) and self._claim(path):
-                self.release_all()          # still has lines: leave it for replay
+class _SpoolReader(object):
+    """Hands out spooled lines as packed batches and records their delivery.
 
-    def writing(self, path):
-        return any(w[0] == path for w in self._writers.values())
+    Holds, oldest first, the segments this process has locked: its own (from
+    the writer) and at most one claimed from disk (left by an earlier run or
+    another process). Claiming locks a segment, then checks it is still
+    linked, so a segment deleted meanwhile is never sent again. Delivered
+    lines are recorded in ``<segment>.ack``; a segment with nothing left is
+    deleted (segment first, then its acks). Used by the worker thread only.
+    """
 
-    def writing_any(self):
-        return bool(self._writers)
+    def __init__(self, folder, durable, only=None):
+        self.folder = folder
+        self.durable = durable
+        self.only = only            # replay just these segment files (command line)
+        self.held = []              # _Segment objects, oldest first
+        self.scan_due = 0.0
+        self.probe_due = 0.0
+        self.probed = False
+        self.warned = set()
+        self.unreadable = []        # (bucket, body, why) of lines never to be sent
 
-    def forget_after_fork(self):
-        """In a forked child: drop the parent's open segments without unlocking."""
-        for path, fd, size in self._writers.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._writers = {}
-        if self._segment is not None:
-            try:
-                os.close(self._segment.fd)
-            except OSError:
-                pass
-            self._segment = None
-
-    # replaying
-
-    def _all_segments(self):
+    def on_disk(self):
+        """Paths of this key's segments, oldest first."""
         if self.only is not None:
             return [p for p in self.only if os.path.exists(p)]
         found = []
         try:
-            buckets = os.listdir(self.dir)
+            buckets = os.listdir(self.folder)
         except OSError:
             return found
         for bucket in buckets:
-            folder = os.path.join(self.dir, bucket)
+            folder = os.path.join(self.folder, bucket)
             try:
                 names = os.listdir(folder)
             except OSError:
                 continue
-            found.extend(os.path.join(folder, n) for n in names if n.endswith(_SPOOL_SUFFIX))
+            found.extend(os.path.join(folder, n) for n in names
+                         if n.endswith(_SPOOL_SUFFIX) and not n.startswith("."))
         found.sort(key=os.path.basename)
         return found
 
-    def pending(self, now):
-        """True if this Streamer has spooled lines it can replay.
+    def hold(self, segment):
+        self.held.append(segment)
 
-        Its own open segments count; other segments are looked for on disk at
-        most once a second, and those locked by another writer or replayer
-        do not count.
-        """
-        if self.orphans:
-            return True                     # our own spooled lines, sealed before replay
-        segment = self._segment
-        if segment is not None:
-            if segment.lines or segment.outstanding:
-                return True
-            self._finish(segment)
-        if now < self._scan_due:
-            return False
-        self._scan_due = now + 1.0
-        for path in self._all_segments():
-            if not self.writing(path) and self._claim(path):
+    def waiting(self, own=False):
+        """Events in held lines not handed out (read-only); ``own``: this run's only."""
+        return sum(ref.count for segment in self.held for ref in segment.lines
+                   if not own or ref.seq is not None)
+
+    def oldest_seq(self):
+        """The lowest sequence number of this Streamer's undelivered lines, or None."""
+        found = None
+        for segment in self.held:
+            for ref in segment.lines:
+                if ref.seq is not None:
+                    found = ref.seq if found is None else min(found, ref.seq)
+                    break
+        return found
+
+    def take(self, limit):
+        """The oldest held lines of one segment, packed up to ``limit`` bytes."""
+        for segment in self.held:
+            if not segment.lines:
+                continue
+            refs, size = [], 2
+            while segment.lines and (not refs or size + segment.lines[0].end
+                                     - segment.lines[0].start <= limit):
+                ref = segment.lines.popleft()
+                refs.append(ref)
+                size += ref.end - ref.start
+            segment.out += len(refs)
+            try:
+                lines = [_read_at(segment.fd, r.start, r.end - r.start) for r in refs]
+            except OSError as exc:
+                self.give_back(refs)
+                _log.warning("cannot read spool segment %s: %s", segment.path, exc)
+                return None
+            return _Batch(segment.bucket, None, None, refs, _join_arrays(lines))
+        return None
+
+    def give_back(self, refs):
+        """Refs not delivered this time: first in line again."""
+        for ref in reversed(refs):
+            ref.segment.out -= 1
+            ref.segment.lines.appendleft(ref)
+
+    def ack(self, refs):
+        """Record refs as delivered (or dead-lettered); delete finished segments."""
+        by_segment = collections.OrderedDict()
+        for ref in refs:
+            by_segment.setdefault(id(ref.segment), (ref.segment, []))[1].append(ref)
+        written = 0
+        for segment, done in by_segment.values():
+            segment.out -= len(done)
+            record = b"".join(("%d %d\n" % (r.start, r.end)).encode("ascii") for r in done)
+            if segment.lines or segment.out or segment.writing:
+                try:
+                    fd = _open_private(segment.path + _ACK_SUFFIX,
+                                       os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                    try:
+                        _write_all(fd, record)
+                        if self.durable:
+                            os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    written += len(record)
+                except OSError as exc:
+                    _log.warning("cannot record delivery in %s%s (%s); those lines may "
+                                 "be sent again", segment.path, _ACK_SUFFIX, exc)
+            self.settle(segment)
+        return written
+
+    def settle(self, segment):
+        """Delete a segment with nothing left to send and nobody writing it."""
+        if segment.lines or segment.out or segment.writing:
+            return
+        for path in (segment.path, segment.path + _ACK_SUFFIX):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._let_go(segment)
+
+    def _let_go(self, segment):
+        if segment in self.held:
+            self.held.remove(segment)
+        if segment.fd >= 0:
+            try:
+                os.close(segment.fd)
+            except OSError:
+                pass
+            segment.fd = -1
+        self.scan_due = self.probe_due = 0.0    # look at the disk again at once
+
+    def claimable(self, now):
+        """Whether a segment on disk could be claimed now (read-only, cached 1 s)."""
+        if now >= self.probe_due:
+            self.probe_due = now + 1.0
+            held = set(s.path for s in self.held)
+            self.probed = any(path not in held and _probe_lock(path)
+                              for path in self.on_disk())
+        return self.probed
+
+    def claim(self, now, force=False):
+        """Lock the oldest unheld segment on disk and hold its lines; True if one was."""
+        if any(not s.writing for s in self.held) or (now < self.scan_due and not force):
+            return False                # one claimed segment at a time
+        self.scan_due = now + 1.0
+        held = set(s.path for s in self.held)
+        for path in self.on_disk():
+            if path not in held and self._claim(path):
                 return True
         return False
 
-    def next_item(self, now):
-        """The oldest unretired line this Streamer can claim, or None."""
-        while self.pending(now):
-            segment = self._segment
-            if segment is None:
-                return None                 # only orphans in open segments; sealed first
-            if segment.lines:
-                item = segment.lines.popleft()
-                segment.outstanding += 1
-                return item
-            if segment.outstanding:
-                return None
-        return None
-
     def _claim(self, path):
-        """Lock a segment and load its unretired lines; False if not possible."""
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = _open_private(path, os.O_RDWR)
         except OSError:
             return False
-        if not _lock_file(fd):
-            os.close(fd)
-            return False
         try:
-            segment = self._load(path, fd)
-        except OSError as exc:
-            os.close(fd)
-            _log.warning("cannot read spool segment %s: %s", path, exc)
-            return False
-        if segment is None:
-            return False
-        self._segment = segment
-        if not segment.lines:
-            self._finish(segment)
-            return False
-        return True
-
-    def _load(self, path, fd):
-        """Read a claimed segment's unretired lines into a _Segment."""
-        folder = os.path.dirname(path)
-        try:
-            with open(os.path.join(folder, "bucket.json"), encoding="utf-8") as handle:
-                meta = _json_load(handle.read())
-            bucket_key, bucket_name = meta["bucketKey"], meta.get("bucketName", "")
+            if not _lock_file(fd) or os.fstat(fd).st_nlink == 0 or \
+                    os.fstat(fd).st_ino != os.stat(path).st_ino:
+                os.close(fd)
+                return False
+            bucket = _read_bucket_meta(os.path.dirname(path))
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read()
         except (OSError, ValueError, KeyError) as exc:
-            _log.warning("spool folder %s has no readable bucket.json (%s); "
-                         "its segments are left in place", folder, exc)
             os.close(fd)
-            return None
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read()
-        segment = _Segment(path, fd, bucket_key, bucket_name)
+            if path not in self.warned:
+                self.warned.add(path)
+                _log.warning("spool segment %s cannot be read (%s); it is left in place",
+                             path, exc)
+            return False
+        segment = _Segment(path, fd, bucket, len(data))
+        bad = []
         for start, end, body, torn in _unretired_lines(path, data):
             try:
                 if torn:
                     raise ValueError("torn line (no newline at end of segment)")
-                events = _decode_body(body)
+                count = len(_decode_body(body))
             except ValueError as exc:
-                segment.lines.append(_SpoolItem(segment, start, end, body, None))
-                if path not in self.warned_torn:
-                    self.warned_torn.add(path)
-                    _log.warning("spool segment %s: skipping unreadable line at byte %d "
-                                 "(%s); it goes to the dead-letter file", path, start, exc)
-            else:
-                segment.lines.append(_SpoolItem(segment, start, end, body, events))
-        return segment
-
-    def ack(self, path, start, end):
-        """Record the line at [start, end) of a segment as retired."""
-        record = ("%d %d\n" % (start, end)).encode("ascii")
-        fd = os.open(path + _ACK_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            _write_all(fd, record)
-        finally:
-            os.close(fd)
-        self.bytes_written += len(record)
-
-    def retire(self, item):
-        """Record a claimed line as delivered (or dead-lettered); delete a finished segment."""
-        segment = item.segment
-        segment.outstanding -= 1
-        self.ack(segment.path, item.start, item.end)
-        if not segment.lines and not segment.outstanding:
-            self._finish(segment)
-
-    def release(self, item):
-        """Give a claimed line back, to be tried again later."""
-        item.segment.outstanding -= 1
-        item.segment.lines.appendleft(item)
-
-    def _finish(self, segment):
-        """Delete a fully retired segment (segment first, then its acks)."""
-        if segment is self._segment:
-            self._segment = None
-        self._scan_due = 0.0
-        if not segment.lines and not segment.outstanding:
-            for path in (segment.path, segment.path + _ACK_SUFFIX):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-        os.close(segment.fd)
-
-    def release_all(self):
-        """Let go of the claimed segment (at close) so another process may take it."""
-        segment, self._segment = self._segment, None
-        if segment is not None:
-            os.close(segment.fd)
+                bad.append(_Ref(segment, start, end, 0))
+                self.unreadable.append((bucket, body, str(exc)))
+                continue
+            segment.lines.append(_Ref(segment, start, end, count))
+        self.held.append(segment)
+        if bad:
+            _log.warning("spool segment %s: %d unreadable line(s) moved to the dead-letter "
+                         "file", path, len(bad))
+            segment.out += len(bad)
+            self.ack(bad)
+        else:
+            self.settle(segment)
+        return segment in self.held
 
     def evict_oldest(self):
-        """Delete the oldest claimable segment; return its undelivered events or None."""
-        for path in self._all_segments():
-            if self.writing(path):
-                continue
+        """Delete the oldest segment not in flight; return its undelivered events or None."""
+        held = dict((s.path, s) for s in self.held)
+        for path in self.on_disk():
+            segment = held.get(path)
+            if segment is not None:
+                if segment.out:
+                    continue
+                dropped = sum(ref.count for ref in segment.lines)
+                segment.lines.clear()
+                segment.writing = False
+                self.settle(segment)
+                return dropped
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = _open_private(path, os.O_RDWR)
             except OSError:
                 continue
             try:
-                if not _lock_file(fd):
+                if not _lock_file(fd) or os.fstat(fd).st_nlink == 0:
                     continue
                 with os.fdopen(os.dup(fd), "rb") as handle:
                     data = handle.read()
-                events = _count_events(body for _, _, body, _ in _unretired_lines(path, data))
-                os.unlink(path)
-                try:
-                    os.unlink(path + _ACK_SUFFIX)
-                except OSError:
-                    pass
-                self._size_due = 0.0
-                return events
+                dropped = _count_events(b for _, _, b, _ in _unretired_lines(path, data))
+                for name in (path, path + _ACK_SUFFIX):
+                    try:
+                        os.unlink(name)
+                    except OSError:
+                        pass
+                return dropped
             finally:
                 os.close(fd)
         return None
 
+    def release_all(self):
+        """Let go of every held segment (at close) so another process may take it."""
+        for segment in list(self.held):
+            segment.writing = False
+            if segment.lines or segment.out:
+                self._let_go(segment)       # undelivered lines stay on disk
+            else:
+                self.settle(segment)
+
+    def forget_after_fork(self):
+        """In a forked child: drop the parent's segments without unlocking them."""
+        for segment in self.held:
+            try:
+                os.close(segment.fd)
+            except OSError:
+                pass
+        self.held = []
+
     def dead_letter(self, bucket_key, body, status, reply):
         """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
-        for folder in (self.root, self.dir):
-            _make_private_dir(folder)
+        _private_dir(self.folder)
         record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
                               "reply": reply, "body": body.decode("utf-8", "replace")})
-        fd = os.open(os.path.join(self.dir, "deadletter.jsonl"),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = _open_private(os.path.join(self.folder, "deadletter.jsonl"),
+                           os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             _write_all(fd, record + b"\n")
         finally:
@@ -1222,734 +1422,1043 @@ class _Spool(object):
 # --- Worker ------------------------------------------------------------------
 
 class _BucketSwitch(object):
-    """Queue marker: events after it belong to another bucket."""
+    """Inbox marker: events after it belong to another bucket."""
 
-    __slots__ = ("key", "name")
+    __slots__ = ("bucket",)
 
     def __init__(self, key, name):
-        self.key = key
-        self.name = name
+        self.bucket = (key, name)
 
 
-class _FlushRequest(object):
-    """Queue marker: set ``done`` once everything before it is settled.
+class _Wait(object):
+    """Inbox marker of flush() and close(): ``done`` is set once it is settled.
 
-    ``lost`` tells whether events were dropped meanwhile (then flush() and
-    close() answer False although nothing is left to send).
+    ``lost`` is the worker's count of lost events when the call was made;
+    ``ok`` becomes True only if everything logged before the call was
+    delivered and nothing was lost meanwhile. ``close_at`` (monotonic) asks
+    the worker to stop by then.
     """
 
-    __slots__ = ("done", "upto", "dropped", "lost")
+    __slots__ = ("done", "lost", "ok", "upto", "close_at")
 
-    def __init__(self):
+    def __init__(self, lost, close_at=None):
         self.done = threading.Event()
+        self.lost = lost
+        self.ok = False
         self.upto = None
-        self.dropped = 0
-        self.lost = False
-
-    def succeeded(self):
-        return self.done.is_set() and not self.lost
+        self.close_at = close_at
 
 
 class _Batch(object):
-    """Events of one bucket sent in one request, and how they fared."""
+    """The events of one bucket for one request, and how often it was tried.
 
-    __slots__ = ("seq", "bucket_key", "bucket_name", "events", "attempts",
-                 "bisecting", "spool_item", "body", "opened", "journal")
-
-    def __init__(self, seq, bucket_key, bucket_name, events, opened=0.0):
-        self.seq = seq
-        self.bucket_key = bucket_key
-        self.bucket_name = bucket_name
-        self.events = events
-        self.attempts = 0
-        self.bisecting = False
-        self.spool_item = None
-        self.body = None
-        self.opened = opened
-        self.journal = None         # durable mode: (segment path, start, end) on disk
-
-    def encoded(self):
-        if self.body is None:
-            self.body = _encode_events(self.events)
-        return self.body
-
-    def halves(self):
-        parts = []
-        for events in _split(self.events):
-            half = _Batch(self.seq, self.bucket_key, self.bucket_name, events, self.opened)
-            half.bisecting = self.bisecting
-            parts.append(half)
-        return parts
-
-
-class _Engine(object):
-    """Turns the queue into requests: the one place a batch's fate is decided.
-
-    Owned by one thread at a time: the worker thread (``use_async=True``) or
-    the caller holding ``pump_lock`` (``use_async=False``). Only ``queue``,
-    ``wake`` and the ``stats`` counters are shared with other threads:
-    ``queue`` is a deque (atomic appends and pops), ``wake`` an Event, the
-    counters plain ints read without a lock.
+    From memory: ``events`` (key, value, epoch) and their encoded ``parts``,
+    ``seq`` the first event's sequence number. From disk: ``refs`` to spool
+    lines and their joined ``body``. A ``fixed`` batch (a half after 413 or
+    400) never grows.
     """
 
-    def __init__(self, settings, transport, spool, budget):
-        self.settings = settings
+    __slots__ = ("bucket", "events", "parts", "refs", "_body", "seq", "attempts", "fixed",
+                 "size")
+
+    def __init__(self, bucket, events, parts, refs=None, body=None, seq=None):
+        self.bucket = bucket
+        self.events = events
+        self.parts = parts
+        self.refs = refs
+        self._body = body
+        self.seq = seq
+        self.attempts = 0
+        self.fixed = False
+        self.size = 2 + sum(len(p) + 1 for p in parts) if parts else 2
+
+    @property
+    def count(self):
+        if self.refs is not None:
+            return sum(ref.count for ref in self.refs)
+        return len(self.parts)
+
+    @property
+    def body(self):
+        if self._body is None:
+            self._body = b"[" + b",".join(self.parts) + b"]"
+        return self._body
+
+    def add(self, event, part):
+        self.events.append(event)
+        self.parts.append(part)
+        self.size += len(part) + 1
+        self._body = None
+
+
+def _encode_event(event):
+    """One event's JSON bytes; ValueError/TypeError/OverflowError if impossible."""
+    return _encode_json({"key": event[0], "value": event[1], "epoch": event[2]}).encode("utf-8")
+
+
+class _Run(object):
+    """Consecutive events of one bucket in the worker's memory."""
+
+    __slots__ = ("bucket", "events", "seq", "since")
+
+    def __init__(self, bucket, seq, since):
+        self.bucket = bucket
+        self.events = collections.deque()
+        self.seq = seq                  # sequence number of events[0]
+        self.since = since              # when its oldest event reached memory
+
+
+class _Memory(object):
+    """Events taken from the inbox and not yet in a batch or on disk, in order.
+
+    Every event gets a sequence number: how many events this worker took
+    before it. Owned by the worker.
+    """
+
+    def __init__(self, bucket):
+        self.runs = collections.deque()
+        self.count = 0
+        self.next_seq = 0
+        self.bucket = bucket
+
+    def add(self, event, now):
+        runs = self.runs
+        if not runs or runs[-1].bucket != self.bucket:
+            runs.append(_Run(self.bucket, self.next_seq, now))
+        runs[-1].events.append(event)
+        self.count += 1
+        self.next_seq += 1
+
+    def oldest(self):
+        """(seq, since) of the oldest event, or None."""
+        for run in self.runs:
+            if run.events:
+                return run.seq, run.since
+        return None
+
+    def fill(self, batch, limit=_MAX_BODY_BYTES):
+        """Move events of batch's bucket from the head run into it, up to ``limit`` bytes.
+
+        Returns the events that cannot be encoded as [(event, exception)].
+        """
+        rejected = []
+        while self.runs:
+            run = self.runs[0]
+            if run.bucket != batch.bucket:
+                break
+            events = run.events
+            while events:
+                try:
+                    part = _encode_event(events[0])
+                except (ValueError, TypeError, OverflowError) as exc:
+                    rejected.append((events.popleft(), exc))
+                    run.seq += 1
+                    self.count -= 1
+                    continue
+                if batch.parts and batch.size + len(part) + 1 > limit:
+                    return rejected
+                batch.add(events.popleft(), part)
+                run.seq += 1
+                self.count -= 1
+            self.runs.popleft()
+        return rejected
+
+    def take(self, limit=_MAX_BODY_BYTES):
+        """A new batch of the oldest run's events; (batch or None, rejected)."""
+        while self.runs and not self.runs[0].events:
+            self.runs.popleft()
+        if not self.runs:
+            return None, []
+        run = self.runs[0]
+        batch = _Batch(run.bucket, [], [], seq=run.seq)
+        rejected = self.fill(batch, limit)
+        return (batch if batch.parts else None), rejected
+
+
+class _Job(object):
+    """One request the worker wants made: path, body, bucket and overall deadline."""
+
+    __slots__ = ("path", "body", "bucket", "batch", "deadline", "waiting")
+
+    def __init__(self, path, body, bucket, batch, deadline, waiting=None):
+        self.path = path
+        self.body = body
+        self.bucket = bucket
+        self.batch = batch              # None when creating a bucket
+        self.deadline = deadline
+        self.waiting = waiting          # creating a bucket: the batch that waits for it
+
+
+class _Sender(object):
+    """Speaks the events API over a transport; holds no state of its own."""
+
+    def __init__(self, settings, transport):
         self.transport = transport
-        self.spool = spool
+        self._base_headers = {"Content-Type": "application/json",
+                              "Accept-Version": _ACCEPT_VERSION,
+                              "User-Agent": settings["user_agent"],
+                              "X-IS-AccessKey": settings["access_key"]}
+        self.debug = settings["debug_level"] >= 3
+        self.secret = settings["access_key"]
+
+    def post(self, job, clock=_monotonic):
+        """Make one request; return (response or None, error or None)."""
+        headers = dict(self._base_headers)
+        headers["X-IS-BucketKey"] = job.bucket[0]
+        try:
+            response = self.transport.post(job.path, job.body, headers, job.deadline)
+        except Exception as exc:
+            if self.debug:
+                _log.debug("POST %s (bucket %s): %s", job.path, job.bucket[0],
+                           _scrub(str(exc), self.secret))
+            return None, exc
+        if self.debug:
+            _log.debug("POST %s (bucket %s, %d bytes) -> %d %s", job.path, job.bucket[0],
+                       len(job.body), response.status, _scrub(response.text(), self.secret))
+        return response, None
+
+
+class _Courier(object):
+    """Makes one request at a time on a daemon thread of its own.
+
+    The worker hands it a job and goes on journalling, spilling and
+    closing: it never waits on the network. ``_lock`` guards ``_job``,
+    ``_current``, ``_result`` and ``_stop``; the request itself runs
+    outside it. ``abandon()`` breaks a request the worker stopped waiting
+    for; its late answer is dropped.
+    """
+
+    def __init__(self, sender, wake, name):
+        self.sender = sender
+        self.wake = wake
+        self.name = name
+        self.busy = False               # worker's view: a job is out
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self.job = None                 # the job out, as the worker sees it
+        self._job = None                # the job for the thread to take
+        self._result = None
+        self._stop = False
+        self._thread = None
+
+    def start(self, job):
+        self.busy, self.job = True, job
+        with self._lock:
+            self._job = job
+            self._result = None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name=self.name + "-courier")
+                self._thread.start()
+            self._cond.notify()
+
+    def poll(self):
+        """(job, (response, error)) once the request ended, else None."""
+        with self._lock:
+            result, self._result = self._result, None
+        if result is not None:
+            self.busy, self.job = False, None
+        return result
+
+    def abandon(self):
+        with self._lock:
+            self._job = None
+            self._result = None
+            self.busy, self.job = False, None
+        self.sender.transport.abort()
+
+    def stop(self):
+        with self._lock:
+            self._stop = True
+            self._cond.notify()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                while self._job is None and not self._stop:
+                    self._cond.wait(_IDLE_WAIT)
+                if self._stop:
+                    return
+                job, self._job = self._job, None
+            outcome = self.sender.post(job)
+            with self._lock:
+                if job is self.job:
+                    self._result = (job, outcome)
+            self.wake.set()
+
+
+class _InlineCourier(object):
+    """use_async=False (and tests): the request is made inside ``start()``.
+
+    With ``watchdog`` a timer breaks a request still running at its deadline.
+    """
+
+    def __init__(self, sender, watchdog=True):
+        self.sender = sender
+        self.watchdog = watchdog
+        self.busy = False
+        self.job = None
+        self._result = None
+
+    def start(self, job):
+        self.busy, self.job = True, job
+        timer = None
+        if self.watchdog:
+            timer = threading.Timer(max(0.0, job.deadline - _monotonic()),
+                                    self.sender.transport.abort)
+            timer.daemon = True
+            timer.start()
+        try:
+            self._result = (job, self.sender.post(job))
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def poll(self):
+        result, self._result = self._result, None
+        if result is not None:
+            self.busy, self.job = False, None
+        return result
+
+    def abandon(self):
+        self._result = None
+        self.busy, self.job = False, None
+
+    def stop(self):
+        pass
+
+
+_RUNNING, _CLOSING, _STOPPED = "running", "closing", "stopped"
+
+
+class _Worker(object):
+    """Owns every event from the inbox on and decides what happens to it.
+
+    One thread drives it: the Streamer's worker thread, or with
+    ``use_async=False`` the caller holding the pump baton. Other threads
+    only append to ``inbox``, set ``wake`` and read the published fields
+    (``state``, ``stopped``, ``wake_at``, ``lost``, ``stats``, ``waiting``);
+    nothing else here is touched from outside. ``state`` is running,
+    closing (with ``close_at``) or stopped; ``waiting`` says until when and
+    why nothing is sent.
+    """
+
+    def __init__(self, settings, sender, writer, reader, budget, bucket, courier=None,
+                 clock=_monotonic, wall=_time):
+        self.settings = settings
+        self.sender = sender
+        self.writer = writer
+        self.reader = reader
         self.budget = budget
-        self.queue = collections.deque()
+        self.clock = clock
+        self.wall = wall
+        self.courier = courier
+        self.inbox = collections.deque()
         self.wake = threading.Event()
-        self.wake_at = settings["buffer_size"]
-        self.bucket = None                      # (key, name) of the events being taken
-        self.batches = collections.deque()      # in memory, oldest first
-        self.in_memory = 0                      # events in self.batches
-        self.seq = 0
-        self.force_upto = -1
-        self.flushes = []
+        self.stopped = threading.Event()
+        self.state = _RUNNING
+        self.wake_at = 1
+        self.lost = 0
+        self.left = 0                       # own events left on disk when it stopped
+        self.waiting = (0.0, "")
+        self.memory = _Memory(bucket)
+        self.batches = collections.deque()  # formed, not yet delivered; head first
+        self.in_memory = 0                  # events in memory batches
+        self.waits = []
         self.created = set()
-        self.to_create = []                     # buckets to create before they are used
+        self.to_create = []
         self.retry_at = 0.0
         self.failures = 0
-        self.pause_reason = ""
-        self.closing = False
-        self.close_deadline = None
-        self.stopped = False
-        self.last_sync = 0.0
-        self.unsynced = False
-        self.last_drop_warning = -1e9
-        self.dropped_total = 0
+        self.close_at = None
+        self.job_deadline = self.job_started = 0.0
+        self.sync_due = None
+        self.reports = []                   # (exception, events) for on_error
+        self.last_warning = -1e9
         self.stats = {
             "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
             "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
             "buckets_created": 0, "last_error": None, "last_success": None,
             "paused": "", "journalled": 0, "journal_errors": 0,
         }
-        if spool is not None:
-            spool.on_seal = self.segment_sealed
+        if bucket is not None and not settings["offline"]:
+            self.to_create.append(bucket)
 
-    # taking from the queue
+    # the loop
+
+    def run(self):
+        """The worker thread: step, call back, sleep until woken or something is due."""
+        try:
+            while self.state is not _STOPPED:
+                self.wake.clear()
+                self.wake_at = _NEVER           # awake: log() need not signal us
+                try:
+                    delay = self.step()
+                except Exception:               # never die with events in memory
+                    _log.exception("isstreamer_lite worker error; continuing in 1 s")
+                    delay = 1.0
+                self.call_back()
+                if self.state is _STOPPED:
+                    break
+                self.arm()
+                if len(self.inbox) >= self.wake_at:
+                    continue                    # filled up before wake_at was armed
+                self.wake.wait(_IDLE_WAIT if delay is None else min(delay, _IDLE_WAIT))
+        finally:
+            if self.state is not _STOPPED:
+                self.halt("the worker stopped unexpectedly")
+
+    def pump(self, deadline, until=None):
+        """use_async=False: step in the caller's thread until idle, ``until`` or deadline.
+
+        Returns the on_error reports to run once the caller let go of the baton.
+        """
+        while self.state is not _STOPPED and self.clock() < deadline:
+            if until is not None and until.is_set():
+                break
+            self.wake.clear()
+            delay = self.step(deadline)
+            if delay is None or (until is None and delay > 0):
+                break
+            if delay > 0:
+                self.wake.wait(min(delay, max(0.0, deadline - self.clock())))
+        reports, self.reports = self.reports, []
+        return reports
+
+    def arm(self):
+        """Set wake_at: how long the inbox may grow before log() must wake us."""
+        size, count = self.settings["buffer_size"], self.memory.count
+        if self.courier.busy or self.clock() < self.retry_at:
+            self.wake_at = 1 if count == 0 and self.writer is not None and \
+                self.settings["durable"] else max(1, self.settings["max_queue"] - count + 1)
+        elif count == 0:
+            self.wake_at = 1                    # the first event starts flush_interval
+        else:
+            self.wake_at = max(1, size - count)
+
+    def call_back(self):
+        reports, self.reports = self.reports, []
+        _run_reports(self.settings["on_error"], reports)
+
+    def step(self, deadline=None):
+        """Do what is due; return seconds until the next thing is, or None if idle."""
+        now = self.clock()
+        self.absorb(now)
+        if self.courier.busy:
+            self.collect(now)
+        if self.state is _CLOSING and now >= self.close_at:
+            self.halt("close() deadline reached")
+            return None
+        due = []
+        if self.settings["durable"] and self.writer is not None:
+            due.append(self.journal(now))
+        self.spill_over_max_queue()
+        if not self.courier.busy:
+            due.append(self.dispatch(now, deadline))
+        if self.courier.busy:
+            due.append(self.job_deadline - now)
+        self.settle(now)
+        if self.state is _CLOSING:
+            if not self.courier.busy and not self.pending_any():
+                self.halt(None)
+                return None
+            due.append(self.close_at - now)
+        due = [d for d in due if d is not None]
+        return max(0.0, min(due)) if due else None
+
+    # taking from the inbox
 
     def absorb(self, now):
-        """Move everything logged so far from the queue into batches."""
-        queue = self.queue
-        size = self.settings["buffer_size"]
-        batches = self.batches
-        tail = batches[-1] if batches else None
-        open_tail = tail is not None and tail.spool_item is None and tail.seq > self.force_upto \
-            and tail.attempts == 0 and not tail.bisecting and tail.journal is None \
-            and len(tail.events) < size
+        inbox, memory = self.inbox, self.memory
         taken = 0
         while True:
             try:
-                item = queue.popleft()
+                item = inbox.popleft()
             except IndexError:
                 break
             if type(item) is tuple:
+                memory.add(item, now)
                 taken += 1
-                if not open_tail or tail.bucket_key != self.bucket[0] \
-                        or len(tail.events) >= size:
-                    self.seq += 1
-                    tail = _Batch(self.seq, self.bucket[0], self.bucket[1], [], now)
-                    batches.append(tail)
-                    open_tail = True
-                tail.body = None
-                tail.events.append(item)
             elif type(item) is _BucketSwitch:
-                self.bucket = (item.key, item.name)
-                if item.key not in self.created:
-                    self.to_create.append(self.bucket)
-                open_tail = False
+                memory.bucket = item.bucket
+                if item.bucket[0] not in self.created and not self.settings["offline"]:
+                    self.to_create.append(item.bucket)
             else:
-                item.upto = self.seq
-                item.dropped = self.dropped_total
-                self.force_upto = self.seq
-                self.flushes.append(item)
-                open_tail = False
+                item.upto = memory.next_seq - 1
+                self.waits.append(item)
+                if item.close_at is not None:
+                    self.state = _CLOSING
+                    self.close_at = item.close_at if self.close_at is None else \
+                        min(self.close_at, item.close_at)
         if taken:
             self.stats["logged"] += taken
-            self.in_memory += taken
-        if self.in_memory > self.settings["max_queue"]:
-            self.overflow()
 
-    def overflow(self):
-        """Spool the oldest batches while more than max_queue events are in memory."""
-        limit = self.settings["max_queue"]
-        while self.in_memory > limit and self.batches:
-            batch = self.batches[0]
-            if batch.spool_item is not None:
-                self.batches.rotate(-1)
-                if all(b.spool_item is not None for b in self.batches):
-                    break
-                continue
-            self.batches.popleft()
-            self.in_memory -= len(batch.events)
-            self.to_spool(batch, "over max_queue (%d events)" % limit)
+    # choosing and making requests
 
-    # choosing what to send
-
-    def ready(self, batch, now):
-        """Whether a batch should go now rather than wait for more events."""
-        return (batch.spool_item is not None or batch.attempts or batch.bisecting
-                or batch is not self.batches[-1]            # closed: it cannot grow
-                or len(batch.events) >= self.settings["buffer_size"]
-                or batch.seq <= self.force_upto or self.closing
-                or now - batch.opened >= self.settings["flush_interval"])
+    def ready(self, now):
+        """Whether memory's oldest events should go now rather than wait for more."""
+        memory = self.memory
+        oldest = memory.oldest()
+        if oldest is None:
+            return False
+        return (memory.count >= self.settings["buffer_size"] or len(memory.runs) > 1
+                or self.state is _CLOSING
+                or any(w.upto >= oldest[0] for w in self.waits)
+                or now - oldest[1] >= self.settings["flush_interval"])
 
     def next_batch(self, now):
-        """The batch to send now, or None. Live batches before spooled lines."""
-        if self.batches and self.ready(self.batches[0], now):
-            return self.batches[0]
-        if self.spool is None or self.settings["offline"]:
+        """The batch to send next, left at the head of ``batches``; or None."""
+        if self.batches:
+            head = self.batches[0]
+            if head.refs is None and not head.fixed:
+                self.reject_unencodable(self.memory.fill(head))     # it fell behind: grow
+            return head
+        if self.ready(now):
+            if self.settings["durable"] and self.writer is not None and self.journal_all():
+                pass                            # on disk now: sent from there below
+            else:
+                batch, rejected = self.memory.take()
+                self.reject_unencodable(rejected)
+                if batch is not None:
+                    self.in_memory += batch.count
+                    self.batches.append(batch)
+                    return batch
+        if self.reader is None:
             return None
-        if self.spool.orphans:
-            self.spool.seal_all()           # make our own spooled lines replayable
-        item = self.spool.next_item(now)
-        while item is not None and item.events is None:
-            self.unreadable(item)           # a torn or corrupt line: never sent
-            item = self.spool.next_item(now)
-        if item is None:
-            return None
-        segment = item.segment
-        batch = _Batch(0, segment.bucket_key, segment.bucket_name, item.events or [], now)
-        batch.spool_item = item
-        batch.body = item.body
-        self.batches.appendleft(batch)
+        batch = self.reader.take(_MAX_BODY_BYTES)
+        # Another run's backlog is claimed only once the server answers (our bucket is
+        # created) and while requests go through.
+        if batch is None and self.failures == 0 and not self.to_create \
+                and self.reader.claim(now):
+            batch = self.reader.take(_MAX_BODY_BYTES)
+        self.dead_letter_unreadable()
+        if batch is not None:
+            self.batches.append(batch)
         return batch
 
-    def step(self):
-        """Do one thing; return seconds until the next is due, or None if idle."""
-        now = _monotonic()
-        self.absorb(now)
-        if self.closing and (now >= self.close_deadline or self.retry_at >= self.close_deadline):
-            self.give_up()
-            return None
-        self.settle_flushes(now)
-        if not self.settings["durable"]:
-            return self.advance(now)
-        due = self.journal(now)
-        delay = self.advance(now)
-        if due is None or delay is None:
-            return delay if due is None else due
-        return min(due, delay)
-
-    def advance(self, now):
-        """Create a bucket or send a batch if one is due; the delay to the next."""
+    def dispatch(self, now, deadline=None):
+        """Start the next request if one is due; return the delay until one is."""
         if now < self.retry_at:
-            return self.retry_at - now
+            return self.wait_until(self.retry_at, self.waiting[1])
         batch = self.next_batch(now)
-        if batch is None and self.to_create and not self.settings["offline"]:
-            bucket_key, bucket_name = self.to_create[0]
-            if self.ensure_bucket(bucket_key, bucket_name, None, now):
-                self.to_create.pop(0)
-            return 0.0
-        if batch is None:
-            if self.batches:
-                return max(0.0, self.batches[0].opened + self.settings["flush_interval"] - now)
-            return None
-        self.send(batch, now)
-        return 0.0
-
-    # sending
-
-    def headers(self, bucket_key):
-        s = self.settings
-        return {"Content-Type": "application/json", "Accept-Version": _ACCEPT_VERSION,
-                "User-Agent": s["user_agent"], "X-IS-AccessKey": s["access_key"],
-                "X-IS-BucketKey": bucket_key}
-
-    def request(self, path, body, bucket_key):
-        """One POST; return (response or None, error or None)."""
-        self.stats["requests"] += 1
-        timeout = self.settings["timeout"]
-        if self.closing:
-            timeout = max(0.05, min(timeout, self.close_deadline - _monotonic()))
-        try:
-            response = self.transport.post(path, body, self.headers(bucket_key), timeout)
-        except Exception as exc:        # any failure of the request is a network error
-            if self.settings["debug_level"] >= 3:
-                _log.debug("POST %s (bucket %s): %s", path, bucket_key, exc)
-            return None, exc
-        if self.budget is not None:
-            self.budget.update(response.headers, _time())
-        if self.settings["debug_level"] >= 3:
-            _log.debug("POST %s (bucket %s, %d bytes) -> %d %s", path, bucket_key,
-                       len(body), response.status, response.text())
-        return response, None
-
-    def decide(self, response, error):
-        s = self.settings
-        return _decide(response.status if response is not None else None,
-                       response.headers if response is not None else None, error,
-                       self.failures, s["backoff_base"], s["backoff_cap"],
-                       s["retry_after_cap"], s["pause_interval"])
-
-    def ensure_bucket(self, bucket_key, bucket_name, batch, now):
-        """Create a bucket (once per Streamer); False if it is not there yet."""
-        if bucket_key in self.created:
-            return True
-        if self.pace(now):
-            return False
-        fields = {"bucketKey": bucket_key}
-        if bucket_name:
-            fields["bucketName"] = bucket_name
-        response, error = self.request("/api/buckets", _json_bytes(fields), bucket_key)
-        if self.stopped:
-            return False
-        decision = self.decide(response, error)
-        if decision.action == _DELIVERED:
-            self.stats["buckets_created"] += 1
-            self.created.add(bucket_key)
-            self.failures = 0
-            return True
-        if decision.action in (_BISECT, _SPLIT):
-            _log.warning("creating bucket %r was refused (%d %s); sending its events anyway",
-                         bucket_key, response.status, response.text())
-            self.created.add(bucket_key)
-            return True
-        self.failed(batch, decision, response, error, _monotonic(), creating=bucket_key)
-        return False
-
-    def pace(self, now):
-        """Seconds to wait for the rate-limit window, after setting retry_at."""
-        if self.budget is None:
-            return 0.0
-        wait = self.budget.reserve(_time())
-        if wait > 0:
-            self.retry_at = now + wait
-        return wait
-
-    def send(self, batch, now):
         if self.settings["offline"]:
-            self.write_offline(batch)
-            return
-        if not self.ensure_bucket(batch.bucket_key, batch.bucket_name, batch, now):
-            return
-        body = batch.encoded()
-        if len(body) > _MAX_BODY_BYTES and len(batch.events) > 1:
-            self.replace(batch, batch.halves())
-            return
-        if self.pace(now):
-            return
-        response, error = self.request("/api/events", body, batch.bucket_key)
-        if self.stopped:                # close() gave up on us while we waited
-            return
-        decision = self.decide(response, error)
-        if decision.action == _DELIVERED:
+            if batch is not None:
+                self.write_offline(batch, now)
+                return 0.0
+            return self.flush_timer(now)
+        if batch is not None and batch.bucket[0] not in self.created:
+            bucket = batch.bucket
+        elif self.to_create:
+            bucket = self.to_create[0]
+            if bucket[0] in self.created:
+                self.to_create.pop(0)
+                return 0.0
+        else:
+            bucket = None
+        if batch is None and bucket is None:
+            return self.flush_timer(now)
+        if self.budget is not None:
+            wait = self.budget.reserve(now)
+            if wait > 0:
+                self.retry_at = now + wait
+                return self.wait_until(self.retry_at, "rate limit window")
+        timeout = self.settings["timeout"]
+        end = now + timeout
+        for limit in (self.close_at, deadline):
+            if limit is not None:
+                end = min(end, max(now + 0.05, limit))
+        if bucket is not None:
+            fields = {"bucketKey": bucket[0]}
+            if bucket[1]:
+                fields["bucketName"] = bucket[1]
+            job = _Job("/api/buckets", _json_bytes(fields), bucket, None, end, batch)
+        else:
+            job = _Job("/api/events", batch.body, batch.bucket, batch, end)
+        self.stats["requests"] += 1
+        self.job_deadline, self.job_started = end, now
+        self.courier.start(job)
+        result = self.courier.poll()
+        if result is not None:
+            self.outcome(result[0], result[1][0], result[1][1], self.clock())
+            return 0.0
+        return end - now
+
+    def wait_until(self, when, why):
+        """Publish that nothing is sent before ``when``; plan close() around it."""
+        now = self.clock()
+        self.waiting = (when, why)
+        if self.state is _CLOSING and when >= self.close_at:
+            self.halt("close() deadline comes before %s" % (why or "the next attempt"))
+            return None
+        return when - now
+
+    def flush_timer(self, now):
+        oldest = self.memory.oldest()
+        if oldest is None:
+            return None
+        return max(0.0, oldest[1] + self.settings["flush_interval"] - now)
+
+    def collect(self, now):
+        """Take a finished request's outcome, or give up on it at its deadline."""
+        result = self.courier.poll()
+        if result is not None:
+            job, (response, error) = result
+            self.outcome(job, response, error, self.clock())
+        elif now >= self.job_deadline:
+            job = self.courier.job
+            self.courier.abandon()
+            self.outcome(job, None, TimeoutError("timed out: no answer within %.1f s"
+                                                 % (self.job_deadline - self.job_started)), now)
+
+    def outcome(self, job, response, error, now):
+        """What one request's answer means for its batch (or bucket)."""
+        s = self.settings
+        if response is not None and self.budget is not None:
+            self.budget.update(response.headers, now, self.wall())
+        decision = _decide(response.status if response is not None else None,
+                           response.headers if response is not None else None, error,
+                           self.failures, s["backoff_base"], s["backoff_cap"],
+                           s["retry_after_cap"], s["pause_interval"], now=self.wall())
+        batch = job.batch
+        if batch is None:
+            self.bucket_outcome(job, decision, response, error, now)
+        elif decision.action == _DELIVERED:
             self.delivered(batch)
-        elif decision.action == _SPLIT and len(batch.events) > 1:
-            self.replace(batch, batch.halves())
-        elif decision.action in (_BISECT, _SPLIT):
-            if len(batch.events) > 1 and batch.events:
-                halves = batch.halves()
-                for half in halves:
-                    half.bisecting = True
-                self.replace(batch, halves)
+        elif decision.action in (_SPLIT, _BISECT):
+            if batch.count > 1:
+                self.split(batch)
             else:
                 self.reject(batch, response)
         else:
-            self.failed(batch, decision, response, error, _monotonic())
+            self.failed(batch, decision, response, error, now)
+
+    def bucket_outcome(self, job, decision, response, error, now):
+        bucket = job.bucket
+        if decision.action in (_DELIVERED, _SPLIT, _BISECT):
+            if decision.action != _DELIVERED:
+                _log.warning("creating bucket %r was refused (%d %s); sending its events "
+                             "anyway", bucket[0], response.status, self.reply(response))
+            else:
+                self.stats["buckets_created"] += 1
+                self.failures = 0
+            self.created.add(bucket[0])
+            if bucket in self.to_create:
+                self.to_create.remove(bucket)
+            return
+        self.failed(job.waiting, decision, response, error, now, bucket)
 
     def delivered(self, batch):
         self.failures = 0
-        self.stats["last_success"] = _time()
-        self.stats["paused"] = self.pause_reason = ""
-        self.remove(batch)
-        if batch.journal is not None:
-            self.unjournal(batch)
-        if batch.spool_item is not None:
-            self.stats["replayed"] += len(batch.events)
-            self.retire(batch.spool_item)
-        else:
-            self.stats["delivered"] += len(batch.events)
+        self.waiting = (0.0, "")
+        self.stats["last_success"] = self.wall()
+        self.stats["paused"] = ""
+        self.batches.remove(batch)
+        if batch.refs is None:
+            self.in_memory -= batch.count
+            self.stats["delivered"] += batch.count
+            return
+        journal = sum(r.count for r in batch.refs if r.journal)
+        self.stats["delivered"] += journal
+        self.stats["replayed"] += batch.count - journal
+        self.writer_bytes(self.reader.ack(batch.refs))
 
     def failed(self, batch, decision, response, error, now, creating=None):
-        """A request did not go through: back off, pause, or spool the batch.
+        """A request did not go through: wait, back off, or pause and spool.
 
-        ``batch`` is None when a bucket was being created ahead of its events.
+        ``creating``: the bucket whose creation failed (``batch`` waits for it).
         """
-        status = response.status if response is not None else None
-        what = "creating bucket %r" % creating if creating is not None else \
-            "sending %d events to bucket %r" % (len(batch.events), batch.bucket_key)
-        detail = ("%d %s" % (status, response.text(120))) if response is not None \
-            else "%s: %s" % (type(error).__name__, error)
+        bucket = creating or batch.bucket
+        what = ("creating bucket %r" % bucket[0]) if creating is not None else \
+            "sending %d events to bucket %r" % (batch.count, bucket[0])
+        detail = ("%d %s" % (response.status, self.reply(response, 120))) \
+            if response is not None else "%s: %s" % (type(error).__name__, error)
+        detail = _scrub(detail, self.settings["access_key"])
         self.stats["last_error"] = "%s: %s" % (what, detail)
         self.retry_at = now + decision.delay
         if decision.action == _WAIT:
             self.stats["rate_limited"] += 1
+            self.failures += 1              # a 429 in a row waits longer, however told
+            self.waiting = (self.retry_at, "rate limited (429)")
             _log.info("rate limited while %s; retrying in %.1f s", what, decision.delay)
             return
         if decision.action == _PAUSE:
             self.pause(decision, detail)
-            if batch is None:
-                return
-            if batch.spool_item is not None:
-                self.release(batch)
-            elif not self.closing:
-                self.to_spool_head(batch, "delivery paused (%s)" % decision.reason)
+            if batch is not None:
+                self.set_aside(batch, "delivery paused (%s)" % decision.reason)
             return
         self.failures += 1
         self.stats["retried"] += 1
+        self.waiting = (self.retry_at, "backing off after %s" % decision.reason)
         _log.info("%s failed (%s); retrying in %.2f s", what, detail, decision.delay)
-        if batch is None:
-            self.report(DeliveryError("%s failed: %s" % (what, detail), status,
-                                      decision.reason, creating), [])
-            return
-        batch.attempts += 1
-        self.report(DeliveryError("%s failed: %s" % (what, detail), status, decision.reason,
-                                  batch.bucket_key), batch.events)
-        if batch.spool_item is not None:
-            self.release(batch)
-        elif batch.attempts >= self.settings["max_retries"]:
-            self.to_spool_head(batch, "%d attempts failed" % batch.attempts)
+        self.reports.append((DeliveryError("%s failed: %s" % (what, detail),
+                                           response.status if response is not None else None,
+                                           decision.reason, bucket[0]),
+                             self.events_of(batch)))
+        if batch is not None:
+            batch.attempts += 1
+            if batch.attempts >= self.settings["max_retries"]:
+                self.set_aside(batch, "%d attempts failed" % batch.attempts)
 
     def pause(self, decision, detail):
-        if self.pause_reason != decision.reason:
+        if self.stats["paused"] != decision.reason:
             advice = _PAUSE_ADVICE.get(decision.reason, "the server answered %s; check "
                                        "api_base and the account" % detail)
             if "%s" in advice:
                 advice = advice % _mask(self.settings["access_key"])
             _log.error("isstreamer_lite: %s. Sending is paused; events are spooled and "
                        "retried every %.0f s.", advice, decision.delay)
-        self.stats["paused"] = self.pause_reason = decision.reason
-        self.report(DeliveryError(detail, None, decision.reason), [])
+        self.stats["paused"] = decision.reason
+        self.waiting = (self.retry_at, "paused: %s" % decision.reason)
+        self.reports.append((DeliveryError(detail, None, decision.reason), []))
 
-    def reject(self, batch, response):
-        """The server refuses this one event: dead-letter it, with its reply."""
-        self.remove(batch)
-        self.stats["dead_lettered"] += max(1, len(batch.events))
-        status = response.status if response is not None else None
-        reply = response.text(2000) if response is not None else ""
-        _log.warning("the server rejected an event of bucket %r (%s %s); it was moved to "
-                     "the dead-letter file", batch.bucket_key, status, reply[:200])
-        try:
-            self.spool.dead_letter(batch.bucket_key, batch.encoded() if batch.events
-                                   else batch.body, status, reply)
-        except OSError as exc:
-            self.drop(len(batch.events), "dead_letter_unwritable", exc)
-        if batch.spool_item is not None:
-            self.retire(batch.spool_item)
-        if batch.journal is not None:
-            self.unjournal(batch)
-        self.report(DeliveryError("event rejected by the server: %s" % reply[:200], status,
-                                  "rejected", batch.bucket_key), batch.events)
-
-    def unreadable(self, item):
-        """A spool line that is not a JSON array of events: dead-letter it as is."""
-        self.stats["dead_lettered"] += 1
-        try:
-            self.spool.dead_letter(item.segment.bucket_key, item.body, None,
-                                   "unreadable spool line (torn by a crash?)")
-        except OSError as exc:
-            self.drop(1, "dead_letter_unwritable", exc)
-        self.retire(item)
-
-    # bookkeeping
-
-    def remove(self, batch):
-        try:
-            self.batches.remove(batch)
-        except ValueError:
+    def set_aside(self, batch, why):
+        """Stop trying a batch for now: a memory batch goes to disk, a disk one back."""
+        self.batches.remove(batch)
+        if batch.refs is not None:
+            self.reader.give_back(batch.refs)
             return
-        if batch.spool_item is None:
-            self.in_memory -= len(batch.events)
+        self.in_memory -= batch.count
+        self.to_disk(batch.bucket, batch.parts, batch.seq, why)
 
-    def replace(self, batch, parts):
+    def split(self, batch):
+        """413 or 400: send each half on its own (halves never grow)."""
         index = self.batches.index(batch)
         del self.batches[index]
-        if batch.spool_item is not None:
-            # Write the halves back as new spool lines, then retire the old one,
-            # so that a crash in between duplicates rather than loses.
-            for part in parts:
-                self.to_spool(part, None)
-            self.retire(batch.spool_item)
-            return
-        for part in reversed(parts):
+        halves = []
+        if batch.refs is None:
+            half = len(batch.parts) // 2
+            for lo, hi in ((0, half), (half, len(batch.parts))):
+                part = _Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
+                              seq=None if batch.seq is None else batch.seq + lo)
+                halves.append(part)
+        elif len(batch.refs) > 1:
+            half = len(batch.refs) // 2
+            for refs in (batch.refs[:half], batch.refs[half:]):
+                lines = [_read_at(r.segment.fd, r.start, r.end - r.start) for r in refs]
+                halves.append(_Batch(batch.bucket, None, None, refs, _join_arrays(lines)))
+        else:
+            halves = self.rewrite_halves(batch)
+            if halves is None:
+                return
+        for part in reversed(halves):
+            part.fixed = True
             self.batches.insert(index, part)
-        if batch.journal is not None:       # journal the halves, then retire the whole
-            for part in parts:
-                self.journal_batch(part)
-            self.unjournal(batch)
 
-    def retire(self, item):
+    def rewrite_halves(self, batch):
+        """Split one spool line: write its halves as new lines, then retire it."""
+        ref = batch.refs[0]
         try:
-            self.spool.retire(item)
+            events = _decode_body(batch.body)
+            parts = [_encode_event(e) for e in events]
+        except (ValueError, TypeError, OverflowError) as exc:
+            self.reject(batch, None, "unreadable spool line: %s" % exc)
+            return None
+        halves = []
+        half = len(parts) // 2
+        try:
+            for chunk in (parts[:half], parts[half:]):
+                new = self.writer.append(batch.bucket, chunk, ref.seq, ref.journal)
+                new.segment.lines.pop()         # ours now, not the reader's queue
+                new.segment.out += 1
+                halves.append(_Batch(batch.bucket, None, None, [new], b"[" + b",".join(chunk)
+                                     + b"]"))
         except OSError as exc:
-            _log.warning("cannot record delivery in the spool (%s); those lines may be "
-                         "sent again", exc)
+            for done in halves:
+                self.reader.give_back(done.refs)
+            self.reader.give_back(batch.refs)
+            self.stats["last_error"] = "splitting a spool line: %s" % exc
+            return None
+        self.writer_bytes(self.reader.ack(batch.refs))
+        return halves
 
-    def release(self, batch):
+    def reject(self, batch, response, why=None):
+        """The server refuses this one event: dead-letter it with the reply."""
         self.batches.remove(batch)
-        self.spool.release(batch.spool_item)
+        status = response.status if response is not None else None
+        reply = why or (self.reply(response, 2000) if response is not None else "")
+        count = max(1, batch.count)
+        self.stats["dead_lettered"] += count
+        self.lost += count
+        _log.warning("the server rejected an event of bucket %r (%s %s); it was moved to "
+                     "the dead-letter file", batch.bucket[0], status, reply[:200])
+        self.write_dead_letter(batch.bucket[0], batch.body, status, reply, count)
+        if batch.refs is not None:
+            self.writer_bytes(self.reader.ack(batch.refs))
+        else:
+            self.in_memory -= batch.count
+        self.reports.append((DeliveryError("event rejected by the server: %s" % reply[:200],
+                                           status, "rejected", batch.bucket[0]),
+                             self.events_of(batch)))
 
-    def to_spool_head(self, batch, why):
-        self.remove(batch)
-        self.to_spool(batch, why)
+    def reject_unencodable(self, rejected):
+        for event, exc in rejected:
+            why = "cannot be encoded as JSON: %s" % exc
+            self.stats["dead_lettered"] += 1
+            self.lost += 1
+            _log.warning("event %r of bucket %r %s; it was moved to the dead-letter file",
+                         event[0], self.memory.bucket[0], why)
+            body = _json_bytes({"key": event[0], "value": repr(event[1])[:200],
+                                "epoch": event[2]})
+            self.write_dead_letter(self.memory.bucket[0], body, None, why, 1)
 
-    def to_spool(self, batch, why):
-        """Put an in-memory batch on disk; drop it only if the disk refuses."""
-        if self.spool is None:
-            self.drop(len(batch.events), "no_spool", None)
+    def dead_letter_unreadable(self):
+        if self.reader is None:
             return
-        if batch.journal is not None:       # durable mode: it is on disk already
-            self.spool.orphans += 1
-            self.stats["spooled"] += len(batch.events)
+        while self.reader.unreadable:
+            bucket, body, why = self.reader.unreadable.pop(0)
+            self.stats["dead_lettered"] += 1
+            self.lost += 1
+            self.write_dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why, 1)
+
+    def write_dead_letter(self, bucket_key, body, status, reply, count):
+        if self.reader is None:
             return
-        body = batch.encoded()
         try:
-            self.spool.append(batch.bucket_key, batch.bucket_name, body)
+            self.reader.dead_letter(bucket_key, body, status, reply)
         except OSError as exc:
-            import errno
-            if isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC:
-                evicted = self.spool.evict_oldest()
-                if evicted is None and self.spool.writing_any():
-                    self.spool.seal_all()       # the oldest may be the one being written
-                    evicted = self.spool.evict_oldest()
+            self.drop(0, "dead_letter_unwritable", exc)
+
+    def events_of(self, batch):
+        """The (key, value, epoch) tuples of a batch, for on_error."""
+        if batch is None or self.settings["on_error"] is None:
+            return []
+        if batch.refs is None:
+            return list(batch.events)
+        try:
+            return _decode_body(batch.body)
+        except ValueError:
+            return []
+
+    def reply(self, response, limit=300):
+        return _scrub(response.text(limit), self.settings["access_key"])
+
+    # the disk
+
+    def to_disk(self, bucket, parts, seq, why, journal=False):
+        """Write events to the spool; True if they are there. Drops only if the disk refuses."""
+        if self.writer is None:
+            self.drop(len(parts), "no_spool", None)
+            return False
+        for attempt in (1, 2, 3):
+            try:
+                self.writer.append(bucket, parts, seq, journal)
+            except OSError as exc:
+                import errno
+                full = isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC
+                evicted = self.reader.evict_oldest() if full and attempt < 3 else None
                 if evicted is not None:
                     self.drop(evicted, "spool_full", exc)
-                    self.to_spool(batch, why)
-                    return
-                reason = "spool_full"
-            else:
-                reason = "spool_unwritable"
-            self.drop(len(batch.events), reason, exc)
-            return
-        self.spool.orphans += 1
-        self.stats["spooled"] += len(batch.events)
-        if why:
-            _log.info("spooled %d events of bucket %r: %s", len(batch.events),
-                      batch.bucket_key, why)
+                    continue
+                if journal:
+                    return False
+                self.drop(len(parts), "spool_full" if full else "spool_unwritable", exc)
+                return False
+            if not journal:
+                self.stats["spooled"] += len(parts)
+                if why:
+                    _log.info("spooled %d events of bucket %r: %s", len(parts), bucket[0], why)
+            return True
+        return False
 
-    # durable mode: the journal is the spool, written before delivery
+    def writer_bytes(self, count):
+        if self.writer is not None:
+            self.writer.bytes_written += count
+
+    def spill_over_max_queue(self):
+        """Beyond max_queue events in memory, the oldest go to disk (or are dropped)."""
+        limit = self.settings["max_queue"]
+        if self.memory.count + self.in_memory > limit and self.settings["durable"] \
+                and self.writer is not None and self.journal_all():
+            return
+        while self.memory.count + self.in_memory > limit:
+            batch = next((b for b in self.batches if b.refs is None
+                          and b is not self.in_flight()), None)
+            if batch is None:
+                batch, rejected = self.memory.take()
+                self.reject_unencodable(rejected)
+                if batch is None:
+                    return
+                self.in_memory += batch.count
+                self.batches.append(batch)
+            self.set_aside(batch, "over max_queue (%d events)" % limit)
+
+    def in_flight(self):
+        job = self.courier.job
+        return job.batch if job is not None else None
 
     def journal(self, now):
-        """Journal batches that are ready or half a sync_interval old; fsync on time.
-
-        Returns the seconds until this must run again, or None if nothing waits.
-        """
+        """Durable mode: memory half a sync_interval old goes to disk; fsync on time."""
         half = self.settings["sync_interval"] / 2.0
+        oldest = self.memory.oldest()
         due = None
-        for batch in list(self.batches):
-            if batch.spool_item is not None or batch.journal is not None:
+        if oldest is not None:
+            if now - oldest[1] >= half:
+                self.journal_all()
+            else:
+                due = oldest[1] + half - now
+        if self.writer.unsynced:
+            if self.sync_due is None:
+                self.sync_due = now + half
+            if now >= self.sync_due:
+                self.writer.sync()
+                self.sync_due = None
+            else:
+                due = self.sync_due - now if due is None else min(due, self.sync_due - now)
+        return due
+
+    def journal_all(self):
+        """Durable mode: every event in memory becomes a journal line; False on failure."""
+        while self.memory.count:
+            batch, rejected = self.memory.take()
+            self.reject_unencodable(rejected)
+            if batch is None:
                 continue
-            age = now - batch.opened
-            if age >= half or self.ready(batch, now):
-                self.journal_batch(batch)
-            else:
-                due = half - age if due is None else min(due, half - age)
-        if self.unsynced:
-            if now - self.last_sync >= half:
-                self.spool.sync()
-                self.unsynced = False
-                self.last_sync = now
-            else:
-                wait = self.last_sync + half - now
-                due = wait if due is None else min(due, wait)
-        return None if due is None else max(0.0, due)
-
-    def journal_batch(self, batch):
-        """Append one batch to the journal; on failure it is still sent from memory."""
-        try:
-            batch.journal = self.spool.append(batch.bucket_key, batch.bucket_name,
-                                              batch.encoded())
-        except OSError as exc:
-            self.stats["journal_errors"] += 1
-            self.stats["last_error"] = "journal: %s" % exc
-            now = _monotonic()
-            if now - self.last_drop_warning >= _DROP_WARN_EVERY:
-                self.last_drop_warning = now
-                _log.warning("cannot write the durable journal (%s); events are kept in "
-                             "memory only until it works again", exc)
-            return
-        self.unsynced = True
-        self.stats["journalled"] += len(batch.events)
-
-    def unjournal(self, batch):
-        """A journalled batch was delivered or dead-lettered: retire its line."""
-        path, start, end = batch.journal
-        batch.journal = None
-        try:
-            self.spool.ack(path, start, end)
-        except OSError as exc:
-            _log.warning("cannot record delivery in the journal (%s); those events may "
-                         "be sent again", exc)
-
-    def segment_sealed(self, path):
-        """A journal segment was closed: batches in it are now replayed from disk."""
-        for batch in list(self.batches):
-            if batch.journal is not None and batch.journal[0] == path:
-                self.batches.remove(batch)
-                self.in_memory -= len(batch.events)
+            if not self.to_disk(batch.bucket, batch.parts, batch.seq, None, journal=True):
+                self.stats["journal_errors"] += 1
+                self.warn("cannot write the durable journal (%s); events are kept in memory "
+                          "until it works again" % self.stats["last_error"])
+                self.in_memory += batch.count
+                self.batches.append(batch)
+                return False
+            self.stats["journalled"] += batch.count
+        return True
 
     def drop(self, count, reason, exc):
         dropped = self.stats["dropped"]
         dropped[reason] = dropped.get(reason, 0) + count
-        self.dropped_total += count
-        now = _monotonic()
-        if now - self.last_drop_warning >= _DROP_WARN_EVERY:
-            self.last_drop_warning = now
-            _log.warning("dropped %d events (%s: %s); dropped so far: %s", count, reason,
-                         exc, dropped)
+        self.lost += count
+        self.stats["last_error"] = "%s: %s" % (reason, exc)
+        self.warn("dropped %d events (%s: %s); dropped so far: %s" % (count, reason, exc,
+                                                                      dropped))
 
-    def report(self, exc, events):
-        callback = self.settings["on_error"]
-        if callback is None:
-            return
-        try:
-            callback(exc, list(events))
-        except Exception:
-            _log.exception("on_error callback raised; ignored")
+    def warn(self, message):
+        now = self.clock()
+        if now - self.last_warning >= _DROP_WARN_EVERY:
+            self.last_warning = now
+            _log.warning("%s", message)
 
-    def write_offline(self, batch):
+    # offline mode: the "sender" is a CSV file
+
+    def write_offline(self, batch, now):
         """offline=True: append ``epoch,key,value`` rows to the CSV file."""
         import csv
         import io
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+        rows = []
         for key, value, epoch in batch.events:
-            writer.writerow((repr(epoch), key, value))
-        try:
-            fd = os.open(self.settings["offline_file"],
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerow((repr(epoch), key, value))
             try:
-                _write_all(fd, buffer.getvalue().encode("utf-8"))
+                rows.append(buffer.getvalue().encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                self.drop(1, "not_utf8", exc)
+        try:
+            fd = _open_private(self.settings["offline_file"], os.O_WRONLY | os.O_APPEND
+                               | os.O_CREAT)
+            try:
+                _write_all(fd, b"".join(rows))
             finally:
                 os.close(fd)
         except OSError as exc:
             self.stats["last_error"] = "writing %s: %s" % (self.settings["offline_file"], exc)
             self.failures += 1
             batch.attempts += 1
-            self.retry_at = _monotonic() + _retry_delay(
-                self.failures, self.settings["backoff_base"], self.settings["backoff_cap"])
-            if batch.attempts >= self.settings["max_retries"] or self.closing:
-                self.remove(batch)
-                self.drop(len(batch.events), "offline_file_unwritable", exc)
+            self.retry_at = now + _retry_delay(self.failures, self.settings["backoff_base"],
+                                               self.settings["backoff_cap"])
+            if batch.attempts >= self.settings["max_retries"] or self.state is _CLOSING:
+                self.batches.remove(batch)
+                self.in_memory -= batch.count
+                self.drop(batch.count, "offline_file_unwritable", exc)
             return
         self.failures = 0
-        self.remove(batch)
-        self.stats["delivered"] += len(batch.events)
-        self.stats["last_success"] = _time()
+        self.delivered(batch)
 
-    # flush and close
+    # flush, close and stop
 
-    def pending(self, now):
-        """True while something is in memory or claimable in the spool."""
-        if self.batches or self.queue:
+    def oldest_own(self):
+        """Sequence number of this worker's oldest undelivered event, or None."""
+        found = [b.seq for b in self.batches if b.seq is not None]
+        found += [r.seq for b in self.batches if b.refs for r in b.refs if r.seq is not None]
+        oldest = self.memory.oldest()
+        if oldest is not None:
+            found.append(oldest[0])
+        if self.reader is not None:
+            seq = self.reader.oldest_seq()
+            if seq is not None:
+                found.append(seq)
+        return min(found) if found else None
+
+    def pending_any(self):
+        """Anything in memory, in a batch, or held on disk (read-only)."""
+        if self.memory.count or self.batches or self.inbox or self.to_create:
             return True
-        if self.spool is None or self.settings["offline"]:
-            return False
-        return self.spool.pending(now)
+        return self.reader is not None and (self.reader.waiting() > 0
+                                            or self.reader.claimable(self.clock()))
 
-    def settle_flushes(self, now):
-        if not self.flushes:
+    def settle(self, now):
+        if not self.waits:
             return
-        # Live batches stay in seq order, so the first one is the oldest.
-        oldest = next((b.seq for b in self.batches if b.spool_item is None), None)
-        spool_busy = self.spool is not None and not self.settings["offline"] \
-            and self.spool.pending(now)
+        oldest = self.oldest_own()
+        backlog = bool(self.to_create) or self.reader is not None and (
+            any(b.refs is not None and b.refs[0].seq is None for b in self.batches)
+            or self.reader.waiting() or self.reader.claimable(now))
         keep = []
-        for request in self.flushes:
-            if (oldest is None or oldest > request.upto) and not spool_busy:
-                self.settle(request)
+        for wait in self.waits:
+            if (oldest is None or oldest > wait.upto) and not backlog and wait.close_at is None:
+                self.answer(wait, True)
             else:
-                keep.append(request)
-        self.flushes = keep
+                keep.append(wait)
+        self.waits = keep
 
-    def settle(self, request):
-        request.lost = self.dropped_total > request.dropped
-        request.done.set()
+    def answer(self, wait, delivered):
+        wait.ok = delivered and self.lost == wait.lost
+        wait.done.set()
 
-    def give_up(self):
-        """The close deadline passed: spool what is in memory and stop."""
-        self.absorb(_monotonic())
-        while self.batches:
-            batch = self.batches.popleft()
-            if batch.spool_item is not None:
-                self.spool.release(batch.spool_item)
-                continue
-            self.in_memory -= len(batch.events)
-            if self.settings["offline"]:
-                self.drop(len(batch.events), "offline_file_unwritable", None)
+    def halt(self, why):
+        """Stop: what is not delivered goes to disk, claims are let go, waits answered."""
+        now = self.clock()
+        self.absorb(now)
+        if self.courier is not None and self.courier.busy:
+            self.courier.abandon()
+        delivered = not self.pending_any() and self.oldest_own() is None
+        for batch in list(self.batches):
+            if batch.refs is not None or not self.settings["offline"]:
+                self.set_aside(batch, why)
             else:
-                self.to_spool(batch, "close() deadline reached")
-        self.finish()
-
-    def finish(self):
-        self.stopped = True
-        left = self.pending(_monotonic())
-        if self.spool is not None:
-            try:
-                self.spool.seal_all()
-                self.spool.release_all()
-                self.spool.cleanup()
-            except OSError as exc:
-                _log.warning("closing spool segments: %s", exc)
-        self.transport.close()
-        for request in self.flushes:
-            if not left:
-                self.settle(request)
-
-    # driving the engine
-
-    def run(self):
-        """The worker thread: step, then sleep until woken or something is due."""
-        size = self.settings["buffer_size"]
-        while not self.stopped:
-            self.wake.clear()
-            self.wake_at = _NEVER           # awake: log() need not signal us
-            try:
-                delay = self.step()
-            except Exception:               # never let the worker die with events queued
-                _log.exception("isstreamer_lite worker error; continuing in 1 s")
-                delay = 1.0
-            if self.stopped:
-                break
-            now = _monotonic()
-            if self.closing and delay is None and not self.pending(now):
-                self.finish()
-                break
-            if delay is None:
-                delay = _IDLE_WAIT
-            if delay > 0:
-                # While backing off, wake for the queue only when it must spill.
-                if self.retry_at > now:
-                    self.wake_at = max(size, self.settings["max_queue"] - self.in_memory + 1)
-                elif self.in_memory:
-                    self.wake_at = max(1, size - self.in_memory)    # when a batch is full
+                self.batches.remove(batch)
+                self.in_memory -= batch.count
+                self.drop(batch.count, "offline_file_unwritable", None)
+        while self.memory.count:
+            batch, rejected = self.memory.take()
+            self.reject_unencodable(rejected)
+            if batch is not None:
+                if self.settings["offline"]:
+                    self.drop(batch.count, "offline_file_unwritable", None)
                 else:
-                    self.wake_at = 1        # the first event starts flush_interval
-                if len(self.queue) >= self.wake_at:
-                    continue                # filled up before wake_at was armed
-                if self.closing:
-                    delay = min(delay, max(0.0, self.close_deadline - now))
-                self.wake.wait(delay)
+                    self.to_disk(batch.bucket, batch.parts, batch.seq, why)
+        if self.reader is not None:
+            self.left = self.reader.waiting(own=True)
+        if self.writer is not None:
+            self.writer.close()
+        if self.reader is not None:
+            self.reader.release_all()
+        if self.courier is not None:
+            self.courier.stop()
+        self.sender.transport.close()
+        self.state = _STOPPED
+        waits, self.waits = self.waits, []
+        for wait in waits:
+            self.answer(wait, delivered)
+        self.stopped.set()
 
-    def pump(self, done=None, deadline=None):
-        """use_async=False: step in the caller's thread until idle, done or deadline."""
-        while not self.stopped:
-            self.wake.clear()
-            delay = self.step()
-            if self.stopped or (done is not None and done.is_set()):
-                return
-            now = _monotonic()
-            if self.closing and delay is None and not self.pending(now):
-                self.finish()
-                return
-            if delay is None or (delay > 0 and done is None and self.retry_at <= now):
-                return                      # idle, or only waiting for a batch to fill
-            if delay > 0:
-                if deadline is None or now + delay > deadline:
-                    return
-                self.wake.wait(delay)
 
-    def abandon(self):
-        """close() ran out of time while the worker is stuck (e.g. resolving DNS).
-
-        Called from the closing thread: marks the engine stopped first, so the
-        worker touches nothing when its request returns, then spools what is
-        in memory. The batch in flight is spooled too and may be sent twice.
-        """
-        self.stopped = True
-        self.give_up()
+def _run_reports(callback, reports):
+    """Call on_error for each report, outside every lock; nothing it raises escapes."""
+    if callback is None:
+        return
+    for exc, events in reports:
+        try:
+            callback(exc, events)
+        except BaseException:           # SystemExit and KeyboardInterrupt too
+            _log.exception("on_error callback raised; ignored")
 
 
 # --- Streamer ----------------------------------------------------------------
@@ -1957,6 +2466,16 @@ class _Engine(object):
 _open_streamers = set()                 # closed at exit; guarded by _hooks_lock
 _hooks_lock = threading.Lock()
 _hooks_installed = False
+_mp_finalizer_pid = None                # the process whose multiprocessing exit flushes us
+# How long an interrupted close() waits for the worker to put memory on disk.
+_URGENT_WAIT = 3.0
+
+
+class _ForkToken(object):
+    """What multiprocessing's after-fork registry holds on to (it keeps weak refs)."""
+
+
+_fork_token = _ForkToken()
 
 
 def _install_process_hooks():
@@ -1969,47 +2488,119 @@ def _install_process_hooks():
     import atexit
     atexit.register(_close_all_at_exit)
     if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        try:
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+        except RuntimeError as exc:             # some sub-interpreters refuse it
+            _log.debug("fork hook not installed: %s", exc)
+
+
+def _flush_at_multiprocessing_exit():
+    """In a multiprocessing child, close our Streamers before it calls os._exit().
+
+    multiprocessing ends its children without atexit but runs its own
+    finalizers first: register one, once per process.
+    """
+    global _mp_finalizer_pid
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or _mp_finalizer_pid == os.getpid():
+        return
+    try:
+        if type(mp.current_process()).__name__ == "_MainProcess":
+            return
+        import multiprocessing.util
+        multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=100)
+    except Exception as exc:            # an odd multiprocessing: the exit hook remains
+        _log.debug("multiprocessing exit hook not installed: %s", exc)
+        return
+    _mp_finalizer_pid = os.getpid()
 
 
 def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _exit_on_sigterm():
-    """Make SIGTERM a normal exit (so the exit hook flushes), unless it is handled.
+def _exit_on_signals():
+    """Make SIGTERM and SIGHUP a normal exit (so the exit hook flushes).
 
-    Only from the main thread, and only while SIGTERM has its default
-    disposition: a handler the application installed is never replaced.
+    Only where a handler can be installed (the main thread of the main
+    interpreter), and only while the signal has its default disposition: a
+    handler the application installed is never replaced.
     """
-    import signal
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        import signal
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        for name in ("SIGTERM", "SIGHUP"):
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+                signal.signal(number, _on_sigterm)
+    except (ValueError, OSError, RuntimeError) as exc:
+        _log.debug("signal handlers not installed (%s): SIGTERM and SIGHUP end the process "
+                   "without flushing", exc)
+        return False
+    return True
 
 
 def _close_all_at_exit():
-    """Flush and close every open Streamer, together, within exit_timeout."""
+    """Flush and close every open Streamer, together, within exit_timeout.
+
+    A signal or Ctrl-C meanwhile stops the waiting: what is in memory goes to
+    the spool at once, and the process exits as the first signal decided.
+    """
     with _hooks_lock:
         streamers = list(_open_streamers)
     if not streamers:
         return
     deadline = _monotonic() + max(s._settings["exit_timeout"] for s in streamers)
-    for streamer in streamers:
-        streamer._begin_close(deadline)
-    for streamer in streamers:
-        streamer._finish_close(deadline)
+    try:
+        closing = [(s, s._begin_close(deadline)) for s in streamers]
+        for streamer, begun in closing:
+            if begun is not None:
+                streamer._finish_close(begun[0], begun[1], deadline)
+    except BaseException:
+        for streamer in streamers:
+            streamer._close_now()
+    left = sum(s._worker.left for s in streamers if not s._settings["offline"])
+    if left:
+        folders = sorted(set(s._settings["spool_dir"] for s in streamers))
+        _log.warning("isstreamer_lite: %d events could not be delivered before exit; they "
+                     "are spooled in %s and the next run with the same access key sends "
+                     "them", left, ", ".join(folders))
 
 
 def _after_fork_in_child():
     """A forked child starts its Streamers afresh: no parent events, new worker."""
-    global _budgets, _budgets_lock, _hooks_lock
+    global _budgets, _budgets_lock, _hooks_lock, _mp_finalizer_pid
     _budgets = {}
     _budgets_lock = threading.Lock()
     _hooks_lock = threading.Lock()
+    _mp_finalizer_pid = None
     for streamer in list(_open_streamers):
         streamer._restart_after_fork()
+    mp_util = sys.modules.get("multiprocessing.util")
+    if _open_streamers and mp_util is not None:
+        # multiprocessing clears its finalizers after the fork, then runs these.
+        mp_util.register_after_fork(_fork_token, lambda token: _flush_at_multiprocessing_exit())
+
+
+def _preload(settings):
+    """Import what the worker needs now, so no fork inherits a half-done import."""
+    import errno        # noqa: F401
+    import random       # noqa: F401
+    _encode_json(None)
+    if settings["offline"]:
+        import csv      # noqa: F401
+        import io       # noqa: F401
+        return
+    import email.utils  # noqa: F401
+    import http.client  # noqa: F401
+    import urllib.request   # noqa: F401
+    if settings["api_base"].strip().lower().startswith("https:"):
+        try:
+            import ssl  # noqa: F401
+        except ImportError:
+            raise ConfigError("api_base %s is https:// but this Python was built without "
+                              "the ssl module" % settings["api_base"])
 
 
 def _attributes(obj):
@@ -2060,6 +2651,24 @@ def _flatten(prefix, obj, depth=0, seen=None):
     seen.discard(id(obj))
 
 
+def _new_worker(settings, bucket, stats=None, only=None):
+    """A worker with its sender, spool and rate budget (no thread yet)."""
+    transport = _HTTPTransport(settings["api_base"], settings["timeout"],
+                               settings["ssl_context"], settings["user_agent"])
+    sender = _Sender(settings, transport)
+    writer = reader = budget = None
+    if not settings["offline"]:
+        folder = os.path.join(settings["spool_dir"], _fingerprint(settings["access_key"]))
+        reader = _SpoolReader(folder, settings["durable"], only)
+        writer = _SpoolWriter(folder, reader, settings["spool_max_bytes"],
+                              settings["durable"])
+        budget = _budget_for(settings["api_base"], settings["access_key"])
+    worker = _Worker(settings, sender, writer, reader, budget, bucket)
+    if stats is not None:
+        worker.stats = stats
+    return worker
+
+
 class Streamer(object):
     """Stream events to one Initial State bucket at a time.
 
@@ -2086,62 +2695,74 @@ class Streamer(object):
             spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
             ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
             handle_sigterm=handle_sigterm)
+        _preload(settings)
         self._settings = settings
         bucket_key, bucket_name = settings.pop("bucket_key"), settings.pop("bucket_name")
         self._strict = debug_level >= 2
         self._echo = debug_level >= 1
         self._bucket = (bucket_key, bucket_name)
+        # Guards _worker, _thread, _closed and _close_wait: swapped together when the
+        # Streamer opens, closes or reopens. Never held while waiting or sending.
+        self._lock = threading.Lock()
+        # use_async=False: the baton; whoever holds it runs the worker.
+        self._baton = threading.Lock()
         self._closed = False
-        self._close_started = False
-        self._close_lock = threading.Lock()     # makes close() idempotent
-        self._close_request = None
-        self._start_engine()
-        with _hooks_lock:
-            _open_streamers.add(self)
+        self._close_wait = None
+        self._start(None)
         _install_process_hooks()
-        if settings["handle_sigterm"]:
-            _exit_on_sigterm()
+        _flush_at_multiprocessing_exit()
+        handlers = settings["handle_sigterm"] and _exit_on_signals()
         if self._echo:
-            _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s", bucket_key,
-                      bucket_name, "offline file " + settings["offline_file"]
+            _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s",
+                      bucket_key, bucket_name, "offline file " + settings["offline_file"]
                       if settings["offline"] else settings["api_base"],
                       _mask(settings["access_key"]),
                       "" if settings["use_async"] else " (synchronous)",
-                      " (durable)" if settings["durable"] else "")
+                      " (durable)" if settings["durable"] else "",
+                      "" if handlers or not settings["handle_sigterm"] else
+                      " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
 
-    def _start_engine(self):
-        """Build the engine and, with use_async, its worker thread."""
+    def _start(self, stats):
+        """A new worker (and thread) for this Streamer's settings and bucket."""
         s = self._settings
-        spool = None if s["offline"] else _Spool(s["spool_dir"], s["access_key"],
-                                                 s["spool_max_bytes"])
-        transport = _HTTPTransport(s["api_base"], s["timeout"], s["ssl_context"],
-                                   s["user_agent"])
-        budget = None if s["offline"] else _budget_for(s["api_base"], s["access_key"])
-        engine = _Engine(s, transport, spool, budget)
-        engine.queue.append(_BucketSwitch(*self._bucket))
-        self._engine = engine
-        self._queue = engine.queue
+        worker = _new_worker(s, self._bucket, stats)
         # Keys already validated, so log() need not check them again; emptied
         # on close() and never filled when events are echoed (slow path).
         self._keys = set()
-        self._pump_lock = threading.Lock()      # serialises use_async=False delivery
+        self._worker = worker
+        self._queue = worker.inbox
         self._thread = None
-        if not s["use_async"]:
-            engine.wake_at = 1                  # log() always asks _notify()
-        else:
-            self._thread = threading.Thread(
-                target=engine.run, daemon=True,
-                name="isstreamer_lite[%s]" % self._bucket[0][:32])
+        if s["use_async"]:
+            name = "isstreamer_lite[%s]" % self._bucket[0][:32]
+            worker.courier = _Courier(worker.sender, worker.wake, name)
+            self._thread = threading.Thread(target=worker.run, daemon=True, name=name)
             self._thread.start()
+        else:
+            worker.courier = _InlineCourier(worker.sender)
+        with _hooks_lock:
+            _open_streamers.add(self)
+
+    def _reopen(self):
+        """After close(): a new worker with the same settings, as ISStreamer's close() allows."""
+        with self._lock:
+            if not self._closed:
+                return
+            old = self._worker
+            self._closed = False
+            self._start(old.stats)
+            self._worker.lost = old.lost
+            while old.inbox:                # logged while it was stopping
+                self._queue.append(old.inbox.popleft())
 
     def _restart_after_fork(self):
-        old = self._engine
-        if old.spool is not None:
-            old.spool.forget_after_fork()
-        old.transport._conn = None
-        self._close_lock = threading.Lock()
+        old = self._worker
+        if old.reader is not None:
+            old.reader.forget_after_fork()
+        old.sender.transport.forget()
+        self._lock = threading.Lock()
+        self._baton = threading.Lock()
         if not self._closed:
-            self._start_engine()
+            self._start(None)
 
     # the caller's path
 
@@ -2155,11 +2776,12 @@ class Streamer(object):
         """
         kind = type(value)
         if epoch is None and type(key) is str and key in self._keys and (
-                kind is float and value - value == 0.0 or kind is int or kind is bool
+                kind is float and value - value == 0.0 or kind is bool
+                or kind is int and -_INT_LIMIT <= value <= _INT_LIMIT
                 or kind is str and len(value) <= _MAX_VALUE_CHARS):
             queue = self._queue
             queue.append((key, value, _time()))
-            if len(queue) >= self._engine.wake_at:
+            if len(queue) >= self._worker.wake_at:
                 self._notify()
             return
         self._log_checked(key, value, epoch)
@@ -2168,21 +2790,20 @@ class Streamer(object):
         """The slow path of log(): new keys, epochs, conversion, rejection, echo."""
         epoch = _time() if epoch is None else self._epoch(epoch)
         try:
-            if self._closed:
-                raise StreamerClosedError("the Streamer is closed; event %r was not logged"
-                                          % (key,))
             key = _check_key(key)
             value = _normalise_value(key, value)
-        except (TypeError, ValueError, StreamerClosedError) as exc:
+        except (TypeError, ValueError) as exc:
             if self._strict:
                 raise
             _log.warning("event not logged: %s", exc)
             return
-        if not (self._echo or self._closed) and len(self._keys) < _KNOWN_KEYS:
+        if self._closed:
+            self._reopen()
+        if not self._echo and type(key) is str and len(self._keys) < _KNOWN_KEYS:
             self._keys.add(key)
         queue = self._queue
         queue.append((key, value, epoch))
-        if len(queue) >= self._engine.wake_at:
+        if len(queue) >= self._worker.wake_at:
             self._notify()
         if self._echo:
             _log.info("%s: %s %r", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)),
@@ -2196,13 +2817,18 @@ class Streamer(object):
             return _time()
 
     def _notify(self):
-        engine = self._engine
+        worker = self._worker
         if self._thread is not None:
-            engine.wake_at = _NEVER         # one signal per wake-up is enough
-            engine.wake.set()
-        elif len(engine.queue) + engine.in_memory >= self._settings["buffer_size"]:
-            with self._pump_lock:
-                engine.pump(deadline=_monotonic() + self._settings["timeout"])
+            worker.wake_at = _NEVER         # one signal per wake-up is enough
+            worker.wake.set()
+        elif len(worker.inbox) + worker.memory.count >= self._settings["buffer_size"]:
+            # A signal handler's log() must never wait for the baton it interrupted.
+            if self._baton.acquire(False):
+                try:
+                    reports = worker.pump(_monotonic() + self._settings["timeout"])
+                finally:
+                    self._baton.release()
+                _run_reports(self._settings["on_error"], reports)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -2220,7 +2846,7 @@ class Streamer(object):
         for key, value in _flatten(key_prefix, obj):
             try:
                 self.log(key, value, epoch)
-            except (TypeError, ValueError, StreamerClosedError) as exc:
+            except (TypeError, ValueError) as exc:
                 first_error = first_error or exc
         if first_error is not None:
             raise first_error
@@ -2235,6 +2861,8 @@ class Streamer(object):
         if not bucket_key:
             bucket_key = _new_bucket_key()
         _check_bucket(bucket_key, bucket_name)
+        if self._closed:
+            self._reopen()
         self._bucket = (bucket_key, bucket_name)
         self._queue.append(_BucketSwitch(bucket_key, bucket_name))
         self._notify()
@@ -2257,64 +2885,114 @@ class Streamer(object):
         """Deliver everything logged so far (and this key's spool); True if done.
 
         Waits at most ``timeout`` seconds (default ``wait_timeout``); what is
-        not delivered by then stays queued or spooled and goes later.
+        not delivered by then stays queued or spooled and goes later. After
+        ``close()`` it reopens the Streamer, as ``log()`` does.
         """
         timeout = self._settings["wait_timeout"] if timeout is None else timeout
-        if self._engine.stopped:
-            return not self._engine.pending(_monotonic())
-        request = _FlushRequest()
-        self._queue.append(request)
-        if self._thread is not None:
-            self._engine.wake.set()
-            request.done.wait(timeout)
-            return request.succeeded()
         deadline = _monotonic() + timeout
-        with self._pump_lock:
-            self._engine.pump(request.done, deadline)
-        return request.succeeded()
+        if self._closed:
+            self._reopen()
+        worker = self._worker
+        wait = _Wait(worker.lost)
+        worker.inbox.append(wait)
+        try:
+            if self._thread is not None:
+                worker.wake.set()
+                wait.done.wait(max(0.0, deadline - _monotonic()))
+            else:
+                self._pump_until(worker, deadline, wait.done)
+        except BaseException:
+            self._close_now()
+            raise
+        return wait.done.is_set() and wait.ok
 
     def close(self, timeout=None):
         """Flush, spool what cannot be delivered by the deadline, stop the worker.
 
-        Returns True if everything was delivered. Idempotent; ``log()`` after
-        ``close()`` is rejected. ``timeout`` defaults to ``wait_timeout``.
+        Returns True if everything was delivered. A second close() answers
+        again without waiting. ``log()``, ``flush()`` or ``set_bucket()``
+        afterwards reopen the Streamer, as with ISStreamer. ``timeout``
+        defaults to ``wait_timeout``.
         """
         timeout = self._settings["wait_timeout"] if timeout is None else timeout
         deadline = _monotonic() + timeout
-        self._begin_close(deadline)
-        return self._finish_close(deadline)
+        begun = self._begin_close(deadline)
+        if begun is None:
+            wait = self._close_wait
+            return wait is not None and wait.done.is_set() and wait.ok
+        try:
+            return self._finish_close(begun[0], begun[1], deadline)
+        except BaseException:
+            self._close_now()
+            raise
 
     def _begin_close(self, deadline):
-        with self._close_lock:
-            if self._close_started:
-                return
-            self._close_started = True
+        """Ask the worker to stop by the deadline; (worker, wait), or None if closed."""
+        with self._lock:
+            if self._closed:
+                return None
             self._closed = True
             self._keys = frozenset()
-            self._close_request = _FlushRequest()
-        engine = self._engine
-        self._queue.append(self._close_request)
-        # Keep a little time to spool what is left once the deadline passes.
-        margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
-        engine.close_deadline = deadline - margin
-        engine.closing = True
-        engine.wake.set()
+            worker = self._worker
+            # Keep a little time to spool what is left once the deadline passes.
+            margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
+            wait = self._close_wait = _Wait(worker.lost, deadline - margin)
+            worker.inbox.append(wait)
+        worker.wake.set()
+        return worker, wait
 
-    def _finish_close(self, deadline):
-        engine = self._engine
+    def _finish_close(self, worker, wait, deadline):
         if self._thread is not None:
-            if not engine.stopped:
-                self._thread.join(max(0.0, deadline - _monotonic()))
-            if self._thread.is_alive() and not engine.stopped:
-                engine.abandon()
+            worker.stopped.wait(max(0.0, deadline - _monotonic()))
         else:
-            with self._pump_lock:
-                engine.pump(None, deadline)
-                if not engine.stopped:
-                    engine.give_up()
-        with _hooks_lock:
-            _open_streamers.discard(self)
-        return self._close_request.succeeded()
+            self._pump_until(worker, deadline, worker.stopped)
+            if not worker.stopped.is_set() and self._baton.acquire(False):
+                try:
+                    worker.halt("close() deadline reached")
+                finally:
+                    self._baton.release()
+        if worker.stopped.is_set():
+            with _hooks_lock:
+                _open_streamers.discard(self)
+        return worker.stopped.is_set() and wait.ok
+
+    def _pump_until(self, worker, deadline, until):
+        """use_async=False: run the worker in this thread until ``until`` or the deadline."""
+        if not self._baton.acquire(True, max(0.0, deadline - _monotonic())):
+            return
+        try:
+            reports = worker.pump(deadline, until)
+        finally:
+            self._baton.release()
+        _run_reports(self._settings["on_error"], reports)
+
+    def _close_now(self):
+        """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once.
+
+        Waits a few seconds at most for the worker, however many signals come.
+        """
+        worker = self._worker
+        with self._lock:
+            self._closed = True
+            self._keys = frozenset()
+        worker.inbox.append(_Wait(worker.lost, _monotonic()))
+        worker.wake.set()
+        give_up = _monotonic() + _URGENT_WAIT
+        while not worker.stopped.is_set() and _monotonic() < give_up:
+            try:
+                if self._thread is None:
+                    if self._baton.acquire(False):
+                        try:
+                            worker.halt("interrupted")
+                        finally:
+                            self._baton.release()
+                    break
+                worker.stopped.wait(max(0.0, give_up - _monotonic()))
+            except BaseException:           # a second signal: keep spooling
+                continue
+        if worker.stopped.is_set():
+            with _hooks_lock:
+                _open_streamers.discard(self)
 
     def __enter__(self):
         return self
@@ -2325,21 +3003,22 @@ class Streamer(object):
 
     def stats(self):
         """Counters: logged, delivered, retried, spooled, replayed, dead-lettered..."""
-        engine = self._engine
-        counters = dict(engine.stats)
+        worker = self._worker
+        counters = dict(worker.stats)
         counters["dropped"] = dict(counters["dropped"])
-        counters["queued"] = len(engine.queue) + engine.in_memory
-        counters["connections"] = engine.transport.connections
-        counters["journal_bytes"] = engine.spool.bytes_written if engine.spool else 0
+        counters["queued"] = len(worker.inbox) + worker.memory.count + worker.in_memory
+        counters["connections"] = worker.sender.transport.connections
+        counters["journal_bytes"] = worker.writer.bytes_written if worker.writer else 0
         counters["closed"] = self._closed
+        counters["state"] = worker.state
+        until, why = worker.waiting
+        counters["waiting"] = why if until > _monotonic() else ""
         return counters
 
     def __repr__(self):
         return "<Streamer bucket=%r key=%s %s>" % (
             self._bucket[0], _mask(self._settings["access_key"]),
             "closed" if self._closed else "open")
-
-
 
 
 # --- Local sink --------------------------------------------------------------
@@ -2819,18 +3498,28 @@ def _spool_summary(spool_dir, access_key=None):
 
 def _replay_spool(settings, paths, timeout):
     """Send spooled lines (all of the key's, or just ``paths``); return stats, pending."""
-    spool = _Spool(settings["spool_dir"], settings["access_key"], settings["spool_max_bytes"],
-                   only=paths)
-    transport = _HTTPTransport(settings["api_base"], settings["timeout"],
-                               settings["ssl_context"], settings["user_agent"])
-    engine = _Engine(settings, transport, spool, _budget_for(settings["api_base"],
-                                                            settings["access_key"]))
+    _preload(settings)
+    worker = _new_worker(settings, None, only=paths)
+    worker.courier = _InlineCourier(worker.sender)
     deadline = _monotonic() + timeout
-    engine.closing, engine.close_deadline = True, deadline
-    engine.pump(None, deadline)
-    if not engine.stopped:
-        engine.give_up()
-    return engine.stats, spool.pending(_monotonic() + 2.0)
+    worker.inbox.append(_Wait(0, deadline))
+    while not worker.stopped.is_set() and _monotonic() < deadline:
+        _run_reports(settings["on_error"], worker.pump(deadline, worker.stopped))
+    if not worker.stopped.is_set():
+        worker.halt("replay deadline reached")
+    if paths is not None:
+        pending = 0
+        for path in paths:
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError:
+                continue
+            pending += sum(1 for line in _unretired_lines(path, data) if not line[3])
+    else:
+        pending = sum(row["lines"] for row in _spool_summary(settings["spool_dir"],
+                                                             settings["access_key"]))
+    return worker.stats, pending
 
 
 def _cmd_replay(args, out, err):
@@ -2910,9 +3599,10 @@ def _cmd_selftest(args, out, err):
                                                 "isstreamer_lite-selftest",
                                                 bucket_name=args.bucket_name or
                                                 "isstreamer_lite selftest"))
-    transport = _HTTPTransport(settings["api_base"], settings["timeout"], None,
-                               settings["user_agent"])
-    engine = _Engine(settings, transport, None, None)
+    _preload(settings)
+    sender = _Sender(settings, _HTTPTransport(settings["api_base"], settings["timeout"], None,
+                                              settings["user_agent"]))
+    bucket = (settings["bucket_key"], settings["bucket_name"])
     now = _time()
     events = [("selftest_number", 1), ("selftest_text", "hello from isstreamer_lite"),
               ("selftest_flag", True)]
@@ -2922,7 +3612,8 @@ def _cmd_selftest(args, out, err):
     for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings["bucket_key"],
                                                      "bucketName": settings["bucket_name"]})),
                        ("/api/events", _encode_events([e + (now,) for e in events]))):
-        response, error = engine.request(path, body, settings["bucket_key"])
+        response, error = sender.post(_Job(path, body, bucket, None,
+                                           _monotonic() + settings["timeout"]))
         if error is not None:
             out.write("  POST %s: %s: %s\n" % (path, type(error).__name__, error))
             failed = True
@@ -2933,7 +3624,7 @@ def _cmd_selftest(args, out, err):
         out.write("  POST %s -> %d %s%s\n" % (path, response.status, response.text(200),
                                               " (%s)" % limits if limits else ""))
         failed = failed or not 200 <= response.status < 300
-    transport.close()
+    sender.transport.close()
     out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted 3 test events"))
     return 1 if failed else 0
 
