@@ -4,9 +4,11 @@
 
 A drop-in replacement for the ``ISStreamer`` client: the same ``Streamer``
 API and ``isstreamer.ini``, with a ``log()`` that never blocks, one daemon
-worker thread per Streamer that batches events and ships them over a
-kept-alive HTTPS connection, retries with back-off and rate-limit pacing,
-and a disk spool for whatever still cannot be delivered::
+worker thread per Streamer that batches events (a second one makes its
+requests, so a hung server holds nothing up) and ships them over a
+kept-alive HTTPS connection, packed up to the 1 MB body limit when it falls
+behind, retries with back-off and rate-limit pacing, and a disk spool for
+whatever still cannot be delivered::
 
     from isstreamer_lite import Streamer
 
@@ -18,9 +20,9 @@ and a disk spool for whatever still cannot be delivered::
 Thread safety: ``log``, ``log_object``, ``set_bucket``, ``flush`` and
 ``close`` may be called from any number of threads at once. ``log`` appends
 to a lock-free ``collections.deque`` and returns; each thread's events keep
-their order. Everything that touches the network or the disk runs on the
-Streamer's worker thread (or, with ``use_async=False``, in the thread that
-filled the buffer).
+their order. Everything that touches the disk runs on the Streamer's worker
+thread and the network on its courier thread (or, with ``use_async=False``,
+both in the thread that filled the buffer).
 
 Runs on CPython 3.6 to 3.13 with nothing but the standard library.
 ``python3 -m isstreamer_lite`` runs an offline smoke test.
@@ -1536,8 +1538,9 @@ class _Memory(object):
                 return run.seq, run.since
         return None
 
-    def fill(self, batch, limit=_MAX_BODY_BYTES):
-        """Move events of batch's bucket from the head run into it, up to ``limit`` bytes.
+    def fill(self, batch, limit=_MAX_BODY_BYTES, most=_NEVER):
+        """Move events of batch's bucket from the head run into it, up to ``limit`` bytes
+        and ``most`` events.
 
         Returns the events that cannot be encoded as [(event, exception)].
         """
@@ -1555,7 +1558,8 @@ class _Memory(object):
                     run.seq += 1
                     self.count -= 1
                     continue
-                if batch.parts and batch.size + len(part) + 1 > limit:
+                if batch.parts and (batch.size + len(part) + 1 > limit
+                                    or len(batch.parts) >= most):
                     return rejected
                 batch.add(events.popleft(), part)
                 run.seq += 1
@@ -1563,7 +1567,7 @@ class _Memory(object):
             self.runs.popleft()
         return rejected
 
-    def take(self, limit=_MAX_BODY_BYTES):
+    def take(self, limit=_MAX_BODY_BYTES, most=_NEVER):
         """A new batch of the oldest run's events; (batch or None, rejected)."""
         while self.runs and not self.runs[0].events:
             self.runs.popleft()
@@ -1571,7 +1575,7 @@ class _Memory(object):
             return None, []
         run = self.runs[0]
         batch = _Batch(run.bucket, [], [], seq=run.seq)
-        rejected = self.fill(batch, limit)
+        rejected = self.fill(batch, limit, most)
         return (batch if batch.parts else None), rejected
 
 
@@ -2273,7 +2277,8 @@ class _Worker(object):
             batch = next((b for b in self.batches if b.refs is None
                           and b is not self.in_flight()), None)
             if batch is None:
-                batch, rejected = self.memory.take()
+                excess = self.memory.count + self.in_memory - limit
+                batch, rejected = self.memory.take(most=excess)
                 self.reject_unencodable(rejected)
                 if batch is None:
                     return
@@ -2587,6 +2592,8 @@ def _preload(settings):
     """Import what the worker needs now, so no fork inherits a half-done import."""
     import errno        # noqa: F401
     import random       # noqa: F401
+    import socket       # noqa: F401  (first imported at exit, it turns Ctrl-C's -2 into 1)
+    _log.name           # logging too: the exit hook may need to warn
     _encode_json(None)
     if settings["offline"]:
         import csv      # noqa: F401
@@ -2735,9 +2742,14 @@ class Streamer(object):
         if s["use_async"]:
             name = "isstreamer_lite[%s]" % self._bucket[0][:32]
             worker.courier = _Courier(worker.sender, worker.wake, name)
-            self._thread = threading.Thread(target=worker.run, daemon=True, name=name)
-            self._thread.start()
-        else:
+            try:
+                thread = threading.Thread(target=worker.run, daemon=True, name=name)
+                thread.start()
+                self._thread = thread
+            except RuntimeError as exc:     # an isolated sub-interpreter: no daemon threads
+                _log.info("no worker thread here (%s): events are sent from the threads "
+                          "that log them, as with use_async=False", exc)
+        if self._thread is None:
             worker.courier = _InlineCourier(worker.sender)
         with _hooks_lock:
             _open_streamers.add(self)
@@ -3397,7 +3409,7 @@ def _install_sigterm_stop():
 
 
 def _restore_sigterm(handler=None):
-    """A second SIGTERM while closing ends the process at once, as usual."""
+    """Put back the SIGTERM handler the command found."""
     import signal
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
@@ -3451,9 +3463,14 @@ def _cmd_pipe(args, out, err):
                 err.write("line %d skipped: %s\n" % (number, exc))
     except (KeyboardInterrupt, _Stop):
         err.write("stopping: flushing what was read\n")
-    _restore_sigterm()
-    delivered = streamer.close(args.timeout)
-    _restore_sigterm(previous)
+    try:
+        delivered = streamer.close(args.timeout)
+    except (KeyboardInterrupt, _Stop) as exc:
+        # close() put what it had not delivered in the spool before letting go.
+        err.write("stopped while closing: what was not delivered is spooled\n")
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143
+    finally:
+        _restore_sigterm(previous)
     err.write("%d lines read, %d skipped, %s\n" % (lines, bad, "all delivered" if delivered
               else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
     return 0 if delivered else 1

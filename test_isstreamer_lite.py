@@ -1315,8 +1315,6 @@ class InstallScriptTest(LiteTestCase):
         self.assertEqual(result.returncode, 0, result.stdout)
 
 
-if __name__ == "__main__":
-    unittest.main()
 
 
 class HangingResolverTest(LiteTestCase):
@@ -1574,8 +1572,6 @@ class ExamplesTest(ExampleCase):
         self.epochs()
 
 
-if __name__ == "__main__":
-    unittest.main()
 
 
 CLI_KEY = "ist_cli_test_key_0123456789"
@@ -2399,8 +2395,6 @@ class CliSelftestTest(CliTestCase):
         self.assertIn("-> 204", result.stdout)
 
 
-if __name__ == "__main__":
-    unittest.main()
 
 
 def report(name, **figures):
@@ -3600,8 +3594,6 @@ class DoneWhenTest(DeliveryTestCase):
         self.assertLess(elapsed, minimum)
 
 
-if __name__ == "__main__":
-    unittest.main()
 
 
 class DeviceExamplesTest(ExampleCase):
@@ -3702,3 +3694,400 @@ class SpoolEvictionTest(LiteTestCase):
         self.assertEqual(reader.evict_oldest(), 5)
         self.assertFalse(os.path.exists(old.path))
         self.assertTrue(os.path.exists(new.path))
+
+
+# --- Lifecycle: signals, exit, reopen ---------------------------------------
+
+LIFE_KEY = "ist_lifecycle_key_0123456789"
+
+# A script started from a terminal has SIGINT raising KeyboardInterrupt and
+# SIGHUP at its default; a test runner started under nohup or in the
+# background may pass them on ignored, so every child puts them back.
+_PRELUDE = r'''
+import signal, sys, time
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def say(word):
+    sys.stdout.write(word + "\n")
+    sys.stdout.flush()
+'''
+
+# The SIGINT exit status of a plain script (no Streamer), to expect the same.
+_PLAIN_CHILD = _PRELUDE + r'''
+say("ready")
+time.sleep(60)
+'''
+
+LIFECYCLE_CHILD = _PRELUDE + r'''
+import isstreamer_lite as lite
+mode, api_base, spool_dir, key, count, exit_timeout, count_path = sys.argv[1:8]
+streamer = lite.Streamer("", "life-bucket", key, ini_file_location=False, api_base=api_base,
+                         spool_dir=spool_dir, buffer_size=10, flush_interval=0.05,
+                         backoff_base=0.05, backoff_cap=0.2, max_retries=1000,
+                         exit_timeout=float(exit_timeout))
+if mode == "replay":
+    sys.exit(0 if streamer.close(30) else 1)
+for i in range(int(count)):
+    streamer.log("v", i)
+if mode == "close":
+    say("closing")
+    streamer.close(30)
+elif mode in ("idle", "exit-idle"):
+    say("idle" if mode == "idle" else "exiting")
+    time.sleep(60)
+elif mode == "logging":
+    logged = int(count)
+    try:
+        say("logging")
+        while True:                 # a sensor loop, about a thousand events a second
+            streamer.log("v", logged)
+            logged += 1
+            time.sleep(0.001)
+    finally:
+        with open(count_path, "w") as handle:
+            handle.write("%d\n" % logged)
+elif mode == "exit-end":
+    say("exiting")
+'''
+
+FORK_CHILD = r'''
+import multiprocessing, sys
+import isstreamer_lite as lite
+
+
+def work(api_base, spool_dir):
+    streamer = lite.Streamer("", "fork-bucket", "ist_fork_key", ini_file_location=False,
+                             api_base=api_base, spool_dir=spool_dir, buffer_size=100,
+                             flush_interval=60)
+    for i in range(25):
+        streamer.log("v", i)
+
+
+# The fork start method needs no __main__ guard: the child does not re-import this.
+process = multiprocessing.get_context("fork").Process(target=work, args=sys.argv[1:3])
+process.start()
+process.join(60)
+sys.exit(99 if process.exitcode is None else process.exitcode)
+'''
+
+# Builds, uses and closes a Streamer in a sub-interpreter of config argv[1].
+SUB_INTERPRETER_CHILD = r'''
+import sys
+try:
+    import _interpreters as interpreters                # 3.13
+    interp = interpreters.create(sys.argv[1])
+except ImportError:
+    import _xxsubinterpreters as interpreters           # 3.12
+    interp = interpreters.create(isolated=(sys.argv[1] == "isolated"))
+out = sys.argv[2]
+code = "\n".join([
+    "import traceback",
+    "try:",
+    "    import isstreamer_lite as lite",
+    "    s = lite.Streamer('', 'sub', '', ini_file_location=False, offline=True,"
+    " offline_file=%r)" % (out + ".csv"),
+    "    s.log('a', 1)",
+    "    text = 'closed %r' % (s.close(5),)",
+    "except BaseException:",
+    "    text = traceback.format_exc()",
+    "with open(%r, 'w') as handle:" % out,
+    "    handle.write(text)"])
+interpreters.run_string(interp, code)
+interpreters.destroy(interp)
+with open(out) as handle:
+    print(handle.read())
+'''
+
+SIGNALS = (("SIGTERM", 143), ("SIGINT", None), ("SIGHUP", 129))
+
+
+def once_problems(got, expected):
+    """'' if ``got`` holds each of ``expected`` exactly once, else what is wrong."""
+    counts = collections.Counter(got)
+    lost = [v for v in expected if not counts[v]]
+    doubled = [v for v, n in counts.items() if n > 1]
+    extra = [v for v in counts if v not in set(expected)]
+    if not (lost or doubled or extra):
+        return ""
+    return "lost %d of %d (first %r), duplicated %d, unexpected %d" % (
+        len(lost), len(expected), lost[:3], len(doubled), len(extra))
+
+
+class LifecycleCase(LiteTestCase):
+    """Helpers: child scripts in a temp folder, killed at cleanup, bounded waits."""
+
+    def setUp(self):
+        LiteTestCase.setUp(self)
+        if not hasattr(signal, "SIGHUP"):
+            self.skipTest("needs POSIX signals")
+        self.folder = self.tempdir()
+        self.scripts = {}
+
+    def script(self, text):
+        if text not in self.scripts:
+            path = os.path.join(self.folder, "child%d.py" % len(self.scripts))
+            with open(path, "w") as handle:
+                handle.write(text)
+            self.scripts[text] = path
+        return self.scripts[text]
+
+    def popen(self, argv):
+        """Start a child with pipes; killed at cleanup and by a 90 s failure guard."""
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, universal_newlines=True,
+                                 env=child_env(), cwd=self.folder)
+        guard = threading.Timer(90.0, child.kill)
+        guard.daemon = True
+        guard.start()
+        self.addCleanup(guard.cancel)
+
+        def reap():
+            if child.poll() is None:
+                child.kill()
+                child.wait(30)
+            for stream in (child.stdin, child.stdout, child.stderr):
+                if stream is not None:
+                    stream.close()
+        self.addCleanup(reap)
+        return child
+
+    def lifecycle(self, mode, api_base, spool, count=100, exit_timeout=1.0):
+        """Start LIFECYCLE_CHILD; return (child, path of the file it writes its count to)."""
+        count_path = os.path.join(self.tempdir(), "count")
+        child = self.popen([sys.executable, self.script(LIFECYCLE_CHILD), mode, api_base,
+                            spool, LIFE_KEY, str(count), str(exit_timeout), count_path])
+        return child, count_path
+
+    def read_line(self, child, expected):
+        line = child.stdout.readline().strip()
+        if line != expected:
+            child.kill()
+            self.fail("child said %r, not %r: %s" % (line, expected, child.stderr.read()[-800:]))
+
+    def still_running(self, child, seconds):
+        """A bounded wait that must time out: the child is still at work."""
+        with self.assertRaises(subprocess.TimeoutExpired, msg="the child exited early"):
+            child.wait(seconds)
+
+    def finish(self, child):
+        """Wait for the child to end; return (status, stderr)."""
+        out, err = child.communicate(timeout=60)
+        return child.returncode, err
+
+    def plain_sigint_status(self):
+        """What a plain script hit by SIGINT exits with: 1 (3.6, 3.7) or -2 (3.8+)."""
+        child = self.popen([sys.executable, self.script(_PLAIN_CHILD)])
+        self.read_line(child, "ready")
+        child.send_signal(signal.SIGINT)
+        return self.finish(child)[0]
+
+    def assertSpooled(self, spool, expected, status, err):
+        values = [e["value"] for e in spooled_events(spool)]
+        problem = once_problems(values, expected)
+        if problem:
+            self.fail("spool: %s (exit status %s) %s" % (problem, status, err[-600:]))
+
+    def assertReplayed(self, spool, expected):
+        """A new process with the same key and spool delivers each value exactly once."""
+        sink = self.sink()
+        child, _ = self.lifecycle("replay", sink.url, spool)
+        status, err = self.finish(child)
+        self.assertEqual(status, 0, err[-600:])
+        with sink.changed:
+            values = [e["value"] for _, e in sink.events]
+        self.assertEqual(once_problems(values, expected), "", "replay")
+
+
+class SignalLifecycleTest(LifecycleCase):
+    """Signals, server down: every logged event ends up in the spool, then delivered."""
+
+    def test_signal_at_each_moment_spools_everything(self):
+        """Signals: SIGTERM, SIGINT, SIGHUP during close(), idle or logging lose nothing."""
+        statuses = dict(SIGNALS, SIGINT=self.plain_sigint_status())
+        for name, _ in SIGNALS:
+            for mode, line in (("close", "closing"), ("idle", "idle"),
+                               ("logging", "logging")):
+                with self.subTest(signal=name, moment=mode):
+                    spool = self.tempdir()
+                    child, count_path = self.lifecycle(mode, dead_url(), spool)
+                    self.read_line(child, line)
+                    self.still_running(child, 0.3)  # well into close(), idle or logging
+                    child.send_signal(getattr(signal, name))
+                    status, err = self.finish(child)
+                    expected = list(range(100))
+                    if mode == "logging":
+                        self.assertTrue(os.path.exists(count_path),
+                                        "the loop's finally never ran (exit status %s)"
+                                        % status)
+                        with open(count_path) as handle:
+                            logged = int(handle.read())
+                        # The signal may land inside log(), after its append.
+                        spooled = len(spooled_events(spool))
+                        expected = list(range(spooled if spooled == logged + 1 else logged))
+                    self.assertSpooled(spool, expected, status, err)
+                    self.assertEqual(status, statuses[name], err[-600:])
+                    self.assertReplayed(spool, expected)
+
+    def test_second_signal_during_exit_hook_spools_everything(self):
+        """Signals: a signal while the exit hook waits, or a second one, loses nothing."""
+        statuses = dict(SIGNALS, SIGINT=self.plain_sigint_status())
+        for name, mode in (("SIGTERM", "exit-idle"), ("SIGINT", "exit-idle"),
+                           ("SIGTERM", "exit-end")):
+            with self.subTest(signal=name, script=mode):
+                sig = getattr(signal, name)
+                spool = self.tempdir()
+                child, _ = self.lifecycle(mode, dead_url(), spool, exit_timeout=30.0)
+                self.read_line(child, "exiting")
+                sent = 0
+                if mode == "exit-idle":
+                    child.send_signal(sig)          # ends the script: the exit hook runs
+                    sent = 1
+                while sent < 2:
+                    try:
+                        child.wait(0.5)             # exited already: nothing to interrupt
+                        break
+                    except subprocess.TimeoutExpired:
+                        child.send_signal(sig)      # the exit hook is still waiting
+                        sent += 1
+                status, err = self.finish(child)
+                self.assertSpooled(spool, list(range(100)), status, err)
+                if mode == "exit-idle":
+                    self.assertEqual(status, statuses[name], err[-600:])
+                self.assertReplayed(spool, list(range(100)))
+
+    def test_exit_hook_warns_once_about_spooled_events(self):
+        """Exit hook: events it leaves in the spool are reported in one stderr line."""
+        spool = self.tempdir()
+        child, _ = self.lifecycle("exit-end", dead_url(), spool, count=10, exit_timeout=0.5)
+        self.read_line(child, "exiting")
+        status, err = self.finish(child)
+        self.assertSpooled(spool, list(range(10)), status, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, "stderr: %r" % err[-600:])
+        self.assertRegex(lines[0], r"\b10\b")
+        self.assertIn(spool, lines[0])
+
+
+class PipeLifecycleTest(LifecycleCase):
+    """CLI pipe: SIGTERM after the end of input, while closing, loses nothing."""
+
+    def test_sigterm_while_closing_spools_everything(self):
+        """CLI pipe: SIGTERM after the last line was read, server down: all 200 spooled."""
+        spool, ini = self.tempdir(), os.path.join(self.folder, "empty.ini")
+        with open(ini, "w"):
+            pass
+        child = self.popen([sys.executable, "-m", "isstreamer_lite", "pipe", "--access-key",
+                            LIFE_KEY, "--bucket-key", "life-pipe", "--api-base", dead_url(),
+                            "--spool-dir", spool, "--ini", ini, "--timeout", "30",
+                            "--debug", "1"])
+        child.stdin.write("".join("v,%d\n" % i for i in range(200)))
+        child.stdin.close()
+        child.stdin = None                  # communicate() must not flush it
+        echoed = 0
+        for line in child.stderr:           # --debug 1 echoes each event as it is logged
+            echoed += bool(ECHO.match(line))
+            if echoed == 200:
+                break
+        self.assertEqual(echoed, 200)
+        self.still_running(child, 0.3)      # past the end of input: in close(--timeout)
+        child.send_signal(signal.SIGTERM)
+        status, err = self.finish(child)
+        self.assertSpooled(spool, list(range(200)), status, err)
+        self.assertIn(status, (1, 143), err[-600:])
+        self.assertReplayed(spool, list(range(200)))
+
+
+class ForkedChildTest(LifecycleCase):
+    """multiprocessing: a fork-started child delivers its events without close()."""
+
+    def test_fork_child_delivers_without_close(self):
+        """multiprocessing fork: a Process that logs 25 events and returns delivers all 25."""
+        if not hasattr(os, "fork"):
+            self.skipTest("needs fork")
+        sink = self.sink()
+        result = subprocess.run([sys.executable, self.script(FORK_CHILD), sink.url,
+                                 self.tempdir()], env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=90)
+        self.assertEqual(result.returncode, 0, result.stderr[-600:])
+        sink.wait_for(25, timeout=5.0)
+        with sink.changed:
+            values = [e["value"] for _, e in sink.events]
+        self.assertEqual(once_problems(values, list(range(25))), "")
+
+
+class ReuseAfterCloseTest(LiteTestCase):
+    """close() only flushes, as ISStreamer's did: a closed Streamer keeps working."""
+
+    def test_close_each_iteration_then_log_again(self):
+        """Reuse: 5 x (log 3; close()) delivers all 15 at debug_level 0 and 2."""
+        for level in (0, 2):
+            with self.subTest(debug_level=level):
+                sink = self.sink()
+                streamer = self.streamer(sink, debug_level=level)
+                expected = []
+                for loop in range(5):
+                    for j in range(3):
+                        expected.append(("k%d" % j, loop * 3 + j))
+                        try:
+                            streamer.log(*expected[-1])
+                        except lite.StreamerError as exc:
+                            self.fail("log() in iteration %d raised %r" % (loop, exc))
+                    self.assertTrue(streamer.close(10), "close() in iteration %d" % loop)
+                self.assertEqual(once_problems(self.received(sink), expected), "")
+
+    def test_set_bucket_after_close(self):
+        """Reuse: set_bucket() after close() sends later events to the new bucket."""
+        sink = self.sink()
+        streamer = self.streamer(sink, bucket_key="before-bucket")
+        streamer.log("a", 1)
+        self.assertTrue(streamer.close(10))
+        streamer.set_bucket("After", "after-bucket")
+        self.assertEqual(streamer.bucket_key, "after-bucket")
+        streamer.log("b", 2)
+        self.assertTrue(streamer.close(10))
+        self.assertEqual(self.received(sink, "before-bucket"), [("a", 1)])
+        self.assertEqual(self.received(sink, "after-bucket"), [("b", 2)])
+        self.assertEqual(sink.buckets.get("after-bucket"), "After")
+
+
+class NoSignalHandlersTest(LifecycleCase):
+    """Streamer() works where signal handlers cannot be installed."""
+
+    def offline_file(self):
+        return os.path.join(self.tempdir(), "out.csv")
+
+    def test_signal_signal_raises(self):
+        """No signals: Streamer() works when signal.signal raises ValueError."""
+        for name in ("SIGTERM", "SIGHUP"):      # the defaults a fresh process starts with
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.addCleanup(signal.signal, sig, signal.getsignal(sig))
+                signal.signal(sig, signal.SIG_DFL)
+        refuse = ValueError("signal only works in main thread of the main interpreter")
+        with mock.patch("signal.signal", side_effect=refuse):
+            streamer = self.streamer(None, offline=True, offline_file=self.offline_file())
+            streamer.log("a", 1)
+            self.assertTrue(streamer.close(5))
+
+    def test_sub_interpreter(self):
+        """No signals: Streamer() works in a sub-interpreter (3.12+), legacy and isolated."""
+        if sys.version_info < (3, 12):
+            self.skipTest("sub-interpreters with a config of their own need 3.12+")
+        for config in ("legacy", "isolated"):
+            with self.subTest(config=config):
+                # In a child: a thread left running in a sub-interpreter is a fatal error.
+                out = os.path.join(self.tempdir(), "out")
+                result = subprocess.run(
+                    [sys.executable, self.script(SUB_INTERPRETER_CHILD), config, out],
+                    env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    universal_newlines=True, timeout=60)
+                self.assertEqual((result.returncode, result.stdout.strip()[-300:]),
+                                 (0, "closed True"), result.stderr[-800:])
+
+
+if __name__ == "__main__":
+    unittest.main()
