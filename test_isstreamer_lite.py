@@ -2949,6 +2949,194 @@ class RateBudgetTest(unittest.TestCase):
         self.assertIsNot(lite._budget_for(base, "ist_a"), lite._budget_for(base, "ist_b"))
 
 
+# --- The worker, driven by a fake clock and transport -------------------------
+
+class FakeClock(object):
+    """Monotonic time that moves only when the test says so."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
+class FakeTransport(object):
+    """Answers from a script: a status, (status, headers), or an exception to raise."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.posts = []
+        self.connections = 0
+
+    def post(self, path, body, headers, deadline):
+        self.posts.append((path, json.loads(body.decode("utf-8"))))
+        answer = self.answers.pop(0) if self.answers else 204
+        if isinstance(answer, BaseException):
+            raise answer
+        status, answer_headers = answer if isinstance(answer, tuple) else (answer, {})
+        return lite._Response(status, answer_headers, b"")
+
+    def events(self):
+        return [len(body) for path, body in self.posts if path == "/api/events"]
+
+    def abort(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class WorkerTest(LiteTestCase):
+    """The worker's decisions, stepped by hand: no threads, no sockets, no real time."""
+
+    def worker(self, *answers, **options):
+        import inspect
+        settings = {name: p.default for name, p in
+                    inspect.signature(lite.Streamer.__init__).parameters.items()
+                    if name != "self"}
+        settings.update(bucket_key="fake", access_key=KEY, ini_file_location=False,
+                        api_base="http://127.0.0.1:9", spool_dir=self.tempdir(),
+                        backoff_base=0.5, backoff_cap=4.0, flush_interval=1.0)
+        settings.update(options)
+        budget = settings.pop("budget", None)
+        settings = lite._resolve_settings(**settings)
+        bucket = (settings.pop("bucket_key"), settings.pop("bucket_name"))
+        self.clock = FakeClock()
+        self.transport = FakeTransport(*answers)
+        sender = lite._Sender(settings, self.transport)
+        worker = lite._new_worker(settings, bucket)
+        worker.sender, worker.budget, worker.clock = sender, budget, self.clock
+        worker.courier = lite._InlineCourier(sender, watchdog=False)
+        return worker
+
+    def log(self, worker, count, key="k"):
+        for i in range(count):
+            worker.inbox.append((key, i, 1700000000.0 + i))
+
+    def run_until_idle(self, worker, steps=50):
+        """Step while something is due now; return the delay the worker asked for."""
+        for _ in range(steps):
+            delay = worker.step()
+            if delay is None or delay > 0:
+                return delay
+        self.fail("the worker never settled")
+
+    def test_behind_means_one_packed_request(self):
+        """Worker: 1,000 waiting events at buffer_size 10 go in one request, in order."""
+        worker = self.worker(buffer_size=10)
+        self.log(worker, 1000)
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.posts[0][0], "/api/buckets")
+        self.assertEqual(self.transport.events(), [1000])
+        self.assertEqual([e["value"] for e in self.transport.posts[1][1]], list(range(1000)))
+
+    def test_packing_stops_under_one_megabyte(self):
+        """Worker: a request never carries a body over 1 MB; the rest goes next."""
+        worker = self.worker(buffer_size=10)
+        for i in range(3000):
+            worker.inbox.append(("k", "x" * 1000, 1.0))
+        self.run_until_idle(worker)
+        self.assertEqual(sum(self.transport.events()), 3000)
+        self.assertGreater(len(self.transport.events()), 2)
+        for path, body in self.transport.posts:
+            self.assertLessEqual(len(json.dumps(body, separators=(",", ":"))),
+                                 lite._MAX_BODY_BYTES)
+
+    def test_partial_batch_waits_for_flush_interval(self):
+        """Worker: fewer than buffer_size events wait flush_interval on the clock, then go."""
+        worker = self.worker(buffer_size=10, flush_interval=1.0)
+        self.log(worker, 3)
+        delay = self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [])
+        self.assertAlmostEqual(delay, 1.0)
+        self.clock.now += 0.5
+        self.assertAlmostEqual(self.run_until_idle(worker), 0.5)
+        self.assertEqual(self.transport.events(), [])
+        self.clock.now += 0.5
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [3])
+
+    def test_network_error_backs_off_then_delivers_once(self):
+        """Worker: a refused connection is retried after the back-off, and sent once."""
+        worker = self.worker(204, ConnectionRefusedError(), buffer_size=5)
+        self.log(worker, 5)
+        delay = self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [5])          # the failed attempt
+        self.assertGreaterEqual(delay, 0.0)
+        self.assertLessEqual(delay, 0.5)
+        self.clock.now += delay
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [5, 5])
+        self.assertEqual(worker.stats["delivered"], 5)
+        self.assertEqual(worker.stats["retried"], 1)
+
+    def test_retry_after_is_waited_on_the_clock(self):
+        """Worker: 429 with Retry-After 2 sends nothing for 2 s, then retries."""
+        worker = self.worker(204, (429, {"retry-after": "2"}), buffer_size=5)
+        self.log(worker, 5)
+        self.assertAlmostEqual(self.run_until_idle(worker), 2.0)
+        self.clock.now += 1.9
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [5])
+        self.clock.now += 0.1
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [5, 5])
+        self.assertEqual(worker.stats["rate_limited"], 1)
+
+    def test_413_splits_and_400_bisects(self):
+        """Worker: 413 sends each half; 400 narrows down to the refused event."""
+        worker = self.worker(204, 413, 204, 204, buffer_size=8)
+        self.log(worker, 8)
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [8, 4, 4])
+        worker = self.worker(204, 400, 204, 400, 204, 400, buffer_size=4)
+        self.log(worker, 4)
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [4, 2, 2, 1, 1])
+        self.assertEqual(worker.stats["dead_lettered"], 1)
+        self.assertEqual(worker.stats["delivered"], 3)
+
+    def test_close_waits_for_a_window_that_opens_before_its_deadline(self):
+        """Worker: close() waits for a rate-limit window opening in time, else spools now."""
+        for deadline, sent in ((5.0, [10]), (2.0, [])):
+            budget = lite._RateBudget()
+            worker = self.worker(buffer_size=100, budget=budget)
+            worker.created.add("fake")
+            worker.to_create = []
+            budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
+                           "x-ratelimit-reset": "%.3f" % (time.time() + 3.0)},
+                          self.clock(), time.time())
+            self.log(worker, 10)
+            wait = lite._Wait(0, self.clock() + deadline)
+            worker.inbox.append(wait)
+            delay = self.run_until_idle(worker)
+            if sent:
+                self.assertAlmostEqual(delay, 3.01, places=2)
+                self.clock.now += delay
+                self.run_until_idle(worker)
+                self.run_until_idle(worker)
+                self.assertTrue(wait.done.is_set() and wait.ok)
+            else:
+                self.assertIsNone(delay)            # stopped at once, nothing to wait for
+                self.assertEqual(worker.state, "stopped")
+                self.assertEqual(worker.stats["spooled"], 10)
+                self.assertFalse(wait.ok)
+            self.assertEqual(self.transport.events(), sent)
+
+    def test_max_queue_spills_only_the_excess_while_a_request_is_out(self):
+        """Worker: past max_queue the oldest excess goes to disk, nothing is dropped."""
+        worker = self.worker(buffer_size=10, max_queue=100)
+        worker.courier.busy = True          # a request that has not answered
+        worker.courier.job = None
+        self.log(worker, 250)
+        worker.absorb(self.clock())
+        worker.spill_over_max_queue()
+        self.assertEqual(worker.memory.count, 100)
+        self.assertEqual(worker.stats["spooled"], 150)
+        self.assertEqual(worker.stats["dropped"], {})
+
+
 # --- Faults on the wire ------------------------------------------------------
 
 class RetryTest(DeliveryTestCase):
