@@ -1646,8 +1646,8 @@ class _Courier(object):
         self._thread = None
 
     def start(self, job):
-        self.busy, self.job = True, job
         with self._lock:
+            self.busy, self.job = True, job
             self._job = job
             self._result = None
             if self._thread is None:
@@ -2010,6 +2010,8 @@ class _Worker(object):
         elif now >= self.job_deadline:
             job = self.courier.job
             self.courier.abandon()
+            if job is None:
+                return
             self.outcome(job, None, TimeoutError("timed out: no answer within %.1f s"
                                                  % (self.job_deadline - self.job_started)), now)
 
@@ -2114,14 +2116,19 @@ class _Worker(object):
         self.waiting = (self.retry_at, "paused: %s" % decision.reason)
         self.reports.append((DeliveryError(detail, None, decision.reason), []))
 
-    def set_aside(self, batch, why):
-        """Stop trying a batch for now: a memory batch goes to disk, a disk one back."""
-        self.batches.remove(batch)
+    def set_aside(self, batch, why, drop=False):
+        """Stop trying a batch for now: a memory batch goes to disk, a disk one back.
+
+        Where the disk refuses, a memory batch stays in memory (max_queue then
+        decides what is dropped), unless ``drop`` (stopping, or over max_queue).
+        """
         if batch.refs is not None:
+            self.batches.remove(batch)
             self.reader.give_back(batch.refs)
             return
-        self.in_memory -= batch.count
-        self.to_disk(batch.bucket, batch.parts, batch.seq, why)
+        if self.to_disk(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
+            self.batches.remove(batch)
+            self.in_memory -= batch.count
 
     def split(self, batch):
         """413 or 400: send each half on its own (halves never grow)."""
@@ -2136,9 +2143,14 @@ class _Worker(object):
                 halves.append(part)
         elif len(batch.refs) > 1:
             half = len(batch.refs) // 2
-            for refs in (batch.refs[:half], batch.refs[half:]):
-                lines = [_read_at(r.segment.fd, r.start, r.end - r.start) for r in refs]
-                halves.append(_Batch(batch.bucket, None, None, refs, _join_arrays(lines)))
+            try:
+                for refs in (batch.refs[:half], batch.refs[half:]):
+                    lines = [_read_at(r.segment.fd, r.start, r.end - r.start) for r in refs]
+                    halves.append(_Batch(batch.bucket, None, None, refs, _join_arrays(lines)))
+            except OSError as exc:
+                self.reader.give_back(batch.refs)
+                self.stats["last_error"] = "reading a spool line back: %s" % exc
+                return
         else:
             halves = self.rewrite_halves(batch)
             if halves is None:
@@ -2237,10 +2249,14 @@ class _Worker(object):
 
     # the disk
 
-    def to_disk(self, bucket, parts, seq, why, journal=False):
-        """Write events to the spool; True if they are there. Drops only if the disk refuses."""
+    def to_disk(self, bucket, parts, seq, why, journal=False, drop=True):
+        """Write events to the spool; True if they are there.
+
+        Where the disk refuses them they are dropped (and counted) if ``drop``.
+        """
         if self.writer is None:
-            self.drop(len(parts), "no_spool", None)
+            if drop:
+                self.drop(len(parts), "no_spool", None)
             return False
         for attempt in (1, 2, 3):
             try:
@@ -2252,9 +2268,9 @@ class _Worker(object):
                 if evicted is not None:
                     self.drop(evicted, "spool_full", exc)
                     continue
-                if journal:
-                    return False
-                self.drop(len(parts), "spool_full" if full else "spool_unwritable", exc)
+                self.stats["last_error"] = "writing the spool: %s" % exc
+                if drop and not journal:
+                    self.drop(len(parts), "spool_full" if full else "spool_unwritable", exc)
                 return False
             if not journal:
                 self.stats["spooled"] += len(parts)
@@ -2284,7 +2300,7 @@ class _Worker(object):
                     return
                 self.in_memory += batch.count
                 self.batches.append(batch)
-            self.set_aside(batch, "over max_queue (%d events)" % limit)
+            self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
 
     def in_flight(self):
         job = self.courier.job
@@ -2419,6 +2435,16 @@ class _Worker(object):
 
     def halt(self, why):
         """Stop: what is not delivered goes to disk, claims are let go, waits answered."""
+        try:
+            self._halt(why)
+        finally:
+            self.state = _STOPPED
+            waits, self.waits = self.waits, []
+            for wait in waits:
+                wait.done.set()
+            self.stopped.set()
+
+    def _halt(self, why):
         now = self.clock()
         self.absorb(now)
         if self.courier is not None and self.courier.busy:
@@ -2426,7 +2452,7 @@ class _Worker(object):
         delivered = not self.pending_any() and self.oldest_own() is None
         for batch in list(self.batches):
             if batch.refs is not None or not self.settings["offline"]:
-                self.set_aside(batch, why)
+                self.set_aside(batch, why, drop=True)
             else:
                 self.batches.remove(batch)
                 self.in_memory -= batch.count
@@ -2448,11 +2474,9 @@ class _Worker(object):
         if self.courier is not None:
             self.courier.stop()
         self.sender.transport.close()
-        self.state = _STOPPED
         waits, self.waits = self.waits, []
         for wait in waits:
             self.answer(wait, delivered)
-        self.stopped.set()
 
 
 def _run_reports(callback, reports):
@@ -2558,7 +2582,7 @@ def _close_all_at_exit():
         return
     deadline = _monotonic() + max(s._settings["exit_timeout"] for s in streamers)
     try:
-        closing = [(s, s._begin_close(deadline)) for s in streamers]
+        closing = [(s, s._begin_close(deadline, again=True)) for s in streamers]
         for streamer, begun in closing:
             if begun is not None:
                 streamer._finish_close(begun[0], begun[1], deadline)
@@ -2592,6 +2616,10 @@ def _preload(settings):
     """Import what the worker needs now, so no fork inherits a half-done import."""
     import errno        # noqa: F401
     import random       # noqa: F401
+    try:
+        import fcntl    # noqa: F401
+    except ImportError:                 # Windows: the spool is not locked
+        pass
     import socket       # noqa: F401  (first imported at exit, it turns Ctrl-C's -2 into 1)
     _log.name           # logging too: the exit hook may need to warn
     _encode_json(None)
@@ -2709,8 +2737,9 @@ class Streamer(object):
         self._echo = debug_level >= 1
         self._bucket = (bucket_key, bucket_name)
         # Guards _worker, _thread, _closed and _close_wait: swapped together when the
-        # Streamer opens, closes or reopens. Never held while waiting or sending.
-        self._lock = threading.Lock()
+        # Streamer opens, closes or reopens. Never held while waiting or sending;
+        # re-entrant, for a log() from a signal handler that interrupted its holder.
+        self._lock = threading.RLock()
         # use_async=False: the baton; whoever holds it runs the worker.
         self._baton = threading.Lock()
         self._closed = False
@@ -2771,7 +2800,7 @@ class Streamer(object):
         if old.reader is not None:
             old.reader.forget_after_fork()
         old.sender.transport.forget()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._baton = threading.Lock()
         if not self._closed:
             self._start(None)
@@ -2938,10 +2967,16 @@ class Streamer(object):
             self._close_now()
             raise
 
-    def _begin_close(self, deadline):
-        """Ask the worker to stop by the deadline; (worker, wait), or None if closed."""
+    def _begin_close(self, deadline, again=False):
+        """Ask the worker to stop by the deadline; (worker, wait), or None if closed.
+
+        ``again`` (the exit hook): a close still under way is waited for too.
+        """
         with self._lock:
             if self._closed:
+                if again and self._close_wait is not None and \
+                        not self._worker.stopped.is_set():
+                    return self._worker, self._close_wait
                 return None
             self._closed = True
             self._keys = frozenset()

@@ -3124,6 +3124,23 @@ class WorkerTest(LiteTestCase):
                 self.assertFalse(wait.ok)
             self.assertEqual(self.transport.events(), sent)
 
+    def test_401_spools_then_probes_every_pause_interval(self):
+        """Worker: 401 spools the batch, sends nothing for pause_interval, then probes."""
+        worker = self.worker(204, 401, 401, 204, buffer_size=5, pause_interval=10.0)
+        self.log(worker, 5)
+        self.assertAlmostEqual(self.run_until_idle(worker), 10.0)
+        self.assertEqual((worker.stats["paused"], worker.stats["spooled"]), ("key_rejected", 5))
+        self.assertEqual(worker.waiting, (self.clock.now + 10.0, "paused: key_rejected"))
+        self.clock.now += 9.9
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [5])
+        self.clock.now += 0.1
+        self.assertAlmostEqual(self.run_until_idle(worker), 10.0)   # the probe: 401 again
+        self.clock.now += 10.0
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [5, 5, 5])
+        self.assertEqual((worker.stats["paused"], worker.stats["replayed"]), ("", 5))
+
     def test_max_queue_spills_only_the_excess_while_a_request_is_out(self):
         """Worker: past max_queue the oldest excess goes to disk, nothing is dropped."""
         worker = self.worker(buffer_size=10, max_queue=100)
@@ -3453,22 +3470,25 @@ class UnwritableSpoolTest(DeliveryTestCase):
             if os.path.isdir(folder):
                 self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o700, folder)
 
-    def test_drops_counted_warned_and_streamer_keeps_working(self):
-        """Spool: unwritable spool drops with a reason and a warning; later events still go."""
+    def test_unwritable_spool_keeps_events_in_memory_up_to_max_queue(self):
+        """Spool: unwritable, events stay in memory up to max_queue; the oldest excess drops."""
         outage = Outage(self, up=False)
-        s = self.streamer(outage.url, spool_dir=self.unwritable_dir(), max_retries=1)
+        s = self.streamer(outage.url, spool_dir=self.unwritable_dir(), max_retries=1,
+                          max_queue=30)
         with self.assertLogs("isstreamer_lite", "WARNING") as logs:
-            log_all(s, events("x", 20))
+            log_all(s, events("x", 50))
             self.assertTrue(self.wait_stats(
                 s, lambda st: sum(st["dropped"].values()) >= 20), s.stats())
         self.assertEqual(s.stats()["dropped"], {"spool_unwritable": 20})
         self.assertTrue(any("dropped" in line and "spool_unwritable" in line
                             for line in logs.output), logs.output)
         outage.up()
+        self.assertTrue(s.flush(10), s.stats())        # the 30 kept in memory
+        self.assertExactlyOnce(self.received(outage), events("x", 50)[20:])
         after = events("y", 15)
         log_all(s, after)
         self.assertTrue(s.flush(10), s.stats()["last_error"])
-        self.assertExactlyOnce(self.received(outage), after)
+        self.assertExactlyOnce(self.received(outage), events("x", 50)[20:] + after)
         self.assertTrue(s.close(5))
 
 
@@ -3583,6 +3603,45 @@ class DeadlineTest(DeliveryTestCase):
         sink.script("*", *[("hang", 15.0)] * 20)
         self.check_deadlines(sink.url, self.tempdir(), sink)
         self.assertEqual(sink.events, [])
+
+    def test_a_dripping_answer_is_cut_at_the_request_deadline(self):
+        """Deadlines: a server dripping a byte every 0.1 s is cut off at timeout, overall."""
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        self.addCleanup(listener.close)
+        accepted = []
+
+        def drip():
+            while not stop.is_set():
+                try:
+                    listener.settimeout(0.2)
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                accepted.append(conn)
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 204 No Content\r\nX-Drip: " + b"x" * 1000:
+                    if stop.wait(0.1):
+                        break
+                    try:
+                        conn.send(bytes([byte]))
+                    except OSError:
+                        break
+                conn.close()
+        thread = threading.Thread(target=drip, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        s = self.streamer("http://127.0.0.1:%d" % listener.getsockname()[1],
+                          timeout=0.4, max_retries=100)
+        log_all(s, events("d", 5))
+        self.assertFalse(s.flush(2.0))
+        # A per-read timeout never fires here (a byte comes every 0.1 s): only an overall
+        # deadline ends each attempt, so several attempts fit in 2 s.
+        self.assertGreaterEqual(len(accepted), 3, s.stats())
+        self.assertIn("timed out", s.stats()["last_error"])
 
 
 class OnErrorTest(DeliveryTestCase):
