@@ -997,6 +997,19 @@ if mode != "no-close":
 '''
 
 
+class RequestSizeSink(lite._Sink):
+    """A sink that also keeps how many events each accepted request carried."""
+
+    def __init__(self, **kwargs):
+        lite._Sink.__init__(self, **kwargs)
+        self.sizes = [0]
+
+    def _add_events(self, handler, data):
+        with self.changed:
+            self.sizes.append(len(data) if isinstance(data, list) else 1)
+        return lite._Sink._add_events(self, handler, data)
+
+
 class CrashTest(LiteTestCase):
     """Durable mode, SIGTERM and SIGKILL: what survives a dying process."""
 
@@ -1075,6 +1088,39 @@ class CrashTest(LiteTestCase):
         sink = self.sink()
         self.finish_run(sink.url, 100000)
         self.assertEqual(self.check(sink, runs, per_run=400), 0)
+
+    def test_durable_survives_sigkill_under_server_faults(self):
+        """Durable: SIGKILLs while the server hangs, or answers 429, 503 or 401, lose nothing."""
+        faults = {
+            "hang": lambda handler, path: ("hang", 30.0) if path == "/api/events" else None,
+            "429": lambda handler, path: (429, {"Retry-After": "60"})
+            if path == "/api/events" else None,
+            "503": lambda handler, path: 503 if path == "/api/events" else None,
+            "401": lambda handler, path: 401,
+        }
+        for name, rule in sorted(faults.items()):
+            with self.subTest(fault=name):
+                self.spool = os.path.join(self.tempdir(), "spool")
+                faulty = self.sink(FaultSink, rule=rule)
+                self.addCleanup(faulty.released.set)
+                runs = self.kill_runs(faulty.url, "durable", 2, per_run=600)
+                faulty.released.set()
+                self.assertEqual(faulty.events, [])
+                healthy = self.sink()
+                self.finish_run(healthy.url, 100000)
+                self.assertEqual(self.check(healthy, runs, per_run=600), 0)
+
+    def test_durable_survives_sigkill_while_paced(self):
+        """Durable: SIGKILLs under the rate limit lose nothing and resend at most a request."""
+        sink = self.sink(RequestSizeSink, rate_limit=3, window=1.0)
+        runs = self.kill_runs(sink.url, "durable", 3, per_run=600)
+        self.finish_run(sink.url, 100000)
+        values = collections.Counter(e["value"] for _, e in sink.events)
+        for start, safe in runs:
+            self.assertEqual([v for v in range(start, safe + 1) if not values[v]], [],
+                             "run from %d lost events" % start)
+            dups = sum(values[v] - 1 for v in range(start, start + 600) if values[v] > 1)
+            self.assertLessEqual(dups, max(sink.sizes), "more than one request resent")
 
     def test_sigterm_loses_nothing(self):
         """SIGTERM: a streaming process exits through the exit hook and delivers everything."""
