@@ -120,6 +120,27 @@ def child_env(**extra):
     return env
 
 
+def guarded_popen(case, argv, cwd, env, guard_seconds):
+    """A child with pipes, killed at the case's cleanup and by a failure guard."""
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True,
+                             cwd=cwd, env=env)
+    guard = threading.Timer(guard_seconds, child.kill)
+    guard.daemon = True
+    guard.start()
+    case.addCleanup(guard.cancel)
+
+    def reap():
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+        for stream in (child.stdin, child.stdout, child.stderr):
+            if stream is not None:          # a test may have closed stdin itself
+                stream.close()
+    case.addCleanup(reap)
+    return child
+
+
 class LiteTestCase(unittest.TestCase):
     """Helpers: a sink per test, a temp spool, Streamers closed at cleanup."""
 
@@ -1717,22 +1738,7 @@ class CliTestCase(unittest.TestCase):
 
     def popen(self, argv, **env):
         """Start a child with pipes; killed at cleanup and by a 60 s failure guard."""
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, universal_newlines=True,
-                                 cwd=self.home, env=self.env(**env))
-        guard = threading.Timer(60.0, child.kill)
-        guard.daemon = True
-        guard.start()
-        self.addCleanup(guard.cancel)
-
-        def reap():
-            if child.poll() is None:
-                child.kill()
-                child.wait(30)
-            for stream in (child.stdin, child.stdout, child.stderr):
-                stream.close()
-        self.addCleanup(reap)
-        return child
+        return guarded_popen(self, argv, self.home, self.env(**env), 60.0)
 
     def received(self, sink, bucket=None):
         with sink.changed:
@@ -4130,23 +4136,7 @@ class LifecycleCase(LiteTestCase):
 
     def popen(self, argv):
         """Start a child with pipes; killed at cleanup and by a 90 s failure guard."""
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, universal_newlines=True,
-                                 env=child_env(), cwd=self.folder)
-        guard = threading.Timer(90.0, child.kill)
-        guard.daemon = True
-        guard.start()
-        self.addCleanup(guard.cancel)
-
-        def reap():
-            if child.poll() is None:
-                child.kill()
-                child.wait(30)
-            for stream in (child.stdin, child.stdout, child.stderr):
-                if stream is not None:
-                    stream.close()
-        self.addCleanup(reap)
-        return child
+        return guarded_popen(self, argv, self.folder, child_env(), 90.0)
 
     def lifecycle(self, mode, api_base, spool, count=100, exit_timeout=1.0):
         """Start LIFECYCLE_CHILD; return (child, path of the file it writes its count to)."""
