@@ -1179,6 +1179,7 @@ class _SpoolReader(object):
         self.scan_due = 0.0
         self.probe_due = 0.0
         self.probed = False
+        self.ack_bytes = 0          # ack records written, for flash wear (journal_bytes)
         self.warned = set()
         self.unreadable = []        # (bucket, body, why) of lines never to be sent
 
@@ -1252,7 +1253,6 @@ class _SpoolReader(object):
         by_segment = collections.OrderedDict()
         for ref in refs:
             by_segment.setdefault(id(ref.segment), (ref.segment, []))[1].append(ref)
-        written = 0
         for segment, done in by_segment.values():
             segment.out -= len(done)
             record = b"".join(("%d %d\n" % (r.start, r.end)).encode("ascii") for r in done)
@@ -1266,12 +1266,11 @@ class _SpoolReader(object):
                             os.fsync(fd)
                     finally:
                         os.close(fd)
-                    written += len(record)
+                    self.ack_bytes += len(record)
                 except OSError as exc:
                     _log.warning("cannot record delivery in %s%s (%s); those lines may "
                                  "be sent again", segment.path, _ACK_SUFFIX, exc)
             self.settle(segment)
-        return written
 
     def settle(self, segment):
         """Delete a segment with nothing left to send and nobody writing it."""
@@ -1542,7 +1541,7 @@ class _Memory(object):
         """Move events of batch's bucket from the head run into it, up to ``limit`` bytes
         and ``most`` events.
 
-        Returns the events that cannot be encoded as [(event, exception)].
+        Returns the events that cannot be encoded as [(event, exception, bucket key)].
         """
         rejected = []
         while self.runs:
@@ -1554,7 +1553,7 @@ class _Memory(object):
                 try:
                     part = _encode_event(events[0])
                 except (ValueError, TypeError, OverflowError) as exc:
-                    rejected.append((events.popleft(), exc))
+                    rejected.append((events.popleft(), exc, run.bucket[0]))
                     run.seq += 1
                     self.count -= 1
                     continue
@@ -1708,10 +1707,13 @@ class _InlineCourier(object):
         self.busy, self.job = True, job
         timer = None
         if self.watchdog:
-            timer = threading.Timer(max(0.0, job.deadline - _monotonic()),
-                                    self.sender.transport.abort)
-            timer.daemon = True
-            timer.start()
+            try:
+                timer = threading.Timer(max(0.0, job.deadline - _monotonic()),
+                                        self.sender.transport.abort)
+                timer.daemon = True
+                timer.start()
+            except RuntimeError:    # no daemon threads here: socket timeouts bound it
+                self.watchdog, timer = False, None
         try:
             self._result = (job, self.sender.post(job))
         finally:
@@ -1730,6 +1732,195 @@ class _InlineCourier(object):
 
     def stop(self):
         pass
+
+
+class _CsvSender(object):
+    """offline=True: "sends" a batch by appending ``epoch,key,value`` rows to a CSV file.
+
+    It answers as the API would (204), or fails as the network does
+    (OSError), so the worker retries a file it cannot write, then keeps the
+    rows in memory up to max_queue. It is also its own transport.
+    """
+
+    connections = 0
+
+    def __init__(self, path):
+        self.path = path
+        self.transport = self
+
+    def post(self, job):
+        import csv
+        import io
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        for key, value, epoch in job.batch.events:
+            writer.writerow((repr(epoch), key, value))
+        try:
+            fd = _open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                _write_all(fd, buffer.getvalue().encode("utf-8", "backslashreplace"))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return None, exc
+        return _Response(204, {}, b""), None
+
+    def abort(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Ledger(object):
+    """What became of the events that were not delivered: counters, losses, warnings.
+
+    ``stats`` and ``lost`` are written by the worker only and read by other
+    threads without a lock (ints, and a dict of ints).
+    """
+
+    def __init__(self, reader, clock, stats=None, lost=0):
+        self.reader = reader
+        self.clock = clock
+        self.lost = lost                    # dropped plus dead-lettered, ever
+        self.last_warning = -1e9
+        self.stats = stats if stats is not None else {
+            "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
+            "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
+            "buckets_created": 0, "last_error": None, "last_success": None,
+            "paused": "", "journalled": 0, "journal_errors": 0,
+        }
+
+    def drop(self, count, reason, exc):
+        dropped = self.stats["dropped"]
+        dropped[reason] = dropped.get(reason, 0) + count
+        self.lost += count
+        self.stats["last_error"] = "%s: %s" % (reason, exc)
+        self.warn("dropped %d events (%s: %s); dropped so far: %s" % (count, reason, exc,
+                                                                      dropped))
+
+    def warn(self, message):
+        """A warning, at most once every _DROP_WARN_EVERY seconds."""
+        now = self.clock()
+        if now - self.last_warning >= _DROP_WARN_EVERY:
+            self.last_warning = now
+            _log.warning("%s", message)
+
+    def dead_letter(self, bucket_key, body, status, reply, count=1):
+        """Count events the server refuses (or that cannot be sent) and keep them."""
+        self.stats["dead_lettered"] += count
+        self.lost += count
+        if self.reader is None:
+            return
+        try:
+            self.reader.dead_letter(bucket_key, body, status, reply)
+        except OSError as exc:
+            self.drop(0, "dead_letter_unwritable", exc)
+
+    def unencodable(self, rejected):
+        """Events the JSON encoder refused: dead letters, each with its reason."""
+        for event, exc, bucket_key in rejected:
+            why = "cannot be encoded as JSON: %s" % exc
+            _log.warning("event %r of bucket %r %s; it was moved to the dead-letter file",
+                         event[0], bucket_key, why)
+            self.dead_letter(bucket_key, _json_bytes({"key": event[0], "epoch": event[2],
+                                                      "value": repr(event[1])[:200]}),
+                             None, why)
+
+    def unreadable(self):
+        """Spool lines the reader could not parse: dead letters, never sent."""
+        while self.reader is not None and self.reader.unreadable:
+            bucket, body, why = self.reader.unreadable.pop(0)
+            self.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
+
+
+class _Stash(object):
+    """Puts the worker's events on disk: set aside, spilled, or journalled.
+
+    Used by the worker thread only; ``sync_due`` is when durable mode's
+    next fsync is due.
+    """
+
+    def __init__(self, settings, writer, reader, ledger):
+        self.writer = writer
+        self.reader = reader
+        self.ledger = ledger
+        self.half = settings["sync_interval"] / 2.0
+        self.nowhere = "offline_file_unwritable" if settings["offline"] else "no_spool"
+        self.sync_due = None
+
+    def write(self, bucket, parts, seq, why, journal=False, drop=True):
+        """Write events as one spool line; True if they are there.
+
+        A full spool loses its oldest segment first. Where the disk refuses
+        them they are dropped (and counted) if ``drop``.
+        """
+        ledger = self.ledger
+        if self.writer is None:
+            if drop:
+                ledger.drop(len(parts), self.nowhere, None)
+            return False
+        for attempt in (1, 2, 3):
+            try:
+                self.writer.append(bucket, parts, seq, journal)
+            except OSError as exc:
+                import errno
+                full = isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC
+                evicted = self.reader.evict_oldest() if full and attempt < 3 else None
+                if evicted is not None:
+                    ledger.drop(evicted, "spool_full", exc)
+                    continue
+                ledger.stats["last_error"] = "writing the spool: %s" % exc
+                if drop and not journal:
+                    ledger.drop(len(parts), "spool_full" if full else "spool_unwritable", exc)
+                return False
+            if not journal:
+                ledger.stats["spooled"] += len(parts)
+                if why:
+                    _log.info("spooled %d events of bucket %r: %s", len(parts), bucket[0], why)
+            return True
+        return False
+
+    def journal(self, memory, now):
+        """Durable mode: memory half a sync_interval old goes to disk; fsync on time.
+
+        Returns (seconds until this is due again or None, a batch the disk refused).
+        """
+        oldest = memory.oldest()
+        due = refused = None
+        if oldest is not None:
+            if now - oldest[1] >= self.half:
+                refused = self.journal_all(memory)
+            else:
+                due = oldest[1] + self.half - now
+        if self.writer.unsynced:
+            if self.sync_due is None:
+                self.sync_due = now + self.half
+            if now >= self.sync_due:
+                self.writer.sync()
+                self.sync_due = None
+            else:
+                due = self.sync_due - now if due is None else min(due, self.sync_due - now)
+        return due, refused
+
+    def journal_all(self, memory):
+        """Durable mode: every event in memory becomes a journal line.
+
+        Returns None, or the batch the disk refused (to be sent from memory).
+        """
+        stats = self.ledger.stats
+        while memory.count:
+            batch, rejected = memory.take()
+            self.ledger.unencodable(rejected)
+            if batch is None:
+                continue
+            if not self.write(batch.bucket, batch.parts, batch.seq, None, journal=True):
+                stats["journal_errors"] += 1
+                self.ledger.warn("cannot write the durable journal (%s); events are kept in "
+                                 "memory until it works again" % stats["last_error"])
+                return batch
+            stats["journalled"] += batch.count
+        return None
 
 
 _RUNNING, _CLOSING, _STOPPED = "running", "closing", "stopped"
@@ -1762,7 +1953,9 @@ class _Worker(object):
         self.stopped = threading.Event()
         self.state = _RUNNING
         self.wake_at = 1
-        self.lost = 0
+        self.ledger = _Ledger(reader, clock)
+        self.stats = self.ledger.stats
+        self.stash = _Stash(settings, writer, reader, self.ledger)
         self.left = 0                       # own events left on disk when it stopped
         self.waiting = (0.0, "")
         self.memory = _Memory(bucket)
@@ -1775,16 +1968,9 @@ class _Worker(object):
         self.failures = 0
         self.close_at = None
         self.job_deadline = self.job_started = 0.0
-        self.sync_due = None
         self.reports = []                   # (exception, events) for on_error
-        self.last_warning = -1e9
-        self.stats = {
-            "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
-            "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
-            "buckets_created": 0, "last_error": None, "last_success": None,
-            "paused": "", "journalled": 0, "journal_errors": 0,
-        }
-        if bucket is not None and not settings["offline"]:
+        self.creates_buckets = not settings["offline"]
+        if bucket is not None and self.creates_buckets:
             self.to_create.append(bucket)
 
     # the loop
@@ -1854,7 +2040,9 @@ class _Worker(object):
             return None
         due = []
         if self.settings["durable"] and self.writer is not None:
-            due.append(self.journal(now))
+            journal_due, refused = self.stash.journal(self.memory, now)
+            self.hold(refused)
+            due.append(journal_due)
         self.spill_over_max_queue()
         if not self.courier.busy:
             due.append(self.dispatch(now, deadline))
@@ -1884,7 +2072,7 @@ class _Worker(object):
                 taken += 1
             elif type(item) is _BucketSwitch:
                 memory.bucket = item.bucket
-                if item.bucket[0] not in self.created and not self.settings["offline"]:
+                if item.bucket[0] not in self.created and self.creates_buckets:
                     self.to_create.append(item.bucket)
             else:
                 item.upto = memory.next_seq - 1
@@ -1914,18 +2102,17 @@ class _Worker(object):
         if self.batches:
             head = self.batches[0]
             if head.refs is None and not head.fixed:
-                self.reject_unencodable(self.memory.fill(head))     # it fell behind: grow
+                self.ledger.unencodable(self.memory.fill(head))     # it fell behind: grow
             return head
         if self.ready(now):
-            if self.settings["durable"] and self.writer is not None and self.journal_all():
-                pass                            # on disk now: sent from there below
+            if self.settings["durable"] and self.writer is not None:
+                batch = self.stash.journal_all(self.memory)     # then sent from disk
             else:
                 batch, rejected = self.memory.take()
-                self.reject_unencodable(rejected)
-                if batch is not None:
-                    self.in_memory += batch.count
-                    self.batches.append(batch)
-                    return batch
+                self.ledger.unencodable(rejected)
+            if batch is not None:
+                self.hold(batch)
+                return batch
         if self.reader is None:
             return None
         batch = self.reader.take(_MAX_BODY_BYTES)
@@ -1934,22 +2121,23 @@ class _Worker(object):
         if batch is None and self.failures == 0 and not self.to_create \
                 and self.reader.claim(now):
             batch = self.reader.take(_MAX_BODY_BYTES)
-        self.dead_letter_unreadable()
+        self.ledger.unreadable()
         if batch is not None:
             self.batches.append(batch)
         return batch
+
+    def hold(self, batch):
+        """A batch formed from memory waits at the tail of ``batches``."""
+        if batch is not None:
+            self.in_memory += batch.count
+            self.batches.append(batch)
 
     def dispatch(self, now, deadline=None):
         """Start the next request if one is due; return the delay until one is."""
         if now < self.retry_at:
             return self.wait_until(self.retry_at, self.waiting[1])
         batch = self.next_batch(now)
-        if self.settings["offline"]:
-            if batch is not None:
-                self.write_offline(batch, now)
-                return 0.0
-            return self.flush_timer(now)
-        if batch is not None and batch.bucket[0] not in self.created:
+        if batch is not None and self.creates_buckets and batch.bucket[0] not in self.created:
             bucket = batch.bucket
         elif self.to_create:
             bucket = self.to_create[0]
@@ -2065,7 +2253,7 @@ class _Worker(object):
         journal = sum(r.count for r in batch.refs if r.journal)
         self.stats["delivered"] += journal
         self.stats["replayed"] += batch.count - journal
-        self.writer_bytes(self.reader.ack(batch.refs))
+        self.reader.ack(batch.refs)
 
     def failed(self, batch, decision, response, error, now, creating=None):
         """A request did not go through: wait, back off, or pause and spool.
@@ -2126,7 +2314,7 @@ class _Worker(object):
             self.batches.remove(batch)
             self.reader.give_back(batch.refs)
             return
-        if self.to_disk(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
+        if self.stash.write(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
             self.batches.remove(batch)
             self.in_memory -= batch.count
 
@@ -2183,7 +2371,7 @@ class _Worker(object):
             self.reader.give_back(batch.refs)
             self.stats["last_error"] = "splitting a spool line: %s" % exc
             return None
-        self.writer_bytes(self.reader.ack(batch.refs))
+        self.reader.ack(batch.refs)
         return halves
 
     def reject(self, batch, response, why=None):
@@ -2191,47 +2379,16 @@ class _Worker(object):
         self.batches.remove(batch)
         status = response.status if response is not None else None
         reply = why or (self.reply(response, 2000) if response is not None else "")
-        count = max(1, batch.count)
-        self.stats["dead_lettered"] += count
-        self.lost += count
         _log.warning("the server rejected an event of bucket %r (%s %s); it was moved to "
                      "the dead-letter file", batch.bucket[0], status, reply[:200])
-        self.write_dead_letter(batch.bucket[0], batch.body, status, reply, count)
+        self.ledger.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
         if batch.refs is not None:
-            self.writer_bytes(self.reader.ack(batch.refs))
+            self.reader.ack(batch.refs)
         else:
             self.in_memory -= batch.count
         self.reports.append((DeliveryError("event rejected by the server: %s" % reply[:200],
                                            status, "rejected", batch.bucket[0]),
                              self.events_of(batch)))
-
-    def reject_unencodable(self, rejected):
-        for event, exc in rejected:
-            why = "cannot be encoded as JSON: %s" % exc
-            self.stats["dead_lettered"] += 1
-            self.lost += 1
-            _log.warning("event %r of bucket %r %s; it was moved to the dead-letter file",
-                         event[0], self.memory.bucket[0], why)
-            body = _json_bytes({"key": event[0], "value": repr(event[1])[:200],
-                                "epoch": event[2]})
-            self.write_dead_letter(self.memory.bucket[0], body, None, why, 1)
-
-    def dead_letter_unreadable(self):
-        if self.reader is None:
-            return
-        while self.reader.unreadable:
-            bucket, body, why = self.reader.unreadable.pop(0)
-            self.stats["dead_lettered"] += 1
-            self.lost += 1
-            self.write_dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why, 1)
-
-    def write_dead_letter(self, bucket_key, body, status, reply, count):
-        if self.reader is None:
-            return
-        try:
-            self.reader.dead_letter(bucket_key, body, status, reply)
-        except OSError as exc:
-            self.drop(0, "dead_letter_unwritable", exc)
 
     def events_of(self, batch):
         """The (key, value, epoch) tuples of a batch, for on_error."""
@@ -2249,148 +2406,27 @@ class _Worker(object):
 
     # the disk
 
-    def to_disk(self, bucket, parts, seq, why, journal=False, drop=True):
-        """Write events to the spool; True if they are there.
-
-        Where the disk refuses them they are dropped (and counted) if ``drop``.
-        """
-        if self.writer is None:
-            if drop:
-                self.drop(len(parts), "no_spool", None)
-            return False
-        for attempt in (1, 2, 3):
-            try:
-                self.writer.append(bucket, parts, seq, journal)
-            except OSError as exc:
-                import errno
-                full = isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC
-                evicted = self.reader.evict_oldest() if full and attempt < 3 else None
-                if evicted is not None:
-                    self.drop(evicted, "spool_full", exc)
-                    continue
-                self.stats["last_error"] = "writing the spool: %s" % exc
-                if drop and not journal:
-                    self.drop(len(parts), "spool_full" if full else "spool_unwritable", exc)
-                return False
-            if not journal:
-                self.stats["spooled"] += len(parts)
-                if why:
-                    _log.info("spooled %d events of bucket %r: %s", len(parts), bucket[0], why)
-            return True
-        return False
-
-    def writer_bytes(self, count):
-        if self.writer is not None:
-            self.writer.bytes_written += count
-
     def spill_over_max_queue(self):
         """Beyond max_queue events in memory, the oldest go to disk (or are dropped)."""
         limit = self.settings["max_queue"]
         if self.memory.count + self.in_memory > limit and self.settings["durable"] \
-                and self.writer is not None and self.journal_all():
-            return
+                and self.writer is not None:
+            self.hold(self.stash.journal_all(self.memory))
         while self.memory.count + self.in_memory > limit:
             batch = next((b for b in self.batches if b.refs is None
                           and b is not self.in_flight()), None)
             if batch is None:
                 excess = self.memory.count + self.in_memory - limit
                 batch, rejected = self.memory.take(most=excess)
-                self.reject_unencodable(rejected)
+                self.ledger.unencodable(rejected)
                 if batch is None:
                     return
-                self.in_memory += batch.count
-                self.batches.append(batch)
+                self.hold(batch)
             self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
 
     def in_flight(self):
         job = self.courier.job
         return job.batch if job is not None else None
-
-    def journal(self, now):
-        """Durable mode: memory half a sync_interval old goes to disk; fsync on time."""
-        half = self.settings["sync_interval"] / 2.0
-        oldest = self.memory.oldest()
-        due = None
-        if oldest is not None:
-            if now - oldest[1] >= half:
-                self.journal_all()
-            else:
-                due = oldest[1] + half - now
-        if self.writer.unsynced:
-            if self.sync_due is None:
-                self.sync_due = now + half
-            if now >= self.sync_due:
-                self.writer.sync()
-                self.sync_due = None
-            else:
-                due = self.sync_due - now if due is None else min(due, self.sync_due - now)
-        return due
-
-    def journal_all(self):
-        """Durable mode: every event in memory becomes a journal line; False on failure."""
-        while self.memory.count:
-            batch, rejected = self.memory.take()
-            self.reject_unencodable(rejected)
-            if batch is None:
-                continue
-            if not self.to_disk(batch.bucket, batch.parts, batch.seq, None, journal=True):
-                self.stats["journal_errors"] += 1
-                self.warn("cannot write the durable journal (%s); events are kept in memory "
-                          "until it works again" % self.stats["last_error"])
-                self.in_memory += batch.count
-                self.batches.append(batch)
-                return False
-            self.stats["journalled"] += batch.count
-        return True
-
-    def drop(self, count, reason, exc):
-        dropped = self.stats["dropped"]
-        dropped[reason] = dropped.get(reason, 0) + count
-        self.lost += count
-        self.stats["last_error"] = "%s: %s" % (reason, exc)
-        self.warn("dropped %d events (%s: %s); dropped so far: %s" % (count, reason, exc,
-                                                                      dropped))
-
-    def warn(self, message):
-        now = self.clock()
-        if now - self.last_warning >= _DROP_WARN_EVERY:
-            self.last_warning = now
-            _log.warning("%s", message)
-
-    # offline mode: the "sender" is a CSV file
-
-    def write_offline(self, batch, now):
-        """offline=True: append ``epoch,key,value`` rows to the CSV file."""
-        import csv
-        import io
-        rows = []
-        for key, value, epoch in batch.events:
-            buffer = io.StringIO()
-            csv.writer(buffer, lineterminator="\n").writerow((repr(epoch), key, value))
-            try:
-                rows.append(buffer.getvalue().encode("utf-8"))
-            except UnicodeEncodeError as exc:
-                self.drop(1, "not_utf8", exc)
-        try:
-            fd = _open_private(self.settings["offline_file"], os.O_WRONLY | os.O_APPEND
-                               | os.O_CREAT)
-            try:
-                _write_all(fd, b"".join(rows))
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            self.stats["last_error"] = "writing %s: %s" % (self.settings["offline_file"], exc)
-            self.failures += 1
-            batch.attempts += 1
-            self.retry_at = now + _retry_delay(self.failures, self.settings["backoff_base"],
-                                               self.settings["backoff_cap"])
-            if batch.attempts >= self.settings["max_retries"] or self.state is _CLOSING:
-                self.batches.remove(batch)
-                self.in_memory -= batch.count
-                self.drop(batch.count, "offline_file_unwritable", exc)
-            return
-        self.failures = 0
-        self.delivered(batch)
 
     # flush, close and stop
 
@@ -2430,7 +2466,7 @@ class _Worker(object):
         self.waits = keep
 
     def answer(self, wait, delivered):
-        wait.ok = delivered and self.lost == wait.lost
+        wait.ok = delivered and self.ledger.lost == wait.lost
         wait.done.set()
 
     def halt(self, why):
@@ -2451,20 +2487,12 @@ class _Worker(object):
             self.courier.abandon()
         delivered = not self.pending_any() and self.oldest_own() is None
         for batch in list(self.batches):
-            if batch.refs is not None or not self.settings["offline"]:
-                self.set_aside(batch, why, drop=True)
-            else:
-                self.batches.remove(batch)
-                self.in_memory -= batch.count
-                self.drop(batch.count, "offline_file_unwritable", None)
+            self.set_aside(batch, why, drop=True)
         while self.memory.count:
             batch, rejected = self.memory.take()
-            self.reject_unencodable(rejected)
+            self.ledger.unencodable(rejected)
             if batch is not None:
-                if self.settings["offline"]:
-                    self.drop(batch.count, "offline_file_unwritable", None)
-                else:
-                    self.to_disk(batch.bucket, batch.parts, batch.seq, why)
+                self.stash.write(batch.bucket, batch.parts, batch.seq, why)
         if self.reader is not None:
             self.left = self.reader.waiting(own=True)
         if self.writer is not None:
@@ -2698,9 +2726,11 @@ def _new_worker(settings, bucket, stats=None, only=None):
         writer = _SpoolWriter(folder, reader, settings["spool_max_bytes"],
                               settings["durable"])
         budget = _budget_for(settings["api_base"], settings["access_key"])
+    if settings["offline"]:
+        sender = _CsvSender(settings["offline_file"])
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
     if stats is not None:
-        worker.stats = stats
+        worker.stats = worker.ledger.stats = stats
     return worker
 
 
@@ -2779,7 +2809,7 @@ class Streamer(object):
                 _log.info("no worker thread here (%s): events are sent from the threads "
                           "that log them, as with use_async=False", exc)
         if self._thread is None:
-            worker.courier = _InlineCourier(worker.sender)
+            worker.courier = _InlineCourier(worker.sender, watchdog=not s["offline"])
         with _hooks_lock:
             _open_streamers.add(self)
 
@@ -2791,7 +2821,7 @@ class Streamer(object):
             old = self._worker
             self._closed = False
             self._start(old.stats)
-            self._worker.lost = old.lost
+            self._worker.ledger.lost = old.ledger.lost
             while old.inbox:                # logged while it was stopping
                 self._queue.append(old.inbox.popleft())
 
@@ -2934,7 +2964,7 @@ class Streamer(object):
         if self._closed:
             self._reopen()
         worker = self._worker
-        wait = _Wait(worker.lost)
+        wait = _Wait(worker.ledger.lost)
         worker.inbox.append(wait)
         try:
             if self._thread is not None:
@@ -2983,7 +3013,7 @@ class Streamer(object):
             worker = self._worker
             # Keep a little time to spool what is left once the deadline passes.
             margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
-            wait = self._close_wait = _Wait(worker.lost, deadline - margin)
+            wait = self._close_wait = _Wait(worker.ledger.lost, deadline - margin)
             worker.inbox.append(wait)
         worker.wake.set()
         return worker, wait
@@ -3022,7 +3052,7 @@ class Streamer(object):
         with self._lock:
             self._closed = True
             self._keys = frozenset()
-        worker.inbox.append(_Wait(worker.lost, _monotonic()))
+        worker.inbox.append(_Wait(worker.ledger.lost, _monotonic()))
         worker.wake.set()
         give_up = _monotonic() + _URGENT_WAIT
         while not worker.stopped.is_set() and _monotonic() < give_up:
@@ -3055,7 +3085,8 @@ class Streamer(object):
         counters["dropped"] = dict(counters["dropped"])
         counters["queued"] = len(worker.inbox) + worker.memory.count + worker.in_memory
         counters["connections"] = worker.sender.transport.connections
-        counters["journal_bytes"] = worker.writer.bytes_written if worker.writer else 0
+        counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
+            if worker.writer else 0
         counters["closed"] = self._closed
         counters["state"] = worker.state
         until, why = worker.waiting
