@@ -1923,6 +1923,125 @@ class _Stash(object):
         return None
 
 
+class _Batcher(object):
+    """The worker's undelivered events between the inbox and the disk.
+
+    ``memory`` holds the events not yet in a batch; ``batches`` the batches
+    formed and not yet delivered, head first (from memory, or refs to disk
+    lines); ``in_memory`` counts the events of the memory batches. The one
+    place a batch is held, halved or set aside. Owned by the worker.
+    """
+
+    def __init__(self, memory, stash, reader, writer):
+        self.memory = memory
+        self.stash = stash
+        self.reader = reader
+        self.writer = writer
+        self.batches = collections.deque()
+        self.in_memory = 0
+
+    @property
+    def count(self):
+        """Events in the worker's memory, in a batch or not."""
+        return self.memory.count + self.in_memory
+
+    def hold(self, batch):
+        """A batch formed from memory waits at the tail (None: nothing to hold)."""
+        if batch is not None:
+            self.in_memory += batch.count
+            self.batches.append(batch)
+
+    def remove(self, batch):
+        """A batch is done with (delivered, or dead-lettered)."""
+        self.batches.remove(batch)
+        if batch.refs is None:
+            self.in_memory -= batch.count
+
+    def set_aside(self, batch, why, drop=False):
+        """Stop trying a batch for now: a memory batch goes to disk, a disk one back.
+
+        Where the disk refuses, a memory batch stays in memory (max_queue then
+        decides what is dropped), unless ``drop`` (stopping, or over max_queue).
+        """
+        if batch.refs is not None:
+            self.batches.remove(batch)
+            self.reader.give_back(batch.refs)
+        elif self.stash.write(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
+            self.remove(batch)
+
+    def split(self, batch):
+        """413 or 400: put both halves where the batch was (halves never grow).
+
+        False if it cannot be halved (one event, or a line that is not JSON):
+        the caller dead-letters it.
+        """
+        try:
+            halves = self._halves(batch)
+        except OSError as exc:
+            self.set_aside(batch, "cannot split it now: %s" % exc)
+            return True
+        if halves is None:
+            return False
+        index = self.batches.index(batch)
+        del self.batches[index]
+        for part in reversed(halves):
+            part.fixed = True
+            self.batches.insert(index, part)
+        if batch.refs is not None and len(batch.refs) == 1:
+            self.reader.ack(batch.refs)     # its halves are new lines on disk now
+        return True
+
+    def _halves(self, batch):
+        if batch.count < 2:
+            return None
+        if batch.refs is None:
+            half = len(batch.parts) // 2
+            return [_Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
+                           seq=None if batch.seq is None else batch.seq + lo)
+                    for lo, hi in ((0, half), (half, len(batch.parts)))]
+        if len(batch.refs) > 1:
+            half = len(batch.refs) // 2
+            return [_Batch(batch.bucket, None, None, refs, _join_arrays(
+                [_read_at(r.segment.fd, r.start, r.end - r.start) for r in refs]))
+                for refs in (batch.refs[:half], batch.refs[half:])]
+        # One line: write its halves as new lines; the caller retires the old one.
+        ref = batch.refs[0]
+        try:
+            parts = [_encode_event(e) for e in _decode_body(batch.body)]
+        except (ValueError, TypeError, OverflowError):
+            return None
+        halves = []
+        try:
+            for chunk in (parts[:len(parts) // 2], parts[len(parts) // 2:]):
+                new = self.writer.append(batch.bucket, chunk, ref.seq, ref.journal)
+                new.segment.lines.pop()         # in this batch, not the reader's queue
+                new.segment.out += 1
+                halves.append(_Batch(batch.bucket, None, None, [new],
+                                     b"[" + b",".join(chunk) + b"]"))
+        except OSError:
+            for done in halves:
+                self.reader.ack(done.refs)      # the old line stays whole on disk
+            raise
+        return halves
+
+    def oldest_seq(self):
+        """Sequence number of the oldest event this worker logged and holds, or None."""
+        found = [b.seq for b in self.batches if b.seq is not None]
+        found += [r.seq for b in self.batches if b.refs for r in b.refs if r.seq is not None]
+        oldest = self.memory.oldest()
+        if oldest is not None:
+            found.append(oldest[0])
+        if self.reader is not None:
+            seq = self.reader.oldest_seq()
+            if seq is not None:
+                found.append(seq)
+        return min(found) if found else None
+
+    def others_in_flight(self):
+        """Whether a batch of an earlier run's lines is out."""
+        return any(b.refs is not None and b.refs[0].seq is None for b in self.batches)
+
+
 _RUNNING, _CLOSING, _STOPPED = "running", "closing", "stopped"
 
 
@@ -1959,8 +2078,7 @@ class _Worker(object):
         self.left = 0                       # own events left on disk when it stopped
         self.waiting = (0.0, "")
         self.memory = _Memory(bucket)
-        self.batches = collections.deque()  # formed, not yet delivered; head first
-        self.in_memory = 0                  # events in memory batches
+        self.pending = _Batcher(self.memory, self.stash, reader, writer)
         self.waits = []
         self.created = set()
         self.to_create = []
@@ -2019,7 +2137,8 @@ class _Worker(object):
         size, count = self.settings["buffer_size"], self.memory.count
         if self.courier.busy or self.clock() < self.retry_at:
             self.wake_at = 1 if count == 0 and self.writer is not None and \
-                self.settings["durable"] else max(1, self.settings["max_queue"] - count + 1)
+                self.settings["durable"] else \
+                max(1, self.settings["max_queue"] - self.pending.count + 1)
         elif count == 0:
             self.wake_at = 1                    # the first event starts flush_interval
         else:
@@ -2041,7 +2160,7 @@ class _Worker(object):
         due = []
         if self.settings["durable"] and self.writer is not None:
             journal_due, refused = self.stash.journal(self.memory, now)
-            self.hold(refused)
+            self.pending.hold(refused)
             due.append(journal_due)
         self.spill_over_max_queue()
         if not self.courier.busy:
@@ -2099,8 +2218,8 @@ class _Worker(object):
 
     def next_batch(self, now):
         """The batch to send next, left at the head of ``batches``; or None."""
-        if self.batches:
-            head = self.batches[0]
+        if self.pending.batches:
+            head = self.pending.batches[0]
             if head.refs is None and not head.fixed:
                 self.ledger.unencodable(self.memory.fill(head))     # it fell behind: grow
             return head
@@ -2111,7 +2230,7 @@ class _Worker(object):
                 batch, rejected = self.memory.take()
                 self.ledger.unencodable(rejected)
             if batch is not None:
-                self.hold(batch)
+                self.pending.hold(batch)
                 return batch
         if self.reader is None:
             return None
@@ -2123,14 +2242,8 @@ class _Worker(object):
             batch = self.reader.take(_MAX_BODY_BYTES)
         self.ledger.unreadable()
         if batch is not None:
-            self.batches.append(batch)
+            self.pending.batches.append(batch)
         return batch
-
-    def hold(self, batch):
-        """A batch formed from memory waits at the tail of ``batches``."""
-        if batch is not None:
-            self.in_memory += batch.count
-            self.batches.append(batch)
 
     def dispatch(self, now, deadline=None):
         """Start the next request if one is due; return the delay until one is."""
@@ -2218,9 +2331,7 @@ class _Worker(object):
         elif decision.action == _DELIVERED:
             self.delivered(batch)
         elif decision.action in (_SPLIT, _BISECT):
-            if batch.count > 1:
-                self.split(batch)
-            else:
+            if not self.pending.split(batch):
                 self.reject(batch, response)
         else:
             self.failed(batch, decision, response, error, now)
@@ -2245,9 +2356,8 @@ class _Worker(object):
         self.waiting = (0.0, "")
         self.stats["last_success"] = self.wall()
         self.stats["paused"] = ""
-        self.batches.remove(batch)
+        self.pending.remove(batch)
         if batch.refs is None:
-            self.in_memory -= batch.count
             self.stats["delivered"] += batch.count
             return
         journal = sum(r.count for r in batch.refs if r.journal)
@@ -2277,7 +2387,7 @@ class _Worker(object):
         if decision.action == _PAUSE:
             self.pause(decision, detail)
             if batch is not None:
-                self.set_aside(batch, "delivery paused (%s)" % decision.reason)
+                self.pending.set_aside(batch, "delivery paused (%s)" % decision.reason)
             return
         self.failures += 1
         self.stats["retried"] += 1
@@ -2290,7 +2400,7 @@ class _Worker(object):
         if batch is not None:
             batch.attempts += 1
             if batch.attempts >= self.settings["max_retries"]:
-                self.set_aside(batch, "%d attempts failed" % batch.attempts)
+                self.pending.set_aside(batch, "%d attempts failed" % batch.attempts)
 
     def pause(self, decision, detail):
         if self.stats["paused"] != decision.reason:
@@ -2304,79 +2414,9 @@ class _Worker(object):
         self.waiting = (self.retry_at, "paused: %s" % decision.reason)
         self.reports.append((DeliveryError(detail, None, decision.reason), []))
 
-    def set_aside(self, batch, why, drop=False):
-        """Stop trying a batch for now: a memory batch goes to disk, a disk one back.
-
-        Where the disk refuses, a memory batch stays in memory (max_queue then
-        decides what is dropped), unless ``drop`` (stopping, or over max_queue).
-        """
-        if batch.refs is not None:
-            self.batches.remove(batch)
-            self.reader.give_back(batch.refs)
-            return
-        if self.stash.write(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
-            self.batches.remove(batch)
-            self.in_memory -= batch.count
-
-    def split(self, batch):
-        """413 or 400: send each half on its own (halves never grow)."""
-        index = self.batches.index(batch)
-        del self.batches[index]
-        halves = []
-        if batch.refs is None:
-            half = len(batch.parts) // 2
-            for lo, hi in ((0, half), (half, len(batch.parts))):
-                part = _Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
-                              seq=None if batch.seq is None else batch.seq + lo)
-                halves.append(part)
-        elif len(batch.refs) > 1:
-            half = len(batch.refs) // 2
-            try:
-                for refs in (batch.refs[:half], batch.refs[half:]):
-                    lines = [_read_at(r.segment.fd, r.start, r.end - r.start) for r in refs]
-                    halves.append(_Batch(batch.bucket, None, None, refs, _join_arrays(lines)))
-            except OSError as exc:
-                self.reader.give_back(batch.refs)
-                self.stats["last_error"] = "reading a spool line back: %s" % exc
-                return
-        else:
-            halves = self.rewrite_halves(batch)
-            if halves is None:
-                return
-        for part in reversed(halves):
-            part.fixed = True
-            self.batches.insert(index, part)
-
-    def rewrite_halves(self, batch):
-        """Split one spool line: write its halves as new lines, then retire it."""
-        ref = batch.refs[0]
-        try:
-            events = _decode_body(batch.body)
-            parts = [_encode_event(e) for e in events]
-        except (ValueError, TypeError, OverflowError) as exc:
-            self.reject(batch, None, "unreadable spool line: %s" % exc)
-            return None
-        halves = []
-        half = len(parts) // 2
-        try:
-            for chunk in (parts[:half], parts[half:]):
-                new = self.writer.append(batch.bucket, chunk, ref.seq, ref.journal)
-                new.segment.lines.pop()         # ours now, not the reader's queue
-                new.segment.out += 1
-                halves.append(_Batch(batch.bucket, None, None, [new], b"[" + b",".join(chunk)
-                                     + b"]"))
-        except OSError as exc:
-            for done in halves:
-                self.reader.give_back(done.refs)
-            self.reader.give_back(batch.refs)
-            self.stats["last_error"] = "splitting a spool line: %s" % exc
-            return None
-        self.reader.ack(batch.refs)
-        return halves
-
     def reject(self, batch, response, why=None):
         """The server refuses this one event: dead-letter it with the reply."""
-        self.batches.remove(batch)
+        self.pending.remove(batch)
         status = response.status if response is not None else None
         reply = why or (self.reply(response, 2000) if response is not None else "")
         _log.warning("the server rejected an event of bucket %r (%s %s); it was moved to "
@@ -2384,8 +2424,6 @@ class _Worker(object):
         self.ledger.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
         if batch.refs is not None:
             self.reader.ack(batch.refs)
-        else:
-            self.in_memory -= batch.count
         self.reports.append((DeliveryError("event rejected by the server: %s" % reply[:200],
                                            status, "rejected", batch.bucket[0]),
                              self.events_of(batch)))
@@ -2408,21 +2446,19 @@ class _Worker(object):
 
     def spill_over_max_queue(self):
         """Beyond max_queue events in memory, the oldest go to disk (or are dropped)."""
-        limit = self.settings["max_queue"]
-        if self.memory.count + self.in_memory > limit and self.settings["durable"] \
-                and self.writer is not None:
-            self.hold(self.stash.journal_all(self.memory))
-        while self.memory.count + self.in_memory > limit:
-            batch = next((b for b in self.batches if b.refs is None
+        limit, pending = self.settings["max_queue"], self.pending
+        if pending.count > limit and self.settings["durable"] and self.writer is not None:
+            pending.hold(self.stash.journal_all(self.memory))
+        while pending.count > limit:
+            batch = next((b for b in pending.batches if b.refs is None
                           and b is not self.in_flight()), None)
             if batch is None:
-                excess = self.memory.count + self.in_memory - limit
-                batch, rejected = self.memory.take(most=excess)
+                batch, rejected = self.memory.take(most=pending.count - limit)
                 self.ledger.unencodable(rejected)
                 if batch is None:
                     return
-                self.hold(batch)
-            self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
+                pending.hold(batch)
+            pending.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
 
     def in_flight(self):
         job = self.courier.job
@@ -2430,22 +2466,9 @@ class _Worker(object):
 
     # flush, close and stop
 
-    def oldest_own(self):
-        """Sequence number of this worker's oldest undelivered event, or None."""
-        found = [b.seq for b in self.batches if b.seq is not None]
-        found += [r.seq for b in self.batches if b.refs for r in b.refs if r.seq is not None]
-        oldest = self.memory.oldest()
-        if oldest is not None:
-            found.append(oldest[0])
-        if self.reader is not None:
-            seq = self.reader.oldest_seq()
-            if seq is not None:
-                found.append(seq)
-        return min(found) if found else None
-
     def pending_any(self):
         """Anything in memory, in a batch, or held on disk (read-only)."""
-        if self.memory.count or self.batches or self.inbox or self.to_create:
+        if self.memory.count or self.pending.batches or self.inbox or self.to_create:
             return True
         return self.reader is not None and (self.reader.waiting() > 0
                                             or self.reader.claimable(self.clock()))
@@ -2453,10 +2476,10 @@ class _Worker(object):
     def settle(self, now):
         if not self.waits:
             return
-        oldest = self.oldest_own()
+        oldest = self.pending.oldest_seq()
         backlog = bool(self.to_create) or self.reader is not None and (
-            any(b.refs is not None and b.refs[0].seq is None for b in self.batches)
-            or self.reader.waiting() or self.reader.claimable(now))
+            self.pending.others_in_flight() or self.reader.waiting()
+            or self.reader.claimable(now))
         keep = []
         for wait in self.waits:
             if (oldest is None or oldest > wait.upto) and not backlog and wait.close_at is None:
@@ -2485,9 +2508,9 @@ class _Worker(object):
         self.absorb(now)
         if self.courier is not None and self.courier.busy:
             self.courier.abandon()
-        delivered = not self.pending_any() and self.oldest_own() is None
-        for batch in list(self.batches):
-            self.set_aside(batch, why, drop=True)
+        delivered = not self.pending_any() and self.pending.oldest_seq() is None
+        for batch in list(self.pending.batches):
+            self.pending.set_aside(batch, why, drop=True)
         while self.memory.count:
             batch, rejected = self.memory.take()
             self.ledger.unencodable(rejected)
@@ -3083,7 +3106,7 @@ class Streamer(object):
         worker = self._worker
         counters = dict(worker.stats)
         counters["dropped"] = dict(counters["dropped"])
-        counters["queued"] = len(worker.inbox) + worker.memory.count + worker.in_memory
+        counters["queued"] = len(worker.inbox) + worker.pending.count
         counters["connections"] = worker.sender.transport.connections
         counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
             if worker.writer else 0
