@@ -62,6 +62,9 @@ class _Logger(object):
 
 
 _log = _Logger()
+# log()'s fast path takes ASCII text only (no surrogate can hide in it); other
+# text is checked on the slow path. Python 3.6 has no str.isascii.
+_isascii = getattr(str, "isascii", lambda text: False)
 _time = time.time
 _monotonic = time.monotonic
 
@@ -93,6 +96,8 @@ _DROP_WARN_EVERY = 60.0
 # Longest a rate-limit window is believed to last, guarding against a
 # nonsense X-RateLimit-Reset or a badly skewed clock.
 _MAX_WINDOW_WAIT = 120.0
+# 9999-12-31T23:59:59Z: later epochs are not Unix seconds (milliseconds, garbage).
+_MAX_EPOCH = 253402300799.0
 # Integers beyond this do not survive the trip through most JSON consumers.
 _INT_LIMIT = 2 ** 63
 # Error bodies are read up to this much; the rest of the answer is discarded.
@@ -185,8 +190,14 @@ def _read_ini(path):
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
-    except (OSError, configparser.Error, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("cannot read ini file %s: %s" % (path, exc))
+    except configparser.Error as exc:
+        # configparser quotes the offending line, which may hold the access key.
+        lines = [str(n) for n, _ in getattr(exc, "errors", [])] or \
+            ([str(exc.lineno)] if getattr(exc, "lineno", None) else [])
+        raise ConfigError("cannot read ini file %s: %s%s" % (
+            path, type(exc).__name__, " at line %s" % ", ".join(lines) if lines else ""))
     found = {}
     for section, option, name in (
             ("isstreamer.client_config", "access_key", "access_key"),
@@ -214,14 +225,41 @@ def _parse_bool(text, what):
 
 
 def _pick(argument, env_name, ini, ini_name, default=None):
-    """Constructor argument, then environment variable, then ini, then default."""
+    """Constructor argument, then environment variable, then ini, then default.
+
+    Surrounding whitespace of an environment value is dropped (a CRLF env
+    file, an ``echo`` into a variable), as it is of ini values.
+    """
     if argument not in (None, ""):
         return argument
-    if env_name and os.environ.get(env_name):
-        return os.environ[env_name]
+    if env_name and os.environ.get(env_name, "").strip():
+        return os.environ[env_name].strip()
     if ini.get(ini_name):
         return ini[ini_name]
     return default
+
+
+def _header_problem(text):
+    """Why ``text`` cannot travel in an HTTP header, or None."""
+    bad = [c for c in text if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        return "contains control characters (%s)" % ", ".join(
+            sorted(set("0x%02x" % ord(c) for c in bad)))
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return "contains characters an HTTP header cannot carry (only Latin-1 travels)"
+    return None
+
+
+def _check_access_key(access_key):
+    """A ConfigError that never shows the key, if it cannot be sent."""
+    if not isinstance(access_key, str):
+        raise ConfigError("access_key must be a string, not %s" % type(access_key).__name__)
+    problem = _header_problem(access_key)
+    if problem:
+        raise ConfigError("the access key (%s) %s; copy it again from your account "
+                          "settings" % (_mask(access_key.strip()), problem))
 
 
 def _check_api_base(api_base):
@@ -237,7 +275,10 @@ def _check_api_base(api_base):
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise ConfigError("api_base %r has an invalid port" % (api_base,))
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ConfigError("api_base %r has a path; give the server only, such as "
+                          "https://groker.init.st (the /api/... paths are added)" % (api_base,))
+    return parts.scheme, parts.hostname, port, ""
 
 
 def _check_bucket(bucket_key, bucket_name):
@@ -251,6 +292,12 @@ def _check_bucket(bucket_key, bucket_name):
     if bad:
         raise ConfigError("bucket_key %r contains %s; a bucket key may not contain : \" or '"
                           % (bucket_key, " ".join(repr(c) for c in bad)))
+    if not bucket_key.strip():
+        raise ConfigError("bucket_key %r is blank; leave it empty for a new one" % (bucket_key,))
+    problem = _header_problem(bucket_key)
+    if problem:
+        raise ConfigError("bucket_key %r %s (it travels in the X-IS-BucketKey header)"
+                          % (bucket_key, problem))
     if not isinstance(bucket_name, str):
         raise ConfigError("bucket_name must be a string, not %s" % type(bucket_name).__name__)
     if len(bucket_name) > _MAX_BUCKET_CHARS:
@@ -337,14 +384,14 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                              ("sync_interval", sync_interval, 0.001)):
         _check_number(name, value, low)
     if spool_max_bytes is not None:
-        _check_number("spool_max_bytes", spool_max_bytes, 0)
+        _check_number("spool_max_bytes", spool_max_bytes, 1)     # None: no limit
     if on_error is not None and not callable(on_error):
         raise TypeError("on_error must be callable, not %r" % (on_error,))
     if not offline and not access_key:
         raise ConfigError("no access key: pass access_key=, set IS_ACCESS_KEY, or put "
                           "access_key in [isstreamer.client_config] of isstreamer.ini")
-    if not isinstance(access_key, str):
-        raise ConfigError("access_key must be a string, not %s" % type(access_key).__name__)
+    if not offline:
+        _check_access_key(access_key)
     scheme, host = _check_api_base(api_base)[:2]
     if not bucket_key:
         bucket_key = _new_bucket_key()
@@ -381,6 +428,13 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
 
 # --- Event validation and encoding -------------------------------------------
 
+def _invalid(kind, reason, message):
+    """A ValueError/TypeError for a refused event, with a short ``reason`` for stats()."""
+    exc = kind(message)
+    exc.reason = reason
+    return exc
+
+
 def _normalise_value(key, value):
     """Return ``value`` as a JSON-safe str, bool, int or finite float.
 
@@ -390,20 +444,21 @@ def _normalise_value(key, value):
     """
     kind = type(value)
     if kind is int and not -_INT_LIMIT <= value <= _INT_LIMIT:
-        raise ValueError("value for key %r is an integer of %d bits; the limit is 64 bits "
+        raise _invalid(ValueError, "int_too_large", "value for key %r is an integer of %d bits; the limit is 64 bits "
                          "(JSON readers lose larger ones)" % (key, value.bit_length()))
     if kind is bool or kind is int:
         return value
     if kind is float:
         if value - value == 0.0:
             return value
-        raise ValueError("value for key %r is %r; numbers must be finite "
+        raise _invalid(ValueError, "not_finite", "value for key %r is %r; numbers must be finite "
                          "(JSON has no NaN or Infinity)" % (key, value))
     if kind is str:
-        if len(value) <= _MAX_VALUE_CHARS:
-            return value
-        raise ValueError("value for key %r is a str of %d characters; the limit is %d"
-                         % (key, len(value), _MAX_VALUE_CHARS))
+        if len(value) > _MAX_VALUE_CHARS:
+            raise _invalid(ValueError, "value_too_long", "value for key %r is a str of %d characters; the limit is %d"
+                             % (key, len(value), _MAX_VALUE_CHARS))
+        _check_utf8("value for key %r" % (key,), value)
+        return value
     if isinstance(value, str):
         return _normalise_value(key, str.__str__(value))
     if isinstance(value, bool):
@@ -422,21 +477,33 @@ def _normalise_value(key, value):
             return _normalise_value(key, float(value))
         except (TypeError, ValueError, OverflowError):
             pass
-    raise TypeError("value for key %r is of type %s; values must be str, bool, int "
+    raise _invalid(TypeError, "value_type", "value for key %r is of type %s; values must be str, bool, int "
                     "or a finite real number" % (key, type(value).__name__))
 
 
+def _check_utf8(what, text):
+    """ValueError if ``text`` holds a lone surrogate (not valid UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid(ValueError, "not_utf8", "%s holds a lone surrogate %r at position %d; text must be valid "
+                         "UTF-8 (decode bytes with errors='replace')"
+                         % (what, text[exc.start], exc.start))
+
+
 def _check_key(key):
-    """Raise TypeError/ValueError unless ``key`` is a legal event key."""
+    """The key as an exact str; TypeError/ValueError unless it is a legal event key."""
     if not isinstance(key, str):
-        raise TypeError("key %r is of type %s; keys must be str"
+        raise _invalid(TypeError, "key_type", "key %r is of type %s; keys must be str"
                         % (key, type(key).__name__))
+    key = str.__str__(key)                  # a subclass's __len__ or __eq__ may lie
     if not key:
-        raise ValueError("key is empty; keys must be 1 to %d characters" % _MAX_KEY_CHARS)
+        raise _invalid(ValueError, "key_empty", "key is empty; keys must be 1 to %d characters" % _MAX_KEY_CHARS)
     if len(key) > _MAX_KEY_CHARS:
-        raise ValueError("key %r... is %d characters; the limit is %d"
+        raise _invalid(ValueError, "key_too_long", "key %r... is %d characters; the limit is %d"
                          % (key[:20], len(key), _MAX_KEY_CHARS))
-    return str.__str__(key)
+    _check_utf8("key %r" % (key,), key)
+    return key
 
 
 def _normalise_epoch(epoch):
@@ -447,9 +514,17 @@ def _normalise_epoch(epoch):
         epoch = epoch.item()
     if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
         raise ValueError("epoch %r is not a number or a datetime" % (epoch,))
-    epoch = float(epoch)
+    try:
+        epoch = float(epoch)
+    except OverflowError:
+        epoch = float("inf")
     if not epoch - epoch == 0.0 or epoch < 0:
         raise ValueError("epoch %r is not a finite, non-negative Unix time" % (epoch,))
+    if epoch > _MAX_EPOCH:
+        hint = " (it looks like milliseconds: divide by 1000)" \
+            if epoch / 1000.0 <= _MAX_EPOCH else ""
+        raise ValueError("epoch %r is after the year 9999%s; epochs are Unix seconds"
+                         % (epoch, hint))
     return epoch
 
 
@@ -510,7 +585,14 @@ class _Response(object):
 
 
 def _is_loopback(host):
-    return host == "localhost" or host.startswith("127.") or host in ("::1", "[::1]")
+    """Whether ``host`` is this machine: "localhost" or a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _HTTPTransport(object):
@@ -660,6 +742,7 @@ _WAIT = "wait"                # 429: wait as told, retry, not a failure
 _SPLIT = "split"              # 413: send each half
 _BISECT = "bisect"            # 400: find the rejected events
 _PAUSE = "pause"              # 401/403/402/other 4xx: spool, pause, probe
+_REFUSE = "refuse"            # an error no retry can mend: dead-letter the batch
 
 
 class _Decision(object):
@@ -712,6 +795,11 @@ def _decide(status, headers=None, error=None, failures=0, base=0.5, cap=30.0,
     this one. Pure: no I/O, no clock unless ``now`` is None.
     """
     if error is not None or status is None:
+        import http.client
+        if error is not None and not isinstance(error, (OSError, EOFError,
+                                                        http.client.HTTPException)):
+            return _Decision(_REFUSE, 0.0, "cannot be sent: %s: %s"
+                             % (type(error).__name__, error))
         reason = "timeout" if isinstance(error, TimeoutError) or \
             type(error).__name__ == "timeout" else "network"
         return _Decision(_RETRY, _retry_delay(failures, base, cap, rand), reason)
@@ -1068,6 +1156,10 @@ class _SpoolWriter(object):
                     pass
             self._size, self._size_due = total, now + 5.0
         return self._size
+
+    def measure_again(self):
+        """Re-read the spool's size at the next append (something was deleted)."""
+        self._size_due = 0.0
 
     def append(self, bucket, parts, seq=None, journal=False):
         """Write one line of encoded events; return its _Ref. Raises OSError."""
@@ -1869,6 +1961,7 @@ class _Stash(object):
                 evicted = self.reader.evict_oldest() if full and attempt < 3 else None
                 if evicted is not None:
                     ledger.drop(evicted, "spool_full", exc)
+                    self.writer.measure_again()         # the eviction freed room
                     continue
                 ledger.stats["last_error"] = "writing the spool: %s" % exc
                 if drop and not journal:
@@ -2333,15 +2426,20 @@ class _Worker(object):
         elif decision.action in (_SPLIT, _BISECT):
             if not self.pending.split(batch):
                 self.reject(batch, response)
+        elif decision.action == _REFUSE:
+            self.reject(batch, None, _scrub(decision.reason, self.settings["access_key"]))
         else:
             self.failed(batch, decision, response, error, now)
 
     def bucket_outcome(self, job, decision, response, error, now):
         bucket = job.bucket
-        if decision.action in (_DELIVERED, _SPLIT, _BISECT):
+        if decision.action in (_DELIVERED, _SPLIT, _BISECT, _REFUSE):
             if decision.action != _DELIVERED:
-                _log.warning("creating bucket %r was refused (%d %s); sending its events "
-                             "anyway", bucket[0], response.status, self.reply(response))
+                _log.warning("creating bucket %r was refused (%s); sending its events "
+                             "anyway", bucket[0], _scrub(decision.reason if response is None
+                                                         else "%d %s" % (response.status,
+                                                                         self.reply(response)),
+                                                         self.settings["access_key"]))
             else:
                 self.stats["buckets_created"] += 1
                 self.failures = 0
@@ -2797,6 +2895,11 @@ class Streamer(object):
         self._baton = threading.Lock()
         self._closed = False
         self._close_wait = None
+        # Guards _rejected and _warned (events refused at log(), by reason); re-entrant
+        # for a log() from a signal handler. Never held while logging.
+        self._count_lock = threading.RLock()
+        self._rejected = {}
+        self._warned = {}
         self._start(None)
         _install_process_hooks()
         _flush_at_multiprocessing_exit()
@@ -2872,7 +2975,7 @@ class Streamer(object):
         if epoch is None and type(key) is str and key in self._keys and (
                 kind is float and value - value == 0.0 or kind is bool
                 or kind is int and -_INT_LIMIT <= value <= _INT_LIMIT
-                or kind is str and len(value) <= _MAX_VALUE_CHARS):
+                or kind is str and len(value) <= _MAX_VALUE_CHARS and _isascii(value)):
             queue = self._queue
             queue.append((key, value, _time()))
             if len(queue) >= self._worker.wake_at:
@@ -2889,7 +2992,7 @@ class Streamer(object):
         except (TypeError, ValueError) as exc:
             if self._strict:
                 raise
-            _log.warning("event not logged: %s", exc)
+            self._refused(exc)
             return
         if self._closed:
             self._reopen()
@@ -2903,10 +3006,27 @@ class Streamer(object):
             _log.info("%s: %s %r", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)),
                       key, value)
 
+    def _refused(self, exc):
+        """Count an event refused at log(); warn at most once a minute per reason."""
+        reason = getattr(exc, "reason", "invalid")
+        now = _monotonic()
+        with self._count_lock:
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+            last, quiet = self._warned.get(reason, (-1e9, 0))
+            if now - last < _DROP_WARN_EVERY:
+                self._warned[reason] = (last, quiet + 1)
+                return
+            self._warned[reason] = (now, 0)
+        _log.warning("event not logged: %s%s", exc, " (and %d more refused for the same "
+                     "reason in the last minute)" % quiet if quiet else "")
+
     def _epoch(self, epoch):
+        """Unix seconds from ``epoch``; a bad one is now, with a warning (raised at level 2)."""
         try:
             return _normalise_epoch(epoch)
         except (TypeError, ValueError, OverflowError, OSError) as exc:
+            if self._strict:
+                raise ValueError(str(exc))
             _log.warning("%s; using the current time instead", exc)
             return _time()
 
@@ -3111,6 +3231,8 @@ class Streamer(object):
         counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
             if worker.writer else 0
         counters["closed"] = self._closed
+        with self._count_lock:
+            counters["rejected"] = dict(self._rejected)
         counters["state"] = worker.state
         until, why = worker.waiting
         counters["waiting"] = why if until > _monotonic() else ""
@@ -3331,10 +3453,13 @@ class _Sink(object):
                              for item in items)
             with open(self.jsonl, "ab") as handle:
                 handle.write(lines)
+        self.reply(handler, 204, b"", headers)      # answered before anything is printed
         if self.echo is not None:
             for item in items:
-                self.echo("%s %s = %r" % (bucket_key, item["key"], item["value"]))
-        self.reply(handler, 204, b"", headers)
+                try:
+                    self.echo("%s %s = %r" % (bucket_key, item["key"], item["value"]))
+                except Exception as exc:            # the sink's output never fails a request
+                    _log.debug("sink could not print an event: %s", exc)
 
 
 # --- Command line ------------------------------------------------------------
@@ -3397,21 +3522,27 @@ class _Stop(BaseException):
     """SIGTERM arrived while a command was streaming."""
 
 
+_JSON_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+
+
 def _parse_cli_value(text, raw=False):
-    """A command-line value: true/false -> bool, numbers -> int/float, else str."""
+    """A command-line value: true/false -> bool, JSON numbers -> int/float, else str.
+
+    Numbers follow JSON's grammar, so "007", "12_34", "nan", "inf", "1e999"
+    and digits of other scripts stay text.
+    """
     if raw:
         return text
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
+    stripped = text.strip()
+    if stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
+    import re
+    if not re.match(_JSON_NUMBER + r"\Z", stripped):
         return text
+    if re.match(r"-?[0-9]+\Z", stripped):
+        number = int(stripped)
+        return number if -_INT_LIMIT <= number <= _INT_LIMIT else text
+    number = float(stripped)
     return number if number - number == 0.0 else text
 
 
@@ -3447,8 +3578,9 @@ def _parse_epoch(text):
 def _parse_line(line):
     """One ``pipe`` input line -> (key, value text or value, epoch or None).
 
-    Accepts ``key,value``, ``key=value`` and JSON objects with ``key``,
-    ``value`` and optional ``epoch`` or ``iso8601``. Raises ValueError.
+    Accepts ``key,value``, ``key=value``, ``epoch,key,value`` (the offline
+    CSV's rows) and JSON objects with ``key``, ``value`` and optional
+    ``epoch`` or ``iso8601``. Raises ValueError.
     """
     text = line.strip()
     if text.startswith("{"):
@@ -3461,6 +3593,12 @@ def _parse_line(line):
         if epoch is not None:
             epoch = _normalise_epoch(epoch)
         return data["key"], data["value"], epoch, True
+    import re
+    if re.match(_JSON_NUMBER + ",", text):          # epoch,key,value (the offline CSV)
+        import csv
+        row = next(csv.reader([text]))
+        if len(row) == 3:
+            return row[1].strip(), row[2].strip(), _normalise_epoch(float(row[0])), False
     equals, comma = text.find("="), text.find(",")
     if equals > 0 and (comma < 0 or equals < comma):
         key, value = text[:equals], text[equals + 1:]
@@ -3534,7 +3672,19 @@ def _cmd_pipe(args, out, err):
     bad = lines = 0
     previous = _install_sigterm_stop()
     try:
-        for number, line in enumerate(iter(sys.stdin.readline, ""), 1):
+        source = getattr(sys.stdin, "buffer", None)
+        for number, raw in enumerate(iter(source.readline if source else sys.stdin.readline,
+                                          b"" if source else ""), 1):
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError as exc:
+                lines += 1
+                bad += 1
+                err.write("line %d skipped: not UTF-8 (byte 0x%02x at position %d)\n"
+                          % (number, raw[exc.start], exc.start))
+                continue
+            if number == 1:
+                line = line.lstrip("\ufeff")       # a byte-order mark is not part of a key
             if not line.strip():
                 continue
             lines += 1
@@ -3677,7 +3827,8 @@ def _cmd_replay(args, out, err):
 
 def _cmd_sink(args, out, err):
     def echo(line):
-        out.write(line + "\n")
+        encoding = getattr(out, "encoding", None) or "ascii"
+        out.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
         out.flush()
     sink = _Sink(args.host, args.port, args.rate_limit, args.window,
                  access_key=args.access_key, jsonl=args.jsonl,

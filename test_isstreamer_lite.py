@@ -14,6 +14,7 @@ import email.utils
 import filecmp
 import fractions
 import glob
+import hashlib
 import http.client
 import io
 import json
@@ -410,7 +411,18 @@ class ValidationTest(LiteTestCase):
                 s.log(key, value)
         self.assertTrue(s.close(5))
         self.assertEqual(self.received(sink), expected)
-        self.assertEqual(len(logs.records), len(self.BAD))
+        rejected = s.stats()["rejected"]
+        self.assertEqual(rejected, {"not_finite": 2, "value_type": 6, "key_too_long": 1,
+                                    "value_too_long": 1, "key_type": 1, "key_empty": 1})
+        # One warning per reason a minute: a stream of bad values cannot flood the log.
+        self.assertEqual(len(logs.records), len(rejected))
+        with self.assertLogs("isstreamer_lite", "WARNING") as more:
+            for _ in range(100):
+                s.log("bytes", b"raw")
+            s.log("", "empty")
+            logging.getLogger("isstreamer_lite").warning("end")
+        self.assertEqual([r.getMessage() for r in more.records], ["end"])
+        self.assertEqual(s.stats()["rejected"]["value_type"], rejected["value_type"] + 100)
 
     def test_warning_names_key_type_and_rule(self):
         """Validation: the warning names the key, the value's type and the rule."""
@@ -3993,6 +4005,574 @@ class SpoolEvictionTest(LiteTestCase):
         self.assertEqual(reader.evict_oldest(), 5)
         self.assertFalse(os.path.exists(old.path))
         self.assertTrue(os.path.exists(new.path))
+
+
+# --- Delivery core faults, end to end -------------------------------------------
+
+ISSUE_KEY = "ist_issue9_access_key_0123456789"
+
+
+def hang_forever(handler, path):
+    """FaultSink rule: accept the request and never answer (until cleanup)."""
+    return ("hang", 60.0)
+
+
+def fingerprint(text):
+    """The 16-hex folder name the spool layout gives an access or bucket key."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def disk_values(spool_dir, key=None):
+    """Counter of the values in unacked spool lines (of events named ``key``)."""
+    return collections.Counter(e["value"] for e in spooled_events(spool_dir)
+                               if key is None or e["key"] == key)
+
+
+def disk_keys(spool_dir):
+    return collections.Counter(e["key"] for e in spooled_events(spool_dir))
+
+
+def fds_under(folder):
+    """Paths under ``folder`` this process holds open (Linux /proc), or None."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    found = []
+    real = os.path.realpath(folder)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(os.path.join("/proc/self/fd", fd))
+        except OSError:
+            continue
+        if target.startswith(real + os.sep):
+            found.append(target)
+    return found
+
+
+def bounded_poll(predicate, timeout):
+    """Check ``predicate`` every 50 ms (an Event wait, not a sleep) until timeout."""
+    tick = threading.Event()
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        tick.wait(0.05)
+    return True
+
+
+class Issue9Case(DeliveryTestCase):
+    """DeliveryTestCase plus children that are killed at cleanup."""
+
+    def child(self, code, *args, **env):
+        """Start ``python -c code args`` with pipes; killed at cleanup and after 60 s."""
+        proc = subprocess.Popen([sys.executable, "-c", code] + [str(a) for a in args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, env=child_env(**env))
+        guard = threading.Timer(60.0, proc.kill)
+        guard.daemon = True
+        guard.start()
+
+        def reap():
+            guard.cancel()
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+        self.addCleanup(reap)
+        return proc
+
+    def finish(self, proc, timeout=30):
+        out, err = proc.communicate(timeout=timeout)
+        self.assertEqual(proc.returncode, 0, err[-2000:])
+        return out
+
+    def worker_threads(self, before):
+        return [t for t in threading.enumerate()
+                if t not in before and t.name.startswith("isstreamer_lite[")]
+
+
+# --- 1. Durable journal ------------------------------------------------------
+
+DURABLE_CHILD = r'''
+import sys, time
+import isstreamer_lite as lite
+api_base, spool_dir = sys.argv[1:3]
+s = lite.Streamer("", "durable-bucket", "ist_issue9_access_key_0123456789",
+                  ini_file_location=False, api_base=api_base, spool_dir=spool_dir,
+                  durable=True, sync_interval=0.2, flush_interval=0.1, timeout=30.0,
+                  backoff_base=20.0)        # retries far apart, as in a long outage
+for i in range(1000000):
+    s.log("v", i)
+    sys.stdout.write("%d\n" % i)
+    sys.stdout.flush()
+    if i % 10 == 9:
+        time.sleep(0.01)                # a reading of 10 sensors every 10 ms
+'''
+
+
+class DurableJournalTest(Issue9Case):
+    """Durable mode journals on schedule whatever the network is doing."""
+
+    def kill_while_logging(self, rule, seconds=1.2, sync_interval=0.2, slack=0.3):
+        sink = self.sink(rule=rule)
+        spool = os.path.join(self.tempdir(), "spool")
+        proc = self.child(DURABLE_CHILD, sink.url, spool)
+        seen = []
+        for line in proc.stdout:
+            seen.append((int(line), time.monotonic()))
+            if seen[-1][1] - seen[0][1] >= seconds:
+                break
+        killed_at = time.monotonic()
+        proc.kill()
+        proc.communicate(timeout=30)
+        safe = [v for v, t in seen if killed_at - t > sync_interval + slack]
+        self.assertTrue(safe, "the child logged nothing early enough")
+        on_disk = disk_values(spool)
+        missing = [v for v in safe if not on_disk[v]]
+        self.assertEqual(len(missing), 0, "%d of %d events logged over %.1f s before "
+                         "SIGKILL are not in the journal (first missing: %s)"
+                         % (len(missing), len(safe), sync_interval + slack, missing[:3]))
+
+    def test_journal_kept_while_request_hangs_or_server_refuses(self):
+        """Durable: SIGKILL during a hung request, 503s or a 429 loses nothing journalled."""
+        if not hasattr(signal, "SIGKILL"):
+            self.skipTest("needs POSIX signals")
+        for name, rule in (("never answers", hang_forever),
+                           ("503 always", lambda handler, path: 503),
+                           ("429 Retry-After 60",
+                            lambda handler, path: (429, {"Retry-After": "60"}))):
+            with self.subTest(server=name):
+                self.kill_while_logging(rule)
+
+
+# --- 2. max_queue while blocked ---------------------------------------------
+
+class BlockedQueueTest(Issue9Case):
+    """max_queue holds even while the worker waits on a request."""
+
+    def test_max_queue_enforced_while_request_hangs(self):
+        """Overflow: 20,000 events with max_queue=1000 and a hung request: the rest is spooled."""
+        sink = self.sink(rule=hang_forever)
+        spool = self.tempdir()
+        s = self.streamer(sink.url, spool_dir=spool, max_queue=1000, timeout=30.0)
+        self.addCleanup(sink.released.set)          # before the Streamer's close
+        for i in range(20000):
+            s.log("v", i)
+        self.assertFalse(s.flush(1.0))
+        limit = 1000 + 10
+
+        def settled():
+            return s.stats()["queued"] <= limit and \
+                len(disk_values(spool)) + s.stats()["queued"] >= 20000
+        bounded_poll(settled, 4.0)
+        stats = s.stats()
+        self.assertLessEqual(stats["queued"], limit, "queued in memory while blocked")
+        self.assertEqual(stats["dropped"], {})
+        self.assertEqual(len(disk_values(spool)) + stats["queued"], 20000)
+
+
+# --- 3. close() after drops --------------------------------------------------
+
+class DroppedCloseTest(Issue9Case):
+    """close() never claims success after events were dropped."""
+
+    def test_close_false_after_spool_full_drops(self):
+        """close: spool_max_bytes=2000, server down, 5,000 events: False and drops counted."""
+        s = self.streamer(dead_url(), spool_max_bytes=2000)
+        for i in range(5000):
+            s.log("v", i)
+        ok = s.close(2)
+        self.assertNotEqual(s.stats()["dropped"], {}, "nothing counted as dropped")
+        self.assertFalse(ok, "close() answered True after dropping %s" % s.stats()["dropped"])
+
+
+# --- 4. Eviction order -------------------------------------------------------
+
+class EvictionOrderTest(Issue9Case):
+    """A full spool gives up its oldest events first, and counts them."""
+
+    def spool_size(self, spool):
+        return sum(os.path.getsize(p) for p in spool_segments(spool))
+
+    def test_oldest_events_evicted_first(self):
+        """Eviction: a full spool drops the oldest events, and the count matches."""
+        dead, spool = dead_url(), self.tempdir()
+        old = ["old%03d" % i for i in range(200)]
+        first = self.streamer(dead, spool_dir=spool, max_retries=1)
+        for key in old:
+            first.log(key, 1)
+        self.assertFalse(first.close(1.0))
+        self.assertEqual(sorted(disk_keys(spool)), old)
+        budget = int(self.spool_size(spool) * 1.5)
+        new = ["new%03d" % i for i in range(200)]
+        second = self.streamer(dead, spool_dir=spool, max_retries=1, spool_max_bytes=budget)
+        for key in new:
+            second.log(key, 1)
+        self.assertFalse(second.close(1.0))
+        keys = disk_keys(spool)
+        self.assertEqual([k for k in new if not keys[k]], [], "newest events not in the spool")
+        kept_old = [k for k in old if keys[k]]
+        self.assertEqual(kept_old, old[len(old) - len(kept_old):],
+                         "kept old events are not the newest of them")
+        vanished = len(old) - len(kept_old)
+        self.assertGreater(vanished, 0, "nothing had to be evicted (budget %d)" % budget)
+        self.assertEqual(sum(second.stats()["dropped"].values()), vanished)
+
+
+# --- 5. Spool folder removed -------------------------------------------------
+
+class RemovedSpoolTest(Issue9Case):
+    """The spool folder vanishing under a running Streamer."""
+
+    def test_spool_recreated_after_rmtree(self):
+        """Spool: after rmtree of spool_dir, later events are spooled in a new folder."""
+        spool = os.path.join(self.tempdir(), "spool")
+        s = self.streamer(dead_url(), spool_dir=spool, max_retries=1)
+        for i in range(20):
+            s.log("early", i)
+        self.assertTrue(self.wait_stats(s, lambda st: st["spooled"] >= 20), s.stats())
+        shutil.rmtree(spool)
+        for i in range(30):
+            s.log("late", i)
+        closed = s.close(1.0)
+        on_disk = disk_values(spool, "late")
+        self.assertEqual([i for i in range(30) if not on_disk[i]], [],
+                         "late events are not in the spool")
+        self.assertLessEqual(sum(s.stats()["dropped"].values()), 20)
+        self.assertFalse(closed, "close() answered True with the server down")
+
+
+# --- 6. Unencodable value ----------------------------------------------------
+
+class UnencodableValueTest(Issue9Case):
+    """One value json cannot write does not hold up the others."""
+
+    def test_huge_int_does_not_block_good_events(self):
+        """Encoding: log("big", 10**5000) between good events: all 105 good ones arrive."""
+        sink = self.sink()
+        s = self.streamer(sink.url)
+        good = [("g%03d" % i, i) for i in range(105)]
+        for key, value in good[:100]:
+            s.log(key, value)
+        s.log("big", 10 ** 5000)
+        for key, value in good[100:]:
+            s.log(key, value)
+        s.flush(5)                  # its answer may say the big one was dead-lettered
+        got = self.received(sink)
+        self.assertEqual([k for k, _ in got if k == "big"], [], "the huge value was sent")
+        self.assertExactlyOnce(got, good)
+
+
+# --- 7. use_async=False ------------------------------------------------------
+
+SYNC_CALLBACK_CHILD = r'''
+import sys, threading
+import isstreamer_lite as lite
+api_base, spool_dir = sys.argv[1:3]
+calls = []
+def on_error(exc, events):
+    calls.append(s.flush(0.1))
+s = lite.Streamer("", "sync-bucket", "ist_issue9_access_key_0123456789",
+                  ini_file_location=False, api_base=api_base, spool_dir=spool_dir,
+                  use_async=False, on_error=on_error, backoff_base=0.01, backoff_cap=0.05)
+def scenario():
+    for i in range(10):
+        s.log("v", i)
+    s.flush(5)
+thread = threading.Thread(target=scenario, daemon=True)
+thread.start()
+thread.join(3)
+if thread.is_alive():
+    sys.stdout.write("deadlock\n")
+    sys.stdout.flush()
+    import os
+    os._exit(0)
+sys.stdout.write("calls %d closed %s\n" % (len(calls), s.close(5)))
+'''
+
+
+class SyncModeTest(Issue9Case):
+    """use_async=False: callbacks may call back in; deadlines hold."""
+
+    def test_sync_callback_reentry_and_flush_deadline(self):
+        """Sync mode: on_error calling flush() does not deadlock; flush(0.3) is bounded."""
+        with self.subTest("on_error calls flush"):
+            sink = self.sink()
+            sink.script("/api/events", 500)
+            out = self.finish(self.child(SYNC_CALLBACK_CHILD, sink.url, self.tempdir()))
+            self.assertNotIn("deadlock", out)
+            self.assertIn("closed True", out)
+            self.assertExactlyOnce([v for _, v in self.received(sink)], range(10))
+        with self.subTest("flush(0.3) against a silent server"):
+            sink = self.sink(rule=hang_forever)
+            s = self.streamer(sink.url, use_async=False, timeout=3.0)
+            self.addCleanup(sink.released.set)
+            for i in range(5):
+                s.log("v", i)
+            started = time.monotonic()
+            self.assertFalse(s.flush(0.3))
+            self.assertLess(time.monotonic() - started, 1.0)
+
+
+# --- 8. flush() after close() ------------------------------------------------
+
+REPLAY_CHILD = r'''
+import sys
+import isstreamer_lite as lite
+api_base, spool_dir, bucket = sys.argv[1:4]
+s = lite.Streamer("", bucket, "ist_test_access_key_0123456789", ini_file_location=False,
+                  api_base=api_base, spool_dir=spool_dir, backoff_base=0.01, backoff_cap=0.05)
+sys.stdout.write("closed %s\n" % s.close(5))
+'''
+
+
+class FlushAfterCloseTest(Issue9Case):
+    """After close(), flush() tells the truth and holds no spool segment."""
+
+    def test_flush_after_close_truthful_and_unlocks(self):
+        """flush after close: False while spooled; the segments stay free for another process."""
+        spool = self.tempdir()
+        s = self.streamer(dead_url(), spool_dir=spool, max_retries=1)
+        expected = events("c", 30)
+        log_all(s, expected)
+        self.assertFalse(s.close(0.5))
+        self.assertEqual(len(spooled_events(spool)), 30)
+        self.assertFalse(s.flush(0.2), "flush() after close() answered True with 30 spooled")
+        self.assertFalse(s.flush(0.2), "second flush() after close() answered True")
+        sink = self.sink()
+        out = self.finish(self.child(REPLAY_CHILD, sink.url, spool, "delivery-bucket"))
+        self.assertIn("closed True", out)
+        self.assertExactlyOnce(self.received(sink), expected)
+
+
+# --- 9. close() during a slow on_error ---------------------------------------
+
+class SlowCallbackCloseTest(Issue9Case):
+    """close(timeout) while the worker is inside on_error."""
+
+    def test_close_during_slow_on_error_spools_once(self):
+        """close: during a 1 s on_error, every event is spooled once and no fd is left open."""
+        started, finished, never = threading.Event(), threading.Event(), threading.Event()
+        self.addCleanup(never.set)
+
+        def on_error(exc, batch):
+            started.set()
+            try:
+                never.wait(1.0)             # the slow callback under test
+            finally:
+                finished.set()
+        sink = self.sink(rule=lambda handler, path: 500 if path == "/api/events" else None)
+        spool = self.tempdir()
+        before = threading.enumerate()
+        s = self.streamer(sink.url, spool_dir=spool, on_error=on_error, max_retries=1)
+        workers = self.worker_threads(before)
+        for i in range(25):
+            s.log("v", i)
+        self.assertTrue(started.wait(5), "on_error was never called")
+        self.assertFalse(s.close(0.3))
+        self.assertTrue(finished.wait(5))
+        for worker in workers:
+            worker.join(5)
+        counts = disk_values(spool)
+        missing = [v for v in range(25) if not counts[v]]
+        twice = sorted(v for v, n in counts.items() if n > 1)
+        open_fds = fds_under(spool) or []           # None where there is no /proc
+        self.assertEqual((missing, twice, open_fds), ([], [], []),
+                         "(not spooled, spooled twice, spool files left open)")
+
+
+# --- 10. on_error raising SystemExit -----------------------------------------
+
+class CallbackExitTest(Issue9Case):
+    """An on_error raising SystemExit or KeyboardInterrupt cannot stop delivery."""
+
+    def setUp(self):
+        Issue9Case.setUp(self)
+        if hasattr(threading, "excepthook"):        # keep a dying worker's trace quiet
+            patcher = mock.patch.object(threading, "excepthook", lambda args: None)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def test_on_error_raising_system_exit(self):
+        """on_error: SystemExit/KeyboardInterrupt in it: delivery goes on, or close() spools."""
+        for exc_type in (SystemExit, KeyboardInterrupt):
+            with self.subTest("server 500 then ok", raises=exc_type.__name__):
+                def on_error(exc, batch, exc_type=exc_type):
+                    raise exc_type(3)
+                sink = self.sink()
+                sink.script("/api/events", 500)
+                s = self.streamer(sink.url, on_error=on_error)
+                expected = events("x", 50)
+                log_all(s, expected)
+                self.assertTrue(s.close(5), s.stats())
+                self.assertExactlyOnce(self.received(sink), expected)
+        with self.subTest("server down"):
+            def on_error(exc, batch):
+                raise SystemExit(3)
+            spool = self.tempdir()
+            s = self.streamer(dead_url(), spool_dir=spool, on_error=on_error)
+            for i in range(5000):
+                s.log("v", i)
+            self.assertFalse(s.close(2))
+            on_disk = disk_values(spool)
+            missing = [i for i in range(5000) if not on_disk[i]]
+            self.assertEqual(len(missing), 0, "%d of 5000 events neither delivered nor "
+                             "spooled" % len(missing))
+
+
+# --- 11. fork during the first lazy imports ----------------------------------
+
+FORK_IMPORT_CHILD = r'''
+import os, signal, sys, time, warnings
+import isstreamer_lite as lite
+api_base, spool_dir, run, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+s = lite.Streamer("", "fork-bucket", "ist_issue9_access_key_0123456789",
+                  ini_file_location=False, api_base=api_base, spool_dir=spool_dir,
+                  flush_interval=0.05, backoff_base=0.01, backoff_cap=0.05)
+if delay:
+    time.sleep(delay)                   # where the fork lands in the worker's first imports
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")     # 3.12+: fork of a threaded process
+    pid = os.fork()
+if pid == 0:
+    signal.alarm(7)                     # a stuck child must not outlive the test
+    try:
+        for i in range(15):
+            s.log("r%s_%02d" % (run, i), i)
+        sys.stdout.write("child closed %s\n" % s.close(5))
+        sys.stdout.flush()
+    finally:
+        os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.stdout.write("child status %d\n" % status)
+s.close(5)                              # also replays what the child spooled
+'''
+
+
+@unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+class ForkDuringImportTest(Issue9Case):
+    """fork() right after construction, while the worker imports what it needs."""
+
+    def test_fork_right_after_construction(self):
+        """fork: a child forked at once delivers (or spools) its events; close() tells which."""
+        sink = self.sink()
+        # A fresh interpreter per run (the imports are lazy); the fork lands 0-2 ms
+        # after construction, in the worker's first imports of json and http.client.
+        for run, delay in enumerate((0.0005, 0.001, 0.002, 0.0)):
+            spool = self.tempdir()
+            out = self.finish(self.child(FORK_IMPORT_CHILD, sink.url, spool, run, delay))
+            self.assertIn("child status 0", out, "run %d: the child was stuck: %r" % (run, out))
+            self.assertRegex(out, r"child closed (True|False)")
+            keys = ["r%d_%02d" % (run, i) for i in range(15)]
+            got = collections.Counter(k for k, _ in self.received(sink))
+            on_disk = disk_keys(spool)
+            lost = [k for k in keys if not got[k] and not on_disk[k]]
+            unsent = [k for k in keys if got[k] != 1]
+            said_true = "child closed True" in out
+            self.assertEqual((len(lost), len(unsent) if said_true else 0), (0, 0),
+                             "run %d, fork after %.1f ms: child's close() answered %s; %d "
+                             "events neither sent nor spooled" % (run, delay * 1000,
+                                                                  said_true, len(lost)))
+
+
+# --- 12. Symlinks and folder modes -------------------------------------------
+
+class SpoolSafetyTest(Issue9Case):
+    """The spool never follows planted symlinks and is private to its owner."""
+
+    def test_symlinks_umask_and_open_folders(self):
+        """Spool: no planted symlink followed; 0700 under umask 0; a 0777 spool_dir refused."""
+        with self.subTest("planted symlink at bucket.json.<pid>.tmp"):
+            spool = os.path.join(self.tempdir(), "spool")
+            bucket_dir = os.path.join(spool, fingerprint(KEY), fingerprint("delivery-bucket"))
+            os.makedirs(bucket_dir, 0o700)
+            victim = os.path.join(self.tempdir(), "victim.txt")
+            with open(victim, "w") as handle:
+                handle.write("precious\n")
+            os.symlink(victim, os.path.join(bucket_dir, "bucket.json.%d.tmp" % os.getpid()))
+            s = self.streamer(dead_url(), spool_dir=spool, max_retries=1)
+            log_all(s, events("s", 5))
+            s.close(0.5)
+            with open(victim) as handle:
+                self.assertEqual(handle.read(), "precious\n", "the symlink was followed")
+        with self.subTest("umask 0"):
+            root = self.tempdir()
+            spool = os.path.join(root, "made", "by", "lib", "spool")
+            old = os.umask(0)
+            self.addCleanup(os.umask, old)
+            try:
+                s = self.streamer(dead_url(), spool_dir=spool, max_retries=1)
+                log_all(s, events("u", 5))
+                s.close(0.5)
+            finally:
+                os.umask(old)
+            folders = [os.path.join(root, "made"), os.path.join(root, "made", "by"),
+                       os.path.join(root, "made", "by", "lib")]
+            folders += [d for d, _, _ in os.walk(spool)]
+            modes = {d: oct(stat.S_IMODE(os.stat(d).st_mode)) for d in folders}
+            self.assertEqual({d: m for d, m in modes.items() if m != oct(0o700)}, {})
+        with self.subTest("spool_dir open to group and others"):
+            spool = os.path.join(self.tempdir(), "open")
+            os.mkdir(spool)
+            os.chmod(spool, 0o777)
+            try:
+                s = lite.Streamer("", "delivery-bucket", KEY, ini_file_location=False,
+                                  api_base=dead_url(), spool_dir=spool)
+            except lite.ConfigError as exc:
+                self.assertIn(spool, str(exc))
+            else:
+                s.close(0.5)
+                self.fail("a 0777 spool_dir was accepted")
+
+
+# --- 13. Writer and replayer at once -----------------------------------------
+
+WRITER_CHILD = r'''
+import sys, time
+import isstreamer_lite as lite
+api_base, spool_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = lite.Streamer("", "shared-bucket", "ist_issue9_access_key_0123456789",
+                  ini_file_location=False, api_base=api_base, spool_dir=spool_dir,
+                  flush_interval=0.02, max_retries=1, backoff_base=0.001, backoff_cap=0.005)
+for i in range(count):
+    s.log("w", i)
+    sum(range(3000))                    # a busy application holds the GIL...
+    if i % 100 == 99:
+        time.sleep(0.03)                # ...in bursts: idle gaps let the writer seal segments
+sys.stdout.write("closed %s\n" % s.close(3))
+'''
+
+
+class ConcurrentReplayTest(Issue9Case):
+    """A spooling writer and a replayer of the same key, in two processes."""
+
+    def replay(self, sink, spool, ini):
+        return subprocess.run(
+            [sys.executable, "-m", "isstreamer_lite", "replay", "--spool-dir", spool,
+             "--api-base", sink.url, "--ini", ini, "--timeout", "5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            timeout=30, env=child_env(IS_ACCESS_KEY=ISSUE_KEY))
+
+    def test_writer_and_replayer_lose_nothing(self):
+        """Replay: writer spooling while a replayer sends: each value once, or still on disk."""
+        sink, folder = self.sink(), self.tempdir()
+        spool, ini = os.path.join(folder, "spool"), os.path.join(folder, "empty.ini")
+        with open(ini, "w"):
+            pass
+        count = 3000
+        writer = self.child(WRITER_CHILD, dead_url(), spool, count)
+        runs = 0
+        while writer.poll() is None and runs < 40:
+            self.replay(sink, spool, ini)
+            runs += 1
+        during = len(self.received(sink))
+        self.finish(writer)
+        self.replay(sink, spool, ini)
+        got = collections.Counter(v for _, v in self.received(sink))
+        on_disk = disk_values(spool)
+        lost = [v for v in range(count) if not got[v] and not on_disk[v]]
+        twice = [v for v in range(count) if got[v] > 1 or (got[v] and on_disk[v])]
+        self.assertEqual((len(lost), len(twice)), (0, 0),
+                         "lost %s..., duplicated %s... (%d replay runs sent %d while the "
+                         "writer ran)" % (lost[:5], twice[:5], runs, during))
 
 
 # --- Lifecycle: signals, exit, reopen ---------------------------------------
