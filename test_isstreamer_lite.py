@@ -4575,6 +4575,420 @@ class ConcurrentReplayTest(Issue9Case):
                          "writer ran)" % (lost[:5], twice[:5], runs, during))
 
 
+# --- Hostile servers, keys and inputs ------------------------------------------
+
+class RawServer(object):
+    """A loopback TCP server whose every connection is answered by ``answer(conn, n)``."""
+
+    def __init__(self, case, answer):
+        self.answer = answer
+        self.stop = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+        case.addCleanup(self.close)
+
+    def serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self.run, args=(conn, self.connections),
+                             daemon=True).start()
+
+    def run(self, conn, number):
+        try:
+            self.answer(conn, number, self.stop)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def read_request(conn):
+    """Read one HTTP request (headers and Content-Length body); its body, or None."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return body
+
+
+class HostileServerTest(DeliveryTestCase):
+    """Answers no server should give cannot stall, spin or desynchronise the stream."""
+
+    def test_interim_1xx_answer_is_never_taken_for_the_final_one(self):
+        """Transport: a 103 before a 500 drops the connection; the batch arrives once."""
+        got = []
+
+        def answer(conn, number, stop):
+            while True:
+                body = read_request(conn)
+                if body is None:
+                    return
+                if b"/api/buckets" in body or b"bucketKey" in body:
+                    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                    continue
+                if number == 1 or len(got) == 0 and number == 2:
+                    conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                                 b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+                    got.append(None)
+                    continue
+                got.extend(json.loads(body.decode("utf-8")))
+                conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        server = RawServer(self, answer)
+        s = self.streamer(server.url, buffer_size=10)
+        log_all(s, events("e", 10))
+        self.assertTrue(s.flush(10), s.stats())
+        log_all(s, events("f", 10))
+        self.assertTrue(s.flush(10), s.stats())
+        delivered = [(e["key"], e["value"]) for e in got if e is not None]
+        self.assertExactlyOnce(delivered, events("e", 10) + events("f", 10))
+
+    def test_huge_answer_is_read_only_in_part(self):
+        """Transport: a 200 with a 200 MB body is read up to 64 KiB; memory stays flat."""
+        import resource
+        sent = [0]
+
+        def answer(conn, number, stop):
+            while read_request(conn) is not None:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 209715200\r\n\r\n")
+                chunk = b"x" * 65536
+                while sent[0] < 209715200 and not stop.is_set():
+                    conn.sendall(chunk)
+                    sent[0] += len(chunk)
+        server = RawServer(self, answer)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        s = self.streamer(server.url, buffer_size=5)
+        log_all(s, events("h", 5))
+        self.assertTrue(s.flush(10), s.stats())
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        self.assertLess(grown_kib, 50 * 1024)
+        self.assertLess(sent[0], 100 * 1024 * 1024)       # the client stopped reading
+
+    def test_retry_after_zero_cannot_make_it_spin(self):
+        """429: Retry-After 0, negative or past waits longer each time; a few requests a second."""
+        now = email.utils.formatdate(time.time() - 60, usegmt=True)
+        for value in ("0", "-3", now):
+            with self.subTest(retry_after=value):
+                sink = self.sink(rule=lambda handler, path, v=value: (
+                    (429, {"Retry-After": v}) if path == "/api/events" else None))
+                s = self.streamer(sink.url, backoff_base=0.1, backoff_cap=30.0)
+                log_all(s, events("z", 5))
+                self.assertFalse(s.flush(1.0))
+                with sink.changed:
+                    requests = sum(1 for _, path, _ in sink.seen if path == "/api/events")
+                self.assertLessEqual(requests, 8)       # 0.05, 0.1, 0.2, 0.4 s ... apart
+                self.assertGreaterEqual(requests, 2)
+
+    def test_nonsense_rate_limit_headers_never_stall(self):
+        """Pacing: a reset in ms, inf, nan or 1e12 with nothing left does not stop sending."""
+        for reset in ("inf", "nan", "1e12", "%.0f" % (time.time() * 1000)):
+            with self.subTest(reset=reset):
+                headers = {"X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "0",
+                           "X-RateLimit-Reset": reset}
+                sink = self.sink(rule=lambda handler, path, h=headers: (204, h)
+                                 if path == "/api/events" else None)
+                s = self.streamer(sink.url, buffer_size=5)
+                log_all(s, events("r", 5))
+                self.assertTrue(s.flush(5), s.stats())
+                log_all(s, events("s", 5))
+                # Ignored (nan, inf) or capped at 120 s: only the capped ones may wait.
+                if reset in ("inf", "nan"):
+                    self.assertTrue(s.flush(5), s.stats())
+
+
+class KeyLeakTest(LiteTestCase):
+    """The access key never shows beyond its last four characters."""
+
+    SECRET = "ist_Secret0123456789abcd"
+
+    def assertNoKey(self, text):
+        self.assertNotIn(self.SECRET[:-4], text)
+        self.assertNotIn(self.SECRET.replace("\n", "\\n")[:-4], text)
+
+    def test_control_characters_are_a_config_error_without_the_key(self):
+        """Config: a key with \n, \r or a control character is refused; the text masks it."""
+        for key in (self.SECRET + "\n", self.SECRET + "\r\n", "ist_Secret\x01" + "0" * 12,
+                    "ist_Secret\u00e9\u263a0123456789"):
+            with self.subTest(key=repr(key)):
+                with self.assertRaises(lite.ConfigError) as caught:
+                    lite.Streamer(bucket_key="b", access_key=key, ini_file_location=False,
+                                  spool_dir=self.tempdir(), api_base="http://127.0.0.1:9")
+                self.assertNoKey(str(caught.exception))
+                self.assertNotIn(key[:-4], str(caught.exception))
+                self.assertIn("access key", str(caught.exception))
+
+    def test_key_from_environment_or_ini_is_stripped(self):
+        """Config: whitespace around IS_ACCESS_KEY or the ini's access_key is dropped."""
+        sink = self.sink(RecordingSink)
+        with mock.patch.dict(os.environ, {"IS_ACCESS_KEY": self.SECRET + "\r\n"}):
+            s = self.streamer(sink, access_key="")
+        self.assertTrue(s.flush(5), s.stats()["last_error"])
+        self.assertEqual(sink.seen[0][1]["X-IS-AccessKey"], self.SECRET)
+
+    def test_malformed_ini_is_reported_by_line_not_quoted(self):
+        """Config: an ini without a section or with a bad line names the line, not its text."""
+        folder = self.tempdir()
+        for text in ("access_key = %s\n" % self.SECRET,
+                     "[isstreamer.client_config]\naccess_key = %s\n  garbage\nthis line\n"
+                     % self.SECRET):
+            path = os.path.join(folder, "isstreamer.ini")
+            with open(path, "w") as handle:
+                handle.write(text)
+            with self.assertRaises(lite.ConfigError) as caught:
+                lite.Streamer(ini_file_location=path, spool_dir=folder)
+            self.assertNoKey(str(caught.exception))
+            self.assertIn("line", str(caught.exception))
+
+    def test_key_never_in_logs_stats_files_or_cli_output(self):
+        """Key: not in debug_level 3 output, stats(), the spool or the CLI's stderr."""
+        sink = self.sink(access_key="ist_someone_else_entirely")     # answers 401
+        spool = self.tempdir()
+        with self.assertLogs("isstreamer_lite", "DEBUG") as logs:
+            s = self.streamer(sink, access_key=self.SECRET, debug_level=3, spool_dir=spool,
+                              pause_interval=60)
+            s.log("k", 1)
+            self.assertFalse(s.flush(0.5))
+            s.close(1)
+        self.assertNoKey("\n".join(logs.output))
+        self.assertNoKey(repr(s.stats()) + repr(s))
+        for folder, _, names in os.walk(spool):
+            for name in names:
+                self.assertNotIn(self.SECRET, name)
+                with open(os.path.join(folder, name), "rb") as handle:
+                    self.assertNotIn(self.SECRET[:-4].encode(), handle.read())
+        result = subprocess.run(
+            [sys.executable, "-m", "isstreamer_lite", "send", "--access-key",
+             self.SECRET + "\n", "--api-base", sink.url, "--spool-dir", spool, "k", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            env=child_env(), timeout=60)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertNoKey(result.stdout + result.stderr)
+
+
+class HostileInputTest(LiteTestCase):
+    """Inputs that cannot be sent are refused where they come in, with the rule named."""
+
+    def test_bucket_keys_that_cannot_travel_in_a_header(self):
+        """Config: non-Latin-1, control characters or a blank bucket key are refused."""
+        for bucket in ("\u6e29\u5ba4", "plant-\U0001f331", "garden\n", " "):
+            with self.subTest(bucket=bucket):
+                with self.assertRaises(lite.ConfigError) as caught:
+                    self.streamer(None, bucket_key=bucket, offline=False,
+                                  api_base="http://127.0.0.1:9")
+                self.assertIn("bucket_key", str(caught.exception))
+        s = self.streamer(None, offline=True, offline_file=os.path.join(self.tempdir(), "o"))
+        with self.assertRaises(lite.ConfigError):
+            s.set_bucket("x", "garden\r")
+
+    def test_api_base_with_a_path_and_other_bad_settings(self):
+        """Config: an api_base with a path, spool_max_bytes=0, a fake loopback name."""
+        with self.assertRaises(lite.ConfigError) as caught:
+            self.streamer(None, api_base="https://groker.init.st/api/events")
+        self.assertIn("has a path", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            self.streamer(None, api_base="http://127.0.0.1:9", spool_max_bytes=0)
+        self.assertIn("spool_max_bytes", str(caught.exception))
+        self.assertFalse(lite._is_loopback("127.attacker.example"))
+        self.assertTrue(lite._is_loopback("127.0.0.2"))
+        self.assertTrue(lite._is_loopback("[::1]"))
+
+    def test_lone_surrogates_are_refused_everywhere(self):
+        """Validation: a lone surrogate in a key or value is refused; offline keeps the rest."""
+        csv_path = os.path.join(self.tempdir(), "out.csv")
+        s = self.streamer(None, offline=True, offline_file=csv_path)
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            for i in range(205):
+                s.log("good", i)
+                if i == 100:
+                    s.log("bad", "abc\udcff")
+                    s.log("k\udcff", 1)
+        self.assertTrue(s.close(5))
+        self.assertIn("surrogate", "\n".join(logs.output))
+        with open(csv_path, encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        self.assertEqual([int(r[2]) for r in rows], list(range(205)))
+        self.assertEqual(s.stats()["rejected"], {"not_utf8": 2})
+
+    def test_lying_str_subclass_cannot_poison_the_key_cache(self):
+        """Validation: a str whose __len__ lies is checked as the str it is."""
+        class Liar(str):
+            def __len__(self):
+                return 3
+        sink = self.sink()
+        s = self.streamer(sink)
+        long_key = "k" * 300
+        for _ in range(12):
+            s.log(Liar(long_key), 1)
+            s.log(long_key, 1)
+        s.log("fine", 1)
+        self.assertTrue(s.flush(5))
+        self.assertEqual(self.received(sink), [("fine", 1)])
+        self.assertEqual(s.stats()["rejected"], {"key_too_long": 24})
+
+    def test_epochs_that_are_not_unix_seconds(self):
+        """Validation: inf, 1e300, 1e18 fall back to now with a warning; 1e12 is named ms."""
+        sink = self.sink()
+        s = self.streamer(sink, debug_level=1)
+        logging.getLogger("isstreamer_lite").setLevel(logging.INFO)
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            for epoch in (float("inf"), 1e300, 1e18, 1e12, -5.0):
+                s.log("t", 1, epoch=epoch)
+        self.assertIn("milliseconds", "\n".join(logs.output))
+        self.assertTrue(s.flush(5))
+        now = time.time()
+        self.assertTrue(all(abs(e["epoch"] - now) < 60 for _, e in sink.events))
+        strict = self.streamer(sink, debug_level=2)
+        with self.assertRaises(ValueError):
+            strict.log("t", 1, epoch=1e12)
+
+
+class PipeInputTest(CliTestCase):
+    """CLI pipe: bytes in, UTF-8 per line, numbers by JSON's grammar."""
+
+    def pipe(self, sink, data):
+        result = subprocess.run(
+            [sys.executable, "-m", "isstreamer_lite", "pipe", "--bucket-key", "pipe-in"]
+            + self.common(sink.url), input=data, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=self.env(IS_ACCESS_KEY=CLI_KEY, LC_ALL="C.UTF-8"),
+            timeout=60, cwd=self.home)
+        return result.returncode, result.stderr.decode("utf-8", "replace")
+
+    def test_undecodable_line_is_skipped_and_the_rest_sent(self):
+        """CLI pipe: one invalid UTF-8 byte skips that line only; a BOM is dropped."""
+        sink = self.sink()
+        lines = [b"\xef\xbb\xbffirst,1\n"] + [b"k%d,%d\n" % (i, i) for i in range(100)]
+        lines.insert(50, b"bad\xff,1\n")
+        status, err = self.pipe(sink, b"".join(lines))
+        self.assertEqual(status, 0, err)
+        self.assertIn("line 51 skipped: not UTF-8", err)
+        got = self.received(sink, "pipe-in")
+        self.assertEqual(got[0], ("first", 1))
+        self.assertEqual(len(got), 101)
+
+    def test_numbers_by_json_grammar_and_csv_rows(self):
+        """CLI pipe: JSON numbers and true/false typed; 007, nan, 12_34, \u0663 stay text."""
+        sink = self.sink()
+        data = ("a,7\nb,-2.5e3\nc,007\nd,nan\ne,12_34\nf,\u0663\ng,true\nh,1e999\n"
+                "1700000000.5,i,21.5\n").encode("utf-8")
+        status, err = self.pipe(sink, data)
+        self.assertEqual(status, 0, err)
+        got = dict(self.received(sink, "pipe-in"))
+        self.assertEqual(got, {"a": 7, "b": -2500.0, "c": "007", "d": "nan", "e": "12_34",
+                               "f": "\u0663", "g": True, "h": "1e999", "i": 21.5})
+        epochs = [e["epoch"] for _, e in sink.events if e["key"] == "i"]
+        self.assertEqual(epochs, [1700000000.5])
+
+    def test_sink_prints_what_its_terminal_cannot_encode(self):
+        """CLI sink: an event its ASCII terminal cannot print is escaped, answered once."""
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        number = port.getsockname()[1]
+        port.close()
+        jsonl = os.path.join(self.home, "events.jsonl")
+        child = self.popen([sys.executable, "-m", "isstreamer_lite", "sink", "--port",
+                            str(number), "--jsonl", jsonl], PYTHONIOENCODING="ascii")
+        self.assertIn("events API on", child.stdout.readline())
+        s = lite.Streamer("", "terminal", CLI_KEY, ini_file_location=False,
+                          api_base="http://127.0.0.1:%d" % number,
+                          spool_dir=os.path.join(self.home, "spool"))
+        s.log("greenhouse", "\u6e29\u5ba4 \U0001f331")
+        self.assertTrue(s.close(10))
+        self.assertEqual(s.stats()["requests"], 2)          # the bucket, then the event
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=30)
+        self.assertIn("\\u6e29\\u5ba4", out)
+        with open(jsonl, encoding="utf-8") as handle:
+            self.assertEqual(len(handle.readlines()), 1)
+
+
+class FuzzTest(LiteTestCase):
+    """Thousands of random keys and values: only valid events reach the wire, all of them."""
+
+    def random_text(self, rng, longest):
+        alphabet = ["a", "Z", "0", " ", ",", "=", '"', "\\", "\n", "\t", "\x00", "\x7f",
+                    "\u00e9", "\u6e29", "\U0001f331", "\udcff", "\ud83c"]
+        length = rng.choice([0, 1, 2, 10, longest - 1, longest, longest + 1])
+        return "".join(rng.choice(alphabet) for _ in range(length))
+
+    def random_value(self, rng):
+        choice = rng.randrange(9)
+        if choice == 0:
+            return self.random_text(rng, 2000)
+        if choice == 1:
+            return rng.choice([2 ** 63, -2 ** 63, 2 ** 63 + 1, 10 ** 30, 0, -1])
+        if choice == 2:
+            return rng.choice([0.5, -1e308, 1e308, float("nan"), float("inf"), -0.0])
+        if choice == 3:
+            return rng.choice([True, False, None, b"bytes", [1], {"a": 1}, 1j])
+        if choice == 4:
+            return decimal.Decimal(rng.choice(["1.5", "NaN", "1e999999"]))
+        return rng.random() * 100
+
+    @staticmethod
+    def valid(key, value):
+        """The API's rules, written independently of the module's checks."""
+        def text_ok(text, longest):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+            return len(text) <= longest
+        if not isinstance(key, str) or not key or not text_ok(key, 250):
+            return None
+        if isinstance(value, bool) or isinstance(value, str) and text_ok(value, 2000):
+            return value
+        if isinstance(value, int):
+            return value if -2 ** 63 <= value <= 2 ** 63 else None
+        if isinstance(value, (float, decimal.Decimal)):
+            number = float(value)
+            return number if number - number == 0.0 else None
+        return None
+
+    def test_random_events_through_log_and_log_object(self):
+        """Fuzz: every recorded event obeys the API; every valid event logged arrives."""
+        import random
+        rng = random.Random(20261201)
+        sink = self.sink()
+        s = self.streamer(sink, buffer_size=50, max_queue=100000)
+        expected = []
+        for n in range(3000):
+            key, value = self.random_text(rng, 250), self.random_value(rng)
+            if n % 3 == 0 and not isinstance(value, (list, dict)):
+                s.log_object({key: value}, key_prefix="")
+            else:
+                s.log(key, value)
+            good = self.valid(key, value)
+            if good is not None:
+                expected.append((key, good))
+        self.assertTrue(s.flush(30), s.stats()["last_error"])
+        for _, event in sink.events:
+            self.assertIsNone(lite._check_event(event), event)
+            self.assertTrue(1 <= len(event["key"]) <= 250)
+        self.assertEqual(self.received(sink), expected)
+        self.assertGreater(len(expected), 500)                  # both kinds, plenty of each
+        self.assertGreater(sum(s.stats()["rejected"].values()), 500)
+
+
 # --- Lifecycle: signals, exit, reopen ---------------------------------------
 
 LIFE_KEY = "ist_lifecycle_key_0123456789"
