@@ -102,6 +102,9 @@ _MAX_EPOCH = 253402300799.0
 _INT_LIMIT = 2 ** 63
 # Error bodies are read up to this much; the rest of the answer is discarded.
 _MAX_REPLY_BYTES = 64 * 1024
+# The status file beside the spool is rewritten at most this often (flash wear).
+_STATE_EVERY = 60.0
+_STATE_FILE = "state.json"
 _SPOOL_SUFFIX = ".jsonl"
 _ACK_SUFFIX = ".ack"
 
@@ -305,11 +308,39 @@ def _check_bucket(bucket_key, bucket_name):
                           % (len(bucket_name), _MAX_BUCKET_CHARS))
 
 
+def _could_create(path):
+    """Whether ``path`` exists as a writable folder or could be made (no I/O but stat)."""
+    head = os.path.abspath(path)
+    while not os.path.exists(head):
+        parent = os.path.dirname(head)
+        if parent == head:
+            return False
+        head = parent
+    return os.path.isdir(head) and os.access(head, os.W_OK | os.X_OK)
+
+
 def _default_spool_dir():
-    """The user's XDG state directory for our spool."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "isstreamer_lite")
+    """Where the spool goes when no spool_dir is given, first that can be written.
+
+    $XDG_STATE_HOME/isstreamer_lite, else ~/.local/state/isstreamer_lite
+    (only with a real home: HOME set, or a passwd entry), else
+    $XDG_RUNTIME_DIR/isstreamer_lite (a read-only image; lost at reboot),
+    else a private isstreamer_lite-<uid> folder in the system temp folder.
+    """
+    candidates = []
+    if os.environ.get("XDG_STATE_HOME", "").strip():
+        candidates.append(os.environ["XDG_STATE_HOME"].strip())
+    home = os.path.expanduser("~")
+    if home != "~" and os.path.isabs(home):
+        candidates.append(os.path.join(home, ".local", "state"))
+    if os.environ.get("XDG_RUNTIME_DIR", "").strip():
+        candidates.append(os.environ["XDG_RUNTIME_DIR"].strip())
+    for base in candidates:
+        if _could_create(os.path.join(base, "isstreamer_lite")):
+            return os.path.join(base, "isstreamer_lite")
+    import tempfile
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), "isstreamer_lite-%d" % uid)
 
 
 def _check_number(name, value, low, high=None):
@@ -1499,6 +1530,18 @@ class _SpoolReader(object):
                 pass
         self.held = []
 
+    def save_state(self, state):
+        """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
+        _private_dir(self.folder)
+        path = os.path.join(self.folder, _STATE_FILE)
+        tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+        fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            _write_all(fd, _json_bytes(state))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
     def dead_letter(self, bucket_key, body, status, reply):
         """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
         _private_dir(self.folder)
@@ -2179,6 +2222,8 @@ class _Worker(object):
         self.failures = 0
         self.close_at = None
         self.job_deadline = self.job_started = 0.0
+        self.state_due = 0.0                # when state.json may be written again
+        self.saved_state = None
         self.reports = []                   # (exception, events) for on_error
         self.creates_buckets = not settings["offline"]
         if bucket is not None and self.creates_buckets:
@@ -2266,8 +2311,32 @@ class _Worker(object):
                 self.halt(None)
                 return None
             due.append(self.close_at - now)
+        if now >= self.state_due and self.save_state():
+            self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         due = [d for d in due if d is not None]
         return max(0.0, min(due)) if due else None
+
+    def save_state(self):
+        """Keep what ``status`` shows beside the spool, if it changed; True if written."""
+        stats = self.stats
+        state = {"version": 1, "key": _mask(self.settings["access_key"]),
+                 "last_success": stats["last_success"], "last_error": stats["last_error"],
+                 "paused": stats["paused"], "waiting": self.waiting[1] if
+                 self.waiting[0] > self.clock() else "", "dropped": stats["dropped"],
+                 "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
+                 "replayed": stats["replayed"], "spooled": stats["spooled"],
+                 "spool_dir": self.settings["spool_dir"]}
+        if self.reader is None or state == self.saved_state or not (
+                state["last_success"] or state["last_error"] or state["dropped"]
+                or state["dead_lettered"]):
+            return False                    # unchanged, or nothing to tell yet
+        self.saved_state = dict(state)
+        state.update(updated=self.wall(), pid=os.getpid())
+        try:
+            self.reader.save_state(state)
+        except OSError as exc:
+            _log.debug("cannot write the status file: %s", exc)
+        return True
 
     # taking from the inbox
 
@@ -2616,6 +2685,7 @@ class _Worker(object):
                 self.stash.write(batch.bucket, batch.parts, batch.seq, why)
         if self.reader is not None:
             self.left = self.reader.waiting(own=True)
+        self.save_state()
         if self.writer is not None:
             self.writer.close()
         if self.reader is not None:
@@ -2905,10 +2975,11 @@ class Streamer(object):
         _flush_at_multiprocessing_exit()
         handlers = settings["handle_sigterm"] and _exit_on_signals()
         if self._echo:
-            _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s",
+            _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
                       bucket_key, bucket_name, "offline file " + settings["offline_file"]
                       if settings["offline"] else settings["api_base"],
                       _mask(settings["access_key"]),
+                      "" if settings["offline"] else ", spool %s" % settings["spool_dir"],
                       "" if settings["use_async"] else " (synchronous)",
                       " (durable)" if settings["durable"] else "",
                       "" if handlers or not settings["handle_sigterm"] else
@@ -3733,10 +3804,16 @@ def _spool_summary(spool_dir, access_key=None):
             except (OSError, ValueError):
                 meta = {}
             lines = events = segments = 0
+            oldest = None
             for name in sorted(os.listdir(path)):
-                if not name.endswith(_SPOOL_SUFFIX):
+                if not name.endswith(_SPOOL_SUFFIX) or name.startswith("."):
                     continue
                 segments += 1
+                try:
+                    made = int(name.split("-")[0]) / 1e6
+                    oldest = made if oldest is None else min(oldest, made)
+                except ValueError:
+                    pass
                 segment = os.path.join(path, name)
                 with open(segment, "rb") as handle:
                     data = handle.read()
@@ -3748,8 +3825,152 @@ def _spool_summary(spool_dir, access_key=None):
                 continue
             rows.append({"key": fingerprint, "bucket_key": meta.get("bucketKey", "?"),
                          "bucket_name": meta.get("bucketName", ""), "segments": segments,
-                         "lines": lines, "events": events})
+                         "lines": lines, "events": events, "oldest": oldest,
+                         "folder": path})
     return rows
+
+
+def _dead_letters(key_folder):
+    """(count, newest record or None) of a key's dead-letter file."""
+    count, newest = 0, None
+    try:
+        fd = _open_private(os.path.join(key_folder, "deadletter.jsonl"), os.O_RDONLY)
+    except OSError:
+        return 0, None
+    with os.fdopen(fd, "rb") as handle:
+        for line in handle:
+            count += 1
+            newest = line
+    try:
+        newest = _json_load(newest) if newest else None
+    except ValueError:
+        newest = None
+    return count, newest
+
+
+def _key_status(spool_dir, fingerprint, now):
+    """What ``status`` shows for one access key's folder."""
+    folder = os.path.join(spool_dir, fingerprint)
+    state = {}
+    try:
+        fd = _open_private(os.path.join(folder, _STATE_FILE), os.O_RDONLY)
+        with os.fdopen(fd, "rb") as handle:
+            state = _json_load(handle.read())
+    except (OSError, ValueError):
+        pass
+    dead, newest = _dead_letters(folder)
+    buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
+                "events": r["events"], "lines": r["lines"],
+                "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
+               for r in _spool_summary(spool_dir, None) if r["key"] == fingerprint]
+    return {"key_fingerprint": fingerprint, "key": state.get("key", "?"), "folder": folder,
+            "last_success": state.get("last_success"), "last_error": state.get("last_error"),
+            "paused": state.get("paused", ""), "waiting": state.get("waiting", ""),
+            "dropped": state.get("dropped", {}), "status_updated": state.get("updated"),
+            "backlog": buckets, "backlog_events": sum(b["events"] for b in buckets),
+            "dead_letters": dead, "newest_dead_letter": None if newest is None else {
+                "time": newest.get("time"), "bucket_key": newest.get("bucketKey"),
+                "status": newest.get("status"), "reason": str(newest.get("reply", ""))[:200]}}
+
+
+def _ago(when, now):
+    if not when:
+        return "never"
+    seconds = max(0, int(now - when))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return "%d %s ago" % (seconds // size, unit)
+    return "%d s ago" % seconds
+
+
+def _cmd_status(args, out, err):
+    options = _cli_options(args, bucket_key="status")
+    spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]
+    keys = sorted(d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
+                  if os.path.isdir(os.path.join(spool_dir, d)))
+    now = _time()
+    report = [_key_status(spool_dir, fingerprint, now) for fingerprint in keys]
+    pending = sum(r["backlog_events"] for r in report)
+    if args.json:
+        out.write(_json_bytes({"spool_dir": spool_dir, "keys": report,
+                               "pending_events": pending}).decode("utf-8") + "\n")
+        return 1 if pending else 0
+    out.write("spool %s: %s\n" % (spool_dir, "%d events pending" % pending if pending
+                                   else "nothing pending"))
+    for r in report:
+        out.write("key %s (fingerprint %s)\n" % (r["key"], r["key_fingerprint"]))
+        out.write("  last success: %s\n" % _ago(r["last_success"], now))
+        if r["last_error"]:
+            out.write("  last error: %s\n" % r["last_error"])
+        if r["paused"]:
+            out.write("  sending paused: %s\n" % r["paused"])
+        for b in r["backlog"]:
+            out.write("  backlog: bucket %r (%s): %d event%s, oldest %s\n" % (
+                b["bucket_key"], b["bucket_name"] or "no name", b["events"],
+                "" if b["events"] == 1 else "s", "?" if b["oldest_age_s"] is None
+                else _ago(now - b["oldest_age_s"], now)))
+        if r["dead_letters"]:
+            newest = r["newest_dead_letter"] or {}
+            out.write("  dead letters: %d, newest: %s\n" % (
+                r["dead_letters"], newest.get("reason") or newest.get("status")))
+        if r["dropped"]:
+            out.write("  dropped: %s\n" % ", ".join("%s %d" % kv for kv in
+                                                   sorted(r["dropped"].items())))
+    return 1 if pending else 0
+
+
+def _cmd_discard(args, out, err):
+    if not (args.bucket_key or args.dead_letters):
+        raise _UsageError("discard needs --bucket-key KEY (its backlog) or --dead-letters")
+    options = _cli_options(args, bucket_key=args.bucket_key or "discard")
+    settings = _resolve_settings(**options)
+    folder = os.path.join(settings["spool_dir"], _fingerprint(settings["access_key"]))
+    doomed, what = [], []
+    if args.bucket_key:
+        bucket = os.path.join(folder, _fingerprint(args.bucket_key))
+        rows = [r for r in _spool_summary(settings["spool_dir"], settings["access_key"])
+                if r["folder"] == bucket]
+        doomed += [os.path.join(bucket, n) for n in sorted(os.listdir(bucket))
+                   if n.endswith(_SPOOL_SUFFIX)] if os.path.isdir(bucket) else []
+        what.append("%d spooled events of bucket %r" % (sum(r["events"] for r in rows),
+                                                        args.bucket_key))
+    if args.dead_letters:
+        dead = os.path.join(folder, "deadletter.jsonl")
+        if os.path.exists(dead):
+            doomed.append(dead)
+        what.append("%d dead letters" % _dead_letters(folder)[0])
+    if not doomed:
+        out.write("nothing to discard in %s\n" % folder)
+        return 0
+    question = "discard %s in %s? [y/N] " % (" and ".join(what), folder)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise _UsageError("not at a terminal to ask: add --yes to %s" % question[:-8])
+        out.write(question)
+        out.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            out.write("nothing discarded\n")
+            return 1
+    kept = 0
+    for path in doomed:
+        try:
+            fd = _open_private(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if path.endswith(_SPOOL_SUFFIX) and not _lock_file(fd):
+                kept += 1                   # a running process holds it
+                continue
+            for name in (path, path + _ACK_SUFFIX):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+    out.write("discarded %s%s\n" % (" and ".join(what), "; %d segment(s) in use by a running "
+                                    "process were kept" % kept if kept else ""))
+    return 0
 
 
 def _replay_spool(settings, paths, timeout):
@@ -3810,6 +4031,13 @@ def _cmd_replay(args, out, err):
         rows = _spool_summary(spool_dir, key)
         if not rows:
             out.write("nothing pending in %s\n" % spool_dir)
+        for fingerprint in ([_fingerprint(key)] if key else sorted(
+                d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else []))):
+            dead, newest = _dead_letters(os.path.join(spool_dir, fingerprint))
+            if dead:
+                out.write("key %s: %d dead letter%s (events the server refused), newest: %s\n"
+                          % (fingerprint, dead, "" if dead == 1 else "s",
+                             str((newest or {}).get("reply", ""))[:120] or "?"))
         for row in rows:
             out.write("key %s bucket %r (%s): %d events in %d lines, %d segment(s)\n" % (
                 row["key"], row["bucket_key"], row["bucket_name"] or "no name", row["events"],
@@ -3896,6 +4124,10 @@ _EXAMPLES = {
             "python3 -m isstreamer_lite pipe",
     "replay": "python3 -m isstreamer_lite replay --dry-run\n"
               "  python3 -m isstreamer_lite replay --csv isstreamer_out.csv --bucket-key garden",
+    "status": "python3 -m isstreamer_lite status\n"
+              "  python3 -m isstreamer_lite status --json",
+    "discard": "IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite discard --bucket-key garden\n"
+               "  IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite discard --dead-letters --yes",
     "sink": "python3 -m isstreamer_lite sink --port 8080 --jsonl events.jsonl\n"
             "  IS_API_BASE=http://127.0.0.1:8080 python3 my_sensor_script.py",
 }
@@ -3957,6 +4189,18 @@ def _build_parser():
     sub.add_argument("--dry-run", action="store_true", help="list what is pending per bucket")
     sub.add_argument("--csv", help="offline CSV (epoch,key,value) to send; needs --bucket-key")
     sub.add_argument("--raw", action="store_true", help="send CSV values as text")
+    sub = command("status", "what the spool holds, and how delivery is going",
+                  "For each access key in the spool folder (shown by fingerprint, never the "
+                  "key): the last success and error, why sending is paused, the backlog per "
+                  "bucket and its age, dead letters and drops. Exit status 0 when nothing is "
+                  "pending, 1 otherwise.")
+    sub.add_argument("--json", action="store_true", help="the same, as JSON for scripts")
+    sub = command("discard", "delete a bucket's backlog or the dead letters",
+                  "Delete the spooled events of one bucket of the access key, or its dead "
+                  "letters, after asking (--yes for scripts). Segments a running process "
+                  "holds are kept.")
+    sub.add_argument("--dead-letters", action="store_true", help="delete deadletter.jsonl")
+    sub.add_argument("--yes", action="store_true", help="do not ask")
     sub = commands.add_parser(
         "sink", help="run a local events API server for development",
         description="A local server that speaks the events API, prints each event and "
@@ -3982,7 +4226,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out, err = sys.stdout, sys.stderr
     handlers = {None: None, "selftest": _cmd_selftest, "send": _cmd_send,
-                "pipe": _cmd_pipe, "replay": _cmd_replay, "sink": _cmd_sink}
+                "pipe": _cmd_pipe, "replay": _cmd_replay, "sink": _cmd_sink,
+                "status": _cmd_status, "discard": _cmd_discard}
     if args.command is None:
         return _selftest(out)
     try:

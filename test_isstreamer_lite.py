@@ -3205,6 +3205,27 @@ class WorkerTest(LiteTestCase):
         self.assertEqual(self.transport.events(), [5, 5, 5])
         self.assertEqual((worker.stats["paused"], worker.stats["replayed"]), ("", 5))
 
+    def test_written_on_the_first_news_then_at_most_once_a_minute(self):
+        """Worker: state.json after the first error, rewritten at most every 60 s however busy; at close."""
+        answers = [204] + [ConnectionRefusedError()] * 400
+        worker = self.worker(*answers, buffer_size=1, backoff_base=0.01, backoff_cap=0.02,
+                             max_retries=1000)
+        writes = []
+        worker.reader.save_state = lambda state: writes.append((self.clock.now, state))
+        for second in range(180):
+            self.log(worker, 1)
+            for _ in range(2):
+                worker.step()
+            self.clock.now += 1.0
+        self.assertGreaterEqual(len(self.transport.posts), 150)    # one a second
+        times = [when for when, _ in writes]
+        self.assertLessEqual(len(times), 4, times)
+        self.assertTrue(all(b - a >= 60 for a, b in zip(times, times[1:])), times)
+        worker.halt("test over")
+        self.assertEqual(len(writes), len(times) + 1)
+        self.assertIn("ConnectionRefusedError", writes[-1][1]["last_error"])
+        self.assertEqual(writes[-1][1]["key"], lite._mask(KEY))
+
     def test_max_queue_spills_only_the_excess_while_a_request_is_out(self):
         """Worker: past max_queue the oldest excess goes to disk, nothing is dropped."""
         worker = self.worker(buffer_size=10, max_queue=100)
@@ -4987,6 +5008,109 @@ class FuzzTest(LiteTestCase):
         self.assertEqual(self.received(sink), expected)
         self.assertGreater(len(expected), 500)                  # both kinds, plenty of each
         self.assertGreater(sum(s.stats()["rejected"].values()), 500)
+
+
+# --- For the device in the field: status, discard, where the spool goes ----------
+
+class StatusTest(CliTestCase):
+    """CLI status and discard, against a spool a killed process left behind."""
+
+    def killed_child_spool(self):
+        child = self.popen([sys.executable, "-c", KILLED_CHILD % {
+            "key": CLI_KEY, "url": dead_url(), "spool": self.spool}])
+        self.assertEqual(child.stdout.readline().split(), ["READY", "False", "50"])
+        child.kill()
+        child.wait(30)
+
+    def test_status_shows_backlog_error_and_exit_1(self):
+        """CLI status: backlog per bucket, its age and the last error; exit 1; key masked."""
+        self.killed_child_spool()
+        result = self.run_cli(["status", "--spool-dir", self.spool])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("backlog: bucket 'cli-killed' (Killed): 50 events", result.stdout)
+        self.assertIn("last error: creating bucket 'cli-killed'", result.stdout)
+        self.assertIn("last success: never", result.stdout)
+        self.assertNotIn(CLI_KEY[:-4], result.stdout + result.stderr)
+        result = self.run_cli(["status", "--json", "--spool-dir", self.spool])
+        report = json.loads(result.stdout)
+        self.assertEqual(report["pending_events"], 50)
+        self.assertEqual(report["keys"][0]["backlog"][0]["bucket_key"], "cli-killed")
+        self.assertLess(report["keys"][0]["backlog"][0]["oldest_age_s"], 60)
+        self.assertEqual(report["keys"][0]["key"], lite._mask(CLI_KEY))
+
+    def test_status_after_delivery_says_nothing_pending(self):
+        """CLI status: once a replay sent the backlog, exit 0 and the last success shown."""
+        self.killed_child_spool()
+        sink = self.sink()
+        status, out, err = self.main(["replay"] + self.common(sink.url))
+        self.assertEqual(status, 0, err)
+        result = self.run_cli(["status", "--spool-dir", self.spool])
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("nothing pending", result.stdout)
+        self.assertRegex(result.stdout, r"last success: \d+ s ago")
+
+    def test_discard_asks_then_deletes(self):
+        """CLI discard: refuses without a terminal or --yes; with --yes deletes the backlog."""
+        self.killed_child_spool()
+        result = self.run_cli(["discard", "--bucket-key", "cli-killed", "--spool-dir",
+                               self.spool], IS_ACCESS_KEY=CLI_KEY)
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("--yes", result.stderr)
+        self.assertEqual(len(spool_segments(self.spool)), 1)
+        result = self.run_cli(["discard", "--bucket-key", "cli-killed", "--yes",
+                               "--spool-dir", self.spool], IS_ACCESS_KEY=CLI_KEY)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("discarded 50 spooled events of bucket 'cli-killed'", result.stdout)
+        self.assertEqual(spool_segments(self.spool), [])
+
+    def test_dead_letters_shown_by_dry_run_and_status_then_discarded(self):
+        """CLI: replay --dry-run and status show dead letters; discard --dead-letters clears."""
+        sink = self.sink()
+        s = lite.Streamer("", "poisoned", CLI_KEY, ini_file_location=False, api_base=sink.url,
+                          spool_dir=self.spool)
+        sink.fault = lambda handler, path: path == "/api/events" and (
+            lite._Sink.reply(handler, 400, {"message": "no such thing"}) or True)
+        s.log("x", 1)
+        self.assertFalse(s.close(5))
+        status, out, err = self.main(["replay", "--dry-run"] + self.common(sink.url))
+        self.assertIn("1 dead letter (events the server refused)", out)
+        result = self.run_cli(["status", "--spool-dir", self.spool])
+        self.assertIn("dead letters: 1, newest: ", result.stdout)
+        self.assertIn("no such thing", result.stdout)
+        result = self.run_cli(["discard", "--dead-letters", "--yes", "--spool-dir",
+                               self.spool], IS_ACCESS_KEY=CLI_KEY)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(glob.glob(os.path.join(self.spool, "*", "deadletter.jsonl")), [])
+
+
+class SpoolLocationTest(LiteTestCase):
+    """Where the spool goes when no spool_dir is given."""
+
+    def test_home_unset_read_only_and_runtime_fallbacks(self):
+        """Spool: XDG_STATE_HOME, ~/.local/state, XDG_RUNTIME_DIR, then a private temp folder."""
+        folder = self.tempdir()
+        state, runtime = os.path.join(folder, "state"), os.path.join(folder, "run")
+        os.mkdir(runtime)
+        with mock.patch.dict(os.environ, {"XDG_STATE_HOME": state, "XDG_RUNTIME_DIR": runtime}):
+            self.assertEqual(lite._default_spool_dir(), os.path.join(state, "isstreamer_lite"))
+        env = {"XDG_RUNTIME_DIR": runtime, "HOME": "/nonexistent-home", "XDG_STATE_HOME": ""}
+        with mock.patch.dict(os.environ, env), \
+                mock.patch.object(lite, "_could_create",
+                                  lambda path: not path.startswith("/nonexistent-home")):
+            self.assertEqual(lite._default_spool_dir(), os.path.join(runtime, "isstreamer_lite"))
+        with mock.patch.dict(os.environ, {"XDG_STATE_HOME": "", "XDG_RUNTIME_DIR": ""}), \
+                mock.patch.object(os.path, "expanduser", lambda path: path):     # no HOME
+            chosen = lite._default_spool_dir()
+        self.assertEqual(chosen, os.path.join(tempfile.gettempdir(),
+                                              "isstreamer_lite-%d" % os.getuid()))
+        self.assertNotIn("~", chosen)
+
+    def test_debug_level_1_names_the_spool(self):
+        """Spool: the start line at debug_level 1 says which folder is used."""
+        spool = self.tempdir()
+        with self.assertLogs("isstreamer_lite", "INFO") as logs:
+            self.streamer(None, spool_dir=spool, debug_level=1, api_base="http://127.0.0.1:9")
+        self.assertIn("spool %s" % spool, "\n".join(logs.output))
 
 
 # --- Lifecycle: signals, exit, reopen ---------------------------------------
