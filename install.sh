@@ -3,10 +3,12 @@
 # Copyright (c) 2026 The isstreamer_lite authors
 #
 # Install isstreamer_lite.py (the file next to this script) for one Python,
-# then run its offline smoke test. POSIX sh; `sh install.sh --help` for usage.
+# precompile it, then run its offline smoke test. POSIX sh; `sh install.sh
+# --help` for usage.
 #
 # Exit status: 0 ok, 1 install or smoke test failed, 2 usage error (including
-# a Python older than 3.6).
+# a Python older than 3.6, and a user-site install for a Python that does not
+# read its user site-packages, such as one in a virtual environment).
 
 MODULE=isstreamer_lite
 PROG=install.sh
@@ -16,13 +18,17 @@ usage() {
 Usage: sh $PROG [--user | --system | --target DIR] [--python PATH] [--uninstall]
 
 Install $MODULE.py, found next to this script, for one Python interpreter,
-then run its offline smoke test (python -m $MODULE) with that interpreter.
-Works from a checkout or from install.sh and $MODULE.py copied side by side.
+precompile it into __pycache__ beside it (so a read-only system or
+PYTHONDONTWRITEBYTECODE=1 still imports it fast), then run its offline smoke
+test (python -m $MODULE) with that interpreter. Works from a checkout or from
+install.sh and $MODULE.py copied side by side.
 
 Where to install (pick one; the same options select what --uninstall removes):
   --user          the interpreter's user site-packages (python -m site
                   --user-site), created 0755 if missing; no root needed.
-                  This is the default.
+                  This is the default. Refused (exit 2) for a Python that
+                  does not read that folder, such as one in a virtual
+                  environment: the message says what to run instead.
   --system        the interpreter's site-packages (sysconfig purelib);
                   usually needs root.
   --target DIR    the folder DIR, created if missing: a project's vendor
@@ -37,7 +43,9 @@ Options:
   -h, --help      show this help and exit.
 
 The copy is atomic (a temporary file in the destination, then a rename) and
-checked byte for byte; running the script again is harmless.
+checked byte for byte; running the script again is harmless. It says what it
+did: "Installed X", "Upgraded X -> Y" (or "Downgraded"), "Reinstalled X"
+(same version, different file) or "already installed" (identical file).
 
 Examples:
   sh $PROG                              # python3's user site-packages
@@ -53,7 +61,8 @@ Then, in Python:
   from $MODULE import Streamer
 
 Exit status: 0 ok, 1 install or smoke test failed, 2 usage error (unknown
-option, missing argument, Python older than 3.6).
+option, missing argument, Python older than 3.6, a user-site install for a
+Python that does not read its user site-packages).
 EOF
 }
 
@@ -181,17 +190,59 @@ esac
 
 # --- The destination ----------------------------------------------------------
 
-user_site_enabled=yes
+site_packages() {
+    "$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' ||
+        fail 1 "$python did not tell its site-packages folder"
+}
+
+refuse_user_site() {
+    # The interpreter would not import a copy in its user site: say what works.
+    in_venv=$("$python" -c 'import sys
+base = getattr(sys, "real_prefix", getattr(sys, "base_prefix", sys.prefix))
+print("yes" if sys.prefix != base else "no")') || in_venv=no
+    purelib=$(site_packages)
+    {
+        if [ "$in_venv" = yes ]; then
+            say "$PROG: error: $python runs in a virtual environment, which does not"
+            say "read the user site-packages ($dest_dir),"
+            say "so it could not import $MODULE from there. Nothing was installed."
+            say "Install into the environment instead ($purelib;"
+            say "no root needed for an environment of your own):"
+            say "  sh $0 --python $python --system"
+            if [ -f "$script_dir/pyproject.toml" ]; then
+                case $python_version in
+                    3.[6-8].*) ;;
+                    *)
+                        say "or with the environment's own pip:"
+                        say "  $python -m pip install $script_dir"
+                        ;;
+                esac
+            fi
+        else
+            say "$PROG: error: $python does not read its user site-packages"
+            say "($dest_dir): PYTHONNOUSERSITE is set, or the user site"
+            say "is disabled, so it could not import $MODULE from there. Nothing was"
+            say "installed. Unset PYTHONNOUSERSITE, or install elsewhere:"
+            say "  sh $0 --python $python --system      # into $purelib"
+            say "  sh $0 --python $python --target DIR  # then DIR on PYTHONPATH"
+        fi
+    } >&2
+    exit 2
+}
+
 case $mode in
     user)
         # Exits 0 only if this interpreter reads its user site (not in a
         # virtual environment, no -s or PYTHONNOUSERSITE); prints it anyway.
+        user_site_enabled=yes
         dest_dir=$("$python" -m site --user-site) || user_site_enabled=no
         [ -n "$dest_dir" ] || fail 1 "$python did not tell its user site-packages folder"
+        if [ "$user_site_enabled" = no ] && [ "$uninstall" = no ]; then
+            refuse_user_site
+        fi
         ;;
     system)
-        dest_dir=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') ||
-            fail 1 "$python did not tell its site-packages folder"
+        dest_dir=$(site_packages) || exit 1
         ;;
     target)
         dest_dir=$target
@@ -230,6 +281,8 @@ if [ "$uninstall" = yes ]; then
             rm -f -- "$cached" && say "Removed $cached"
         fi
     done
+    # __pycache__ goes too once nothing else is cached there.
+    rmdir -- "$dest_dir/__pycache__" 2>/dev/null || :
     exit 0
 fi
 
@@ -256,6 +309,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 1' HUP INT PIPE TERM
 
+# What the run replaces, read as text (the installed file is not imported).
+old_version=
+replacing=no
+if [ -f "$dest_file" ]; then
+    replacing=yes
+    old_version=$(sed -n 's/^__version__ = "\([^"]*\)".*$/\1/p' "$dest_file" | head -n 1)
+fi
+
 if [ -f "$dest_file" ] && cmp -s -- "$source_file" "$dest_file"; then
     say "$MODULE $version is already installed in $dest_dir (identical file)."
 else
@@ -275,7 +336,38 @@ else
     temp_file=
     cmp -s -- "$source_file" "$dest_file" ||
         fail 1 "$dest_file differs from $source_file after copying (disk full?)"
-    say "Installed $MODULE $version to $dest_file"
+    if [ "$replacing" = no ]; then
+        say "Installed $MODULE $version to $dest_file"
+    elif [ -z "$old_version" ]; then
+        say "Replaced $dest_file (it had no __version__ line) with $MODULE $version"
+    elif [ "$old_version" = "$version" ]; then
+        say "Reinstalled $MODULE $version in $dest_file (the installed copy differed)"
+    else
+        # Compare the release numbers (1.0.1 of 1.0.1rc2); a tie just replaces.
+        change=$("$python" -c 'import re, sys
+old, new = [[int(n) for n in re.match(r"[0-9.]*", v).group().split(".") if n]
+            for v in sys.argv[1:3]]
+print("Upgraded" if new > old else "Downgraded" if new < old else "Replaced")' \
+            "$old_version" "$version") || change=Replaced
+        say "$change $MODULE $old_version -> $version in $dest_file"
+    fi
+fi
+
+# --- Precompile -----------------------------------------------------------------
+
+# Bytecode for this interpreter's cache tag in __pycache__ beside the module,
+# written by the installer (who may write there), so that Python never has to
+# compile it at import: on a read-only image, for another user or with
+# PYTHONDONTWRITEBYTECODE=1 it would otherwise compile it at every start.
+if cached_file=$(umask 022 && "$python" -c 'import py_compile, sys
+try:
+    print(py_compile.compile(sys.argv[1], doraise=True))
+except (py_compile.PyCompileError, OSError) as exc:
+    sys.exit(str(exc))' "$dest_file"); then
+    say "Precompiled $cached_file"
+else
+    warn "could not precompile $dest_file; $python will compile it at every" \
+        "start where it cannot write its __pycache__"
 fi
 
 # --- Smoke test -----------------------------------------------------------------
@@ -288,25 +380,19 @@ if [ "$mode" = target ]; then
     search_path=$dest_dir${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-if [ "$mode" = user ] && [ "$user_site_enabled" = no ]; then
-    warn "$python does not read its user site-packages (a virtual environment," \
-        "or PYTHONNOUSERSITE); it cannot import $dest_file, so the smoke test is skipped." \
-        "For a virtual environment, use --system."
-else
-    found=$(cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \
-        "$python" -c "import os, $MODULE; print(os.path.realpath($MODULE.__file__))")
-    if [ "$found" != "$dest_file" ]; then
-        warn "$python imports $MODULE from ${found:-nowhere}, not from $dest_file;" \
-            "that copy comes first on sys.path (PYTHONPATH, or a pip install?)"
-    fi
-    say "Running the smoke test: $python -m $MODULE"
-    (cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \
-        "$python" -m "$MODULE") || {
-        status=$?
-        fail 1 "the smoke test failed (exit status $status) with Python $python_version;" \
-            "$MODULE.py is installed in $dest_dir"
-    }
+found=$(cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \
+    "$python" -c "import os, $MODULE; print(os.path.realpath($MODULE.__file__))")
+if [ "$found" != "$dest_file" ]; then
+    warn "$python imports $MODULE from ${found:-nowhere}, not from $dest_file;" \
+        "that copy comes first on sys.path (PYTHONPATH, or a pip install?)"
 fi
+say "Running the smoke test: $python -m $MODULE"
+(cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \
+    "$python" -m "$MODULE") || {
+    status=$?
+    fail 1 "the smoke test failed (exit status $status) with Python $python_version;" \
+        "$MODULE.py is installed in $dest_dir"
+}
 
 say ""
 say "Done: $MODULE $version for Python $python_version ($python) is in $dest_dir."

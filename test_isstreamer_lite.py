@@ -4,6 +4,7 @@ Real HTTP to servers on 127.0.0.1 started by the tests; no sleeps to
 synchronise; nothing reaches the real Initial State servers.
 """
 
+import ast
 import calendar
 import collections
 import contextlib
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1286,7 +1288,10 @@ class InstallScriptTest(LiteTestCase):
         """Exit 0, exactly the module in folder, byte for byte, and the smoke test ran."""
         output = result.stdout + result.stderr
         self.assertEqual(result.returncode, 0, output)
-        self.assertEqual(os.listdir(folder), ["isstreamer_lite.py"], output)
+        self.assertEqual(sorted(os.listdir(folder)), ["__pycache__", "isstreamer_lite.py"],
+                         output)
+        self.assertEqual(len(glob.glob(os.path.join(folder, "__pycache__",
+                                                     "isstreamer_lite.*.pyc"))), 1, output)
         self.assertTrue(filecmp.cmp(lite.__file__, os.path.join(folder, "isstreamer_lite.py"),
                                     shallow=False), output)
         self.assertIn("selftest on Python", result.stdout, output)
@@ -1580,16 +1585,13 @@ class ExamplesTest(ExampleCase):
         self.assertEqual(len(set(epochs)), 4)
 
     def test_switch_bucket_lands_in_both(self):
-        """examples/switch_bucket.py: key1=starting in "Starting Bucket" then "New Bucket"."""
+        """examples/switch_bucket.py: key1=starting in two buckets of fixed keys."""
         self.run_example("switch_bucket.py")
         self.assertEqual(self.received(), [("Starting Bucket", "key1", "starting"),
                                            ("New Bucket", "key1", "starting")])
         self.assertEqual(sorted(self.sink.buckets.values()), ["New Bucket", "Starting Bucket"])
-        first, second = [b for b, _ in self.sink.events]
-        self.assertNotEqual(first, second)
-        for bucket_key in (first, second):
-            self.assertRegex(bucket_key, r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-"
-                                         r"[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+        self.assertEqual([b for b, _ in self.sink.events],
+                         ["switch_bucket_start", "switch_bucket_new"])
         self.epochs()
 
     def test_timestamp_override_pairs_share_epoch(self):
@@ -5111,6 +5113,376 @@ class SpoolLocationTest(LiteTestCase):
         with self.assertLogs("isstreamer_lite", "INFO") as logs:
             self.streamer(None, spool_dir=spool, debug_level=1, api_base="http://127.0.0.1:9")
         self.assertIn("spool %s" % spool, "\n".join(logs.output))
+
+
+# --- Installing, examples and the unit ------------------------------------------
+
+def posix_shells():
+    """[(label, argv prefix)] of the POSIX shells install.sh must run under."""
+    shells = []
+    if shutil.which("dash"):
+        shells.append(("dash", [shutil.which("dash")]))
+    if shutil.which("busybox"):
+        shells.append(("busybox sh", [shutil.which("busybox"), "sh"]))
+    return shells
+
+
+class InstallShellsTest(LiteTestCase):
+    """install.sh under dash and busybox sh: bytecode, venv refusal, what a re-run says."""
+
+    @classmethod
+    def setUpClass(cls):
+        # As InstallScriptTest: the script, the oldest and the newest Python.
+        InstallScriptTest.setUpClass.__func__(cls)
+        cls.shells = posix_shells()
+        if not cls.shells:
+            raise unittest.SkipTest("neither dash nor busybox is installed")
+        cls.version = lite.__version__
+
+    def run_install(self, shell, *args, **env):
+        """install.sh args under shell; HOME and the user base are temporary folders."""
+        environ = child_env(HOME=self.tempdir(), PYTHONUSERBASE=self.tempdir())
+        del environ["PYTHONPATH"]  # the checkout must not shadow the installed copy
+        environ.pop("PYTHONNOUSERSITE", None)
+        environ.update(env)
+        return subprocess.run(shell + [self.script] + list(args), env=environ,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60, cwd=self.tempdir())
+
+    def python_says(self, python, code, *args, options=(), **env):
+        """python [options] -c code args, from an empty folder, without the checkout."""
+        environ = child_env()
+        del environ["PYTHONPATH"]
+        environ.update(env)
+        argv = [python] + list(options) + ["-c", code] + list(args)
+        result = subprocess.run(argv, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=60, cwd=self.tempdir())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result
+
+    def test_install_precompiles_for_the_pythons_cache_tag(self):
+        """install.sh: the .pyc of the chosen Python's cache tag is written and used as is."""
+        for label, shell in self.shells:
+            for python in sorted({self.oldest, self.newest}):
+                with self.subTest(shell=label, python=python):
+                    target = os.path.realpath(self.tempdir())
+                    result = self.run_install(shell, "--python", python, "--target", target)
+                    output = result.stdout + result.stderr
+                    self.assertEqual(result.returncode, 0, output)
+                    module = os.path.join(target, "isstreamer_lite.py")
+                    cached = self.python_says(
+                        python, "import importlib.util, sys; "
+                                "print(importlib.util.cache_from_source(sys.argv[1]))",
+                        module).stdout.strip()
+                    self.assertTrue(os.path.isfile(cached), output)
+                    self.assertIn("Precompiled %s" % cached, result.stdout)
+                    before = os.stat(cached)
+                    # As on a read-only image: nothing may be written, the .pyc is used.
+                    verbose = self.python_says(python, "import isstreamer_lite", options=["-v"],
+                                               PYTHONPATH=target, PYTHONDONTWRITEBYTECODE="1")
+                    self.assertIn("%s matches %s" % (cached, module), verbose.stderr)
+                    self.python_says(python, "import isstreamer_lite", PYTHONPATH=target)
+                    after = os.stat(cached)
+                    self.assertEqual((after.st_ino, after.st_mtime_ns, after.st_size),
+                                     (before.st_ino, before.st_mtime_ns, before.st_size))
+                    self.assertEqual(os.listdir(os.path.dirname(cached)),
+                                     [os.path.basename(cached)])
+
+    def test_uninstall_removes_bytecode_and_empty_cache_folder(self):
+        """install.sh: --uninstall removes the .pyc, and __pycache__ unless others use it."""
+        for label, shell in self.shells:
+            with self.subTest(shell=label):
+                lonely, shared = self.tempdir(), self.tempdir()
+                for target in (lonely, shared):
+                    result = self.run_install(shell, "--python", self.newest, "--target", target)
+                    self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                other = os.path.join(shared, "__pycache__", "other.cpython-39.pyc")
+                open(other, "wb").close()
+                for target in (lonely, shared):
+                    result = self.run_install(shell, "--python", self.newest, "--uninstall",
+                                              "--target", target)
+                    self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                    self.assertRegex(result.stdout, r"Removed .*__pycache__/isstreamer_lite\."
+                                                    r"[^/]*\.pyc")
+                self.assertEqual(os.listdir(lonely), [])
+                self.assertEqual(os.listdir(shared), ["__pycache__"])
+                self.assertEqual(os.listdir(os.path.join(shared, "__pycache__")),
+                                 ["other.cpython-39.pyc"])
+
+    def test_user_mode_refuses_a_venv_python(self):
+        """install.sh: a venv's Python in user mode exits 2, installs nothing, names --system."""
+        venv = os.path.join(self.tempdir(), "venv")
+        subprocess.run([self.newest, "-m", "venv", "--without-pip", venv], check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+        venv_python = os.path.join(venv, "bin", "python")
+        purelib = self.python_says(venv_python, "import sysconfig; "
+                                   "print(sysconfig.get_paths()['purelib'])").stdout.strip()
+        for label, shell in self.shells:
+            with self.subTest(shell=label):
+                home, userbase = self.tempdir(), self.tempdir()
+                result = self.run_install(shell, "--python", venv_python, HOME=home,
+                                          PYTHONUSERBASE=userbase)
+                output = result.stdout + result.stderr
+                self.assertEqual(result.returncode, 2, output)
+                self.assertIn("virtual environment", result.stderr)
+                self.assertNotIn("Done", result.stdout)
+                for folder in (home, userbase, purelib):
+                    self.assertEqual(
+                        glob.glob(os.path.join(folder, "**", "isstreamer_lite*"),
+                                  recursive=True), [], output)
+                # The command the message gives works, with the same shell.
+                suggested = [shlex.split(line) for line in result.stderr.splitlines()
+                             if line.startswith("  sh ")]
+                self.assertEqual(len(suggested), 1, output)
+                self.assertEqual(suggested[0][1:], [self.script, "--python", venv_python,
+                                                    "--system"])
+                result = self.run_install(shell, *suggested[0][2:], HOME=home,
+                                          PYTHONUSERBASE=userbase)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                found = self.python_says(venv_python, "import isstreamer_lite; "
+                                         "print(isstreamer_lite.__file__)").stdout.strip()
+                self.assertEqual(os.path.dirname(os.path.realpath(found)),
+                                 os.path.realpath(purelib))
+                result = self.run_install(shell, *(suggested[0][2:] + ["--uninstall"]))
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_user_mode_refuses_pythonnousersite(self):
+        """install.sh: PYTHONNOUSERSITE in user mode exits 2, naming it and other places."""
+        for label, shell in self.shells:
+            with self.subTest(shell=label):
+                userbase = self.tempdir()
+                result = self.run_install(shell, "--python", self.newest,
+                                          PYTHONUSERBASE=userbase, PYTHONNOUSERSITE="1")
+                self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+                for word in ("PYTHONNOUSERSITE", "--system", "--target"):
+                    self.assertIn(word, result.stderr)
+                self.assertEqual(os.listdir(userbase), [])
+
+    def test_rerun_says_upgraded_reinstalled_or_already_installed(self):
+        """install.sh: a re-run names what it replaced: Upgraded X -> Y, Reinstalled, identical."""
+        for label, shell in self.shells:
+            with self.subTest(shell=label):
+                target = self.tempdir()
+                installed = os.path.join(target, "isstreamer_lite.py")
+
+                def rerun():
+                    result = self.run_install(shell, "--python", self.newest, "--target", target)
+                    self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                    with open(installed) as handle, open(lite.__file__) as source:
+                        self.assertEqual(handle.read(), source.read())
+                    return result.stdout
+
+                def edit(old, new):
+                    with open(installed) as handle:
+                        text = handle.read()
+                    self.assertIn(old, text)
+                    with open(installed, "w") as handle:
+                        handle.write(text.replace(old, new, 1))
+
+                self.assertIn("Installed isstreamer_lite %s to " % self.version, rerun())
+                edit('__version__ = "%s"' % self.version, '__version__ = "0.0.1"')
+                out = rerun()
+                self.assertIn("Upgraded isstreamer_lite 0.0.1 -> %s" % self.version, out)
+                self.assertNotIn("Installed isstreamer_lite", out)
+                edit('__version__ = "%s"' % self.version, '__version__ = "999.0.0"')
+                self.assertIn("Downgraded isstreamer_lite 999.0.0 -> %s" % self.version,
+                              rerun())
+                edit("\n", "\n# edited by hand\n")
+                out = rerun()
+                self.assertIn("Reinstalled isstreamer_lite %s" % self.version, out)
+                self.assertNotIn("Installed isstreamer_lite", out)
+                self.assertIn("isstreamer_lite %s is already installed" % self.version, rerun())
+
+
+# The bucket keys and names each example streams to; the same on every run.
+EXAMPLE_BUCKETS = {
+    "basic.py": {"bucket_key": "Some Bucket Name"},
+    "debug_level.py": {"debug_level_example": "SomeBucketName"},
+    "flush_each_loop.py": {"dynamic_buffer_example": "Dynamic Buffer"},
+    "log_object.py": {"log_object_example": "test object logging"},
+    "switch_bucket.py": {"switch_bucket_start": "Starting Bucket",
+                         "switch_bucket_new": "New Bucket"},
+    "timestamp_override.py": {"timestamp_override_example": "Time Override Example"},
+}
+
+
+class ExampleBucketKeyTest(ExampleCase):
+    """Examples stream to fixed bucket keys: a second run creates no new bucket."""
+
+    def test_every_streamer_and_set_bucket_call_names_a_bucket_key(self):
+        """examples/*.py: every Streamer() and set_bucket() call passes bucket_key."""
+        paths = sorted(glob.glob(os.path.join(EXAMPLES_DIR, "*.py")))
+        if not paths:
+            self.skipTest("no examples/ beside %s (a vendored copy)" % lite.__file__)
+        for path in paths:
+            with open(path) as handle:
+                tree = ast.parse(handle.read(), path)
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if name in ("Streamer", "set_bucket"):
+                    with self.subTest(example=os.path.basename(path), line=node.lineno):
+                        self.assertIn("bucket_key", [k.arg for k in node.keywords])
+
+    def test_examples_send_to_their_fixed_keys(self):
+        """examples/*.py: each sends to its own fixed keys, in order, under the names shown."""
+        for name, buckets in sorted(EXAMPLE_BUCKETS.items()):
+            with self.subTest(example=name):
+                self.sink = ExamplesSink().start()
+                self.addCleanup(self.sink.stop)
+                self.run_example(name, quiet=name != "debug_level.py")
+                self.assertEqual(self.sink.buckets, buckets)
+                used = []
+                for bucket, _ in self.sink.events:
+                    if bucket not in used:
+                        used.append(bucket)
+                self.assertEqual(used, list(buckets))     # switch_bucket: start, then new
+
+
+class PiTemperatureReadTest(ExampleCase):
+    """examples/pi_cpu_temperature.py keeps streaming through failed sensor reads."""
+
+    def test_failed_reads_warn_and_streaming_goes_on(self):
+        """examples/pi_cpu_temperature.py: a missing then garbled sensor file warns; no exit."""
+        path = os.path.join(EXAMPLES_DIR, "pi_cpu_temperature.py")
+        if not os.path.isfile(path):
+            self.skipTest("no examples/ beside %s (a vendored copy)" % lite.__file__)
+        sensor = os.path.join(self.dir, "temp")
+        env = self.example_env(CPU_TEMP_FILE=sensor, CPU_TEMP_INTERVAL="0.02",
+                               CPU_TEMP_COUNT="2")
+        child = guarded_popen(self, [sys.executable, path], self.dir, env, 60)
+
+        def warned(about):
+            """Read stderr up to a warning about `about`; return that line."""
+            line = child.stderr.readline()
+            while line and about not in line:
+                line = child.stderr.readline()
+            self.assertIn(about, line)      # "" at end of output: the child gave up
+            self.assertIn(sensor, line)
+            return line
+
+        def present(text):
+            """The sensor file appears whole (a reader never sees half of it)."""
+            with open(sensor + ".new", "w") as handle:
+                handle.write(text)
+            os.replace(sensor + ".new", sensor)
+
+        warned("No such file")
+        present("garbage\n")
+        warned("invalid literal")
+        present("48312\n")
+        out, err = child.communicate(timeout=30)
+        self.assertEqual(child.returncode, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(out.splitlines(), ["cpu_temp_c 48.3"] * 2)
+        self.assertEqual(self.received(), [("Pi CPU", "cpu_temp_c", 48.312)] * 2)
+
+
+def unit_lines(path):
+    """[(section, key, value)] of a systemd unit file, repeated keys kept, in order."""
+    lines, section = [], None
+    with open(path) as handle:
+        for raw in handle:
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+                continue
+            key, _, value = line.partition("=")
+            lines.append((section, key.strip(), value.strip()))
+    return lines
+
+
+class ServiceUnitStateTest(unittest.TestCase):
+    """examples/isstreamer-pi.service: spool in its state directory, a user you choose."""
+
+    def setUp(self):
+        self.path = os.path.join(EXAMPLES_DIR, "isstreamer-pi.service")
+        if not os.path.isfile(self.path):
+            self.skipTest("no examples/ beside %s (a vendored copy)" % lite.__file__)
+        self.lines = unit_lines(self.path)
+
+    def values(self, key):
+        return [v for section, k, v in self.lines if section == "Service" and k == key]
+
+    def test_spool_is_in_the_state_directory(self):
+        """Service unit: StateDirectory= is set and IS_SPOOL_DIR is %S/ that directory."""
+        state = self.values("StateDirectory")
+        self.assertEqual(len(state), 1, self.lines)
+        self.assertRegex(state[0], r"^[A-Za-z0-9_.-]+$")     # one relative name
+        environment = " ".join(self.values("Environment")).split()
+        self.assertIn("IS_SPOOL_DIR=%%S/%s" % state[0], environment)
+        self.assertIn("IS_DURABLE=1", environment)
+        self.assertEqual(self.values("StateDirectoryMode"), ["0700"])
+
+    def test_user_is_a_placeholder_that_says_how_to_choose(self):
+        """Service unit: User= is not the stale "pi" (nor root); id -un fills it in."""
+        users = self.values("User")
+        self.assertEqual(len(users), 1, self.lines)
+        self.assertNotIn(users[0], ("", "pi", "root", "0"))
+        with open(self.path) as handle:
+            text = handle.read()
+        self.assertIn("id -un", text)
+        # The setup line in the header turns the placeholder into the current user.
+        match = re.search(r'sed -i "s/\^User=\.\*/User=\$\(id -un\)/"', text)
+        self.assertIsNotNone(match, text)
+
+    def test_unit_passes_systemd_analyze_verify(self):
+        """Service unit: systemd-analyze verify accepts it once User= is filled in."""
+        analyze = shutil.which("systemd-analyze")
+        python = self.values("ExecStart")[0].split()[0]
+        if analyze is None or not os.access(python, os.X_OK):
+            self.skipTest("needs systemd-analyze and %s" % python)
+        folder = tempfile.mkdtemp(prefix="isl-unit-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        with open(self.path) as handle:
+            text = re.sub(r"(?m)^User=.*$", "User=sensor", handle.read())
+        unit = os.path.join(folder, "isstreamer-pi.service")
+        with open(unit, "w") as handle:
+            handle.write(text)
+        result = subprocess.run([analyze, "verify", unit], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.assertNotIn("isstreamer-pi.service:", result.stdout)   # no warning about it
+
+
+NOHUP_CHILD = r'''
+import os, signal, sys
+import isstreamer_lite as lite
+api_base, spool_dir, key = sys.argv[1:4]
+streamer = lite.Streamer("Nohup", "nohup", key, ini_file_location=False, api_base=api_base,
+                         spool_dir=spool_dir, flush_interval=0.05)
+streamer.log("before", 1)
+os.kill(os.getpid(), signal.SIGHUP)            # the SSH session drops
+streamer.log("after", 2)
+print("ignored" if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else "replaced")
+sys.exit(0 if streamer.close(10) else 1)
+'''
+
+
+class NohupTest(LiteTestCase):
+    """Under nohup SIGHUP stays ignored: the script outlives the session that started it."""
+
+    def test_sighup_under_nohup_is_left_ignored(self):
+        """Signals: under nohup a SIGHUP neither stops the script nor loses an event."""
+        nohup = shutil.which("nohup")
+        if nohup is None:
+            self.skipTest("no nohup command")
+        sink = self.sink()
+        folder = self.tempdir()
+        script = os.path.join(folder, "child.py")
+        with open(script, "w") as handle:
+            handle.write(NOHUP_CHILD)
+        result = subprocess.run([nohup, sys.executable, script, sink.url,
+                                 os.path.join(folder, "spool"), KEY],
+                                env=child_env(), cwd=folder, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, "ignored\n")
+        self.assertEqual(self.received(sink), [("before", 1), ("after", 2)])
 
 
 # --- Lifecycle: signals, exit, reopen ---------------------------------------

@@ -12,7 +12,8 @@ if importlib.util.find_spec("isstreamer_lite") is None:     # run from a checkou
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from isstreamer_lite import Streamer
 
-streamer = Streamer(bucket_name="SomeBucketName", debug_level=2)
+streamer = Streamer(bucket_name="SomeBucketName", bucket_key="debug_level_example",
+                    debug_level=2)
 streamer.log("temperature", 21.5)           # echoed: "... temperature 21.5"
 try:
     streamer.log("temperature", float("nan"))

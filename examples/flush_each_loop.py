@@ -14,7 +14,8 @@ if importlib.util.find_spec("isstreamer_lite") is None:     # run from a checkou
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from isstreamer_lite import Streamer
 
-streamer = Streamer(bucket_name="Dynamic Buffer", buffer_size=200)
+streamer = Streamer(bucket_name="Dynamic Buffer", bucket_key="dynamic_buffer_example",
+                    buffer_size=200)
 for counter in range(3):
     streamer.log("loop_counter", counter)
     streamer.log_object({"a": 1, "b": 2, "c": 3}, key_prefix="some_dict")

@@ -18,7 +18,7 @@ from isstreamer_lite import Streamer
 # The shape of psutil.virtual_memory(), without needing psutil.
 svmem = collections.namedtuple("svmem", "total available percent")
 
-streamer = Streamer(bucket_name="test object logging")
+streamer = Streamer(bucket_name="test object logging", bucket_key="log_object_example")
 streamer.log_object({"foo": "1", "bar": "2"})               # dict_foo, dict_bar
 streamer.log_object([12.5, 40.0], key_prefix="cpu")        # cpu_0, cpu_1
 streamer.log_object(["1", "2", "3"])                        # list_0, list_1, list_2

@@ -13,7 +13,8 @@ if importlib.util.find_spec("isstreamer_lite") is None:     # run from a checkou
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from isstreamer_lite import Streamer
 
-logger = Streamer(bucket_name="Stream Example", offline=True)
+logger = Streamer(bucket_name="Stream Example", bucket_key="offline_csv_example",
+                  offline=True)
 logger.log("My Messages", "Stream Starting")
 for num in range(1, 7):
     logger.log("My Numbers", num)

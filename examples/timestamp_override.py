@@ -14,7 +14,8 @@ if importlib.util.find_spec("isstreamer_lite") is None:     # run from a checkou
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from isstreamer_lite import Streamer
 
-streamer = Streamer(bucket_name="Time Override Example")
+streamer = Streamer(bucket_name="Time Override Example",
+                    bucket_key="timestamp_override_example")
 for x in range(3):
     iteration_time = time.time()
     streamer.log("iteration", x, epoch=iteration_time)

@@ -1,0 +1,116 @@
+"""Remove one behaviour at a time from the module and show which tests catch it.
+
+    python3 benchmarks/mutations.py [--only NAME]
+
+Each mutation edits a copy of isstreamer_lite.py in a temporary folder (the
+repository is not touched), runs the tests that guard the behaviour, and
+prints whether at least one of them failed, as it must. Exit status 1 if a
+mutation survived (no test noticed the behaviour was gone).
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (behaviour, text in the module, what replaces it, tests that must notice)
+MUTATIONS = [
+    ("flush_interval",
+     'or now - oldest[1] >= self.settings["flush_interval"])', "or False)",
+     ["WorkerTest.test_partial_batch_waits_for_flush_interval",
+      "BatchingTest.test_flush_interval_sends_a_partial_batch"]),
+    ("Retry-After",
+     'return _Decision(_WAIT, max(floor, min(after, retry_after_cap)), "rate_limited")',
+     'return _Decision(_WAIT, floor, "rate_limited")',
+     ["WorkerTest.test_retry_after_is_waited_on_the_clock",
+      "DecideTest.test_429_waits_retry_after_seconds"]),
+    ("max_queue",
+     "        while pending.count > limit:", "        while False:",
+     ["WorkerTest.test_max_queue_spills_only_the_excess_while_a_request_is_out",
+      "BlockedQueueTest"]),
+    ("per-thread ordering",
+     "        runs[-1].events.append(event)", "        runs[-1].events.appendleft(event)",
+     ["BatchingTest.test_threads_exactly_once_in_order"]),
+    ("request packing",
+     "or len(batch.parts) >= most):", "or len(batch.parts) >= min(most, 10)):",
+     ["WorkerTest.test_behind_means_one_packed_request"]),
+    ("413 splitting",
+     'return _Decision(_SPLIT, 0.0, "too_large")', 'return _Decision(_RETRY, 0.1, "too_large")',
+     ["WorkerTest.test_413_splits_and_400_bisects", "SplitTest"]),
+    ("400 bisection",
+     'return _Decision(_BISECT, 0.0, "rejected")', 'return _Decision(_REFUSE, 0.0, "rejected")',
+     ["WorkerTest.test_413_splits_and_400_bisects", "PoisonTest"]),
+    ("spool replay",
+     "                and self.reader.claim(now):", "                and False:",
+     ["DoneWhenTest.test_down_for_the_whole_run_then_new_process_delivers",
+      "CliReplayTest.test_spool_of_killed_process_sent_once"]),
+    ("durable journalling",
+     '            journal_due, refused = self.stash.journal(self.memory, now)',
+     '            journal_due, refused = None, None',
+     ["CrashTest.test_durable_survives_sigkill_under_server_faults", "DurableJournalTest"]),
+    ("key masking",
+     'return "..." + secret[-4:] if len(secret) > 8 else "****"', "return secret",
+     ["KeyLeakTest", "StatusTest.test_status_shows_backlog_error_and_exit_1"]),
+    ("SIGTERM handling",
+     "                signal.signal(number, _on_sigterm)", "                pass",
+     ["CrashTest.test_sigterm_loses_nothing"]),
+    ("the exit hook",
+     "    atexit.register(_close_all_at_exit)", "    pass",
+     ["ProcessTest.test_exit_without_close_delivers",
+      "ExamplesTest.test_script_without_close_delivers_at_exit"]),
+]
+
+
+def run_one(name, old, new, tests, python):
+    folder = tempfile.mkdtemp(prefix="isl-mutation-")
+    try:
+        for name_ in ("isstreamer_lite.py", "test_isstreamer_lite.py"):
+            shutil.copy(os.path.join(HERE, name_), folder)
+        shutil.copytree(os.path.join(HERE, "examples"), os.path.join(folder, "examples"))
+        path = os.path.join(folder, "isstreamer_lite.py")
+        with open(path) as handle:
+            source = handle.read()
+        if source.count(old) != 1:
+            return "the text to remove was not found once (%d times)" % source.count(old), None
+        with open(path, "w") as handle:
+            handle.write(source.replace(old, new))
+        started = time.monotonic()
+        result = subprocess.run(
+            [python, "-m", "unittest"] + ["test_isstreamer_lite." + t for t in tests],
+            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=600)
+        failed = [line.split("(")[0].split(":", 1)[1].strip() for line in
+                  result.stdout.splitlines() if line.startswith(("FAIL:", "ERROR:"))]
+        return failed, time.monotonic() - started
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", action="append", help="run just this mutation (repeatable)")
+    args = parser.parse_args()
+    survived = 0
+    print("%-22s %-8s %s" % ("behaviour removed", "caught", "tests that failed"))
+    for name, old, new, tests in MUTATIONS:
+        if args.only and name not in args.only:
+            continue
+        failed, elapsed = run_one(name, old, new, tests, sys.executable)
+        if elapsed is None:
+            print("%-22s %-8s %s" % (name, "ERROR", failed))
+            survived += 1
+            continue
+        caught = bool(failed)
+        survived += not caught
+        print("%-22s %-8s %s (%.0f s)" % (name, "yes" if caught else "NO",
+                                          ", ".join(sorted(set(failed))) or "none", elapsed))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
