@@ -4087,20 +4087,8 @@ class Issue9Case(DeliveryTestCase):
 
     def child(self, code, *args, **env):
         """Start ``python -c code args`` with pipes; killed at cleanup and after 60 s."""
-        proc = subprocess.Popen([sys.executable, "-c", code] + [str(a) for a in args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True, env=child_env(**env))
-        guard = threading.Timer(60.0, proc.kill)
-        guard.daemon = True
-        guard.start()
-
-        def reap():
-            guard.cancel()
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
-        self.addCleanup(reap)
-        return proc
+        return guarded_popen(self, [sys.executable, "-c", code] + [str(a) for a in args],
+                             None, child_env(**env), 60.0)
 
     def finish(self, proc, timeout=30):
         out, err = proc.communicate(timeout=timeout)
@@ -4470,7 +4458,7 @@ s.close(5)                              # also replays what the child spooled
 '''
 
 
-@unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+@unittest.skipUnless(hasattr(os, "register_at_fork"), "needs os.register_at_fork (3.7+)")
 class ForkDuringImportTest(Issue9Case):
     """fork() right after construction, while the worker imports what it needs."""
 
