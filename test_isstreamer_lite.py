@@ -5473,6 +5473,59 @@ class NohupTest(LiteTestCase):
         self.assertEqual(self.received(sink), [("before", 1), ("after", 2)])
 
 
+class ReadmeCommandsTest(CliTestCase):
+    """The README's shell commands that can run offline run, against the local sink."""
+
+    def readme_lines(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            text = handle.read()
+        lines = []
+        for block in re.findall(r"```(?:sh|bash|shell)\n(.*?)```", text, re.S):
+            for line in block.splitlines():
+                line = line.split("  #")[0].strip()
+                if "python3 -m isstreamer_lite" in line:
+                    lines.append(line)
+        return lines
+
+    def test_every_offline_command_of_the_readme_runs(self):
+        """README: each isstreamer_lite command in its shell blocks exits 0, no traceback."""
+        sink = self.sink()
+        with open(os.path.join(self.home, "isstreamer_out.csv"), "w") as handle:
+            handle.write("1700000000.0,temperature,21.5\n")
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        free = port.getsockname()[1]
+        port.close()
+        ran = 0
+        for line in self.readme_lines():
+            if line.startswith("tail -f"):
+                continue                            # reads a file forever: not a command to run
+            command = line.replace("ist_...", CLI_KEY).replace(
+                "python3 -m", shlex.quote(sys.executable) + " -m").replace(
+                "--port 8080", "--port %d" % free)
+            with self.subTest(command=line):
+                env = self.env(IS_API_BASE=sink.url, IS_SPOOL_DIR=self.spool)
+                if " sink " in command + " ":
+                    child = subprocess.Popen(["sh", "-c", "exec " + command], cwd=self.home,
+                                             env=env, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, universal_newlines=True)
+                    self.assertIn("events API on", child.stdout.readline())
+                    child.terminate()
+                    out, err = child.communicate(timeout=30)
+                    status = child.returncode
+                else:
+                    result = subprocess.run(["sh", "-c", command], cwd=self.home, env=env,
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, universal_newlines=True,
+                                            timeout=120)
+                    status, out, err = result.returncode, result.stdout, result.stderr
+                self.assertNotIn("Traceback", out + err)
+                self.assertEqual(status, 0, out + err)
+                ran += 1
+        self.assertGreaterEqual(ran, 8)
+        self.assertIn("garden", sink.buckets)
+
+
 # --- Lifecycle: signals, exit, reopen ---------------------------------------
 
 LIFE_KEY = "ist_lifecycle_key_0123456789"
