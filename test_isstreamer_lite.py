@@ -4823,6 +4823,20 @@ class HostileInputTest(LiteTestCase):
         self.assertTrue(lite._is_loopback("127.0.0.2"))
         self.assertTrue(lite._is_loopback("[::1]"))
 
+    def test_https_without_ssl_is_a_config_error(self):
+        """Config: a Python built without ssl refuses an https:// api_base at construction."""
+        real_import = __import__
+
+        def no_ssl(name, *args, **kwargs):
+            if name == "ssl":
+                raise ImportError("No module named 'ssl'")
+            return real_import(name, *args, **kwargs)
+        with mock.patch("builtins.__import__", no_ssl), \
+                mock.patch.dict(sys.modules, {"ssl": None}):
+            with self.assertRaises(lite.ConfigError) as caught:
+                self.streamer(None, api_base="https://groker.init.st")
+        self.assertIn("without the ssl module", str(caught.exception))
+
     def test_lone_surrogates_are_refused_everywhere(self):
         """Validation: a lone surrogate in a key or value is refused; offline keeps the rest."""
         csv_path = os.path.join(self.tempdir(), "out.csv")
@@ -4998,6 +5012,40 @@ class FuzzTest(LiteTestCase):
         self.assertEqual(self.received(sink), expected)
         self.assertGreater(len(expected), 500)                  # both kinds, plenty of each
         self.assertGreater(sum(s.stats()["rejected"].values()), 500)
+
+    def test_random_lines_through_pipe(self):
+        """Fuzz: random bytes through pipe put only valid events on the wire; good lines all."""
+        import random
+        rng = random.Random(7)
+        pieces = [b"k", b",", b"=", b"{", b"}", b'"', b"\xff", b"\xc3\xa9", b"\xed\xb3\xbf",
+                  b"\x00", b"nan", b"1e999", b"007", b"-", b".5", b" ", b"true", b"\t"]
+        lines, good = [], []
+        for n in range(2000):
+            if n % 4 == 0:
+                lines.append(b"good%d,%d\n" % (n, n))
+                good.append(("good%d" % n, n))
+            else:
+                lines.append(b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12)))
+                             + b"\n")
+        sink = self.sink()
+        ini_dir = self.tempdir()
+        with open(os.path.join(ini_dir, "isstreamer.ini"), "w") as handle:
+            handle.write("[isstreamer.client_config]\n")
+        stdin = io.TextIOWrapper(io.BytesIO(b"".join(lines)), encoding="ascii")
+        err = io.StringIO()
+        with mock.patch.object(sys, "stdin", stdin), contextlib.redirect_stderr(err), \
+                contextlib.redirect_stdout(io.StringIO()):
+            status = lite.main(["pipe", "--bucket-key", "fuzz", "--access-key", KEY,
+                                "--api-base", sink.url, "--spool-dir", ini_dir,
+                                "--ini", os.path.join(ini_dir, "isstreamer.ini")])
+        self.assertIn(status, (0, 1), err.getvalue()[-500:])
+        for _, event in sink.events:
+            self.assertIsNone(lite._check_event(event), event)
+            event["key"].encode("utf-8")
+            if isinstance(event["value"], str):
+                event["value"].encode("utf-8")
+        got = set((e["key"], e["value"]) for _, e in sink.events)
+        self.assertEqual([g for g in good if g not in got], [])
 
 
 # --- For the device in the field: status, discard, where the spool goes ----------
