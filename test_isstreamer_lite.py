@@ -315,10 +315,18 @@ class ConfigurationTest(LiteTestCase):
 
     def test_bad_option_values(self):
         """Configuration: nonsense option values are clear errors."""
-        for options in ({"buffer_size": 0}, {"flush_interval": -1}, {"max_queue": 1,
-                        "buffer_size": 10}, {"timeout": "soon"}, {"on_error": 5}):
-            with self.assertRaises((ValueError, TypeError), msg=repr(options)):
+        cases = [({"buffer_size": 0}, "buffer_size is 0; it must be a whole number of at "
+                                      "least 1"),
+                 ({"flush_interval": -1}, "flush_interval is -1; it must be at least 0.001"),
+                 ({"max_queue": 1, "buffer_size": 10}, "max_queue is 1; it must be a whole "
+                                                       "number of at least buffer_size (10)"),
+                 ({"timeout": "soon"}, "timeout must be a number, not 'soon'"),
+                 ({"on_error": 5}, "on_error must be callable, not 5"),
+                 ({"spool_max_bytes": 0}, "spool_max_bytes is 0; it must be at least 1")]
+        for options, message in cases:
+            with self.assertRaises((ValueError, TypeError), msg=repr(options)) as caught:
                 self.make(access_key="k", offline=True, **options)
+            self.assertEqual(str(caught.exception), message)
 
 
 class WireTest(LiteTestCase):
