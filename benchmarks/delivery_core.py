@@ -229,17 +229,23 @@ def drain20k(report, quick):
     report.figure("drain20k", "second child stats replayed", drained.get("replayed"))
 
 
+def limited_sink_and_streamer(name, **options):
+    """A spool folder, a sink enforcing the documented limit, and a Streamer for it."""
+    spool = tempfile.mkdtemp(prefix="isl-bench-%s-" % name)
+    sink = isstreamer_lite._Sink(host="127.0.0.1", port=0, rate_limit=LIMIT, window=WINDOW)
+    sink.start()
+    streamer = isstreamer_lite.Streamer(
+        "", "bench-" + name, KEY, ini_file_location=False, api_base=sink.url,
+        spool_dir=spool, handle_sigterm=False, **options)
+    return spool, sink, streamer
+
+
 def sensor500(report, quick):
     duration, rate = (5 if quick else 20), 500
     n = duration * rate + 1
     budget = duration + 5.0
-    spool = tempfile.mkdtemp(prefix="isl-bench-sensor-")
-    sink = isstreamer_lite._Sink(host="127.0.0.1", port=0, rate_limit=LIMIT, window=WINDOW)
-    sink.start()
+    spool, sink, streamer = limited_sink_and_streamer("sensor", buffer_size=10)
     try:
-        streamer = isstreamer_lite.Streamer(
-            "", "bench-sensor", KEY, ini_file_location=False, api_base=sink.url,
-            spool_dir=spool, buffer_size=10, handle_sigterm=False)
         watcher = Watcher(sink, n, duration + 90)
         watcher.start()
         started = time.monotonic()
@@ -276,13 +282,8 @@ def sensor500(report, quick):
 
 def burst900(report, quick):
     n = 450 if quick else 900
-    spool = tempfile.mkdtemp(prefix="isl-bench-burst-")
-    sink = isstreamer_lite._Sink(host="127.0.0.1", port=0, rate_limit=LIMIT, window=WINDOW)
-    sink.start()
+    spool, sink, streamer = limited_sink_and_streamer("burst")
     try:
-        streamer = isstreamer_lite.Streamer(
-            "", "bench-burst", KEY, ini_file_location=False, api_base=sink.url,
-            spool_dir=spool, handle_sigterm=False)
         started = time.monotonic()
         for i in range(n):
             streamer.log("v", i)
