@@ -2800,15 +2800,18 @@ def _close_all_at_exit():
     if not streamers:
         return
     deadline = _monotonic() + max(s._settings["exit_timeout"] for s in streamers)
+    closing = []                        # those this hook closes (or waits for)
     try:
-        closing = [(s, s._begin_close(deadline, again=True)) for s in streamers]
-        for streamer, begun in closing:
+        for streamer in streamers:
+            begun = streamer._begin_close(deadline, again=True)
             if begun is not None:
-                streamer._finish_close(begun[0], begun[1], deadline)
+                closing.append(streamer)
+        for streamer in closing:
+            streamer._finish_close(streamer._worker, streamer._close_wait, deadline)
     except BaseException:
         for streamer in streamers:
             streamer._close_now()
-    left = sum(s._worker.left for s in streamers if not s._settings["offline"])
+    left = sum(s._worker.left for s in closing if not s._settings["offline"])
     if left:
         folders = sorted(set(s._settings["spool_dir"] for s in streamers))
         _log.warning("isstreamer_lite: %d events could not be delivered before exit; they "
