@@ -3702,11 +3702,10 @@ class DeadlineTest(DeliveryTestCase):
     def test_a_dripping_answer_is_cut_at_the_request_deadline(self):
         """Deadlines: a server dripping a byte every 0.1 s is cut off at timeout, overall."""
         stop = threading.Event()
-        self.addCleanup(stop.set)
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
-        self.addCleanup(listener.close)
+        self.addCleanup(listener.close)         # cleanups run last first: this one last
         accepted = []
 
         def drip():
@@ -3729,6 +3728,7 @@ class DeadlineTest(DeliveryTestCase):
         thread = threading.Thread(target=drip, daemon=True)
         thread.start()
         self.addCleanup(thread.join, 5)
+        self.addCleanup(stop.set)               # before the join above
         s = self.streamer("http://127.0.0.1:%d" % listener.getsockname()[1],
                           timeout=0.4, max_retries=100)
         log_all(s, events("d", 5))
@@ -3737,6 +3737,7 @@ class DeadlineTest(DeliveryTestCase):
         # deadline ends each attempt, so several attempts fit in 2 s.
         self.assertGreaterEqual(len(accepted), 3, s.stats())
         self.assertIn("timed out", s.stats()["last_error"])
+        self.assertFalse(s.close(0.2))
 
 
 class OnErrorTest(DeliveryTestCase):
