@@ -3908,7 +3908,8 @@ def _build_parser():
         description="Stream events to Initial State from the shell. With no command, run "
                     "the offline smoke test.",
         epilog="Key, bucket and API base come from the flags, then IS_ACCESS_KEY, "
-               "IS_BUCKET_KEY, IS_BUCKET_NAME, IS_API_BASE, then isstreamer.ini. "
+               "IS_BUCKET_KEY, IS_BUCKET_NAME, IS_API_BASE, then isstreamer.ini. Flags may "
+               "be spelled with underscores too (--bucket_key), like ISStreamer's arguments. "
                "Exit codes: 0 ok, 1 delivery failed or events remain undelivered, "
                "2 usage or configuration error.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3973,13 +3974,52 @@ def _build_parser():
     sub.add_argument("--quiet", action="store_true", help="do not print events")
     sub.add_argument("--access-key", help="accept only this access key (others get 401, "
                                           "to try a wrong key); default: any")
-    return parser
+    return parser, commands.choices
+
+
+def _flags(parser):
+    """The long option strings of one parser (``--bucket-key``, ``--help``, ...)."""
+    return [flag for flag in parser._option_string_actions if flag.startswith("--")]
+
+
+def _dashed(argv, parsers):
+    """``argv`` with ISStreamer-style ``--bucket_key`` spelled as our ``--bucket-key``.
+
+    Only words before ``--`` change (argparse reads no other as an option),
+    and only where the dashed spelling is a flag of one of ``parsers``.
+    """
+    known = set()
+    for parser in parsers:
+        known.update(_flags(parser))
+    words = []
+    for number, word in enumerate(argv):
+        if word == "--":
+            return words + argv[number:]
+        name, equals, value = word.partition("=")
+        dashed = name.replace("_", "-")
+        words.append(dashed + equals + value if name.startswith("--") and dashed in known
+                     else word)
+    return words
+
+
+def _unrecognized(parser, words):
+    """Exit 2 with ``parser``'s usage, naming the words and the flag each may mean."""
+    import difflib
+    named = []
+    for word in words:
+        guess = difflib.get_close_matches(word.partition("=")[0], _flags(parser), 1) \
+            if word.startswith("--") else []
+        named.append(word + (" (did you mean %s?)" % guess[0] if guess else ""))
+    parser.error("unrecognized arguments: %s" % " ".join(named))
 
 
 def main(argv=None):
     """The command line; returns the exit status (see ``--help``)."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    parser, commands = _build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(_dashed(argv, [parser] + list(commands.values())))
+    if extra:
+        _unrecognized(commands.get(args.command, parser), extra)
     out, err = sys.stdout, sys.stderr
     handlers = {None: None, "selftest": _cmd_selftest, "send": _cmd_send,
                 "pipe": _cmd_pipe, "replay": _cmd_replay, "sink": _cmd_sink}

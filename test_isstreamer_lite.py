@@ -1834,6 +1834,28 @@ class CliHelpTest(CliTestCase):
         self.assertEqual(result.returncode, 2, result.stderr)
         self.assertIn("KEY VALUE pairs", result.stderr)
 
+    def test_underscore_spellings_are_aliases(self):
+        """CLI help: --bucket_key, --bucket_name, --access_key, --api_base, --spool_dir work."""
+        sink = self.sink()
+        status, out, err = self.main(["send", "--bucket_key", "cli-under", "--bucket_name",
+                                      "Under", "--api_base", sink.url, "--access_key", CLI_KEY,
+                                      "--ini", self.ini, "--spool_dir=" + self.spool, "a", "1"])
+        self.assertEqual(status, 0, err)
+        self.assertEqual(sink.buckets, {"cli-under": "Under"})
+        self.assertEqual(self.received(sink, "cli-under"), [("a", 1)])
+        status, out, err = self.main(["replay", "--dry_run", "--spool_dir", self.spool,
+                                      "--access_key", CLI_KEY, "--ini", self.ini])
+        self.assertEqual(status, 0, err)
+        self.assertIn("nothing pending in %s" % self.spool, out)
+
+    def test_unknown_option_of_a_command_shows_its_usage(self):
+        """CLI help: an unknown option after a command shows that command's usage and a guess."""
+        status, out, err = self.main(["send", "--bucket-kee", "x", "a", "1"])
+        self.assertEqual(status, 2)
+        self.assertTrue(err.startswith("usage: python3 -m isstreamer_lite send "), err)
+        self.assertIn("unrecognized arguments: --bucket-kee (did you mean --bucket-key?)", err)
+        self.assertNotIn("COMMAND", err)
+
 
 class CliSendTest(CliTestCase):
     """CLI send: typed values, timestamps, usage errors, a server that is down."""
