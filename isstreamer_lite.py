@@ -3831,7 +3831,7 @@ def _cmd_sink(args, out, err):
         out.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
         out.flush()
     sink = _Sink(args.host, args.port, args.rate_limit, args.window,
-                 access_key=args.access_key, jsonl=args.jsonl,
+                 access_key=args.accept_key, jsonl=args.jsonl,
                  echo=None if args.quiet else echo)
     sink.start()
     previous = _install_sigterm_stop()
@@ -3901,6 +3901,35 @@ _EXAMPLES = {
 }
 
 
+# The options of every command but sink, which may also come before the command:
+# (flag, default, add_argument keywords). argparse is given no default for
+# them, since a command's default would overwrite what came before the
+# command; main() fills these in.
+_COMMON_FLAGS = (
+    ("--access-key", None, {"help": "access key (prefer IS_ACCESS_KEY: flags show in the "
+                                    "process list)"}),
+    ("--bucket-key", None, {"help": "bucket key (default: IS_BUCKET_KEY, ini, or a new one)"}),
+    ("--bucket-name", None, {"help": "bucket name shown in the UI"}),
+    ("--api-base", None, {"help": "API base URL (default https://groker.init.st)"}),
+    ("--ini", None, {"help": "isstreamer.ini to read (default: ~/ then ./)"}),
+    ("--spool-dir", None, {"help": "spool folder (default: IS_SPOOL_DIR, ini, "
+                                   "~/.local/state/isstreamer_lite)"}),
+    ("--timeout", 30.0, {"type": float, "help": "seconds to wait for delivery (default 30)"}),
+    ("--debug", 0, {"type": int, "help": "debug_level (0-3)"}),
+)
+
+
+def _dest(flag):
+    """The attribute argparse stores a flag in: ``--bucket-key`` -> ``bucket_key``."""
+    return flag[2:].replace("-", "_")
+
+
+def _add_common_flags(parser):
+    import argparse
+    for flag, _, options in _COMMON_FLAGS:
+        parser.add_argument(flag, default=argparse.SUPPRESS, **options)
+
+
 def _build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -3914,19 +3943,10 @@ def _build_parser():
                "2 usage or configuration error.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="isstreamer_lite " + __version__)
+    _add_common_flags(parser.add_argument_group(
+        "options of every command but sink (before or after the command)"))
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--access-key", help="access key (prefer IS_ACCESS_KEY: flags show "
-                                             "in the process list)")
-    common.add_argument("--bucket-key", help="bucket key (default: IS_BUCKET_KEY, ini, "
-                                             "or a new one)")
-    common.add_argument("--bucket-name", help="bucket name shown in the UI")
-    common.add_argument("--api-base", help="API base URL (default https://groker.init.st)")
-    common.add_argument("--ini", help="isstreamer.ini to read (default: ~/ then ./)")
-    common.add_argument("--spool-dir", help="spool folder (default: IS_SPOOL_DIR, ini, "
-                                            "~/.local/state/isstreamer_lite)")
-    common.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds to wait for delivery (default 30)")
-    common.add_argument("--debug", type=int, default=0, help="debug_level (0-3)")
+    _add_common_flags(common)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, help_text, description):
@@ -3972,8 +3992,9 @@ def _build_parser():
                                                     "unlimited)")
     sub.add_argument("--window", type=float, default=10.0, help="window seconds (default 10)")
     sub.add_argument("--quiet", action="store_true", help="do not print events")
-    sub.add_argument("--access-key", help="accept only this access key (others get 401, "
-                                          "to try a wrong key); default: any")
+    sub.add_argument("--access-key", dest="accept_key",
+                     help="accept only this access key (others get 401, to try a wrong "
+                          "key); default: any")
     return parser, commands.choices
 
 
@@ -4020,6 +4041,12 @@ def main(argv=None):
     args, extra = parser.parse_known_args(_dashed(argv, [parser] + list(commands.values())))
     if extra:
         _unrecognized(commands.get(args.command, parser), extra)
+    for flag, default, _ in _COMMON_FLAGS:
+        if args.command == "sink" and hasattr(args, _dest(flag)):
+            commands["sink"].error("sink takes no %s before the command; sink's own options "
+                                   "come after it" % flag)
+        if not hasattr(args, _dest(flag)):
+            setattr(args, _dest(flag), default)
     out, err = sys.stdout, sys.stderr
     handlers = {None: None, "selftest": _cmd_selftest, "send": _cmd_send,
                 "pipe": _cmd_pipe, "replay": _cmd_replay, "sink": _cmd_sink}

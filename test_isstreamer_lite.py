@@ -1856,6 +1856,29 @@ class CliHelpTest(CliTestCase):
         self.assertIn("unrecognized arguments: --bucket-kee (did you mean --bucket-key?)", err)
         self.assertNotIn("COMMAND", err)
 
+    def test_common_flags_before_the_command(self):
+        """CLI help: the common flags work before the command; given after it too, that wins."""
+        sink = self.sink()
+        status, out, err = self.main(["--bucket-key", "cli-before", "--debug", "1"]
+                                     + self.common(sink.url) + ["send", "k", "1"])
+        self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink, "cli-before"), [("k", 1)])
+        self.assertTrue(any(ECHO.match(line) for line in err.splitlines()), err)
+        status, out, err = self.main(["--bucket-key", "cli-outer", "--timeout", "0.001", "send",
+                                      "--bucket-key", "cli-inner", "--timeout", "20"]
+                                     + self.common(sink.url) + ["k", "2"])
+        self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink, "cli-inner"), [("k", 2)])
+        self.assertNotIn("cli-outer", sink.buckets)
+
+    def test_flags_before_sink_are_refused(self):
+        """CLI help: a streaming flag before sink exits 2 and says to give sink's own after it."""
+        for flags in (["--bucket-key", "x"], ["--access-key", CLI_KEY], ["--timeout", "5"]):
+            with self.subTest(flags=flags):
+                status, out, err = self.main(flags + ["sink", "--port", "0"])
+                self.assertEqual(status, 2)
+                self.assertIn("sink takes no %s before the command" % flags[0], err)
+
 
 class CliSendTest(CliTestCase):
     """CLI send: typed values, timestamps, usage errors, a server that is down."""
