@@ -3915,8 +3915,23 @@ _COMMON_FLAGS = (
     ("--spool-dir", None, {"help": "spool folder (default: IS_SPOOL_DIR, ini, "
                                    "~/.local/state/isstreamer_lite)"}),
     ("--timeout", 30.0, {"type": float, "help": "seconds to wait for delivery (default 30)"}),
-    ("--debug", 0, {"type": int, "help": "debug_level (0-3)"}),
+    ("--debug", 0, {"type": lambda text: _whole_number(text, 0, 3, "the debug level"),
+                    "metavar": "0-3", "help": "debug_level: 1 echoes each event, 2 also "
+                                              "raises on logging errors, 3 logs details"}),
 )
+
+
+def _whole_number(text, low, high, what):
+    """An option's whole number from ``low`` to ``high``, or a message naming them."""
+    import argparse
+    try:
+        number = int(text)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise argparse.ArgumentTypeError("%s must be a whole number from %d to %d, not %r"
+                                         % (what, low, high, text))
+    return number
 
 
 def _dest(flag):

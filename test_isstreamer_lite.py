@@ -1879,6 +1879,17 @@ class CliHelpTest(CliTestCase):
                 self.assertEqual(status, 2)
                 self.assertIn("sink takes no %s before the command" % flags[0], err)
 
+    def test_debug_level_is_0_to_3(self):
+        """CLI help: --debug 7, --debug -1 and --debug x exit 2 naming the levels 0 to 3."""
+        for level in ("7", "-1", "x"):
+            for argv in (["send", "--debug", level, "a", "1"],
+                         ["--debug", level, "send", "a", "1"]):
+                with self.subTest(argv=argv):
+                    status, out, err = self.main(argv)
+                    self.assertEqual(status, 2)
+                    self.assertIn("argument --debug: the debug level must be a whole number "
+                                  "from 0 to 3, not %r" % level, err)
+
 
 class CliSendTest(CliTestCase):
     """CLI send: typed values, timestamps, usage errors, a server that is down."""
