@@ -3886,17 +3886,17 @@ def _cmd_selftest(args, out, err):
     return 1 if failed else 0
 
 
+# Each command's examples; argparse puts in the command as started for %(prog)s.
 _EXAMPLES = {
-    "selftest": "python3 -m isstreamer_lite selftest\n"
-                "  IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite selftest --live",
-    "send": "IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite send --bucket-key garden "
-            "temperature 21.5 door_open false",
-    "pipe": "tail -f /var/log/sensor.log | python3 -m isstreamer_lite pipe --bucket-key garden\n"
+    "selftest": "%(prog)s\n"
+                "  IS_ACCESS_KEY=ist_... %(prog)s --live",
+    "send": "IS_ACCESS_KEY=ist_... %(prog)s --bucket-key garden temperature 21.5 door_open false",
+    "pipe": "tail -f /var/log/sensor.log | %(prog)s --bucket-key garden\n"
             "  printf 'temp,21.5\\nhumidity=40\\n{\"key\": \"ok\", \"value\": true}\\n' | "
-            "python3 -m isstreamer_lite pipe",
-    "replay": "python3 -m isstreamer_lite replay --dry-run\n"
-              "  python3 -m isstreamer_lite replay --csv isstreamer_out.csv --bucket-key garden",
-    "sink": "python3 -m isstreamer_lite sink --port 8080 --jsonl events.jsonl\n"
+            "%(prog)s",
+    "replay": "%(prog)s --dry-run\n"
+              "  %(prog)s --csv isstreamer_out.csv --bucket-key garden",
+    "sink": "%(prog)s --port 8080 --jsonl events.jsonl\n"
             "  IS_API_BASE=http://127.0.0.1:8080 python3 my_sensor_script.py",
 }
 
@@ -3945,10 +3945,27 @@ def _add_common_flags(parser):
         parser.add_argument(flag, default=argparse.SUPPRESS, **options)
 
 
-def _build_parser():
+def _prog(argv):
+    """The program's name for usage lines and examples: what the user typed.
+
+    When main() reads sys.argv itself, the name of the script that started
+    it (pip's ``isstreamer-lite``); under ``-m``, or when a caller passes
+    argv (its sys.argv[0] is another program's), ``python3 -m isstreamer_lite``.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and argv is None:
+        name = spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return "python3 -m " + name
+    name = os.path.basename(sys.argv[0]) if argv is None and sys.argv else ""
+    if name in ("", "-c", "__main__.py"):
+        return "python3 -m isstreamer_lite"
+    return "python3 " + name if name.endswith(".py") else name
+
+
+def _build_parser(prog):
     import argparse
     parser = argparse.ArgumentParser(
-        prog="python3 -m isstreamer_lite",
+        prog=prog,
         description="Stream events to Initial State from the shell. With no command, run "
                     "the offline smoke test.",
         epilog="Key, bucket and API base come from the flags, then IS_ACCESS_KEY, "
@@ -4051,7 +4068,7 @@ def _unrecognized(parser, words):
 
 def main(argv=None):
     """The command line; returns the exit status (see ``--help``)."""
-    parser, commands = _build_parser()
+    parser, commands = _build_parser(_prog(argv))
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(_dashed(argv, [parser] + list(commands.values())))
     if extra:

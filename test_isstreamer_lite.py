@@ -1890,6 +1890,30 @@ class CliHelpTest(CliTestCase):
                     self.assertIn("argument --debug: the debug level must be a whole number "
                                   "from 0 to 3, not %r" % level, err)
 
+    def test_help_names_the_program_as_it_was_started(self):
+        """CLI help: usage and examples say isstreamer-lite when started as that script."""
+        # What pip's console-script wrapper for isstreamer-lite does.
+        script = os.path.join(self.tempdir(), "isstreamer-lite")
+        with open(script, "w") as handle:
+            handle.write("import sys\nfrom isstreamer_lite import main\n"
+                         "if __name__ == '__main__':\n    sys.exit(main())\n")
+        for argv, prog in (([sys.executable, script], "isstreamer-lite"),
+                           ([sys.executable, "-m", "isstreamer_lite"],
+                            "python3 -m isstreamer_lite")):
+            for command in ([], ["send"], ["sink"]):
+                with self.subTest(prog=prog, command=command):
+                    result = subprocess.run(argv + command + ["--help"], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, universal_newlines=True,
+                                            timeout=60, cwd=self.home, env=self.env())
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertTrue(result.stdout.startswith(
+                        "usage: %s %s" % (prog, " ".join(command))), result.stdout)
+                    if command:
+                        example = result.stdout.split("example:\n")[1].split("\n\n")[0]
+                        self.assertIn(" %s %s --" % (prog, command[0]), " " + example)
+                    if prog == "isstreamer-lite":
+                        self.assertNotIn("python3 -m", result.stdout)
+
 
 class CliSendTest(CliTestCase):
     """CLI send: typed values, timestamps, usage errors, a server that is down."""
