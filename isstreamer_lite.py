@@ -3612,6 +3612,8 @@ def _parse_line(line):
 def _cli_options(args, **overrides):
     """Streamer keyword arguments from the common flags (then env, then ini)."""
     import inspect
+    if args.ini is not None and not os.path.isfile(args.ini):
+        raise _UsageError("--ini %s does not exist or is not a file" % args.ini)
     options = {name: p.default for name, p in
                inspect.signature(Streamer.__init__).parameters.items() if name != "self"}
     options.update(bucket_name=args.bucket_name or "", bucket_key=args.bucket_key or "",

@@ -2005,6 +2005,20 @@ class CliSendTest(CliTestCase):
         self.assertEqual(status, 2)
         self.assertIn("IS_ACCESS_KEY", err)
 
+    def test_missing_ini_is_named_as_the_flag(self):
+        """CLI send: --ini of a missing file or a folder exits 2 naming --ini, sends nothing."""
+        sink = self.sink()
+        for path in (os.path.join(self.home, "nope.ini"), self.home):
+            for command in (["send", "a", "1"], ["replay", "--dry-run"]):
+                with self.subTest(path=path, command=command):
+                    status, out, err = self.main(command[:1] + [
+                        "--ini", path, "--api-base", sink.url, "--access-key", CLI_KEY,
+                        "--spool-dir", self.spool] + command[1:])
+                    self.assertEqual(status, 2)
+                    self.assertIn("--ini %s does not exist or is not a file" % path, err)
+                    self.assertNotIn("ini_file_location", err)
+        self.assertEqual(sink.requests, 0)
+
     def test_server_down_exits_1_and_spools(self):
         """CLI send: with the server down it exits 1 within --timeout, events spooled."""
         url = dead_url()
