@@ -3464,6 +3464,11 @@ class _Sink(object):
 
 # --- Command line ------------------------------------------------------------
 
+def _count(number, noun):
+    """``1 event``, ``0 events``, ``2 events``: a count the way it is said."""
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
+
+
 def _selftest(out):
     """The offline smoke test: stream through a loopback sink and check arrival."""
     import shutil
@@ -3505,8 +3510,9 @@ def _selftest(out):
     elapsed = _monotonic() - started
     out.write("isstreamer_lite %s selftest on Python %s\n" % (__version__,
                                                              sys.version.split()[0]))
-    out.write("  %d events in %d requests over %d connection(s) to a loopback server, "
-              "%.2f s\n" % (len(sink.events), stats["requests"], sink.connections, elapsed))
+    out.write("  %s in %s over %s to a loopback server, %.2f s\n" % (
+        _count(len(sink.events), "event"), _count(stats["requests"], "request"),
+        _count(sink.connections, "connection"), elapsed))
     for problem in problems:
         out.write("  FAIL: %s\n" % problem)
     out.write("  %s\n" % ("FAILED" if problems else "OK: bucket created, events batched, "
@@ -3646,7 +3652,7 @@ def _restore_sigterm(handler=None):
 
 def _cmd_send(args, out, err):
     if len(args.pairs) % 2:
-        raise _UsageError("send takes KEY VALUE pairs; got %d words" % len(args.pairs))
+        raise _UsageError("send takes KEY VALUE pairs; got %s" % _count(len(args.pairs), "word"))
     epoch = _parse_epoch(args.epoch) if args.epoch else None
     events = []
     for i in range(0, len(args.pairs), 2):
@@ -3659,7 +3665,7 @@ def _cmd_send(args, out, err):
     delivered = streamer.close(args.timeout)
     stats = streamer.stats()
     if delivered:
-        out.write("sent %d events to bucket %s\n" % (len(args.pairs) // 2, streamer.bucket_key))
+        out.write("sent %s to bucket %s\n" % (_count(len(events), "event"), streamer.bucket_key))
         return 0
     if stats["dropped"]:
         err.write("events were dropped: %s\n" % stats["dropped"])
@@ -3712,8 +3718,9 @@ def _cmd_pipe(args, out, err):
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
     finally:
         _restore_sigterm(previous)
-    err.write("%d lines read, %d skipped, %s\n" % (lines, bad, "all delivered" if delivered
-              else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
+    err.write("%s read, %d skipped, %s\n" % (
+        _count(lines, "line"), bad, "all delivered" if delivered
+        else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
     return 0 if delivered else 1
 
 
@@ -3798,8 +3805,9 @@ def _cmd_replay(args, out, err):
                 except ValueError as exc:
                     err.write("%s line %d skipped: %s\n" % (args.csv, number, exc))
         delivered = streamer.close(args.timeout)
-        out.write("%s %d events from %s to bucket %s\n" % (
-            "sent" if delivered else "could not send all of", count, args.csv, args.bucket_key))
+        out.write("%s %s from %s to bucket %s\n" % (
+            "sent" if delivered else "could not send all of", _count(count, "event"), args.csv,
+            args.bucket_key))
         return 0 if delivered else 1
     options = _cli_options(args, bucket_key="replay")
     if args.dry_run:
@@ -3813,16 +3821,18 @@ def _cmd_replay(args, out, err):
         if not rows:
             out.write("nothing pending in %s\n" % spool_dir)
         for row in rows:
-            out.write("key %s bucket %r (%s): %d events in %d lines, %d segment(s)\n" % (
-                row["key"], row["bucket_key"], row["bucket_name"] or "no name", row["events"],
-                row["lines"], row["segments"]))
+            out.write("key %s bucket %r (%s): %s in %s, %s\n" % (
+                row["key"], row["bucket_key"], row["bucket_name"] or "no name",
+                _count(row["events"], "event"), _count(row["lines"], "line"),
+                _count(row["segments"], "segment")))
         return 0
     options.pop("bucket_key")
     settings = _resolve_settings(**dict(options, bucket_key="replay"))
     paths = [os.path.abspath(p) for p in args.files] or None
     stats, pending = _replay_spool(settings, paths, args.timeout)
-    out.write("replayed %d events in %d requests; %d dead-lettered; %s\n" % (
-        stats["replayed"], stats["requests"], stats["dead_lettered"],
+    out.write("replayed %s in %s; %d dead-lettered; %s\n" % (
+        _count(stats["replayed"], "event"), _count(stats["requests"], "request"),
+        stats["dead_lettered"],
         "spool empty" if not pending else "some remain (%s)" % stats["last_error"]))
     return 1 if pending else 0
 
@@ -3847,7 +3857,8 @@ def _cmd_sink(args, out, err):
     finally:
         _restore_sigterm(previous)
         sink.stop()
-    out.write("%d events in %d requests\n" % (len(sink.events), sink.requests))
+    out.write("%s in %s\n" % (_count(len(sink.events), "event"),
+                             _count(sink.requests, "request")))
     return 0
 
 

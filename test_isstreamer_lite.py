@@ -1972,6 +1972,18 @@ class CliSendTest(CliTestCase):
         self.assertIn("yesterday", err)
         self.assertEqual(sink.requests, 0)
 
+    def test_counts_of_one_are_singular(self):
+        """CLI send: "sent 1 event", "got 1 word"; other counts stay plural."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "a", "1")
+        self.assertEqual(status, 0, err)
+        self.assertIn("sent 1 event to bucket cli-send", out)
+        status, out, err = self.send(sink, "lonely")
+        self.assertEqual(status, 2)
+        self.assertIn("got 1 word\n", err)
+        status, out, err = self.send(sink, "a", "1", "b", "2")
+        self.assertIn("sent 2 events to bucket cli-send", out)
+
     def test_odd_number_of_words_exits_2(self):
         """CLI send: KEY VALUE pairs with a word missing exit 2 and send nothing."""
         sink = self.sink()
@@ -2138,6 +2150,13 @@ class CliPipeTest(CliTestCase):
         self.assertRegex(err, r"(?m)^line 1 skipped: ")
         self.assertEqual(self.received(sink), [("b", 2)])
 
+    def test_one_line_is_singular(self):
+        """CLI pipe: one line read is "1 line read", not "1 lines"."""
+        sink = self.sink()
+        status, out, err = self.pipe(sink, "a,1\n")
+        self.assertEqual(status, 0, err)
+        self.assertIn("1 line read, 0 skipped, all delivered", err)
+
     def test_empty_input(self):
         """CLI pipe: empty input exits 0 without sending anything."""
         sink = self.sink()
@@ -2188,7 +2207,7 @@ class CliPipeTest(CliTestCase):
         self.assertTrue(echo.sent)
         self.assertNotIn("Logging error", err)
         self.assertIn("stopping: flushing what was read", err)
-        self.assertIn("1 lines read, 0 skipped, all delivered", err)
+        self.assertIn("1 line read, 0 skipped, all delivered", err)
         self.assertEqual(self.received(sink), [("a", 1)])
 
     def test_pipe_as_subprocess(self):
@@ -2266,11 +2285,28 @@ class CliReplayTest(CliTestCase):
         sink = self.sink()
         status, out, err = self.replay(sink.url, "--dry-run")
         self.assertEqual(status, 0, err)
-        self.assertRegex(out, r"bucket 'cli-a' \(Bucket A\): 3 events in \d+ lines, "
-                              r"1 segment\(s\)")
-        self.assertRegex(out, r"bucket 'cli-b' \(no name\): 1 events in 1 lines")
+        self.assertRegex(out, r"bucket 'cli-a' \(Bucket A\): 3 events in \d+ lines?, "
+                              r"1 segment\n")
+        self.assertRegex(out, r"bucket 'cli-b' \(no name\): 1 event in 1 line,")
         self.assertEqual(sink.requests, 0)
         self.assertEqual(spool_segments(self.spool), before)
+
+    def test_counts_of_one_are_singular(self):
+        """CLI replay: one spooled event is "1 event in 1 line, 1 segment", "replayed 1 event"."""
+        self.spool_events(dead_url(), [("cli-one", "", [("x", 1)])])
+        sink = self.sink()
+        status, out, err = self.replay(sink.url, "--dry-run")
+        self.assertEqual(status, 0, err)
+        self.assertIn("bucket 'cli-one' (no name): 1 event in 1 line, 1 segment\n", out)
+        status, out, err = self.replay(sink.url)
+        self.assertEqual(status, 0, out + err)
+        self.assertRegex(out, r"^replayed 1 event in \d+ requests?; 0 dead-lettered; spool empty")
+        path = os.path.join(self.home, "one.csv")
+        with open(path, "w") as handle:
+            handle.write("1700000000.0,k,1\n")
+        status, out, err = self.replay(sink.url, "--csv", path, "--bucket-key", "cli-one")
+        self.assertEqual(status, 0, err)
+        self.assertIn("sent 1 event from %s to bucket cli-one" % path, out)
 
     def test_dry_run_with_nothing_pending(self):
         """CLI replay: --dry-run on an empty spool says nothing is pending."""
@@ -2444,6 +2480,12 @@ class CliSinkTest(CliTestCase):
             conn.close()
         self.stop(child)
 
+    def test_one_event_is_singular(self):
+        """CLI sink: after one event it says "1 event in 2 requests"."""
+        child, url = self.start_sink("--quiet")
+        self.stream(url, [("a", 1)])
+        self.assertIn("1 event in 2 requests\n", self.stop(child))
+
     def test_sigterm_right_after_start(self):
         """CLI sink: SIGTERM as soon as it printed its URL stops it with exit 0."""
         child, url = self.start_sink()
@@ -2536,6 +2578,12 @@ class CliSelftestTest(CliTestCase):
         self.assertEqual(status, 1, out + err)
         self.assertIn("ConnectionRefusedError", out)
         self.assertIn("FAILED", out)
+
+    def test_offline_selftest_counts_one_connection(self):
+        """CLI selftest: the offline test says "over 1 connection", not "connection(s)"."""
+        status, out, err = self.main(["selftest"])
+        self.assertEqual(status, 0, out + err)
+        self.assertRegex(out, r"\d+ events in \d+ requests over 1 connection to a loopback")
 
     def test_offline_selftest_as_subprocess(self):
         """CLI selftest: python -m isstreamer_lite selftest exits 0 and says OK."""
