@@ -3650,6 +3650,37 @@ def _restore_sigterm(handler=None):
         signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
+def _key_hint(access_key):
+    """What to check when the server refused the access key (shown masked)."""
+    return "check the access key (%s): --access-key, IS_ACCESS_KEY or access_key in " \
+           "isstreamer.ini" % _mask(access_key)
+
+
+def _undelivered(streamer, access_key, started, timeout, err):
+    """After close() said False: how long it took, why, and where the events are."""
+    stats = streamer.stats()
+    why = stats["last_error"] or "the server did not answer in time"
+    elapsed = _monotonic() - started
+    if stats["paused"]:
+        why += "; sending is paused (%s)" % stats["paused"]
+    elif stats["waiting"] and elapsed < timeout:
+        why += "; %s, and the next attempt is due after the %g s timeout" % (stats["waiting"],
+                                                                             timeout)
+    err.write("not delivered after %.2f s (--timeout %g): %s\n" % (elapsed, timeout, why))
+    if stats["paused"] == "key_rejected":
+        err.write("%s\n" % _key_hint(access_key))
+    dropped = sum(stats["dropped"].values())
+    if stats["spooled"]:
+        err.write("%s spooled; the next run with this access key (or replay) sends the "
+                  "spool\n" % _count(stats["spooled"], "event"))
+    if dropped:
+        err.write("%s dropped (%s)\n" % (_count(dropped, "event"), ", ".join(
+            "%s: %d" % item for item in sorted(stats["dropped"].items()))))
+    if stats["dead_lettered"]:
+        err.write("%s refused by the server, kept in the dead-letter file\n"
+                  % _count(stats["dead_lettered"], "event"))
+
+
 def _cmd_send(args, out, err):
     if len(args.pairs) % 2:
         raise _UsageError("send takes KEY VALUE pairs; got %s" % _count(len(args.pairs), "word"))
@@ -3659,24 +3690,22 @@ def _cmd_send(args, out, err):
         key = _check_key(args.pairs[i])
         events.append((key, _normalise_value(key, _parse_cli_value(args.pairs[i + 1],
                                                                    args.raw))))
-    streamer = Streamer(**_cli_options(args))
+    options = _cli_options(args)
+    started = _monotonic()
+    streamer = Streamer(**options)
     for key, value in events:
         streamer.log(key, value, epoch)
-    delivered = streamer.close(args.timeout)
-    stats = streamer.stats()
-    if delivered:
+    if streamer.close(args.timeout):
         out.write("sent %s to bucket %s\n" % (_count(len(events), "event"), streamer.bucket_key))
         return 0
-    if stats["dropped"]:
-        err.write("events were dropped: %s\n" % stats["dropped"])
-    err.write("not everything was delivered within %g s (%s): what is left of these events "
-              "and of the key's earlier backlog is spooled and will be sent later\n"
-              % (args.timeout, stats["last_error"] or "server did not answer"))
+    _undelivered(streamer, options["access_key"], started, args.timeout, err)
     return 1
 
 
 def _cmd_pipe(args, out, err):
-    streamer = Streamer(**_cli_options(args))
+    options = _cli_options(args)
+    started = _monotonic()
+    streamer = Streamer(**options)
     bad = lines = 0
     previous = _install_sigterm_stop()
     try:
@@ -3721,6 +3750,8 @@ def _cmd_pipe(args, out, err):
     err.write("%s read, %d skipped, %s\n" % (
         _count(lines, "line"), bad, "all delivered" if delivered
         else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
+    if not delivered:
+        _undelivered(streamer, options["access_key"], started, args.timeout, err)
     return 0 if delivered else 1
 
 
@@ -3791,8 +3822,12 @@ def _cmd_replay(args, out, err):
     if args.csv:
         if not args.bucket_key:
             raise _UsageError("replay --csv needs --bucket-key (an offline CSV has no bucket)")
+        if not os.path.isfile(args.csv):
+            raise _UsageError("no such file: %s" % args.csv)
         import csv
-        streamer = Streamer(**_cli_options(args))
+        options = _cli_options(args)
+        started = _monotonic()
+        streamer = Streamer(**options)
         count = 0
         with open(args.csv, newline="", encoding="utf-8") as handle:
             for number, row in enumerate(csv.reader(handle), 1):
@@ -3808,7 +3843,12 @@ def _cmd_replay(args, out, err):
         out.write("%s %s from %s to bucket %s\n" % (
             "sent" if delivered else "could not send all of", _count(count, "event"), args.csv,
             args.bucket_key))
+        if not delivered:
+            _undelivered(streamer, options["access_key"], started, args.timeout, err)
         return 0 if delivered else 1
+    for path in args.files:
+        if not os.path.isfile(path):
+            raise _UsageError("no such file: %s" % path)
     options = _cli_options(args, bucket_key="replay")
     if args.dry_run:
         spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]

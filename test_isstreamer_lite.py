@@ -2059,6 +2059,65 @@ class CliSendTest(CliTestCase):
         rows = lite._spool_summary(self.spool, CLI_KEY)
         self.assertEqual([(r["bucket_key"], r["events"]) for r in rows], [("cli-retried", 1)])
 
+    def failed_send(self, sink_url, *words, **kwargs):
+        """Send a b 2 and fail; return (seconds it took, stderr)."""
+        started = time.monotonic()
+        status, out, err = self.main(["send", "--bucket-key", "cli-failed"] + list(words)
+                                     + self.common(sink_url) + ["a", "1", "b", "2"])
+        self.assertEqual((status, out), (1, ""), err)
+        return time.monotonic() - started, err
+
+    def assert_elapsed_reported(self, err, took, timeout):
+        match = re.search(r"^not delivered after (\d+\.\d+) s \(--timeout %s\): " % timeout,
+                          err, re.M)
+        self.assertIsNotNone(match, err)
+        self.assertLessEqual(float(match.group(1)), took + 0.005)      # shown to 0.01 s
+        self.assertNotIn("within", err)
+
+    def test_rejected_key_reports_time_reason_and_hint(self):
+        """CLI send: a 401 says how long it took, that sending is paused, and what to check."""
+        sink = self.sink(access_key="ist_some_other_key")
+        took, err = self.failed_send(sink.url)
+        self.assertLess(took, 10)
+        self.assert_elapsed_reported(err, took, 30)
+        self.assertIn("401", err)
+        self.assertIn("sending is paused (key_rejected)", err)
+        self.assertIn("check the access key (%s): --access-key, IS_ACCESS_KEY or access_key "
+                      "in isstreamer.ini" % lite._mask(CLI_KEY), err)
+        self.assertNotIn(CLI_KEY, err)
+        self.assertIn("2 events spooled;", err)
+        self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
+
+    def test_long_retry_after_is_reported_as_the_reason(self):
+        """CLI send: a 429 asking for 100 s ends at once and says it is rate limited."""
+        sink = FaultSink(rule=lambda handler, path: (429, {"Retry-After": "100"})
+                         if path.endswith("/api/events") else None).start()
+        self.addCleanup(sink.stop)
+        self.addCleanup(sink.released.set)
+        took, err = self.failed_send(sink.url)
+        self.assertLess(took, 10)
+        self.assert_elapsed_reported(err, took, 30)
+        self.assertIn("429", err)
+        self.assertIn("rate limited (429), and the next attempt is due after the 30 s timeout",
+                      err)
+        self.assertIn("2 events spooled;", err)
+
+    def test_unwritable_spool_says_dropped_not_spooled(self):
+        """CLI send: with a spool it cannot write it says how many were dropped, not spooled."""
+        spool = os.path.join(self.home, "not-a-folder")
+        with open(spool, "w") as handle:
+            handle.write("a file where the spool folder should be\n")
+        started = time.monotonic()
+        status, out, err = self.main(["send", "--bucket-key", "cli-dropped", "--timeout", "1",
+                                      "--api-base", dead_url(), "--access-key", CLI_KEY,
+                                      "--ini", self.ini, "--spool-dir", spool, "a", "1", "b", "2"])
+        took = time.monotonic() - started
+        self.assertEqual((status, out), (1, ""), err)
+        self.assert_elapsed_reported(err, took, 1)
+        self.assertIn("2 events dropped (spool_unwritable: 2)", err)
+        self.assertNotIn("spooled", err)
+        self.assertNotIn("sent later", err)
+
     def test_send_as_subprocess(self):
         """CLI send: a child configured by IS_* variables delivers and exits 0."""
         sink = self.sink()
@@ -2421,6 +2480,20 @@ class CliReplayTest(CliTestCase):
         self.assertIn("line 6 skipped", err)
         self.assertEqual(self.received(sink)[-1], ("last", 9))
         self.assertEqual(len(sink.events), 5)
+
+    def test_missing_file_exits_2(self):
+        """CLI replay: a segment file or --csv that does not exist exits 2, sends nothing."""
+        sink = self.sink()
+        missing = os.path.join(self.home, "nope.jsonl")
+        pattern = os.path.join(self.home, "*.jsonl")        # a glob the shell left unmatched
+        for args, path in (([missing], missing), ([pattern], pattern),
+                           (["--csv", missing, "--bucket-key", "cli-csv"], missing)):
+            with self.subTest(args=args):
+                status, out, err = self.replay(sink.url, *args)
+                self.assertEqual(status, 2, out + err)
+                self.assertIn("no such file: %s" % path, err)
+                self.assertNotIn("replayed", out)
+        self.assertEqual(sink.requests, 0)
 
     def test_csv_without_bucket_key_exits_2(self):
         """CLI replay: --csv without --bucket-key exits 2 and sends nothing."""
