@@ -3246,6 +3246,20 @@ class Streamer(object):
 
 # --- Local sink --------------------------------------------------------------
 
+# A sink listening on every address is reached on this machine's loopback.
+_LOOPBACK_OF = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def _iso_utc(epoch):
+    """Unix seconds as ISO-8601 UTC (2026-05-01T12:00:00.250Z); repr if out of range."""
+    try:
+        whole = int(epoch // 1)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    except (OverflowError, OSError, ValueError):
+        return repr(epoch)
+    return text + (".%03d" % int((epoch - whole) * 1000) if epoch != whole else "") + "Z"
+
+
 def _check_event(item):
     """Why the events API would refuse one event object, or None if it is fine."""
     if not isinstance(item, dict):
@@ -3277,7 +3291,7 @@ class _Sink(object):
 
     def __init__(self, host="127.0.0.1", port=0, rate_limit=None, window=10.0,
                  access_key=None, jsonl=None, echo=None, ssl_context=None):
-        self.host = host
+        self.host = host.strip("[]")
         self.ssl_context = ssl_context
         self.port = port
         self.rate_limit = rate_limit
@@ -3298,10 +3312,14 @@ class _Sink(object):
 
     @property
     def url(self):
-        return "%s://%s:%d" % ("https" if self.ssl_context else "http", self.host, self.port)
+        """The base URL to reach the sink at (loopback when it listens on every address)."""
+        host = _LOOPBACK_OF.get(self.host, self.host)
+        return "%s://%s:%d" % ("https" if self.ssl_context else "http",
+                               "[%s]" % host if ":" in host else host, self.port)
 
     def start(self):
         import http.server
+        import socket
         import socketserver
         sink = self
 
@@ -3324,6 +3342,7 @@ class _Sink(object):
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
             allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in sink.host else socket.AF_INET
 
             def handle_error(self, request, client_address):
                 if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, OSError)):
@@ -3425,10 +3444,13 @@ class _Sink(object):
         if not isinstance(bucket_key, str) or not 0 < len(bucket_key) <= _MAX_BUCKET_CHARS \
                 or set(bucket_key) & set(_BUCKET_KEY_FORBIDDEN):
             return self.reply(handler, 400, {"message": "invalid bucketKey"})
+        name = data.get("bucketName", "")
         with self.changed:
             existed = bucket_key in self.buckets
-            self.buckets[bucket_key] = data.get("bucketName", "")
+            self.buckets[bucket_key] = name
         self.reply(handler, 204 if existed else 201)
+        self.print_line("bucket %s exists" % bucket_key if existed else "bucket %s created%s"
+                        % (bucket_key, " (%s)" % name if name else ""))
 
     def _add_events(self, handler, data):
         bucket_key = handler.headers.get("X-IS-BucketKey")
@@ -3454,12 +3476,20 @@ class _Sink(object):
             with open(self.jsonl, "ab") as handle:
                 handle.write(lines)
         self.reply(handler, 204, b"", headers)      # answered before anything is printed
-        if self.echo is not None:
-            for item in items:
-                try:
-                    self.echo("%s %s = %r" % (bucket_key, item["key"], item["value"]))
-                except Exception as exc:            # the sink's output never fails a request
-                    _log.debug("sink could not print an event: %s", exc)
+        for item in items:
+            when = item.get("epoch")
+            when = item.get("iso8601") if when is None else _iso_utc(when)
+            self.print_line("%s %s = %r%s" % (bucket_key, item["key"], item["value"],
+                                              "" if when is None else " at %s" % when))
+
+    def print_line(self, line):
+        """Hand one line to ``echo``, if there is one; never fail the request over it."""
+        if self.echo is None:
+            return
+        try:
+            self.echo(line)
+        except Exception as exc:
+            _log.debug("sink could not print %r: %s", line[:80], exc)
 
 
 # --- Command line ------------------------------------------------------------
@@ -3885,10 +3915,21 @@ def _cmd_sink(args, out, err):
     sink = _Sink(args.host, args.port, args.rate_limit, args.window,
                  access_key=args.accept_key, jsonl=args.jsonl,
                  echo=None if args.quiet else echo)
-    sink.start()
+    try:
+        sink.start()
+    except OSError as exc:
+        import errno
+        if exc.errno == errno.EADDRINUSE:
+            raise _UsageError("port %d on %s is already in use: pick another with --port, or "
+                              "--port 0 for a free one" % (args.port, args.host))
+        raise _UsageError("cannot listen on %s port %d: %s" % (args.host, args.port,
+                                                               exc.strerror or exc))
     previous = _install_sigterm_stop()
     try:
         out.write("events API on %s (IS_API_BASE=%s); Ctrl-C to stop\n" % (sink.url, sink.url))
+        if sink.host in _LOOPBACK_OF:
+            out.write("listening on every address: other machines use this machine's address "
+                      "instead of %s\n" % _LOOPBACK_OF[sink.host])
         out.flush()
         while True:
             time.sleep(3600)
@@ -3950,7 +3991,8 @@ _EXAMPLES = {
     "replay": "%(prog)s --dry-run\n"
               "  %(prog)s --csv isstreamer_out.csv --bucket-key garden",
     "sink": "%(prog)s --port 8080 --jsonl events.jsonl\n"
-            "  IS_API_BASE=http://127.0.0.1:8080 python3 my_sensor_script.py",
+            "  IS_ACCESS_KEY=ist_local IS_API_BASE=http://127.0.0.1:8080 python3 "
+            "my_sensor_script.py",
 }
 
 
@@ -4071,13 +4113,14 @@ def _build_parser(prog):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                                                          "127.0.0.1)")
-    sub.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any)")
+    sub.add_argument("--port", type=lambda text: _whole_number(text, 0, 65535, "the port"),
+                     default=8080, metavar="PORT", help="port (default 8080; 0 = any free one)")
     sub.add_argument("--jsonl", help="also append each event as a JSON line to this file")
     sub.add_argument("--rate-limit", type=int, help="requests allowed per window (default "
                                                     "unlimited)")
     sub.add_argument("--window", type=float, default=10.0, help="window seconds (default 10)")
     sub.add_argument("--quiet", action="store_true", help="do not print events")
-    sub.add_argument("--access-key", dest="accept_key",
+    sub.add_argument("--access-key", dest="accept_key", metavar="ACCESS_KEY",
                      help="accept only this access key (others get 401, to try a wrong "
                           "key); default: any")
     return parser, commands.choices

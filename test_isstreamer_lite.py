@@ -2508,12 +2508,12 @@ class CliReplayTest(CliTestCase):
 class CliSinkTest(CliTestCase):
     """CLI sink: a child server on a free port, its output, --jsonl, rate limits, SIGTERM."""
 
-    def start_sink(self, *args):
+    def start_sink(self, *args, host=r"127\.0\.0\.1"):
         """Start ``sink --port 0 ARGS``; return (child, its URL from the first line)."""
         child = self.popen([sys.executable, "-m", "isstreamer_lite", "sink", "--port", "0"]
                            + list(args))
         first = child.stdout.readline()
-        match = re.match(r"events API on (http://127\.0\.0\.1:(\d+)) ", first)
+        match = re.match(r"events API on (http://%s:(\d+)) " % host, first)
         self.assertIsNotNone(match, first or child.stderr.read())
         self.assertNotEqual(match.group(2), "0")
         return child, match.group(1)
@@ -2535,10 +2535,90 @@ class CliSinkTest(CliTestCase):
         """CLI sink: prints each event it receives; SIGTERM stops it with exit 0."""
         child, url = self.start_sink()
         self.stream(url, [("temp", 21.5), ("door", "open")])
-        self.assertEqual(child.stdout.readline(), "cli-sink temp = 21.5\n")
-        self.assertEqual(child.stdout.readline(), "cli-sink door = 'open'\n")
+        self.assertEqual(child.stdout.readline(), "bucket cli-sink created\n")
+        when = r" at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z\n\Z"
+        self.assertRegex(child.stdout.readline(), r"\Acli-sink temp = 21\.5" + when)
+        self.assertRegex(child.stdout.readline(), r"\Acli-sink door = 'open'" + when)
         out = self.stop(child)
         self.assertRegex(out, r"2 events in \d+ requests")
+
+    def post(self, url, path, data, bucket_key=None):
+        """POST ``data`` as JSON to the sink at ``url``; return the status."""
+        conn = http.client.HTTPConnection(url.split("//")[1].rsplit(":", 1)[0].strip("[]"),
+                                          int(url.rsplit(":", 1)[1]), timeout=30)
+        self.addCleanup(conn.close)
+        headers = {"X-IS-AccessKey": CLI_KEY, "Content-Type": "application/json"}
+        if bucket_key:
+            headers["X-IS-BucketKey"] = bucket_key
+        conn.request("POST", path, json.dumps(data), headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    def test_prints_bucket_creations_and_epochs(self):
+        """CLI sink: prints "bucket KEY created (NAME)", "bucket KEY exists" and UTC times."""
+        child, url = self.start_sink()
+        bucket = {"bucketKey": "cli-b", "bucketName": "Garden"}
+        self.assertEqual(self.post(url, "/api/buckets", bucket), 201)
+        self.assertEqual(self.post(url, "/api/buckets", bucket), 204)
+        self.assertEqual(self.post(url, "/api/events", [
+            {"key": "t", "value": 1, "epoch": 1700000000.25},
+            {"key": "n", "value": "x"},
+            {"key": "i", "value": True, "iso8601": "2026-05-01T12:00:00Z"},
+            {"key": "w", "value": 2, "epoch": 1700000000}], "cli-b"), 204)
+        self.assertEqual([child.stdout.readline() for _ in range(6)], [
+            "bucket cli-b created (Garden)\n", "bucket cli-b exists\n",
+            "cli-b t = 1 at 2023-11-14T22:13:20.250Z\n", "cli-b n = 'x'\n",
+            "cli-b i = True at 2026-05-01T12:00:00Z\n", "cli-b w = 2 at 2023-11-14T22:13:20Z\n"])
+        self.stop(child)
+
+    def test_port_out_of_range_exits_2(self):
+        """CLI sink: --port 99999 and --port -1 exit 2 naming the range, no traceback."""
+        for port in ("99999", "-1"):
+            with self.subTest(port=port):
+                status, out, err = self.main(["sink", "--port", port])
+                self.assertEqual(status, 2)
+                self.assertIn("argument --port: the port must be a whole number from 0 to "
+                              "65535, not %r" % port, err)
+
+    def test_port_in_use_says_how_to_pick_another(self):
+        """CLI sink: a port in use exits 2 naming the port and --port 0, no traceback."""
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = self.run_cli(["sink", "--port", str(port)])
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("port %d on 127.0.0.1 is already in use: pick another with --port, or "
+                      "--port 0 for a free one" % port, result.stderr)
+
+    def test_wildcard_host_advertises_loopback(self):
+        """CLI sink: --host 0.0.0.0 and :: advertise 127.0.0.1 and [::1], with a note."""
+        hosts = [("0.0.0.0", r"127\.0\.0\.1"), ("", r"127\.0\.0\.1")]
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(("::1", 0))
+            probe.close()
+            hosts.append(("::", r"\[::1\]"))
+        except OSError:
+            pass                            # no IPv6 here: the IPv4 cases still run
+        for host, reachable in hosts:
+            with self.subTest(host=host):
+                child, url = self.start_sink("--host", host, host=reachable)
+                self.assertNotIn("0.0.0.0", url)
+                note = child.stdout.readline()
+                self.assertIn("listening on every address: other machines use this machine's "
+                              "address", note)
+                self.assertEqual(self.post(url, "/api/buckets", {"bucketKey": "w"}), 201)
+                self.stop(child)
+
+    def test_help_example_sets_the_access_key(self):
+        """CLI sink: the --help example shows IS_ACCESS_KEY next to IS_API_BASE."""
+        status, out, err = self.main(["sink", "--help"])
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"IS_ACCESS_KEY=\S+ IS_API_BASE=http://127\.0\.0\.1:8080 ")
 
     def test_access_key_option_rejects_other_keys(self):
         """CLI sink: --access-key answers 401 to any other key, 204 to that one."""
