@@ -3943,13 +3943,27 @@ def _cmd_sink(args, out, err):
     return 0
 
 
+# The bucket selftest --live creates in the account (key, name) unless told otherwise.
+_LIVE_BUCKET = ("isstreamer_lite-selftest", "isstreamer_lite selftest")
+
+
+def _from_now(reset, now):
+    """" (resets in 7 s)" for an X-RateLimit-Reset (Unix seconds); "" if no number."""
+    try:
+        left = float(reset) - now
+    except ValueError:
+        return ""
+    if left != left or abs(left) == float("inf"):
+        return ""
+    return " (resets in %.0f s)" % left if left >= 0 else " (%.0f s in the past)" % -left
+
+
 def _cmd_selftest(args, out, err):
     if not args.live:
         return _selftest(out)
     settings = _resolve_settings(**_cli_options(args, bucket_key=args.bucket_key or
-                                                "isstreamer_lite-selftest",
-                                                bucket_name=args.bucket_name or
-                                                "isstreamer_lite selftest"))
+                                                _LIVE_BUCKET[0],
+                                                bucket_name=args.bucket_name or _LIVE_BUCKET[1]))
     _preload(settings)
     sender = _Sender(settings, _HTTPTransport(settings["api_base"], settings["timeout"], None,
                                               settings["user_agent"]))
@@ -3957,9 +3971,11 @@ def _cmd_selftest(args, out, err):
     now = _time()
     events = [("selftest_number", 1), ("selftest_text", "hello from isstreamer_lite"),
               ("selftest_flag", True)]
-    out.write("live selftest against %s with access key %s, bucket %r\n" % (
-        settings["api_base"], _mask(settings["access_key"]), settings["bucket_key"]))
-    failed = False
+    out.write("live selftest against %s with access key %s: creates (or reuses) a bucket "
+              "named \"%s\" (key %s) and sends it %d test events\n" % (
+                  settings["api_base"], _mask(settings["access_key"]), settings["bucket_name"],
+                  settings["bucket_key"], len(events)))
+    failed = key_rejected = False
     for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings["bucket_key"],
                                                      "bucketName": settings["bucket_name"]})),
                        ("/api/events", _encode_events([e + (now,) for e in events]))):
@@ -3969,14 +3985,20 @@ def _cmd_selftest(args, out, err):
             out.write("  POST %s: %s: %s\n" % (path, type(error).__name__, error))
             failed = True
             continue
-        limits = ", ".join("%s=%s" % (h, response.headers[h]) for h in (
+        limits = ", ".join("%s=%s%s" % (h, response.headers[h], _from_now(
+            response.headers[h], _time()) if h == "x-ratelimit-reset" else "") for h in (
             "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after")
             if h in response.headers)
         out.write("  POST %s -> %d %s%s\n" % (path, response.status, response.text(200),
                                               " (%s)" % limits if limits else ""))
         failed = failed or not 200 <= response.status < 300
+        key_rejected = key_rejected or _decide(response.status).reason == "key_rejected"
     sender.transport.close()
-    out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted 3 test events"))
+    if key_rejected:
+        out.write("  FAILED: %s\n" % _key_hint(settings["access_key"]))
+    else:
+        out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted %d test events"
+                               % len(events)))
     return 1 if failed else 0
 
 
@@ -4084,8 +4106,11 @@ def _build_parser(prog):
     sub = command("selftest", "offline smoke test (the default command)",
                   "Start a loopback events server, stream events through the whole pipeline "
                   "and check that they arrived. With --live, send three test events to the "
-                  "configured account and show the server's answers and rate-limit headers.")
-    sub.add_argument("--live", action="store_true", help="talk to the configured API")
+                  "configured account and show the server's answers and rate-limit headers:\n"
+                  "--live creates (or reuses) a bucket named \"%s\" (key %s) in the account, "
+                  "unless --bucket-name and --bucket-key name another." % _LIVE_BUCKET[::-1])
+    sub.add_argument("--live", action="store_true", help="talk to the configured API (creates "
+                                                         "the bucket \"%s\")" % _LIVE_BUCKET[1])
     sub = command("send", "send KEY VALUE pairs once and wait for delivery",
                   "Send events once and wait until they are delivered; the exit status says "
                   "whether they arrived. Numbers and true/false are sent as such.")

@@ -2725,6 +2725,38 @@ class CliSelftestTest(CliTestCase):
         self.assertIn("-> 401", out)
         self.assertIn("FAILED", out)
 
+    def test_live_says_it_creates_a_bucket(self):
+        """CLI selftest: --help and the first line of --live name the bucket it creates."""
+        status, out, err = self.main(["selftest", "--help"])
+        self.assertEqual(status, 0, err)
+        self.assertIn('--live creates (or reuses) a bucket named "isstreamer_lite selftest"',
+                      " ".join(out.split()))
+        sink = self.sink()
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 0, out + err)
+        self.assertIn('creates (or reuses) a bucket named "isstreamer_lite selftest" (key '
+                      'isstreamer_lite-selftest)', out.splitlines()[0])
+        self.assertEqual(sink.buckets, {"isstreamer_lite-selftest": "isstreamer_lite selftest"})
+
+    def test_live_rejected_key_hints_where_the_key_comes_from(self):
+        """CLI selftest: FAILED after a 401 says where the (masked) access key comes from."""
+        sink = self.sink(access_key="ist_some_other_key")
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("FAILED: check the access key (%s): --access-key, IS_ACCESS_KEY or "
+                      "access_key in isstreamer.ini" % lite._mask(CLI_KEY), out)
+        self.assertNotIn(CLI_KEY, out + err)
+
+    def test_live_shows_rate_limit_reset_from_now(self):
+        """CLI selftest: X-RateLimit-Reset is also shown as seconds from now."""
+        sink = self.sink(rate_limit=5, window=3600)
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 0, out + err)
+        match = re.search(r"x-ratelimit-reset=([\d.]+) \(resets in (\d+) s\)", out)
+        self.assertIsNotNone(match, out)
+        self.assertAlmostEqual(int(match.group(2)), float(match.group(1)) - time.time(),
+                               delta=5)
+
     def test_live_server_down_exits_1(self):
         """CLI selftest: --live against a dead server names the error and exits 1."""
         status, out, err = self.live(dead_url())
