@@ -614,7 +614,12 @@ class _HTTPTransport(object):
         self._proxy_resolved = False
 
     def _resolve_proxy(self):
-        """(host, port, auth header or None) of the proxy to use, or None."""
+        """(host, port, auth header or None) of the proxy to use, or None.
+
+        This machine (loopback) is never reached through a proxy.
+        """
+        if _is_loopback(self.host):
+            return None
         import urllib.request
         from urllib.parse import urlsplit
         url = urllib.request.getproxies().get(self.scheme)
@@ -633,6 +638,8 @@ class _HTTPTransport(object):
             from urllib.parse import unquote
             pair = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
             auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+        _log.debug("connecting to %s through the proxy %s:%d", self.host, parts.hostname,
+                   parts.port or 8080)                  # never the proxy's credentials
         return parts.hostname, parts.port or 8080, auth
 
     def _connect(self, timeout):

@@ -975,6 +975,10 @@ class TransportTest(LiteTestCase):
     def test_https_proxy_tunnel(self):
         """Transport: with https_proxy set, requests go through a CONNECT tunnel."""
         sink, cert = self.https_sink()
+        # Loopback is never proxied: the local sink stands in for a remote host here.
+        patcher = mock.patch.object(lite, "_is_loopback", lambda host: False)
+        patcher.start()
+        self.addCleanup(patcher.stop)
         proxy = ConnectProxy()
         self.addCleanup(proxy.close)
         os.environ["https_proxy"] = "http://127.0.0.1:%d" % proxy.port
@@ -2786,6 +2790,41 @@ class CliSelftestTest(CliTestCase):
         self.assertIn("-> 204", result.stdout)
 
 
+class CliProxyTest(CliTestCase):
+    """CLI and transport: loopback is never proxied; the proxy used is named, its password not."""
+
+    def test_send_to_loopback_ignores_http_proxy(self):
+        """CLI send: with http_proxy set, 127.0.0.1 and localhost are reached directly."""
+        os.environ["http_proxy"] = dead_url()           # a proxy that refuses everything
+        sink = self.sink()
+        for host in ("127.0.0.1", "localhost"):
+            with self.subTest(host=host):
+                url = "http://%s:%d" % (host, sink.port)
+                status, out, err = self.main(["send", "--bucket-key", "cli-proxy", "--timeout",
+                                              "10"] + self.common(url) + ["via", host])
+                self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink, "cli-proxy"),
+                         [("via", "127.0.0.1"), ("via", "localhost")])
+
+    def test_loopback_hosts_get_no_proxy(self):
+        """Transport: no proxy for 127.0.0.1, ::1 or localhost, whatever the environment says."""
+        os.environ["http_proxy"] = os.environ["https_proxy"] = "http://127.0.0.1:3128"
+        for base in ("http://127.0.0.1:8080", "https://127.0.0.1", "http://[::1]:8080",
+                     "http://localhost:8080", "https://LOCALHOST"):
+            with self.subTest(base=base):
+                self.assertIsNone(lite._HTTPTransport(base, 5)._resolve_proxy())
+
+    def test_proxy_is_named_at_debug_level_without_credentials(self):
+        """Transport: the proxy a remote host is reached through is logged, with no password."""
+        os.environ["https_proxy"] = "http://proxyuser:s3cret@127.0.0.1:3128"
+        transport = lite._HTTPTransport("https://groker.init.st", 5)
+        with self.assertLogs("isstreamer_lite", "DEBUG") as logs:
+            proxy = transport._resolve_proxy()
+        self.assertEqual(proxy[:2], ("127.0.0.1", 3128))
+        text = "\n".join(logs.output)
+        self.assertIn("groker.init.st through the proxy 127.0.0.1:3128", text)
+        self.assertNotIn("s3cret", text)
+        self.assertNotIn("proxyuser", text)
 
 
 def report(name, **figures):
