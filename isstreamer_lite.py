@@ -4115,7 +4115,8 @@ def _build_parser(prog):
                   "and check that they arrived. With --live, send three test events to the "
                   "configured account and show the server's answers and rate-limit headers:\n"
                   "--live creates (or reuses) a bucket named \"%s\" (key %s) in the account, "
-                  "unless --bucket-name and --bucket-key name another." % _LIVE_BUCKET[::-1])
+                  "unless --bucket-name and --bucket-key name another."
+                  % (_LIVE_BUCKET[1], _LIVE_BUCKET[0]))
     sub.add_argument("--live", action="store_true", help="talk to the configured API (creates "
                                                          "the bucket \"%s\")" % _LIVE_BUCKET[1])
     sub = command("send", "send KEY VALUE pairs once and wait for delivery",
