@@ -140,6 +140,11 @@ class DeliveryError(StreamerError):
 
 # --- Configuration -----------------------------------------------------------
 
+def _count(number, noun):
+    """``1 event``, ``0 events``, ``2 events``: a count the way it is said."""
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
+
+
 def _mask(secret):
     """Show at most the last four characters of a secret."""
     if not secret:
@@ -645,7 +650,12 @@ class _HTTPTransport(object):
         self._proxy_resolved = False
 
     def _resolve_proxy(self):
-        """(host, port, auth header or None) of the proxy to use, or None."""
+        """(host, port, auth header or None) of the proxy to use, or None.
+
+        This machine (loopback) is never reached through a proxy.
+        """
+        if _is_loopback(self.host):
+            return None
         import urllib.request
         from urllib.parse import urlsplit
         url = urllib.request.getproxies().get(self.scheme)
@@ -664,6 +674,8 @@ class _HTTPTransport(object):
             from urllib.parse import unquote
             pair = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
             auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+        _log.debug("connecting to %s through the proxy %s:%d", self.host, parts.hostname,
+                   parts.port or 8080)                  # never the proxy's credentials
         return parts.hostname, parts.port or 8080, auth
 
     def _connect(self, timeout):
@@ -1931,8 +1943,8 @@ class _Ledger(object):
         dropped[reason] = dropped.get(reason, 0) + count
         self.lost += count
         self.stats["last_error"] = "%s: %s" % (reason, exc)
-        self.warn("dropped %d events (%s: %s); dropped so far: %s" % (count, reason, exc,
-                                                                      dropped))
+        self.warn("dropped %s (%s: %s); dropped so far: %s" % (_count(count, "event"), reason,
+                                                               exc, dropped))
 
     def warn(self, message):
         """A warning, at most once every _DROP_WARN_EVERY seconds."""
@@ -2013,7 +2025,8 @@ class _Stash(object):
             if not journal:
                 ledger.stats["spooled"] += len(parts)
                 if why:
-                    _log.info("spooled %d events of bucket %r: %s", len(parts), bucket[0], why)
+                    _log.info("spooled %s of bucket %r: %s", _count(len(parts), "event"),
+                              bucket[0], why)
             return True
         return False
 
@@ -2539,7 +2552,7 @@ class _Worker(object):
         """
         bucket = creating or batch.bucket
         what = ("creating bucket %r" % bucket[0]) if creating is not None else \
-            "sending %d events to bucket %r" % (batch.count, bucket[0])
+            "sending %s to bucket %r" % (_count(batch.count, "event"), bucket[0])
         detail = ("%d %s" % (response.status, self.reply(response, 120))) \
             if response is not None else "%s: %s" % (type(error).__name__, error)
         detail = _scrub(detail, self.settings["access_key"])
@@ -2814,9 +2827,10 @@ def _close_all_at_exit():
     left = sum(s._worker.left for s in closing if not s._settings["offline"])
     if left:
         folders = sorted(set(s._settings["spool_dir"] for s in streamers))
-        _log.warning("isstreamer_lite: %d events could not be delivered before exit; they "
-                     "are spooled in %s and the next run with the same access key sends "
-                     "them", left, ", ".join(folders))
+        _log.warning("isstreamer_lite: %s could not be delivered before exit; %s "
+                     "spooled in %s and the next run with the same access key sends %s",
+                     _count(left, "event"), "it is" if left == 1 else "they are",
+                     ", ".join(folders), "it" if left == 1 else "them")
 
 
 def _after_fork_in_child():
@@ -3320,6 +3334,20 @@ class Streamer(object):
 
 # --- Local sink --------------------------------------------------------------
 
+# A sink listening on every address is reached on this machine's loopback.
+_LOOPBACK_OF = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def _iso_utc(epoch):
+    """Unix seconds as ISO-8601 UTC (2026-05-01T12:00:00.250Z); repr if out of range."""
+    try:
+        whole = int(epoch // 1)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    except (OverflowError, OSError, ValueError):
+        return repr(epoch)
+    return text + (".%03d" % int((epoch - whole) * 1000) if epoch != whole else "") + "Z"
+
+
 def _check_event(item):
     """Why the events API would refuse one event object, or None if it is fine."""
     if not isinstance(item, dict):
@@ -3351,7 +3379,7 @@ class _Sink(object):
 
     def __init__(self, host="127.0.0.1", port=0, rate_limit=None, window=10.0,
                  access_key=None, jsonl=None, echo=None, ssl_context=None):
-        self.host = host
+        self.host = host.strip("[]")
         self.ssl_context = ssl_context
         self.port = port
         self.rate_limit = rate_limit
@@ -3372,10 +3400,14 @@ class _Sink(object):
 
     @property
     def url(self):
-        return "%s://%s:%d" % ("https" if self.ssl_context else "http", self.host, self.port)
+        """The base URL to reach the sink at (loopback when it listens on every address)."""
+        host = _LOOPBACK_OF.get(self.host, self.host)
+        return "%s://%s:%d" % ("https" if self.ssl_context else "http",
+                               "[%s]" % host if ":" in host else host, self.port)
 
     def start(self):
         import http.server
+        import socket
         import socketserver
         sink = self
 
@@ -3398,6 +3430,7 @@ class _Sink(object):
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
             allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in sink.host else socket.AF_INET
 
             def handle_error(self, request, client_address):
                 if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, OSError)):
@@ -3499,10 +3532,13 @@ class _Sink(object):
         if not isinstance(bucket_key, str) or not 0 < len(bucket_key) <= _MAX_BUCKET_CHARS \
                 or set(bucket_key) & set(_BUCKET_KEY_FORBIDDEN):
             return self.reply(handler, 400, {"message": "invalid bucketKey"})
+        name = data.get("bucketName", "")
         with self.changed:
             existed = bucket_key in self.buckets
-            self.buckets[bucket_key] = data.get("bucketName", "")
+            self.buckets[bucket_key] = name
         self.reply(handler, 204 if existed else 201)
+        self.print_line("bucket %s exists" % bucket_key if existed else "bucket %s created%s"
+                        % (bucket_key, " (%s)" % name if name else ""))
 
     def _add_events(self, handler, data):
         bucket_key = handler.headers.get("X-IS-BucketKey")
@@ -3528,12 +3564,20 @@ class _Sink(object):
             with open(self.jsonl, "ab") as handle:
                 handle.write(lines)
         self.reply(handler, 204, b"", headers)      # answered before anything is printed
-        if self.echo is not None:
-            for item in items:
-                try:
-                    self.echo("%s %s = %r" % (bucket_key, item["key"], item["value"]))
-                except Exception as exc:            # the sink's output never fails a request
-                    _log.debug("sink could not print an event: %s", exc)
+        for item in items:
+            when = item.get("epoch")
+            when = item.get("iso8601") if when is None else _iso_utc(when)
+            self.print_line("%s %s = %r%s" % (bucket_key, item["key"], item["value"],
+                                              "" if when is None else " at %s" % when))
+
+    def print_line(self, line):
+        """Hand one line to ``echo``, if there is one; never fail the request over it."""
+        if self.echo is None:
+            return
+        try:
+            self.echo(line)
+        except Exception as exc:
+            _log.debug("sink could not print %r: %s", line[:80], exc)
 
 
 # --- Command line ------------------------------------------------------------
@@ -3579,8 +3623,9 @@ def _selftest(out):
     elapsed = _monotonic() - started
     out.write("isstreamer_lite %s selftest on Python %s\n" % (__version__,
                                                              sys.version.split()[0]))
-    out.write("  %d events in %d requests over %d connection(s) to a loopback server, "
-              "%.2f s\n" % (len(sink.events), stats["requests"], sink.connections, elapsed))
+    out.write("  %s in %s over %s to a loopback server, %.2f s\n" % (
+        _count(len(sink.events), "event"), _count(stats["requests"], "request"),
+        _count(sink.connections, "connection"), elapsed))
     for problem in problems:
         out.write("  FAIL: %s\n" % problem)
     out.write("  %s\n" % ("FAILED" if problems else "OK: bucket created, events batched, "
@@ -3686,6 +3731,8 @@ def _parse_line(line):
 def _cli_options(args, **overrides):
     """Streamer keyword arguments from the common flags (then env, then ini)."""
     import inspect
+    if args.ini is not None and not os.path.isfile(args.ini):
+        raise _UsageError("--ini %s does not exist or is not a file" % args.ini)
     options = {name: p.default for name, p in
                inspect.signature(Streamer.__init__).parameters.items() if name != "self"}
     options.update(bucket_name=args.bucket_name or "", bucket_key=args.bucket_key or "",
@@ -3716,33 +3763,62 @@ def _restore_sigterm(handler=None):
         signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
+def _key_hint(access_key):
+    """What to check when the server refused the access key (shown masked)."""
+    return "check the access key (%s): --access-key, IS_ACCESS_KEY or access_key in " \
+           "isstreamer.ini" % _mask(access_key)
+
+
+def _undelivered(streamer, access_key, started, timeout, err):
+    """After close() said False: how long it took, why, and where the events are."""
+    stats = streamer.stats()
+    why = stats["last_error"] or "the server did not answer in time"
+    elapsed = _monotonic() - started
+    if stats["paused"]:
+        why += "; sending is paused (%s)" % stats["paused"]
+    elif stats["waiting"] and elapsed < timeout:
+        why += "; %s, and the next attempt is due after the %g s timeout" % (stats["waiting"],
+                                                                             timeout)
+    err.write("not delivered after %.2f s (--timeout %g): %s\n" % (elapsed, timeout, why))
+    if stats["paused"] == "key_rejected":
+        err.write("%s\n" % _key_hint(access_key))
+    dropped = sum(stats["dropped"].values())
+    if stats["spooled"]:
+        err.write("%s spooled; the next run with this access key (or replay) sends the "
+                  "spool\n" % _count(stats["spooled"], "event"))
+    if dropped:
+        err.write("%s dropped (%s)\n" % (_count(dropped, "event"), ", ".join(
+            "%s: %d" % item for item in sorted(stats["dropped"].items()))))
+    if stats["dead_lettered"]:
+        err.write("%s refused by the server, kept in the dead-letter file\n"
+                  % _count(stats["dead_lettered"], "event"))
+
+
 def _cmd_send(args, out, err):
     if len(args.pairs) % 2:
-        raise _UsageError("send takes KEY VALUE pairs; got %d words" % len(args.pairs))
+        raise _UsageError("send takes KEY VALUE pairs; got %s" % _count(len(args.pairs), "word"))
     epoch = _parse_epoch(args.epoch) if args.epoch else None
     events = []
     for i in range(0, len(args.pairs), 2):
         key = _check_key(args.pairs[i])
         events.append((key, _normalise_value(key, _parse_cli_value(args.pairs[i + 1],
                                                                    args.raw))))
-    streamer = Streamer(**_cli_options(args))
+    options = _cli_options(args)
+    started = _monotonic()
+    streamer = Streamer(**options)
     for key, value in events:
         streamer.log(key, value, epoch)
-    delivered = streamer.close(args.timeout)
-    stats = streamer.stats()
-    if delivered:
-        out.write("sent %d events to bucket %s\n" % (len(args.pairs) // 2, streamer.bucket_key))
+    if streamer.close(args.timeout):
+        out.write("sent %s to bucket %s\n" % (_count(len(events), "event"), streamer.bucket_key))
         return 0
-    if stats["dropped"]:
-        err.write("events were dropped: %s\n" % stats["dropped"])
-    err.write("not everything was delivered within %g s (%s): what is left of these events "
-              "and of the key's earlier backlog is spooled and will be sent later\n"
-              % (args.timeout, stats["last_error"] or "server did not answer"))
+    _undelivered(streamer, options["access_key"], started, args.timeout, err)
     return 1
 
 
 def _cmd_pipe(args, out, err):
-    streamer = Streamer(**_cli_options(args))
+    options = _cli_options(args)
+    started = _monotonic()
+    streamer = Streamer(**options)
     bad = lines = 0
     previous = _install_sigterm_stop()
     try:
@@ -3784,8 +3860,11 @@ def _cmd_pipe(args, out, err):
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
     finally:
         _restore_sigterm(previous)
-    err.write("%d lines read, %d skipped, %s\n" % (lines, bad, "all delivered" if delivered
-              else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
+    err.write("%s read, %d skipped, %s\n" % (
+        _count(lines, "line"), bad, "all delivered" if delivered
+        else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
+    if not delivered:
+        _undelivered(streamer, options["access_key"], started, args.timeout, err)
     return 0 if delivered else 1
 
 
@@ -4006,8 +4085,12 @@ def _cmd_replay(args, out, err):
     if args.csv:
         if not args.bucket_key:
             raise _UsageError("replay --csv needs --bucket-key (an offline CSV has no bucket)")
+        if not os.path.isfile(args.csv):
+            raise _UsageError("no such file: %s" % args.csv)
         import csv
-        streamer = Streamer(**_cli_options(args))
+        options = _cli_options(args)
+        started = _monotonic()
+        streamer = Streamer(**options)
         count = 0
         with open(args.csv, newline="", encoding="utf-8") as handle:
             for number, row in enumerate(csv.reader(handle), 1):
@@ -4020,9 +4103,15 @@ def _cmd_replay(args, out, err):
                 except ValueError as exc:
                     err.write("%s line %d skipped: %s\n" % (args.csv, number, exc))
         delivered = streamer.close(args.timeout)
-        out.write("%s %d events from %s to bucket %s\n" % (
-            "sent" if delivered else "could not send all of", count, args.csv, args.bucket_key))
+        out.write("%s %s from %s to bucket %s\n" % (
+            "sent" if delivered else "could not send all of", _count(count, "event"), args.csv,
+            args.bucket_key))
+        if not delivered:
+            _undelivered(streamer, options["access_key"], started, args.timeout, err)
         return 0 if delivered else 1
+    for path in args.files:
+        if not os.path.isfile(path):
+            raise _UsageError("no such file: %s" % path)
     options = _cli_options(args, bucket_key="replay")
     if args.dry_run:
         spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]
@@ -4042,16 +4131,18 @@ def _cmd_replay(args, out, err):
                           % (fingerprint, dead, "" if dead == 1 else "s",
                              str((newest or {}).get("reply", ""))[:120] or "?"))
         for row in rows:
-            out.write("key %s bucket %r (%s): %d events in %d lines, %d segment(s)\n" % (
-                row["key"], row["bucket_key"], row["bucket_name"] or "no name", row["events"],
-                row["lines"], row["segments"]))
+            out.write("key %s bucket %r (%s): %s in %s, %s\n" % (
+                row["key"], row["bucket_key"], row["bucket_name"] or "no name",
+                _count(row["events"], "event"), _count(row["lines"], "line"),
+                _count(row["segments"], "segment")))
         return 0
     options.pop("bucket_key")
     settings = _resolve_settings(**dict(options, bucket_key="replay"))
     paths = [os.path.abspath(p) for p in args.files] or None
     stats, pending = _replay_spool(settings, paths, args.timeout)
-    out.write("replayed %d events in %d requests; %d dead-lettered; %s\n" % (
-        stats["replayed"], stats["requests"], stats["dead_lettered"],
+    out.write("replayed %s in %s; %d dead-lettered; %s\n" % (
+        _count(stats["replayed"], "event"), _count(stats["requests"], "request"),
+        stats["dead_lettered"],
         "spool empty" if not pending else "some remain (%s)" % stats["last_error"]))
     return 1 if pending else 0
 
@@ -4062,12 +4153,23 @@ def _cmd_sink(args, out, err):
         out.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
         out.flush()
     sink = _Sink(args.host, args.port, args.rate_limit, args.window,
-                 access_key=args.access_key, jsonl=args.jsonl,
+                 access_key=args.accept_key, jsonl=args.jsonl,
                  echo=None if args.quiet else echo)
-    sink.start()
+    try:
+        sink.start()
+    except OSError as exc:
+        import errno
+        if exc.errno == errno.EADDRINUSE:
+            raise _UsageError("port %d on %s is already in use: pick another with --port, or "
+                              "--port 0 for a free one" % (args.port, args.host))
+        raise _UsageError("cannot listen on %s port %d: %s" % (args.host, args.port,
+                                                               exc.strerror or exc))
     previous = _install_sigterm_stop()
     try:
         out.write("events API on %s (IS_API_BASE=%s); Ctrl-C to stop\n" % (sink.url, sink.url))
+        if sink.host in _LOOPBACK_OF:
+            out.write("listening on every address: other machines use this machine's address "
+                      "instead of %s\n" % _LOOPBACK_OF[sink.host])
         out.flush()
         while True:
             time.sleep(3600)
@@ -4076,17 +4178,32 @@ def _cmd_sink(args, out, err):
     finally:
         _restore_sigterm(previous)
         sink.stop()
-    out.write("%d events in %d requests\n" % (len(sink.events), sink.requests))
+    out.write("%s in %s\n" % (_count(len(sink.events), "event"),
+                             _count(sink.requests, "request")))
     return 0
+
+
+# The bucket selftest --live creates in the account (key, name) unless told otherwise.
+_LIVE_BUCKET = ("isstreamer_lite-selftest", "isstreamer_lite selftest")
+
+
+def _from_now(reset, now):
+    """" (resets in 7 s)" for an X-RateLimit-Reset (Unix seconds); "" if no number."""
+    try:
+        left = float(reset) - now
+    except ValueError:
+        return ""
+    if left != left or abs(left) == float("inf"):
+        return ""
+    return " (resets in %.0f s)" % left if left >= 0 else " (%.0f s in the past)" % -left
 
 
 def _cmd_selftest(args, out, err):
     if not args.live:
         return _selftest(out)
     settings = _resolve_settings(**_cli_options(args, bucket_key=args.bucket_key or
-                                                "isstreamer_lite-selftest",
-                                                bucket_name=args.bucket_name or
-                                                "isstreamer_lite selftest"))
+                                                _LIVE_BUCKET[0],
+                                                bucket_name=args.bucket_name or _LIVE_BUCKET[1]))
     _preload(settings)
     sender = _Sender(settings, _HTTPTransport(settings["api_base"], settings["timeout"], None,
                                               settings["user_agent"]))
@@ -4094,9 +4211,11 @@ def _cmd_selftest(args, out, err):
     now = _time()
     events = [("selftest_number", 1), ("selftest_text", "hello from isstreamer_lite"),
               ("selftest_flag", True)]
-    out.write("live selftest against %s with access key %s, bucket %r\n" % (
-        settings["api_base"], _mask(settings["access_key"]), settings["bucket_key"]))
-    failed = False
+    out.write("live selftest against %s with access key %s: creates (or reuses) a bucket "
+              "named \"%s\" (key %s) and sends it %d test events\n" % (
+                  settings["api_base"], _mask(settings["access_key"]), settings["bucket_name"],
+                  settings["bucket_key"], len(events)))
+    failed = key_rejected = False
     for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings["bucket_key"],
                                                      "bucketName": settings["bucket_name"]})),
                        ("/api/events", _encode_events([e + (now,) for e in events]))):
@@ -4106,61 +4225,121 @@ def _cmd_selftest(args, out, err):
             out.write("  POST %s: %s: %s\n" % (path, type(error).__name__, error))
             failed = True
             continue
-        limits = ", ".join("%s=%s" % (h, response.headers[h]) for h in (
+        limits = ", ".join("%s=%s%s" % (h, response.headers[h], _from_now(
+            response.headers[h], _time()) if h == "x-ratelimit-reset" else "") for h in (
             "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after")
             if h in response.headers)
         out.write("  POST %s -> %d %s%s\n" % (path, response.status, response.text(200),
                                               " (%s)" % limits if limits else ""))
         failed = failed or not 200 <= response.status < 300
+        key_rejected = key_rejected or _decide(response.status).reason == "key_rejected"
     sender.transport.close()
-    out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted 3 test events"))
+    if key_rejected:
+        out.write("  FAILED: %s\n" % _key_hint(settings["access_key"]))
+    else:
+        out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted %d test events"
+                               % len(events)))
     return 1 if failed else 0
 
 
+# Each command's examples; argparse puts in the command as started for %(prog)s.
 _EXAMPLES = {
-    "selftest": "python3 -m isstreamer_lite selftest\n"
-                "  IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite selftest --live",
-    "send": "IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite send --bucket-key garden "
-            "temperature 21.5 door_open false",
-    "pipe": "tail -f /var/log/sensor.log | python3 -m isstreamer_lite pipe --bucket-key garden\n"
+    "selftest": "%(prog)s\n"
+                "  IS_ACCESS_KEY=ist_... %(prog)s --live",
+    "send": "IS_ACCESS_KEY=ist_... %(prog)s --bucket-key garden temperature 21.5 door_open false",
+    "pipe": "tail -f /var/log/sensor.log | %(prog)s --bucket-key garden\n"
             "  printf 'temp,21.5\\nhumidity=40\\n{\"key\": \"ok\", \"value\": true}\\n' | "
-            "python3 -m isstreamer_lite pipe",
-    "replay": "python3 -m isstreamer_lite replay --dry-run\n"
-              "  python3 -m isstreamer_lite replay --csv isstreamer_out.csv --bucket-key garden",
-    "status": "python3 -m isstreamer_lite status\n"
-              "  python3 -m isstreamer_lite status --json",
-    "discard": "IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite discard --bucket-key garden\n"
-               "  IS_ACCESS_KEY=ist_... python3 -m isstreamer_lite discard --dead-letters --yes",
-    "sink": "python3 -m isstreamer_lite sink --port 8080 --jsonl events.jsonl\n"
-            "  IS_API_BASE=http://127.0.0.1:8080 python3 my_sensor_script.py",
+            "%(prog)s",
+    "replay": "%(prog)s --dry-run\n"
+              "  IS_ACCESS_KEY=ist_... %(prog)s --csv isstreamer_out.csv --bucket-key garden",
+    "status": "%(prog)s\n"
+              "  %(prog)s --json",
+    "discard": "IS_ACCESS_KEY=ist_... %(prog)s --bucket-key garden\n"
+               "  IS_ACCESS_KEY=ist_... %(prog)s --dead-letters --yes",
+    "sink": "%(prog)s --port 8080 --jsonl events.jsonl\n"
+            "  IS_ACCESS_KEY=ist_local IS_API_BASE=http://127.0.0.1:8080 python3 "
+            "my_sensor_script.py",
 }
 
 
-def _build_parser():
+# The options of every command but sink, which may also come before the command:
+# (flag, default, add_argument keywords). argparse is given no default for
+# them, since a command's default would overwrite what came before the
+# command; main() fills these in.
+_COMMON_FLAGS = (
+    ("--access-key", None, {"help": "access key (prefer IS_ACCESS_KEY: flags show in the "
+                                    "process list)"}),
+    ("--bucket-key", None, {"help": "bucket key (default: IS_BUCKET_KEY, ini, or a new one)"}),
+    ("--bucket-name", None, {"help": "bucket name shown in the UI"}),
+    ("--api-base", None, {"help": "API base URL (default https://groker.init.st)"}),
+    ("--ini", None, {"help": "isstreamer.ini to read (default: ~/ then ./)"}),
+    ("--spool-dir", None, {"help": "spool folder (default: IS_SPOOL_DIR, ini, "
+                                   "~/.local/state/isstreamer_lite)"}),
+    ("--timeout", 30.0, {"type": float, "help": "seconds to wait for delivery (default 30)"}),
+    ("--debug", 0, {"type": lambda text: _whole_number(text, 0, 3, "the debug level"),
+                    "metavar": "0-3", "help": "debug_level: 1 echoes each event, 2 also "
+                                              "raises on logging errors, 3 logs details"}),
+)
+
+
+def _whole_number(text, low, high, what):
+    """An option's whole number from ``low`` to ``high``, or a message naming them."""
+    import argparse
+    try:
+        number = int(text)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise argparse.ArgumentTypeError("%s must be a whole number from %d to %d, not %r"
+                                         % (what, low, high, text))
+    return number
+
+
+def _dest(flag):
+    """The attribute argparse stores a flag in: ``--bucket-key`` -> ``bucket_key``."""
+    return flag[2:].replace("-", "_")
+
+
+def _add_common_flags(parser):
+    import argparse
+    for flag, _, options in _COMMON_FLAGS:
+        parser.add_argument(flag, default=argparse.SUPPRESS, **options)
+
+
+def _prog(argv):
+    """The program's name for usage lines and examples: what the user typed.
+
+    When main() reads sys.argv itself, the name of the script that started
+    it (pip's ``isstreamer-lite``); under ``-m``, or when a caller passes
+    argv (its sys.argv[0] is another program's), ``python3 -m isstreamer_lite``.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and argv is None:
+        name = spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return "python3 -m " + name
+    name = os.path.basename(sys.argv[0]) if argv is None and sys.argv else ""
+    if name in ("", "-c", "__main__.py"):
+        return "python3 -m isstreamer_lite"
+    return "python3 " + name if name.endswith(".py") else name
+
+
+def _build_parser(prog):
     import argparse
     parser = argparse.ArgumentParser(
-        prog="python3 -m isstreamer_lite",
+        prog=prog,
         description="Stream events to Initial State from the shell. With no command, run "
                     "the offline smoke test.",
         epilog="Key, bucket and API base come from the flags, then IS_ACCESS_KEY, "
-               "IS_BUCKET_KEY, IS_BUCKET_NAME, IS_API_BASE, then isstreamer.ini. "
+               "IS_BUCKET_KEY, IS_BUCKET_NAME, IS_API_BASE, then isstreamer.ini. Flags may "
+               "be spelled with underscores too (--bucket_key), like ISStreamer's arguments. "
                "Exit codes: 0 ok, 1 delivery failed or events remain undelivered, "
                "2 usage or configuration error.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="isstreamer_lite " + __version__)
+    _add_common_flags(parser.add_argument_group(
+        "options of every command but sink (before or after the command)"))
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--access-key", help="access key (prefer IS_ACCESS_KEY: flags show "
-                                             "in the process list)")
-    common.add_argument("--bucket-key", help="bucket key (default: IS_BUCKET_KEY, ini, "
-                                             "or a new one)")
-    common.add_argument("--bucket-name", help="bucket name shown in the UI")
-    common.add_argument("--api-base", help="API base URL (default https://groker.init.st)")
-    common.add_argument("--ini", help="isstreamer.ini to read (default: ~/ then ./)")
-    common.add_argument("--spool-dir", help="spool folder (default: IS_SPOOL_DIR, ini, "
-                                            "~/.local/state/isstreamer_lite)")
-    common.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds to wait for delivery (default 30)")
-    common.add_argument("--debug", type=int, default=0, help="debug_level (0-3)")
+    _add_common_flags(common)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, help_text, description):
@@ -4171,8 +4350,12 @@ def _build_parser():
     sub = command("selftest", "offline smoke test (the default command)",
                   "Start a loopback events server, stream events through the whole pipeline "
                   "and check that they arrived. With --live, send three test events to the "
-                  "configured account and show the server's answers and rate-limit headers.")
-    sub.add_argument("--live", action="store_true", help="talk to the configured API")
+                  "configured account and show the server's answers and rate-limit headers:\n"
+                  "--live creates (or reuses) a bucket named \"%s\" (key %s) in the account, "
+                  "unless --bucket-name and --bucket-key name another."
+                  % (_LIVE_BUCKET[1], _LIVE_BUCKET[0]))
+    sub.add_argument("--live", action="store_true", help="talk to the configured API (creates "
+                                                         "the bucket \"%s\")" % _LIVE_BUCKET[1])
     sub = command("send", "send KEY VALUE pairs once and wait for delivery",
                   "Send events once and wait until they are delivered; the exit status says "
                   "whether they arrived. Numbers and true/false are sent as such.")
@@ -4212,21 +4395,68 @@ def _build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                                                          "127.0.0.1)")
-    sub.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any)")
+    sub.add_argument("--port", type=lambda text: _whole_number(text, 0, 65535, "the port"),
+                     default=8080, metavar="PORT", help="port (default 8080; 0 = any free one)")
     sub.add_argument("--jsonl", help="also append each event as a JSON line to this file")
     sub.add_argument("--rate-limit", type=int, help="requests allowed per window (default "
                                                     "unlimited)")
     sub.add_argument("--window", type=float, default=10.0, help="window seconds (default 10)")
     sub.add_argument("--quiet", action="store_true", help="do not print events")
-    sub.add_argument("--access-key", help="accept only this access key (others get 401, "
-                                          "to try a wrong key); default: any")
-    return parser
+    sub.add_argument("--access-key", dest="accept_key", metavar="ACCESS_KEY",
+                     help="accept only this access key (others get 401, to try a wrong "
+                          "key); default: any")
+    return parser, commands.choices
+
+
+def _flags(parser):
+    """The long option strings of one parser (``--bucket-key``, ``--help``, ...)."""
+    return [flag for flag in parser._option_string_actions if flag.startswith("--")]
+
+
+def _dashed(argv, parsers):
+    """``argv`` with ISStreamer-style ``--bucket_key`` spelled as our ``--bucket-key``.
+
+    Only words before ``--`` change (argparse reads no other as an option),
+    and only where the dashed spelling is a flag of one of ``parsers``.
+    """
+    known = set()
+    for parser in parsers:
+        known.update(_flags(parser))
+    words = []
+    for number, word in enumerate(argv):
+        if word == "--":
+            return words + argv[number:]
+        name, equals, value = word.partition("=")
+        dashed = name.replace("_", "-")
+        words.append(dashed + equals + value if name.startswith("--") and dashed in known
+                     else word)
+    return words
+
+
+def _unrecognized(parser, words):
+    """Exit 2 with ``parser``'s usage, naming the words and the flag each may mean."""
+    import difflib
+    named = []
+    for word in words:
+        guess = difflib.get_close_matches(word.partition("=")[0], _flags(parser), 1) \
+            if word.startswith("--") else []
+        named.append(word + (" (did you mean %s?)" % guess[0] if guess else ""))
+    parser.error("unrecognized arguments: %s" % " ".join(named))
 
 
 def main(argv=None):
     """The command line; returns the exit status (see ``--help``)."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    parser, commands = _build_parser(_prog(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(_dashed(argv, [parser] + list(commands.values())))
+    if extra:
+        _unrecognized(commands.get(args.command, parser), extra)
+    for flag, default, _ in _COMMON_FLAGS:
+        if args.command == "sink" and hasattr(args, _dest(flag)):
+            commands["sink"].error("sink takes no %s before the command; sink's own options "
+                                   "come after it" % flag)
+        if not hasattr(args, _dest(flag)):
+            setattr(args, _dest(flag), default)
     out, err = sys.stdout, sys.stderr
     handlers = {None: None, "selftest": _cmd_selftest, "send": _cmd_send,
                 "pipe": _cmd_pipe, "replay": _cmd_replay, "sink": _cmd_sink,

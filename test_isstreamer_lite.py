@@ -176,7 +176,7 @@ class LiteTestCase(unittest.TestCase):
             options["api_base"] = sink.url
         options.update(kwargs)
         streamer = lite.Streamer(**options)
-        self.addCleanup(streamer.close, 2.0)
+        self.addCleanup(streamer.close, 0.5)     # only spools what is left
         return streamer
 
     def received(self, sink, bucket=None):
@@ -985,6 +985,10 @@ class TransportTest(LiteTestCase):
     def test_https_proxy_tunnel(self):
         """Transport: with https_proxy set, requests go through a CONNECT tunnel."""
         sink, cert = self.https_sink()
+        # Loopback is never proxied: the local sink stands in for a remote host here.
+        patcher = mock.patch.object(lite, "_is_loopback", lambda host: False)
+        patcher.start()
+        self.addCleanup(patcher.stop)
         proxy = ConnectProxy()
         self.addCleanup(proxy.close)
         os.environ["https_proxy"] = "http://127.0.0.1:%d" % proxy.port
@@ -1844,6 +1848,86 @@ class CliHelpTest(CliTestCase):
         self.assertEqual(result.returncode, 2, result.stderr)
         self.assertIn("KEY VALUE pairs", result.stderr)
 
+    def test_underscore_spellings_are_aliases(self):
+        """CLI help: --bucket_key, --bucket_name, --access_key, --api_base, --spool_dir work."""
+        sink = self.sink()
+        status, out, err = self.main(["send", "--bucket_key", "cli-under", "--bucket_name",
+                                      "Under", "--api_base", sink.url, "--access_key", CLI_KEY,
+                                      "--ini", self.ini, "--spool_dir=" + self.spool, "a", "1"])
+        self.assertEqual(status, 0, err)
+        self.assertEqual(sink.buckets, {"cli-under": "Under"})
+        self.assertEqual(self.received(sink, "cli-under"), [("a", 1)])
+        status, out, err = self.main(["replay", "--dry_run", "--spool_dir", self.spool,
+                                      "--access_key", CLI_KEY, "--ini", self.ini])
+        self.assertEqual(status, 0, err)
+        self.assertIn("nothing pending in %s" % self.spool, out)
+
+    def test_unknown_option_of_a_command_shows_its_usage(self):
+        """CLI help: an unknown option after a command shows that command's usage and a guess."""
+        status, out, err = self.main(["send", "--bucket-kee", "x", "a", "1"])
+        self.assertEqual(status, 2)
+        self.assertTrue(err.startswith("usage: python3 -m isstreamer_lite send "), err)
+        self.assertIn("unrecognized arguments: --bucket-kee (did you mean --bucket-key?)", err)
+        self.assertNotIn("COMMAND", err)
+
+    def test_common_flags_before_the_command(self):
+        """CLI help: the common flags work before the command; given after it too, that wins."""
+        sink = self.sink()
+        status, out, err = self.main(["--bucket-key", "cli-before", "--debug", "1"]
+                                     + self.common(sink.url) + ["send", "k", "1"])
+        self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink, "cli-before"), [("k", 1)])
+        self.assertTrue(any(ECHO.match(line) for line in err.splitlines()), err)
+        status, out, err = self.main(["--bucket-key", "cli-outer", "--timeout", "0.001", "send",
+                                      "--bucket-key", "cli-inner", "--timeout", "20"]
+                                     + self.common(sink.url) + ["k", "2"])
+        self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink, "cli-inner"), [("k", 2)])
+        self.assertNotIn("cli-outer", sink.buckets)
+
+    def test_flags_before_sink_are_refused(self):
+        """CLI help: a streaming flag before sink exits 2 and says to give sink's own after it."""
+        for flags in (["--bucket-key", "x"], ["--access-key", CLI_KEY], ["--timeout", "5"]):
+            with self.subTest(flags=flags):
+                status, out, err = self.main(flags + ["sink", "--port", "0"])
+                self.assertEqual(status, 2)
+                self.assertIn("sink takes no %s before the command" % flags[0], err)
+
+    def test_debug_level_is_0_to_3(self):
+        """CLI help: --debug 7, --debug -1 and --debug x exit 2 naming the levels 0 to 3."""
+        for level in ("7", "-1", "x"):
+            for argv in (["send", "--debug", level, "a", "1"],
+                         ["--debug", level, "send", "a", "1"]):
+                with self.subTest(argv=argv):
+                    status, out, err = self.main(argv)
+                    self.assertEqual(status, 2)
+                    self.assertIn("argument --debug: the debug level must be a whole number "
+                                  "from 0 to 3, not %r" % level, err)
+
+    def test_help_names_the_program_as_it_was_started(self):
+        """CLI help: usage and examples say isstreamer-lite when started as that script."""
+        # What pip's console-script wrapper for isstreamer-lite does.
+        script = os.path.join(self.tempdir(), "isstreamer-lite")
+        with open(script, "w") as handle:
+            handle.write("import sys\nfrom isstreamer_lite import main\n"
+                         "if __name__ == '__main__':\n    sys.exit(main())\n")
+        for argv, prog in (([sys.executable, script], "isstreamer-lite"),
+                           ([sys.executable, "-m", "isstreamer_lite"],
+                            "python3 -m isstreamer_lite")):
+            for command in ([], ["send"], ["sink"]):
+                with self.subTest(prog=prog, command=command):
+                    result = subprocess.run(argv + command + ["--help"], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, universal_newlines=True,
+                                            timeout=60, cwd=self.home, env=self.env())
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertTrue(result.stdout.startswith(
+                        "usage: %s %s" % (prog, " ".join(command))), result.stdout)
+                    if command:
+                        example = result.stdout.split("example:\n")[1].split("\n\n")[0]
+                        self.assertIn(" %s %s --" % (prog, command[0]), " " + example)
+                    if prog == "isstreamer-lite":
+                        self.assertNotIn("python3 -m", result.stdout)
+
 
 class CliSendTest(CliTestCase):
     """CLI send: typed values, timestamps, usage errors, a server that is down."""
@@ -1902,6 +1986,18 @@ class CliSendTest(CliTestCase):
         self.assertIn("yesterday", err)
         self.assertEqual(sink.requests, 0)
 
+    def test_counts_of_one_are_singular(self):
+        """CLI send: "sent 1 event", "got 1 word"; other counts stay plural."""
+        sink = self.sink()
+        status, out, err = self.send(sink, "a", "1")
+        self.assertEqual(status, 0, err)
+        self.assertIn("sent 1 event to bucket cli-send", out)
+        status, out, err = self.send(sink, "lonely")
+        self.assertEqual(status, 2)
+        self.assertIn("got 1 word\n", err)
+        status, out, err = self.send(sink, "a", "1", "b", "2")
+        self.assertIn("sent 2 events to bucket cli-send", out)
+
     def test_odd_number_of_words_exits_2(self):
         """CLI send: KEY VALUE pairs with a word missing exit 2 and send nothing."""
         sink = self.sink()
@@ -1935,6 +2031,20 @@ class CliSendTest(CliTestCase):
         self.assertEqual(status, 2)
         self.assertIn("IS_ACCESS_KEY", err)
 
+    def test_missing_ini_is_named_as_the_flag(self):
+        """CLI send: --ini of a missing file or a folder exits 2 naming --ini, sends nothing."""
+        sink = self.sink()
+        for path in (os.path.join(self.home, "nope.ini"), self.home):
+            for command in (["send", "a", "1"], ["replay", "--dry-run"]):
+                with self.subTest(path=path, command=command):
+                    status, out, err = self.main(command[:1] + [
+                        "--ini", path, "--api-base", sink.url, "--access-key", CLI_KEY,
+                        "--spool-dir", self.spool] + command[1:])
+                    self.assertEqual(status, 2)
+                    self.assertIn("--ini %s does not exist or is not a file" % path, err)
+                    self.assertNotIn("ini_file_location", err)
+        self.assertEqual(sink.requests, 0)
+
     def test_server_down_exits_1_and_spools(self):
         """CLI send: with the server down it exits 1 within --timeout, events spooled."""
         url = dead_url()
@@ -1962,6 +2072,65 @@ class CliSendTest(CliTestCase):
         self.assertIn("spooled", err)
         rows = lite._spool_summary(self.spool, CLI_KEY)
         self.assertEqual([(r["bucket_key"], r["events"]) for r in rows], [("cli-retried", 1)])
+
+    def failed_send(self, sink_url, *words, **kwargs):
+        """Send a b 2 and fail; return (seconds it took, stderr)."""
+        started = time.monotonic()
+        status, out, err = self.main(["send", "--bucket-key", "cli-failed"] + list(words)
+                                     + self.common(sink_url) + ["a", "1", "b", "2"])
+        self.assertEqual((status, out), (1, ""), err)
+        return time.monotonic() - started, err
+
+    def assert_elapsed_reported(self, err, took, timeout):
+        match = re.search(r"^not delivered after (\d+\.\d+) s \(--timeout %s\): " % timeout,
+                          err, re.M)
+        self.assertIsNotNone(match, err)
+        self.assertLessEqual(float(match.group(1)), took + 0.005)      # shown to 0.01 s
+        self.assertNotIn("within", err)
+
+    def test_rejected_key_reports_time_reason_and_hint(self):
+        """CLI send: a 401 says how long it took, that sending is paused, and what to check."""
+        sink = self.sink(access_key="ist_some_other_key")
+        took, err = self.failed_send(sink.url)
+        self.assertLess(took, 10)
+        self.assert_elapsed_reported(err, took, 30)
+        self.assertIn("401", err)
+        self.assertIn("sending is paused (key_rejected)", err)
+        self.assertIn("check the access key (%s): --access-key, IS_ACCESS_KEY or access_key "
+                      "in isstreamer.ini" % lite._mask(CLI_KEY), err)
+        self.assertNotIn(CLI_KEY, err)
+        self.assertIn("2 events spooled;", err)
+        self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
+
+    def test_long_retry_after_is_reported_as_the_reason(self):
+        """CLI send: a 429 asking for 100 s ends at once and says it is rate limited."""
+        sink = FaultSink(rule=lambda handler, path: (429, {"Retry-After": "100"})
+                         if path.endswith("/api/events") else None).start()
+        self.addCleanup(sink.stop)
+        self.addCleanup(sink.released.set)
+        took, err = self.failed_send(sink.url)
+        self.assertLess(took, 10)
+        self.assert_elapsed_reported(err, took, 30)
+        self.assertIn("429", err)
+        self.assertIn("rate limited (429), and the next attempt is due after the 30 s timeout",
+                      err)
+        self.assertIn("2 events spooled;", err)
+
+    def test_unwritable_spool_says_dropped_not_spooled(self):
+        """CLI send: with a spool it cannot write it says how many were dropped, not spooled."""
+        spool = os.path.join(self.home, "not-a-folder")
+        with open(spool, "w") as handle:
+            handle.write("a file where the spool folder should be\n")
+        started = time.monotonic()
+        status, out, err = self.main(["send", "--bucket-key", "cli-dropped", "--timeout", "1",
+                                      "--api-base", dead_url(), "--access-key", CLI_KEY,
+                                      "--ini", self.ini, "--spool-dir", spool, "a", "1", "b", "2"])
+        took = time.monotonic() - started
+        self.assertEqual((status, out), (1, ""), err)
+        self.assert_elapsed_reported(err, took, 1)
+        self.assertIn("2 events dropped (spool_unwritable: 2)", err)
+        self.assertNotIn("spooled", err)
+        self.assertNotIn("sent later", err)
 
     def test_send_as_subprocess(self):
         """CLI send: a child configured by IS_* variables delivers and exits 0."""
@@ -2054,6 +2223,13 @@ class CliPipeTest(CliTestCase):
         self.assertRegex(err, r"(?m)^line 1 skipped: ")
         self.assertEqual(self.received(sink), [("b", 2)])
 
+    def test_one_line_is_singular(self):
+        """CLI pipe: one line read is "1 line read", not "1 lines"."""
+        sink = self.sink()
+        status, out, err = self.pipe(sink, "a,1\n")
+        self.assertEqual(status, 0, err)
+        self.assertIn("1 line read, 0 skipped, all delivered", err)
+
     def test_empty_input(self):
         """CLI pipe: empty input exits 0 without sending anything."""
         sink = self.sink()
@@ -2104,7 +2280,7 @@ class CliPipeTest(CliTestCase):
         self.assertTrue(echo.sent)
         self.assertNotIn("Logging error", err)
         self.assertIn("stopping: flushing what was read", err)
-        self.assertIn("1 lines read, 0 skipped, all delivered", err)
+        self.assertIn("1 line read, 0 skipped, all delivered", err)
         self.assertEqual(self.received(sink), [("a", 1)])
 
     def test_pipe_as_subprocess(self):
@@ -2182,11 +2358,28 @@ class CliReplayTest(CliTestCase):
         sink = self.sink()
         status, out, err = self.replay(sink.url, "--dry-run")
         self.assertEqual(status, 0, err)
-        self.assertRegex(out, r"bucket 'cli-a' \(Bucket A\): 3 events in \d+ lines, "
-                              r"1 segment\(s\)")
-        self.assertRegex(out, r"bucket 'cli-b' \(no name\): 1 events in 1 lines")
+        self.assertRegex(out, r"bucket 'cli-a' \(Bucket A\): 3 events in \d+ lines?, "
+                              r"1 segment\n")
+        self.assertRegex(out, r"bucket 'cli-b' \(no name\): 1 event in 1 line,")
         self.assertEqual(sink.requests, 0)
         self.assertEqual(spool_segments(self.spool), before)
+
+    def test_counts_of_one_are_singular(self):
+        """CLI replay: one spooled event is "1 event in 1 line, 1 segment", "replayed 1 event"."""
+        self.spool_events(dead_url(), [("cli-one", "", [("x", 1)])])
+        sink = self.sink()
+        status, out, err = self.replay(sink.url, "--dry-run")
+        self.assertEqual(status, 0, err)
+        self.assertIn("bucket 'cli-one' (no name): 1 event in 1 line, 1 segment\n", out)
+        status, out, err = self.replay(sink.url)
+        self.assertEqual(status, 0, out + err)
+        self.assertRegex(out, r"^replayed 1 event in \d+ requests?; 0 dead-lettered; spool empty")
+        path = os.path.join(self.home, "one.csv")
+        with open(path, "w") as handle:
+            handle.write("1700000000.0,k,1\n")
+        status, out, err = self.replay(sink.url, "--csv", path, "--bucket-key", "cli-one")
+        self.assertEqual(status, 0, err)
+        self.assertIn("sent 1 event from %s to bucket cli-one" % path, out)
 
     def test_dry_run_with_nothing_pending(self):
         """CLI replay: --dry-run on an empty spool says nothing is pending."""
@@ -2302,6 +2495,20 @@ class CliReplayTest(CliTestCase):
         self.assertEqual(self.received(sink)[-1], ("last", 9))
         self.assertEqual(len(sink.events), 5)
 
+    def test_missing_file_exits_2(self):
+        """CLI replay: a segment file or --csv that does not exist exits 2, sends nothing."""
+        sink = self.sink()
+        missing = os.path.join(self.home, "nope.jsonl")
+        pattern = os.path.join(self.home, "*.jsonl")        # a glob the shell left unmatched
+        for args, path in (([missing], missing), ([pattern], pattern),
+                           (["--csv", missing, "--bucket-key", "cli-csv"], missing)):
+            with self.subTest(args=args):
+                status, out, err = self.replay(sink.url, *args)
+                self.assertEqual(status, 2, out + err)
+                self.assertIn("no such file: %s" % path, err)
+                self.assertNotIn("replayed", out)
+        self.assertEqual(sink.requests, 0)
+
     def test_csv_without_bucket_key_exits_2(self):
         """CLI replay: --csv without --bucket-key exits 2 and sends nothing."""
         path = self.offline_csv()
@@ -2315,12 +2522,12 @@ class CliReplayTest(CliTestCase):
 class CliSinkTest(CliTestCase):
     """CLI sink: a child server on a free port, its output, --jsonl, rate limits, SIGTERM."""
 
-    def start_sink(self, *args):
+    def start_sink(self, *args, host=r"127\.0\.0\.1"):
         """Start ``sink --port 0 ARGS``; return (child, its URL from the first line)."""
         child = self.popen([sys.executable, "-m", "isstreamer_lite", "sink", "--port", "0"]
                            + list(args))
         first = child.stdout.readline()
-        match = re.match(r"events API on (http://127\.0\.0\.1:(\d+)) ", first)
+        match = re.match(r"events API on (http://%s:(\d+)) " % host, first)
         self.assertIsNotNone(match, first or child.stderr.read())
         self.assertNotEqual(match.group(2), "0")
         return child, match.group(1)
@@ -2342,10 +2549,90 @@ class CliSinkTest(CliTestCase):
         """CLI sink: prints each event it receives; SIGTERM stops it with exit 0."""
         child, url = self.start_sink()
         self.stream(url, [("temp", 21.5), ("door", "open")])
-        self.assertEqual(child.stdout.readline(), "cli-sink temp = 21.5\n")
-        self.assertEqual(child.stdout.readline(), "cli-sink door = 'open'\n")
+        self.assertEqual(child.stdout.readline(), "bucket cli-sink created\n")
+        when = r" at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z\n\Z"
+        self.assertRegex(child.stdout.readline(), r"\Acli-sink temp = 21\.5" + when)
+        self.assertRegex(child.stdout.readline(), r"\Acli-sink door = 'open'" + when)
         out = self.stop(child)
         self.assertRegex(out, r"2 events in \d+ requests")
+
+    def post(self, url, path, data, bucket_key=None):
+        """POST ``data`` as JSON to the sink at ``url``; return the status."""
+        conn = http.client.HTTPConnection(url.split("//")[1].rsplit(":", 1)[0].strip("[]"),
+                                          int(url.rsplit(":", 1)[1]), timeout=30)
+        self.addCleanup(conn.close)
+        headers = {"X-IS-AccessKey": CLI_KEY, "Content-Type": "application/json"}
+        if bucket_key:
+            headers["X-IS-BucketKey"] = bucket_key
+        conn.request("POST", path, json.dumps(data), headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    def test_prints_bucket_creations_and_epochs(self):
+        """CLI sink: prints "bucket KEY created (NAME)", "bucket KEY exists" and UTC times."""
+        child, url = self.start_sink()
+        bucket = {"bucketKey": "cli-b", "bucketName": "Garden"}
+        self.assertEqual(self.post(url, "/api/buckets", bucket), 201)
+        self.assertEqual(self.post(url, "/api/buckets", bucket), 204)
+        self.assertEqual(self.post(url, "/api/events", [
+            {"key": "t", "value": 1, "epoch": 1700000000.25},
+            {"key": "n", "value": "x"},
+            {"key": "i", "value": True, "iso8601": "2026-05-01T12:00:00Z"},
+            {"key": "w", "value": 2, "epoch": 1700000000}], "cli-b"), 204)
+        self.assertEqual([child.stdout.readline() for _ in range(6)], [
+            "bucket cli-b created (Garden)\n", "bucket cli-b exists\n",
+            "cli-b t = 1 at 2023-11-14T22:13:20.250Z\n", "cli-b n = 'x'\n",
+            "cli-b i = True at 2026-05-01T12:00:00Z\n", "cli-b w = 2 at 2023-11-14T22:13:20Z\n"])
+        self.stop(child)
+
+    def test_port_out_of_range_exits_2(self):
+        """CLI sink: --port 99999 and --port -1 exit 2 naming the range, no traceback."""
+        for port in ("99999", "-1"):
+            with self.subTest(port=port):
+                status, out, err = self.main(["sink", "--port", port])
+                self.assertEqual(status, 2)
+                self.assertIn("argument --port: the port must be a whole number from 0 to "
+                              "65535, not %r" % port, err)
+
+    def test_port_in_use_says_how_to_pick_another(self):
+        """CLI sink: a port in use exits 2 naming the port and --port 0, no traceback."""
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = self.run_cli(["sink", "--port", str(port)])
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("port %d on 127.0.0.1 is already in use: pick another with --port, or "
+                      "--port 0 for a free one" % port, result.stderr)
+
+    def test_wildcard_host_advertises_loopback(self):
+        """CLI sink: --host 0.0.0.0 and :: advertise 127.0.0.1 and [::1], with a note."""
+        hosts = [("0.0.0.0", r"127\.0\.0\.1"), ("", r"127\.0\.0\.1")]
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(("::1", 0))
+            probe.close()
+            hosts.append(("::", r"\[::1\]"))
+        except OSError:
+            pass                            # no IPv6 here: the IPv4 cases still run
+        for host, reachable in hosts:
+            with self.subTest(host=host):
+                child, url = self.start_sink("--host", host, host=reachable)
+                self.assertNotIn("0.0.0.0", url)
+                note = child.stdout.readline()
+                self.assertIn("listening on every address: other machines use this machine's "
+                              "address", note)
+                self.assertEqual(self.post(url, "/api/buckets", {"bucketKey": "w"}), 201)
+                self.stop(child)
+
+    def test_help_example_sets_the_access_key(self):
+        """CLI sink: the --help example shows IS_ACCESS_KEY next to IS_API_BASE."""
+        status, out, err = self.main(["sink", "--help"])
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"IS_ACCESS_KEY=\S+ IS_API_BASE=http://127\.0\.0\.1:8080 ")
 
     def test_access_key_option_rejects_other_keys(self):
         """CLI sink: --access-key answers 401 to any other key, 204 to that one."""
@@ -2359,6 +2646,12 @@ class CliSinkTest(CliTestCase):
             self.assertEqual(conn.getresponse().status, status)
             conn.close()
         self.stop(child)
+
+    def test_one_event_is_singular(self):
+        """CLI sink: after one event it says "1 event in 2 requests"."""
+        child, url = self.start_sink("--quiet")
+        self.stream(url, [("a", 1)])
+        self.assertIn("1 event in 2 requests\n", self.stop(child))
 
     def test_sigterm_right_after_start(self):
         """CLI sink: SIGTERM as soon as it printed its URL stops it with exit 0."""
@@ -2446,12 +2739,50 @@ class CliSelftestTest(CliTestCase):
         self.assertIn("-> 401", out)
         self.assertIn("FAILED", out)
 
+    def test_live_says_it_creates_a_bucket(self):
+        """CLI selftest: --help and the first line of --live name the bucket it creates."""
+        status, out, err = self.main(["selftest", "--help"])
+        self.assertEqual(status, 0, err)
+        self.assertIn('--live creates (or reuses) a bucket named "isstreamer_lite selftest"',
+                      " ".join(out.split()))
+        sink = self.sink()
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 0, out + err)
+        self.assertIn('creates (or reuses) a bucket named "isstreamer_lite selftest" (key '
+                      'isstreamer_lite-selftest)', out.splitlines()[0])
+        self.assertEqual(sink.buckets, {"isstreamer_lite-selftest": "isstreamer_lite selftest"})
+
+    def test_live_rejected_key_hints_where_the_key_comes_from(self):
+        """CLI selftest: FAILED after a 401 says where the (masked) access key comes from."""
+        sink = self.sink(access_key="ist_some_other_key")
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("FAILED: check the access key (%s): --access-key, IS_ACCESS_KEY or "
+                      "access_key in isstreamer.ini" % lite._mask(CLI_KEY), out)
+        self.assertNotIn(CLI_KEY, out + err)
+
+    def test_live_shows_rate_limit_reset_from_now(self):
+        """CLI selftest: X-RateLimit-Reset is also shown as seconds from now."""
+        sink = self.sink(rate_limit=5, window=3600)
+        status, out, err = self.live(sink.url)
+        self.assertEqual(status, 0, out + err)
+        match = re.search(r"x-ratelimit-reset=([\d.]+) \(resets in (\d+) s\)", out)
+        self.assertIsNotNone(match, out)
+        self.assertAlmostEqual(int(match.group(2)), float(match.group(1)) - time.time(),
+                               delta=5)
+
     def test_live_server_down_exits_1(self):
         """CLI selftest: --live against a dead server names the error and exits 1."""
         status, out, err = self.live(dead_url())
         self.assertEqual(status, 1, out + err)
         self.assertIn("ConnectionRefusedError", out)
         self.assertIn("FAILED", out)
+
+    def test_offline_selftest_counts_one_connection(self):
+        """CLI selftest: the offline test says "over 1 connection", not "connection(s)"."""
+        status, out, err = self.main(["selftest"])
+        self.assertEqual(status, 0, out + err)
+        self.assertRegex(out, r"\d+ events in \d+ requests over 1 connection to a loopback")
 
     def test_offline_selftest_as_subprocess(self):
         """CLI selftest: python -m isstreamer_lite selftest exits 0 and says OK."""
@@ -2469,6 +2800,41 @@ class CliSelftestTest(CliTestCase):
         self.assertIn("-> 204", result.stdout)
 
 
+class CliProxyTest(CliTestCase):
+    """CLI and transport: loopback is never proxied; the proxy used is named, its password not."""
+
+    def test_send_to_loopback_ignores_http_proxy(self):
+        """CLI send: with http_proxy set, 127.0.0.1 and localhost are reached directly."""
+        os.environ["http_proxy"] = dead_url()           # a proxy that refuses everything
+        sink = self.sink()
+        for host in ("127.0.0.1", "localhost"):
+            with self.subTest(host=host):
+                url = "http://%s:%d" % (host, sink.port)
+                status, out, err = self.main(["send", "--bucket-key", "cli-proxy", "--timeout",
+                                              "10"] + self.common(url) + ["via", host])
+                self.assertEqual(status, 0, err)
+        self.assertEqual(self.received(sink, "cli-proxy"),
+                         [("via", "127.0.0.1"), ("via", "localhost")])
+
+    def test_loopback_hosts_get_no_proxy(self):
+        """Transport: no proxy for 127.0.0.1, ::1 or localhost, whatever the environment says."""
+        os.environ["http_proxy"] = os.environ["https_proxy"] = "http://127.0.0.1:3128"
+        for base in ("http://127.0.0.1:8080", "https://127.0.0.1", "http://[::1]:8080",
+                     "http://localhost:8080", "https://LOCALHOST"):
+            with self.subTest(base=base):
+                self.assertIsNone(lite._HTTPTransport(base, 5)._resolve_proxy())
+
+    def test_proxy_is_named_at_debug_level_without_credentials(self):
+        """Transport: the proxy a remote host is reached through is logged, with no password."""
+        os.environ["https_proxy"] = "http://proxyuser:s3cret@127.0.0.1:3128"
+        transport = lite._HTTPTransport("https://groker.init.st", 5)
+        with self.assertLogs("isstreamer_lite", "DEBUG") as logs:
+            proxy = transport._resolve_proxy()
+        self.assertEqual(proxy[:2], ("127.0.0.1", 3128))
+        text = "\n".join(logs.output)
+        self.assertIn("groker.init.st through the proxy 127.0.0.1:3128", text)
+        self.assertNotIn("s3cret", text)
+        self.assertNotIn("proxyuser", text)
 
 
 def report(name, **figures):
@@ -2710,7 +3076,7 @@ class DeliveryTestCase(unittest.TestCase):
         if "spool_dir" not in options:
             options["spool_dir"] = self.tempdir()
         streamer = lite.Streamer(**options)
-        self.addCleanup(streamer.close, 2.0)
+        self.addCleanup(streamer.close, 0.5)     # only spools what is left
         return streamer
 
     def received(self, sink, bucket=None):
