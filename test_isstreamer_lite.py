@@ -47,6 +47,7 @@ PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_prox
 CONFIG_VARS = ("IS_ACCESS_KEY", "IS_BUCKET_KEY", "IS_BUCKET_NAME", "IS_API_BASE",
                "IS_SPOOL_DIR", "IS_DURABLE")
 _saved_env = {}
+_saved_handlers = {}
 
 # A self-signed certificate for 127.0.0.1 and localhost, valid until 2126,
 # made for these tests only (openssl req -x509 -newkey rsa:2048 -days 36500).
@@ -104,15 +105,32 @@ vFTgtnAddKah4/p2M7aWNio=
 """
 
 
+def _killed(signum, frame):
+    os._exit(128 + signum)
+
+
 def setUpModule():
-    """Keep the developer's proxies and IS_* settings out of the tests."""
+    """Keep the developer's proxies and IS_* settings out of the tests; stay killable.
+
+    Streamers made here would turn SIGTERM and SIGHUP into SystemExit inside
+    whatever test runs (a `timeout` around the suite would become one error,
+    and the run would go on). The runner installs its own handlers first,
+    which the library never replaces: a signal still ends the run.
+    """
     for name in PROXY_VARS + CONFIG_VARS:
         if name in os.environ:
             _saved_env[name] = os.environ.pop(name)
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+                _saved_handlers[number] = signal.signal(number, _killed)
 
 
 def tearDownModule():
     os.environ.update(_saved_env)
+    for number, handler in _saved_handlers.items():
+        signal.signal(number, handler)
 
 
 def child_env(**extra):
