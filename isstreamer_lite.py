@@ -2200,7 +2200,7 @@ class _Worker(object):
     One thread drives it: the Streamer's worker thread, or with
     ``use_async=False`` the caller holding the pump baton. Other threads
     only append to ``inbox``, set ``wake`` and read the published fields
-    (``state``, ``stopped``, ``wake_at``, ``lost``, ``stats``, ``waiting``);
+    (``state``, ``stopped``, ``wake_at``, ``ledger.lost``, ``stats``, ``waiting``);
     nothing else here is touched from outside. ``state`` is running,
     closing (with ``close_at``) or stopped; ``waiting`` says until when and
     why nothing is sent.
@@ -2335,7 +2335,7 @@ class _Worker(object):
         state = {"version": 1, "key": _mask(self.settings["access_key"]),
                  "last_success": stats["last_success"], "last_error": stats["last_error"],
                  "paused": stats["paused"], "waiting": self.waiting[1] if
-                 self.waiting[0] > self.clock() else "", "dropped": stats["dropped"],
+                 self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
                  "spool_dir": self.settings["spool_dir"]}

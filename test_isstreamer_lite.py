@@ -3620,6 +3620,19 @@ class WorkerTest(LiteTestCase):
         self.assertIn("ConnectionRefusedError", writes[-1][1]["last_error"])
         self.assertEqual(writes[-1][1]["key"], lite._mask(KEY))
 
+    def test_state_file_follows_drops_too(self):
+        """Worker: a change in the drops alone is written to state.json (after the minute)."""
+        worker = self.worker()
+        writes = []
+        worker.reader.save_state = lambda state: writes.append(dict(state))
+        worker.ledger.drop(3, "spool_full", None)
+        worker.step()
+        self.clock.now += 61.0
+        worker.ledger.drop(2, "spool_full", None)
+        worker.step()
+        self.assertEqual([w["dropped"] for w in writes],
+                         [{"spool_full": 3}, {"spool_full": 5}])
+
     def test_max_queue_spills_only_the_excess_while_a_request_is_out(self):
         """Worker: past max_queue the oldest excess goes to disk, nothing is dropped."""
         worker = self.worker(buffer_size=10, max_queue=100)
