@@ -120,7 +120,10 @@ class ConfigError(StreamerError, ValueError):
 
 
 class StreamerClosedError(StreamerError, RuntimeError):
-    """An event was logged after ``close()``."""
+    """Kept so that code catching it still imports: never raised any more.
+
+    As with ISStreamer, ``log()`` after ``close()`` reopens the Streamer.
+    """
 
 
 class DeliveryError(StreamerError):
@@ -2201,7 +2204,9 @@ class _Worker(object):
     ``use_async=False`` the caller holding the pump baton. Other threads
     only append to ``inbox``, set ``wake`` and read the published fields
     (``state``, ``stopped``, ``wake_at``, ``ledger.lost``, ``stats``, ``waiting``);
-    nothing else here is touched from outside. ``state`` is running,
+    the one write from outside is a caller setting ``wake_at`` to _NEVER right
+    after it set ``wake`` (one signal per wake-up; the worker sets it again
+    before it sleeps). Nothing else here is touched from outside. ``state`` is running,
     closing (with ``close_at``) or stopped; ``waiting`` says until when and
     why nothing is sent.
     """
