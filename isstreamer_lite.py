@@ -3592,8 +3592,13 @@ def _selftest(out):
     import shutil
     import tempfile
     started = _monotonic()
+    try:
+        spool_dir = tempfile.mkdtemp(prefix="isstreamer_lite-selftest-")
+    except OSError as exc:
+        out.write("isstreamer_lite %s selftest: FAILED: no temporary folder can be written "
+                  "(%s); set TMPDIR to a writable folder\n" % (__version__, exc))
+        return 1
     sink = _Sink().start()
-    spool_dir = tempfile.mkdtemp(prefix="isstreamer_lite-selftest-")
     problems = []
     try:
         streamer = Streamer("isstreamer_lite selftest", "selftest-" + _new_bucket_key()[:8],

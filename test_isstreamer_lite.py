@@ -848,6 +848,17 @@ class ProcessTest(LiteTestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("OK", result.stdout)
 
+    def test_smoke_test_without_a_writable_temp_folder(self):
+        """Smoke test: no writable temp folder is a one-line failure, not a traceback."""
+        out = io.StringIO()
+        with mock.patch("tempfile.mkdtemp", side_effect=FileNotFoundError(
+                2, "No usable temporary directory found")):
+            with contextlib.redirect_stdout(out):
+                status = lite.main([])
+        self.assertEqual(status, 1)
+        self.assertIn("no temporary folder can be written", out.getvalue())
+        self.assertIn("TMPDIR", out.getvalue())
+
     def test_main_selftest_in_process(self):
         """Smoke test: main([]) and main(["selftest"]) return 0 and report OK."""
         import contextlib
