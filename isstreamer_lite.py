@@ -3541,9 +3541,11 @@ class _Sink(object):
         with self.changed:
             existed = bucket_key in self.buckets
             self.buckets[bucket_key] = name
-        self.reply(handler, 204 if existed else 201)
+        # Printed before the answer, so lines come in the order of the requests;
+        # print_line never fails the request.
         self.print_line("bucket %s exists" % bucket_key if existed else "bucket %s created%s"
                         % (bucket_key, " (%s)" % name if name else ""))
+        self.reply(handler, 204 if existed else 201)
 
     def _add_events(self, handler, data):
         bucket_key = handler.headers.get("X-IS-BucketKey")
@@ -3568,12 +3570,12 @@ class _Sink(object):
                              for item in items)
             with open(self.jsonl, "ab") as handle:
                 handle.write(lines)
-        self.reply(handler, 204, b"", headers)      # answered before anything is printed
-        for item in items:
+        for item in items:                  # printed first, as bucket lines are
             when = item.get("epoch")
             when = item.get("iso8601") if when is None else _iso_utc(when)
             self.print_line("%s %s = %r%s" % (bucket_key, item["key"], item["value"],
                                               "" if when is None else " at %s" % when))
+        self.reply(handler, 204, b"", headers)
 
     def print_line(self, line):
         """Hand one line to ``echo``, if there is one; never fail the request over it."""
