@@ -3880,10 +3880,26 @@ def _cmd_pipe(args, out, err):
     return 0 if delivered else 1
 
 
-def _spool_summary(spool_dir, access_key=None):
-    """Pending spool contents per bucket: list of dicts (no network)."""
+def _pending_bodies(path):
+    """Bodies of a segment's lines not yet delivered, torn ones left out ([] if unreadable)."""
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    return [body for _, _, body, torn in _unretired_lines(path, data) if not torn]
+
+
+def _spool_summary(spool_dir, access_key=None, fingerprint=None):
+    """Pending spool contents per bucket: list of dicts (no network).
+
+    All keys' folders, or those of ``access_key`` or of its ``fingerprint``.
+    """
     rows = []
-    keys = [_fingerprint(access_key)] if access_key else sorted(
+    if access_key:
+        fingerprint = _fingerprint(access_key)
+    keys = [fingerprint] if fingerprint else sorted(
         d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
         if os.path.isdir(os.path.join(spool_dir, d)))
     for fingerprint in keys:
@@ -3893,10 +3909,9 @@ def _spool_summary(spool_dir, access_key=None):
             if not os.path.isdir(path):
                 continue
             try:
-                with open(os.path.join(path, "bucket.json"), encoding="utf-8") as handle:
-                    meta = _json_load(handle.read())
-            except (OSError, ValueError):
-                meta = {}
+                bucket_key, bucket_name = _read_bucket_meta(path)
+            except (OSError, ValueError, KeyError):
+                bucket_key, bucket_name = "?", ""
             lines = events = segments = 0
             oldest = None
             for name in sorted(os.listdir(path)):
@@ -3908,17 +3923,13 @@ def _spool_summary(spool_dir, access_key=None):
                     oldest = made if oldest is None else min(oldest, made)
                 except ValueError:
                     pass
-                segment = os.path.join(path, name)
-                with open(segment, "rb") as handle:
-                    data = handle.read()
-                bodies = [body for _, _, body, torn in _unretired_lines(segment, data)
-                          if not torn]
+                bodies = _pending_bodies(os.path.join(path, name))
                 lines += len(bodies)
                 events += _count_events(bodies)
             if not lines:
                 continue
-            rows.append({"key": fingerprint, "bucket_key": meta.get("bucketKey", "?"),
-                         "bucket_name": meta.get("bucketName", ""), "segments": segments,
+            rows.append({"key": fingerprint, "bucket_key": bucket_key,
+                         "bucket_name": bucket_name, "segments": segments,
                          "lines": lines, "events": events, "oldest": oldest,
                          "folder": path})
     return rows
@@ -3956,7 +3967,7 @@ def _key_status(spool_dir, fingerprint, now):
     buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
                 "events": r["events"], "lines": r["lines"],
                 "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
-               for r in _spool_summary(spool_dir, None) if r["key"] == fingerprint]
+               for r in _spool_summary(spool_dir, fingerprint=fingerprint)]
     return {"key_fingerprint": fingerprint, "key": state.get("key", "?"), "folder": folder,
             "last_success": state.get("last_success"), "last_error": state.get("last_error"),
             "paused": state.get("paused", ""), "waiting": state.get("waiting", ""),
@@ -4079,14 +4090,7 @@ def _replay_spool(settings, paths, timeout):
     if not worker.stopped.is_set():
         worker.halt("replay deadline reached")
     if paths is not None:
-        pending = 0
-        for path in paths:
-            try:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-            except OSError:
-                continue
-            pending += sum(1 for line in _unretired_lines(path, data) if not line[3])
+        pending = sum(len(_pending_bodies(path)) for path in paths)
     else:
         pending = sum(row["lines"] for row in _spool_summary(settings["spool_dir"],
                                                              settings["access_key"]))
