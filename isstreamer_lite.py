@@ -1441,9 +1441,9 @@ class _SpoolReader(object):
                               for path in self.on_disk())
         return self.probed
 
-    def claim(self, now, force=False):
+    def claim(self, now):
         """Lock the oldest unheld segment on disk and hold its lines; True if one was."""
-        if any(not s.writing for s in self.held) or (now < self.scan_due and not force):
+        if any(not s.writing for s in self.held) or now < self.scan_due:
             return False                # one claimed segment at a time
         self.scan_due = now + 1.0
         held = set(s.path for s in self.held)
@@ -1754,7 +1754,7 @@ class _Sender(object):
         self.debug = settings["debug_level"] >= 3
         self.secret = settings["access_key"]
 
-    def post(self, job, clock=_monotonic):
+    def post(self, job):
         """Make one request; return (response or None, error or None)."""
         headers = dict(self._base_headers)
         headers["X-IS-BucketKey"] = job.bucket[0]
@@ -2211,8 +2211,8 @@ class _Worker(object):
     why nothing is sent.
     """
 
-    def __init__(self, settings, sender, writer, reader, budget, bucket, courier=None,
-                 clock=_monotonic, wall=_time):
+    def __init__(self, settings, sender, writer, reader, budget, bucket, clock=_monotonic,
+                 wall=_time):
         self.settings = settings
         self.sender = sender
         self.writer = writer
@@ -2220,7 +2220,7 @@ class _Worker(object):
         self.budget = budget
         self.clock = clock
         self.wall = wall
-        self.courier = courier
+        self.courier = None                 # set by its owner: _Courier or _InlineCourier
         self.inbox = collections.deque()
         self.wake = threading.Event()
         self.stopped = threading.Event()
