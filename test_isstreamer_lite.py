@@ -4109,41 +4109,19 @@ class DeadlineTest(DeliveryTestCase):
 
     def test_a_dripping_answer_is_cut_at_the_request_deadline(self):
         """Deadlines: a server dripping a byte every 0.1 s is cut off at timeout, overall."""
-        stop = threading.Event()
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        self.addCleanup(listener.close)         # cleanups run last first: this one last
-        accepted = []
-
-        def drip():
-            while not stop.is_set():
-                try:
-                    listener.settimeout(0.2)
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                accepted.append(conn)
-                conn.recv(65536)
-                for byte in b"HTTP/1.1 204 No Content\r\nX-Drip: " + b"x" * 1000:
-                    if stop.wait(0.1):
-                        break
-                    try:
-                        conn.send(bytes([byte]))
-                    except OSError:
-                        break
-                conn.close()
-        thread = threading.Thread(target=drip, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(stop.set)               # before the join above
-        s = self.streamer("http://127.0.0.1:%d" % listener.getsockname()[1],
-                          timeout=0.4, max_retries=100)
+        def drip(conn, number, stop):
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 204 No Content\r\nX-Drip: " + b"x" * 1000:
+                if stop.wait(0.1):
+                    return
+                conn.send(bytes([byte]))
+        server = RawServer(self, drip)
+        s = self.streamer(server.url, timeout=0.4, max_retries=100)
         log_all(s, events("d", 5))
         self.assertFalse(s.flush(2.0))
         # A per-read timeout never fires here (a byte comes every 0.1 s): only an overall
         # deadline ends each attempt, so several attempts fit in 2 s.
-        self.assertGreaterEqual(len(accepted), 3, s.stats())
+        self.assertGreaterEqual(server.connections, 3, s.stats())
         self.assertIn("timed out", s.stats()["last_error"])
         self.assertFalse(s.close(0.2))
 
