@@ -91,6 +91,8 @@ _KNOWN_KEYS = 1000
 _NEVER = sys.maxsize
 # Longest idle wait of the worker: every wait has a timeout.
 _IDLE_WAIT = 60.0
+# Longest wait for a thread of ours that was told to end and has nothing left to do.
+_JOIN_WAIT = 1.0
 # Warnings about dropped events are repeated at most this often.
 _DROP_WARN_EVERY = 60.0
 # Longest a rate-limit window is believed to last, guarding against a
@@ -1792,6 +1794,7 @@ class _Courier(object):
         self._job = None                # the job for the thread to take
         self._result = None
         self._stop = False
+        self._posting = False           # the thread is inside sender.post()
         self._thread = None
 
     def start(self, job):
@@ -1821,9 +1824,17 @@ class _Courier(object):
         self.sender.transport.abort()
 
     def stop(self):
+        """Ask the thread to end; an idle one is waited for (briefly), a posting one not.
+
+        A thread left running is harmless in a process, but a sub-interpreter
+        cannot be destroyed while one of its threads is alive.
+        """
         with self._lock:
             self._stop = True
             self._cond.notify()
+            idle = not self._posting
+        if idle and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_WAIT)
 
     def _run(self):
         while True:
@@ -1833,7 +1844,12 @@ class _Courier(object):
                 if self._stop:
                     return
                 job, self._job = self._job, None
-            outcome = self.sender.post(job)
+                self._posting = True
+            try:
+                outcome = self.sender.post(job)
+            finally:
+                with self._lock:
+                    self._posting = False
             with self._lock:
                 if job is self.job:
                     self._result = (job, outcome)
@@ -1869,6 +1885,7 @@ class _InlineCourier(object):
         finally:
             if timer is not None:
                 timer.cancel()
+                timer.join(_JOIN_WAIT)      # it ends at once; see _Courier.stop()
 
     def poll(self):
         result, self._result = self._result, None
@@ -3255,8 +3272,13 @@ class Streamer(object):
         return worker, wait
 
     def _finish_close(self, worker, wait, deadline):
-        if self._thread is not None:
+        thread = self._thread
+        if thread is not None:
             worker.stopped.wait(max(0.0, deadline - _monotonic()))
+            if worker.stopped.is_set() and thread is not threading.current_thread():
+                # Its last on_error calls, then it ends: a sub-interpreter cannot
+                # be destroyed while it is alive. Never past the deadline.
+                thread.join(min(_JOIN_WAIT, max(0.0, deadline - _monotonic())))
         else:
             self._pump_until(worker, deadline, worker.stopped)
             if not worker.stopped.is_set() and self._baton.acquire(False):

@@ -6330,6 +6330,24 @@ class NoSignalHandlersTest(LifecycleCase):
             streamer.log("a", 1)
             self.assertTrue(streamer.close(5))
 
+    def test_close_leaves_no_thread_running(self):
+        """close: once it answers, no thread of the Streamer is alive (nor a watchdog timer)."""
+        sink = self.sink()
+
+        def ours():
+            return [t.name for t in threading.enumerate() if t.is_alive() and (
+                t.name.startswith("isstreamer_lite[") or isinstance(t, threading.Timer))]
+        cases = (("offline", dict(offline=True, offline_file=self.offline_file())),
+                 ("http", dict(api_base=sink.url)),
+                 ("use_async=False", dict(api_base=sink.url, use_async=False)))
+        for name, options in cases:
+            with self.subTest(name):
+                for round_ in range(20):        # each answer raced the threads' ending
+                    streamer = self.streamer(None, **options)
+                    streamer.log("a", round_)
+                    self.assertTrue(streamer.close(5))
+                    self.assertEqual(ours(), [], "round %d" % round_)
+
     def test_sub_interpreter(self):
         """No signals: Streamer() works in a sub-interpreter (3.12+), legacy and isolated."""
         if sys.version_info < (3, 12):
