@@ -162,10 +162,25 @@ def guarded_popen(case, argv, cwd, env, guard_seconds):
     return child
 
 
-class LiteTestCase(unittest.TestCase):
+class IsolatedCase(unittest.TestCase):
+    """The base of every test: nothing a test leaves in the module's globals reaches the next.
+
+    Rate budgets are kept per (api_base, key) for the whole process, and a
+    sink's port is often handed out again later in a run: a budget learnt
+    from one test's rate-limited sink would otherwise pace a later test
+    whose sink got the same port.
+    """
+
+    def setUp(self):
+        with lite._budgets_lock:
+            lite._budgets.clear()
+
+
+class LiteTestCase(IsolatedCase):
     """Helpers: a sink per test, a temp spool, Streamers closed at cleanup."""
 
     def setUp(self):
+        IsolatedCase.setUp(self)
         logger = logging.getLogger("isstreamer_lite")
         state = (logger.level, list(logger.handlers))
 
@@ -1521,10 +1536,11 @@ class ExamplesSink(lite._Sink):
         return False
 
 
-class ExampleCase(unittest.TestCase):
+class ExampleCase(IsolatedCase):
     """Helpers: a recording sink, a temp dir, scripts run as children."""
 
     def setUp(self):
+        IsolatedCase.setUp(self)
         self.sink = ExamplesSink().start()
         self.addCleanup(self.sink.stop)
         self.dir = tempfile.mkdtemp(prefix="isl-examples-")
@@ -1725,10 +1741,11 @@ def cli_env(home, **extra):
     return env
 
 
-class CliTestCase(unittest.TestCase):
+class CliTestCase(IsolatedCase):
     """Helpers: temp dirs, sinks, main() with captured output, child processes."""
 
     def setUp(self):
+        IsolatedCase.setUp(self)
         # Nothing from the developer's environment reaches main() in this process.
         patcher = mock.patch.dict(os.environ)
         patcher.start()
@@ -3072,10 +3089,11 @@ class _Watch(logging.Handler):
             self.hit.set()
 
 
-class DeliveryTestCase(unittest.TestCase):
+class DeliveryTestCase(IsolatedCase):
     """Helpers: servers and Streamers stopped at cleanup, temp spools, quiet logger."""
 
     def setUp(self):
+        IsolatedCase.setUp(self)
         logger = logging.getLogger("isstreamer_lite")
         state = (logger.level, list(logger.handlers), logger.propagate)
         logger.addHandler(logging.NullHandler())    # no lastResort noise on stderr
@@ -3151,7 +3169,7 @@ def log_all(streamer, pairs):
 
 # --- Delivery policy, without threads ----------------------------------------
 
-class DecideTest(unittest.TestCase):
+class DecideTest(IsolatedCase):
     """The delivery policy as one pure function: outcome -> _Decision."""
 
     def decide(self, status=None, **kwargs):
@@ -3280,7 +3298,7 @@ class DecideTest(unittest.TestCase):
         self.assertEqual(first, [self.decide(503, failures=n).delay for n in range(8)])
 
 
-class RetryDelayTest(unittest.TestCase):
+class RetryDelayTest(IsolatedCase):
     """_retry_delay and _parse_retry_after, without threads."""
 
     def test_full_jitter_bounds(self):
@@ -3309,7 +3327,7 @@ class RetryDelayTest(unittest.TestCase):
             self.assertEqual(lite._parse_retry_after(value, now), expected, repr(value))
 
 
-class RateBudgetTest(unittest.TestCase):
+class RateBudgetTest(IsolatedCase):
     """_RateBudget learns the window from X-RateLimit-* headers, in monotonic time."""
 
     WALL = 1700000000.0          # the wall clock when an answer arrives
@@ -5826,10 +5844,11 @@ def unit_lines(path):
     return lines
 
 
-class ServiceUnitStateTest(unittest.TestCase):
+class ServiceUnitStateTest(IsolatedCase):
     """examples/isstreamer-pi.service: spool in its state directory, a user you choose."""
 
     def setUp(self):
+        IsolatedCase.setUp(self)
         self.path = os.path.join(EXAMPLES_DIR, "isstreamer-pi.service")
         if not os.path.isfile(self.path):
             self.skipTest("no examples/ beside %s (a vendored copy)" % lite.__file__)
@@ -6334,19 +6353,20 @@ class NoSignalHandlersTest(LifecycleCase):
         """close: once it answers, no thread of the Streamer is alive (nor a watchdog timer)."""
         sink = self.sink()
 
-        def ours():
-            return [t.name for t in threading.enumerate() if t.is_alive() and (
-                t.name.startswith("isstreamer_lite[") or isinstance(t, threading.Timer))]
+        def ours(before):
+            return [t.name for t in threading.enumerate() if t not in before and t.is_alive()
+                    and (t.name.startswith("isstreamer_lite[") or isinstance(t, threading.Timer))]
         cases = (("offline", dict(offline=True, offline_file=self.offline_file())),
                  ("http", dict(api_base=sink.url)),
                  ("use_async=False", dict(api_base=sink.url, use_async=False)))
         for name, options in cases:
             with self.subTest(name):
                 for round_ in range(20):        # each answer raced the threads' ending
+                    before = set(threading.enumerate())
                     streamer = self.streamer(None, **options)
                     streamer.log("a", round_)
                     self.assertTrue(streamer.close(5))
-                    self.assertEqual(ours(), [], "round %d" % round_)
+                    self.assertEqual(ours(before), [], "round %d" % round_)
 
     def test_sub_interpreter(self):
         """No signals: Streamer() works in a sub-interpreter (3.12+), legacy and isolated."""
