@@ -893,7 +893,8 @@ class _RateBudget(object):
     _MAX_WINDOW_WAIT seconds is ignored or capped. What is left of a window
     is spread over its remaining time rather than spent at once, so a
     flush() or close() always finds a request to make. Until a server sends
-    those headers nothing is paced.
+    those headers nothing is paced, and what it told is forgotten once the
+    window after the one it told of is over with no news.
     """
 
     def __init__(self):
@@ -901,6 +902,7 @@ class _RateBudget(object):
         self._limit = None
         self._remaining = None
         self._reset = None              # monotonic time the window refills
+        self._heard = None              # the reset the last answer with headers told of
         self._span = 10.0               # longest window seen, seconds
         self._next = 0.0                # monotonic time of the next evenly spaced request
 
@@ -909,9 +911,14 @@ class _RateBudget(object):
         with self._lock:
             if self._remaining is None:
                 return 0.0
+            if now >= self._heard + self._span:
+                # No answer told of a window for the whole of the next one: what we
+                # knew is stale (a server that stopped sending the headers, or a
+                # hostile one that sent them once). Nothing is paced until they come.
+                self._limit = self._remaining = self._reset = self._heard = None
+                return 0.0
             if now >= self._reset:
-                while now >= self._reset:
-                    self._reset += self._span       # the next window, until we hear of it
+                self._reset += self._span           # the next window, until we hear of it
                 self._remaining = self._limit
                 self._next = 0.0
             if self._remaining <= 0:
@@ -949,6 +956,7 @@ class _RateBudget(object):
             self._span = max(min(left, _MAX_WINDOW_WAIT), 1.0) if self._reset is None \
                 else max(self._span, min(left, _MAX_WINDOW_WAIT))
             self._limit, self._remaining, self._reset = limit, max(0, remaining), now + left
+            self._heard = self._reset
 
 
 _budgets = {}

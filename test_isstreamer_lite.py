@@ -3401,6 +3401,18 @@ class RateBudgetTest(IsolatedCase):
             self.assertEqual(budget.reserve(self.MONO + lite._MAX_WINDOW_WAIT + 0.02), 0.0,
                              reset)                 # after a capped wait, one request goes
 
+    def test_forgotten_one_window_after_the_last_headers(self):
+        """Pacing: with no headers since, a window's news lasts it and one more, then nothing waits."""
+        budget = self.budget(1, 0, 120.0)         # a hostile answer: 1 request per 120 s
+        self.assertAlmostEqual(budget.reserve(self.MONO), 120.01, places=6)
+        self.assertEqual(budget.reserve(self.MONO + 120.01), 0.0)     # the next window
+        self.assertAlmostEqual(budget.reserve(self.MONO + 120.02), 119.99, places=6)
+        # Two windows after the last answer with headers: nothing is known, nothing waits.
+        now = self.MONO + 240.01
+        self.assertEqual([budget.reserve(now) for _ in range(50)], [0.0] * 50)
+        budget.update(self.headers(30, 0, self.WALL + 250.0), now, self.WALL + 240.01)
+        self.assertGreater(budget.reserve(now), 9.0)              # taught again
+
     def test_same_window_remaining_only_decreases(self):
         """Pacing: a late answer in the same window never raises what is left."""
         budget = self.budget(30, 1, 10.0)
