@@ -1012,6 +1012,7 @@ class TransportTest(LiteTestCase):
         s = self.streamer(sink)
         s.log("k", 1)
         self.assertFalse(s.flush(0.5))
+        self.assertTrue(bounded_poll(lambda: s.stats()["last_error"], 5))  # a slow handshake
         self.assertEqual(sink.events, [])
         self.assertIn("CERTIFICATE_VERIFY_FAILED", s.stats()["last_error"])
         self.assertFalse(s.close(0.2))
@@ -1152,19 +1153,21 @@ class CrashTest(LiteTestCase):
         self.assertEqual(child.returncode, 0, err)
 
     def check(self, sink, runs, per_run=1000):
+        """Nothing safe lost; a kill resends at most one request (packed when behind)."""
         values = collections.Counter(e["value"] for _, e in sink.events)
         duplicates = 0
         for start, safe in runs:
             missing = [v for v in range(start, safe + 1) if not values[v]]
             self.assertEqual(missing, [], "run from %d lost events" % start)
             run_dups = sum(values[v] - 1 for v in range(start, start + per_run) if values[v] > 1)
-            self.assertLessEqual(run_dups, 10, "more than one batch resent for run %d" % start)
+            self.assertLessEqual(run_dups, max(sink.sizes),
+                                 "more than one request resent for run %d" % start)
             duplicates += run_dups
         return duplicates
 
     def test_durable_survives_sigkill(self):
         """Durable: 10 SIGKILLs while streaming lose nothing logged a sync_interval before."""
-        sink = self.sink()
+        sink = self.sink(RequestSizeSink)
         runs = self.kill_runs(sink.url, "durable", 10)
         self.finish_run(sink.url, 100000)
         self.check(sink, runs)
@@ -1176,7 +1179,7 @@ class CrashTest(LiteTestCase):
         """Durable: 10 SIGKILLs while the server is down; all of it arrives once it is up."""
         down = dead_url()
         runs = self.kill_runs(down, "durable", 10, per_run=400)
-        sink = self.sink()
+        sink = self.sink(RequestSizeSink)
         self.finish_run(sink.url, 100000)
         self.assertEqual(self.check(sink, runs, per_run=400), 0)
 
@@ -1197,7 +1200,7 @@ class CrashTest(LiteTestCase):
                 runs = self.kill_runs(faulty.url, "durable", 2, per_run=600)
                 faulty.released.set()
                 self.assertEqual(faulty.events, [])
-                healthy = self.sink()
+                healthy = self.sink(RequestSizeSink)
                 self.finish_run(healthy.url, 100000)
                 self.assertEqual(self.check(healthy, runs, per_run=600), 0)
 
@@ -1206,12 +1209,7 @@ class CrashTest(LiteTestCase):
         sink = self.sink(RequestSizeSink, rate_limit=3, window=1.0)
         runs = self.kill_runs(sink.url, "durable", 3, per_run=600)
         self.finish_run(sink.url, 100000)
-        values = collections.Counter(e["value"] for _, e in sink.events)
-        for start, safe in runs:
-            self.assertEqual([v for v in range(start, safe + 1) if not values[v]], [],
-                             "run from %d lost events" % start)
-            dups = sum(values[v] - 1 for v in range(start, start + 600) if values[v] > 1)
-            self.assertLessEqual(dups, max(sink.sizes), "more than one request resent")
+        self.check(sink, runs, per_run=600)
 
     def test_sigterm_loses_nothing(self):
         """SIGTERM: a streaming process exits through the exit hook and delivers everything."""
@@ -1229,12 +1227,14 @@ class CrashTest(LiteTestCase):
         """SIGKILL, default mode: only what was logged in the last flush_interval may be lost."""
         sink = self.sink()
         child = self.start_child(sink.url, 0, 5000, "default")
-        seen = self.stream_until(child, 2000)
+        seen = self.stream_until(child, 3000)
         killed_at = time.monotonic()
         child.kill()
         child.communicate(timeout=30)
-        values = set(e["value"] for _, e in sink.events)
-        old_enough = [v for v, t in seen if killed_at - t > 0.1 + 0.3]   # flush_interval + slack
+        with sink.changed:
+            values = set(e["value"] for _, e in sink.events)
+        # flush_interval + slack for a loaded machine (the child logs 2,000 a second at most)
+        old_enough = [v for v, t in seen if killed_at - t > 0.1 + 0.7]
         self.assertTrue(old_enough)
         self.assertEqual([v for v in range(max(old_enough) + 1) if v not in values], [])
 
@@ -1481,6 +1481,7 @@ class HangingResolverTest(LiteTestCase):
         started = time.monotonic()
         self.assertFalse(s.close(1.0))
         self.assertLess(time.monotonic() - started, 2.0)
+        self.assertTrue(s._worker.stopped.wait(5), "the worker never stopped")
         lines = []
         for path in glob.glob(os.path.join(spool, "*", "*", "*.jsonl")):
             with open(path) as handle:
@@ -3603,9 +3604,10 @@ class WorkerTest(LiteTestCase):
             worker = self.worker(buffer_size=100, budget=budget)
             worker.created.add("fake")
             worker.to_create = []
+            wall = time.time()                  # one reading: the reset is 3 s after it
             budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
-                           "x-ratelimit-reset": "%.3f" % (time.time() + 3.0)},
-                          self.clock(), time.time())
+                           "x-ratelimit-reset": "%.3f" % (wall + 3.0)},
+                          self.clock(), wall)
             self.log(worker, 10)
             wait = lite._Wait(0, self.clock() + deadline)
             worker.inbox.append(wait)
@@ -4121,6 +4123,8 @@ class DeadlineTest(DeliveryTestCase):
         started = time.monotonic()
         self.assertFalse(s.close(0.8))
         self.assertLess(time.monotonic() - started, 0.8 + self.SLACK)
+        # close() keeps its deadline; a worker that woke late may still be writing.
+        self.assertTrue(s._worker.stopped.wait(5), "the worker never stopped")
         on_disk = [(e["key"], e["value"]) for e in spooled_events(spool_dir)]
         self.assertExactlyOnce(on_disk, expected)
         self.assertEqual(s.stats()["dropped"], {})
@@ -4164,7 +4168,9 @@ class OnErrorTest(DeliveryTestCase):
         calls = []
         sink = self.sink()
         sink.script("/api/events", 503)
-        s = self.streamer(sink.url, on_error=lambda exc, batch: calls.append((exc, batch)))
+        # One batch, formed by flush(): a stall in log_all cannot split it.
+        s = self.streamer(sink.url, on_error=lambda exc, batch: calls.append((exc, batch)),
+                          buffer_size=100, flush_interval=3600)
         expected = events("e", 10)
         log_all(s, expected)
         self.assertTrue(s.flush(10))
@@ -4665,7 +4671,11 @@ class RemovedSpoolTest(Issue9Case):
         for i in range(20):
             s.log("early", i)
         self.assertTrue(self.wait_stats(s, lambda st: st["spooled"] >= 20), s.stats())
-        shutil.rmtree(spool)
+
+        def removed():                  # the worker may be writing a file in it meanwhile
+            shutil.rmtree(spool, ignore_errors=True)
+            return not os.path.exists(spool)
+        self.assertTrue(bounded_poll(removed, 5))
         for i in range(30):
             s.log("late", i)
         closed = s.close(1.0)
