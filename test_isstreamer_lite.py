@@ -1721,15 +1721,30 @@ COMMANDS = ("selftest", "send", "pipe", "replay", "sink")
 ECHO = re.compile(r"^isstreamer_lite: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: (\S+) (.*)$")
 
 
+def hold_port(port=0):
+    """A socket bound to 127.0.0.1:``port`` that never listens: connections are refused.
+
+    While it is open, no server of this or another test run is handed that
+    port (a closed probe's port comes round again, often).
+    """
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+    except OSError:
+        holder.close()
+        raise
+    return holder
+
+
+_DEAD_PORTS = []        # held for the whole run: a dead URL never comes alive
+
+
 def dead_url():
     """An http:// base on 127.0.0.1 where nothing listens (connection refused)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    finally:
-        probe.close()
-    return "http://127.0.0.1:%d" % port
+    holder = hold_port()
+    _DEAD_PORTS.append(holder)
+    return "http://127.0.0.1:%d" % holder.getsockname()[1]
 
 
 def cli_env(home, **extra):
@@ -3018,7 +3033,9 @@ class Outage(object):
         self.port = self.sinks[0].port
         self.url = self.sinks[0].url
         self._cancel = threading.Event()
+        self._holder = None             # keeps the port while down (refused, not reused)
         case.addCleanup(self._cancel.set)
+        case.addCleanup(self._release)
         if not up:
             self.down()
 
@@ -3028,11 +3045,18 @@ class Outage(object):
 
     def down(self):
         self.current.stop_hard()
+        self._holder = hold_port(self.port)
 
     def up(self):
+        self._release()
         sink = self.case.sink(FaultSink, port=self.port, **self.options)
         self.sinks.append(sink)
         return sink
+
+    def _release(self):
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.close()
 
     def later(self, down_at_once, seconds):
         """In a thread: (go down now, then) come back up after ``seconds``."""
