@@ -1786,7 +1786,7 @@ class _Courier(object):
 
     The worker hands it a job and goes on journalling, spilling and
     closing: it never waits on the network. ``_lock`` guards ``_job``,
-    ``_current``, ``_result`` and ``_stop``; the request itself runs
+    ``_result``, ``_stop`` and ``_posting``; the request itself runs
     outside it. ``abandon()`` breaks a request the worker stopped waiting
     for; its late answer is dropped.
     """
@@ -1853,14 +1853,14 @@ class _Courier(object):
                     return
                 job, self._job = self._job, None
                 self._posting = True
+            outcome = None
             try:
                 outcome = self.sender.post(job)
             finally:
                 with self._lock:
                     self._posting = False
-            with self._lock:
-                if job is self.job:
-                    self._result = (job, outcome)
+                    if outcome is not None and job is self.job:
+                        self._result = (job, outcome)
             self.wake.set()
 
 
