@@ -1781,6 +1781,29 @@ class _Sender(object):
         return response, None
 
 
+def _start_thread(thread):
+    """Start ``thread`` with SIGTERM, SIGHUP and SIGINT blocked in it, for good.
+
+    Python runs signal handlers in the main thread only, and only a signal
+    the kernel delivers to that thread interrupts its blocking calls: one
+    delivered to a helper thread left a SIGTERMed script asleep in
+    ``time.sleep(3600)`` (1 run in 300). A new thread inherits the mask of the
+    thread that starts it, so it is blocked around ``start()`` and restored.
+    """
+    import signal
+    mask = None
+    try:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, name) for name in (
+            "SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name)])
+    except (AttributeError, ValueError, OSError):   # Windows: no pthread_sigmask
+        pass
+    try:
+        thread.start()
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 class _Courier(object):
     """Makes one request at a time on a daemon thread of its own.
 
@@ -1813,7 +1836,7 @@ class _Courier(object):
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=self.name + "-courier")
-                self._thread.start()
+                _start_thread(self._thread)
             self._cond.notify()
 
     def poll(self):
@@ -1885,7 +1908,7 @@ class _InlineCourier(object):
                 timer = threading.Timer(max(0.0, job.deadline - _monotonic()),
                                         self.sender.transport.abort)
                 timer.daemon = True
-                timer.start()
+                _start_thread(timer)
             except RuntimeError:    # no daemon threads here: socket timeouts bound it
                 self.watchdog, timer = False, None
         try:
@@ -3047,7 +3070,7 @@ class Streamer(object):
             worker.courier = _Courier(worker.sender, worker.wake, name)
             try:
                 thread = threading.Thread(target=worker.run, daemon=True, name=name)
-                thread.start()
+                _start_thread(thread)
                 self._thread = thread
             except RuntimeError as exc:     # an isolated sub-interpreter: no daemon threads
                 _log.info("no worker thread here (%s): events are sent from the threads "
@@ -3476,9 +3499,9 @@ class _Sink(object):
         if self.ssl_context is not None:
             self._server.socket = self.ssl_context.wrap_socket(self._server.socket,
                                                                server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
-                                        name="isstreamer_lite-sink")
-        self._thread.start()
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True, name="isstreamer_lite-sink")
+        _start_thread(self._thread)     # Ctrl-C reaches the main thread
         return self
 
     def stop(self):

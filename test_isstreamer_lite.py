@@ -6436,6 +6436,29 @@ class NoSignalHandlersTest(LifecycleCase):
                     self.assertTrue(streamer.close(5))
                     self.assertEqual(ours(before), [], "round %d" % round_)
 
+    def test_threads_leave_signals_to_the_main_thread(self):
+        """Signals: the Streamer's threads block SIGTERM, SIGHUP and SIGINT; the caller's mask is kept."""
+        if not hasattr(threading.Thread, "native_id") or not os.path.exists("/proc/self/task"):
+            self.skipTest("needs Thread.native_id (3.8+) and /proc")
+        sink = self.sink()
+        before = set(threading.enumerate())
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        for options in (dict(api_base=sink.url), dict(api_base=sink.url, use_async=False)):
+            streamer = self.streamer(None, **options)
+            streamer.log("a", 1)
+            self.assertTrue(streamer.flush(5))      # the courier (or watchdog) has run
+        self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), mask)
+        wanted = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+        checked = []
+        for thread in threading.enumerate():
+            if thread in before or not thread.name.startswith("isstreamer_lite["):
+                continue
+            with open("/proc/self/task/%d/status" % thread.native_id) as handle:
+                blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", handle.read(), re.M).group(1), 16)
+            self.assertEqual({n for n in wanted if blocked >> (n - 1) & 1}, wanted, thread.name)
+            checked.append(thread.name)
+        self.assertEqual(len(checked), 2, checked)  # the worker and its courier
+
     def test_sub_interpreter(self):
         """No signals: Streamer() works in a sub-interpreter (3.12+), legacy and isolated."""
         if sys.version_info < (3, 12):
