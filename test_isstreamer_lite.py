@@ -1489,7 +1489,7 @@ class HangingResolverTest(LiteTestCase):
         started = time.monotonic()
         self.assertFalse(s.close(1.0))
         self.assertLess(time.monotonic() - started, 2.0)
-        self.assertTrue(s._worker.stopped.wait(5), "the worker never stopped")
+        assert_worker_stopped(s, 5)
         lines = []
         for path in glob.glob(os.path.join(spool, "*", "*", "*.jsonl")):
             with open(path) as handle:
@@ -1748,15 +1748,20 @@ def hold_port(port=0):
 _DEAD_PORTS = []        # held for the whole run: a dead URL never comes alive
 
 
-def closed_and_stopped(streamer, timeout):
-    """close(timeout)'s answer, once the worker has stopped too.
+def assert_worker_stopped(streamer, timeout=10):
+    """Wait for the worker of a closed Streamer to stop; fail after ``timeout``.
 
     close() keeps its deadline; a worker that woke late on a loaded machine
     may still be writing the spool or holding its segments when it returns.
     """
+    if not streamer._worker.stopped.wait(timeout):
+        raise AssertionError("the worker did not stop within %g s of close()" % timeout)
+
+
+def closed_and_stopped(streamer, timeout):
+    """close(timeout)'s answer, once the worker has stopped too."""
     answer = streamer.close(timeout)
-    if not streamer._worker.stopped.wait(10):
-        raise AssertionError("the worker did not stop within 10 s of close()")
+    assert_worker_stopped(streamer)
     return answer
 
 
@@ -1867,9 +1872,7 @@ class CliTestCase(IsolatedCase):
                 streamer.set_bucket(bucket_name, bucket_key)
             for key, value in events:
                 streamer.log(key, value)
-        streamer.close()
-        # close() keeps its 0.5 s; a worker that woke late may still hold its segments.
-        self.assertTrue(streamer._worker.stopped.wait(10), "the worker never stopped")
+        closed_and_stopped(streamer, 0.5)              # its wait_timeout
         self.assertEqual(streamer.stats()["delivered"], 0)
         rows = lite._spool_summary(self.spool, CLI_KEY)
         self.assertEqual(sorted((r["bucket_key"], r["events"]) for r in rows),
@@ -4169,8 +4172,7 @@ class DeadlineTest(DeliveryTestCase):
         started = time.monotonic()
         self.assertFalse(s.close(0.8))
         self.assertLess(time.monotonic() - started, 0.8 + self.SLACK)
-        # close() keeps its deadline; a worker that woke late may still be writing.
-        self.assertTrue(s._worker.stopped.wait(5), "the worker never stopped")
+        assert_worker_stopped(s, 5)
         on_disk = [(e["key"], e["value"]) for e in spooled_events(spool_dir)]
         self.assertExactlyOnce(on_disk, expected)
         self.assertEqual(s.stats()["dropped"], {})
