@@ -994,6 +994,7 @@ def _private_dir(path):
         except FileExistsError:
             continue
         os.chmod(folder, 0o700)
+        _fsync_dir(os.path.dirname(folder))     # the new entry survives a power cut
 
 
 def _check_private_dir(path, what="spool_dir"):
@@ -1054,6 +1055,7 @@ def _probe_lock(path):
 
 
 def _fsync_dir(folder):
+    """Make ``folder``'s entries (created, renamed, removed names) durable."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -1084,20 +1086,46 @@ def _read_at(fd, start, length):
     return os.read(fd, length)
 
 
+def _replace_file(path, data):
+    """Put ``data`` at ``path`` atomically and durably: never a torn or empty file.
+
+    Written under a private name and fsynced before the rename (a renamed
+    name can reach the disk before the bytes it names), then the folder.
+    """
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+    fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
 def _retired_offsets(path):
-    """Start offsets of the segment's lines recorded in its ack log."""
-    retired = set()
+    """{start: end} of the segment's lines recorded in its ack log.
+
+    A record is ``b"<start> <end>\\n"``; anything else (a torn record, or one
+    glued to a torn record by an older version) retires nothing.
+    """
+    retired = {}
     try:
         fd = _open_private(path + _ACK_SUFFIX, os.O_RDONLY)
     except OSError:
         return retired
     with os.fdopen(fd, "rb") as handle:
         for line in handle:
-            if line.endswith(b"\n"):           # a torn last record retires nothing
-                try:
-                    retired.add(int(line.split(b" ")[0]))
-                except ValueError:
-                    pass
+            fields = line.split(b" ")
+            if len(fields) == 2 and line.endswith(b"\n") and fields[0].isdigit() \
+                    and fields[1][:-1].isdigit() and int(fields[0]) < int(fields[1]):
+                retired[int(fields[0])] = int(fields[1])
     return retired
 
 
@@ -1113,9 +1141,37 @@ def _unretired_lines(path, data):
         end = data.find(b"\n", start)
         torn = end < 0
         end = len(data) if torn else end + 1
-        if start not in retired:
+        if retired.get(start) != end:
             yield start, end, data[start:end].rstrip(b"\n"), torn
         start = end
+
+
+def _torn_tail(fd):
+    """Whether an ack log ends in a torn record (a crash while appending it).
+
+    The next record then starts on a line of its own: a torn record, given
+    its newline, retires nothing (see _retired_offsets).
+    """
+    size = os.fstat(fd).st_size
+    return size > 0 and _read_at(fd, size - 1, 1) != b"\n"
+
+
+def _remove_segment(path, durable):
+    """Delete a segment, then its ack log, in an order a power cut cannot undo halfway.
+
+    Durable mode fsyncs the folder in between: a segment that came back after
+    its ack log was gone would be sent again whole.
+    """
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    if durable:
+        _fsync_dir(os.path.dirname(path))
+    try:
+        os.unlink(path + _ACK_SUFFIX)
+    except OSError:
+        pass
 
 
 def _count_events(bodies):
@@ -1136,10 +1192,22 @@ def _join_arrays(lines):
 
 
 def _read_bucket_meta(folder):
+    """(bucket key, name) from a bucket folder's ``bucket.json``; ValueError if unreadable."""
     fd = _open_private(os.path.join(folder, "bucket.json"), os.O_RDONLY)
     with os.fdopen(fd, "rb") as handle:
         meta = _json_load(handle.read())
-    return meta["bucketKey"], meta.get("bucketName", "")
+    try:
+        key, name = meta["bucketKey"], meta.get("bucketName", "")
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError("bucket.json has no bucketKey") from None
+    if not isinstance(key, str) or not key or not isinstance(name, str):
+        raise ValueError("bucket.json has no bucketKey")
+    return key, name
+
+
+def _write_bucket_meta(folder, bucket):
+    _replace_file(os.path.join(folder, "bucket.json"),
+                  _json_bytes({"bucketKey": bucket[0], "bucketName": bucket[1]}))
 
 
 class _Ref(object):
@@ -1169,7 +1237,7 @@ class _Segment(object):
     True while the spool writer still appends to it.
     """
 
-    __slots__ = ("path", "fd", "bucket", "size", "lines", "out", "writing")
+    __slots__ = ("path", "fd", "bucket", "size", "lines", "out", "writing", "ack_ready")
 
     def __init__(self, path, fd, bucket, size=0, writing=False):
         self.path = path
@@ -1179,6 +1247,7 @@ class _Segment(object):
         self.lines = collections.deque()
         self.out = 0
         self.writing = writing
+        self.ack_ready = False          # its .ack has a durable name and no torn tail
 
 
 class _SpoolWriter(object):
@@ -1253,15 +1322,11 @@ class _SpoolWriter(object):
     def _create(self, bucket):
         folder = os.path.join(self.folder, _fingerprint(bucket[0]))
         _private_dir(folder)
-        meta = os.path.join(folder, "bucket.json")
-        if not os.path.lexists(meta):
-            tmp = "%s.%d.%s.tmp" % (meta, os.getpid(), os.urandom(4).hex())
-            fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            try:
-                _write_all(fd, _json_bytes({"bucketKey": bucket[0], "bucketName": bucket[1]}))
-            finally:
-                os.close(fd)
-            os.replace(tmp, meta)
+        self.reader.know(bucket)
+        try:
+            _read_bucket_meta(folder)
+        except (OSError, ValueError):
+            _write_bucket_meta(folder, bucket)      # missing, or emptied by a power cut
         name = "%017d-%d-%s%s" % (int(_time() * 1e6), os.getpid(), os.urandom(4).hex(),
                                   _SPOOL_SUFFIX)
         hidden = os.path.join(folder, "." + name + ".new")
@@ -1273,8 +1338,7 @@ class _SpoolWriter(object):
         except BaseException:
             os.close(fd)
             raise
-        if self.durable:
-            _fsync_dir(folder)
+        _fsync_dir(folder)              # the segment's name is as durable as its lines
         segment = _Segment(path, fd, bucket, 0, writing=True)
         self.reader.hold(segment)
         return segment
@@ -1316,7 +1380,18 @@ class _SpoolReader(object):
     another process). Claiming locks a segment, then checks it is still
     linked, so a segment deleted meanwhile is never sent again. Delivered
     lines are recorded in ``<segment>.ack``; a segment with nothing left is
-    deleted (segment first, then its acks). Used by the worker thread only.
+    deleted. Used by the worker thread only.
+
+    What a power cut may leave, and why it is safe (durable mode): a file's
+    bytes survive only through its own fsync, a name only through its
+    folder's. So ``bucket.json`` is fsynced before its rename, every new
+    folder and segment name is fsynced in its parent, an ``.ack``'s name is
+    fsynced when it is created and its records as they are written, and a
+    finished segment goes first (its removal fsynced), then its ``.ack``:
+    no order of the disk's writes brings a segment back without the record
+    of what was delivered from it. A torn ``.ack`` tail is cut before the next
+    record; an empty ``bucket.json`` is rewritten by a Streamer that knows the
+    bucket.
     """
 
     def __init__(self, folder, durable, only=None):
@@ -1330,6 +1405,11 @@ class _SpoolReader(object):
         self.ack_bytes = 0          # ack records written, for flash wear (journal_bytes)
         self.warned = set()
         self.unreadable = []        # (bucket, body, why) of lines never to be sent
+        self.known = {}             # bucket folder name -> (key, name) this process uses
+
+    def know(self, bucket):
+        """A bucket this process logs to: its folder's bucket.json can be repaired."""
+        self.known[_fingerprint(bucket[0])] = bucket
 
     def on_disk(self):
         """Paths of this key's segments, oldest first."""
@@ -1404,31 +1484,41 @@ class _SpoolReader(object):
         for segment, done in by_segment.values():
             segment.out -= len(done)
             record = b"".join(("%d %d\n" % (r.start, r.end)).encode("ascii") for r in done)
-            if segment.lines or segment.out or segment.writing:
+            if segment.lines or segment.out or segment.writing:     # else it goes whole
                 try:
-                    fd = _open_private(segment.path + _ACK_SUFFIX,
-                                       os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-                    try:
-                        _write_all(fd, record)
-                        if self.durable:
-                            os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    self._append_ack(segment, record)
                     self.ack_bytes += len(record)
                 except OSError as exc:
                     _log.warning("cannot record delivery in %s%s (%s); those lines may "
                                  "be sent again", segment.path, _ACK_SUFFIX, exc)
             self.settle(segment)
 
+    def _append_ack(self, segment, record):
+        """Append to the segment's ack log; the first time, make it sound and durable."""
+        path = segment.path + _ACK_SUFFIX
+        created = False
+        try:
+            fd = _open_private(path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            fd = _open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+            created = True
+        try:
+            if not segment.ack_ready and _torn_tail(fd):
+                record = b"\n" + record
+            _write_all(fd, record)
+            if self.durable:
+                os.fsync(fd)
+                if created or not segment.ack_ready:
+                    _fsync_dir(os.path.dirname(path))
+            segment.ack_ready = True
+        finally:
+            os.close(fd)
+
     def settle(self, segment):
         """Delete a segment with nothing left to send and nobody writing it."""
         if segment.lines or segment.out or segment.writing:
             return
-        for path in (segment.path, segment.path + _ACK_SUFFIX):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        _remove_segment(segment.path, self.durable)
         self._let_go(segment)
 
     def _let_go(self, segment):
@@ -1447,8 +1537,8 @@ class _SpoolReader(object):
         if now >= self.probe_due:
             self.probe_due = now + 1.0
             held = set(s.path for s in self.held)
-            self.probed = any(path not in held and _probe_lock(path)
-                              for path in self.on_disk())
+            self.probed = any(path not in held and path not in self.warned
+                              and _probe_lock(path) for path in self.on_disk())
         return self.probed
 
     def claim(self, now):
@@ -1472,7 +1562,7 @@ class _SpoolReader(object):
                     os.fstat(fd).st_ino != os.stat(path).st_ino:
                 os.close(fd)
                 return False
-            bucket = _read_bucket_meta(os.path.dirname(path))
+            bucket = self._bucket_of(os.path.dirname(path))
             with os.fdopen(os.dup(fd), "rb") as handle:
                 data = handle.read()
         except (OSError, ValueError, KeyError) as exc:
@@ -1504,6 +1594,19 @@ class _SpoolReader(object):
             self.settle(segment)
         return segment in self.held
 
+    def _bucket_of(self, folder):
+        """The bucket of a folder on disk; an unreadable bucket.json is rewritten if known."""
+        try:
+            return _read_bucket_meta(folder)
+        except (OSError, ValueError) as exc:
+            bucket = self.known.get(os.path.basename(folder))
+            if bucket is None:
+                raise
+            _log.warning("%s was unreadable (%s); rewritten for bucket %r", os.path.join(
+                folder, "bucket.json"), exc, bucket[0])
+            _write_bucket_meta(folder, bucket)
+            return bucket
+
     def evict_oldest(self):
         """Delete the oldest segment not in flight; return its undelivered events or None."""
         held = dict((s.path, s) for s in self.held)
@@ -1527,11 +1630,7 @@ class _SpoolReader(object):
                 with os.fdopen(os.dup(fd), "rb") as handle:
                     data = handle.read()
                 dropped = _count_events(b for _, _, b, _ in _unretired_lines(path, data))
-                for name in (path, path + _ACK_SUFFIX):
-                    try:
-                        os.unlink(name)
-                    except OSError:
-                        pass
+                _remove_segment(path, self.durable)
                 return dropped
             finally:
                 os.close(fd)
@@ -1558,14 +1657,7 @@ class _SpoolReader(object):
     def save_state(self, state):
         """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
         _private_dir(self.folder)
-        path = os.path.join(self.folder, _STATE_FILE)
-        tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
-        fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            _write_all(fd, _json_bytes(state))
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        _replace_file(os.path.join(self.folder, _STATE_FILE), _json_bytes(state))
 
     def dead_letter(self, bucket_key, body, status, reply):
         """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
@@ -2294,6 +2386,8 @@ class _Worker(object):
         self.creates_buckets = not settings["offline"]
         if bucket is not None and self.creates_buckets:
             self.to_create.append(bucket)
+        if bucket is not None and reader is not None:
+            reader.know(bucket)
 
     # the loop
 
@@ -2377,6 +2471,8 @@ class _Worker(object):
                 self.halt(None)
                 return None
             due.append(self.close_at - now)
+            if self.reader is not None and self.reader.probed:
+                due.append(self.reader.probe_due - now)     # is that backlog still there?
         if now >= self.state_due and self.save_state():
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         due = [d for d in due if d is not None]
@@ -2419,6 +2515,8 @@ class _Worker(object):
                 taken += 1
             elif type(item) is _BucketSwitch:
                 memory.bucket = item.bucket
+                if self.reader is not None:
+                    self.reader.know(item.bucket)
                 if item.bucket[0] not in self.created and self.creates_buckets:
                     self.to_create.append(item.bucket)
             else:

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -3116,11 +3117,12 @@ def spooled_events(spool_dir):
         retired = set()
         if os.path.exists(path + ".ack"):
             with open(path + ".ack", "rb") as handle:
-                retired = {int(l.split()[0]) for l in handle if l.endswith(b"\n")}
+                retired = {tuple(int(n) for n in l.split()) for l in handle
+                           if re.match(rb"^[0-9]+ [0-9]+\n$", l)}
         offset = 0
         with open(path, "rb") as handle:
             for line in handle:
-                if offset not in retired and line.endswith(b"\n"):
+                if (offset, offset + len(line)) not in retired and line.endswith(b"\n"):
                     events.extend(json.loads(line.decode("utf-8")))
                 offset += len(line)
     return events
@@ -4631,6 +4633,457 @@ class DurableJournalTest(Issue9Case):
                             lambda handler, path: (429, {"Retry-After": "60"}))):
             with self.subTest(server=name):
                 self.kill_while_logging(rule)
+
+
+# --- 1b. Crash states of durable mode (what a power cut can leave) ----------
+
+FULL_MATRIX = os.environ.get("ISSTREAMER_LITE_FULL") == "1"
+
+
+class _Node(object):
+    """A file or folder of the recorded file system: what the disk holds of it, and
+    what the page cache does (lost in a power cut unless fsynced)."""
+
+    def __init__(self, is_dir, data=b""):
+        self.is_dir = is_dir
+        self.data = bytearray(data)         # file: the page cache's bytes
+        self.synced = bytes(data)           # file: the bytes its last fsync made durable
+        self.entries = {}                   # folder: name -> _Node, as the cache has them
+        self.synced_entries = {}            # folder: as its last fsync left them
+        self.pending = []                   # folder: entry changes since, in order
+
+
+class CrashRecorder(object):
+    """Stands in for the module's ``os``: records every write, fsync, rename,
+    unlink and mkdir under ``root`` into a model of what a power cut keeps.
+
+    The model is the one of SQLite's crash VFS and of the ALICE study: a
+    file's bytes are durable only through its own fsync, a folder entry only
+    through its folder's fsync, and the last unsynced append may be torn.
+    Before each fsync (and at the end) it notes the crash states the disk
+    could be in at that moment.
+    """
+
+    def __init__(self, root, max_subsets=4):
+        self._os = os
+        self.root = os.path.realpath(root)
+        self.max_subsets = max_subsets
+        self.top = _Node(True)
+        for name in os.listdir(root):       # the run starts from an empty spool_dir
+            raise AssertionError("root is not empty: %s" % name)
+        self.fds = {}                       # fd -> [node, position, append]
+        self.lock = threading.RLock()
+        self.ops = 0
+        self.last_written = None
+        self.durable_at = {}                # value -> op count once its line and name were fsynced
+        self.states = collections.OrderedDict()     # digest -> (op number, kind, tree)
+
+    def __getattr__(self, name):
+        return getattr(self._os, name)
+
+    # the model
+
+    def _split(self, path):
+        path = self._os.path.realpath(self._os.path.join(self._os.getcwd(), path)) \
+            if not self._os.path.isabs(path) else self._os.path.normpath(path)
+        if path != self.root and not path.startswith(self.root + os.sep):
+            return None
+        return [p for p in path[len(self.root):].split(os.sep) if p]
+
+    def _lookup(self, parts):
+        node = self.top
+        for part in parts:
+            node = node.entries.get(part) if node is not None and node.is_dir else None
+        return node
+
+    def _change(self, folder, change):
+        folder.pending.append(change)
+        change[0](folder.entries)
+
+    # os functions the spool uses
+
+    def open(self, path, flags, mode=0o777, **kwargs):
+        with self.lock:
+            parts = self._split(path)
+            existed = parts is not None and self._lookup(parts) is not None
+            fd = self._os.open(path, flags, mode, **kwargs)
+            if parts is None:
+                return fd
+            self.ops += 1
+            node = self._lookup(parts)
+            if node is None and flags & os.O_CREAT and not existed:
+                node = _Node(False)
+                folder, name = self._lookup(parts[:-1]), parts[-1]
+                self._change(folder, (lambda e, n=name, v=node: e.__setitem__(n, v),
+                                      "add", name))
+            if node is not None:
+                if not node.is_dir and flags & os.O_TRUNC:
+                    del node.data[:]
+                self.fds[fd] = [node, 0, bool(flags & os.O_APPEND)]
+            return fd
+
+    def mkdir(self, path, mode=0o777, **kwargs):
+        with self.lock:
+            self._os.mkdir(path, mode, **kwargs)
+            parts = self._split(path)
+            if parts is not None:
+                self.ops += 1
+                self._change(self._lookup(parts[:-1]),
+                             (lambda e, n=parts[-1], v=_Node(True): e.__setitem__(n, v),
+                              "mkdir", parts[-1]))
+
+    def write(self, fd, data):
+        with self.lock:
+            written = self._os.write(fd, data)
+            entry = self.fds.get(fd)
+            if entry is not None:
+                self.ops += 1
+                node = entry[0]
+                start = len(node.data) if entry[2] else entry[1]
+                node.data[start:start + written] = bytes(data[:written])
+                entry[1] = start + written
+                self.last_written = node
+            return written
+
+    def ftruncate(self, fd, length):
+        with self.lock:
+            self._os.ftruncate(fd, length)
+            entry = self.fds.get(fd)
+            if entry is not None:
+                self.ops += 1
+                del entry[0].data[length:]
+
+    def fsync(self, fd):
+        with self.lock:
+            entry = self.fds.get(fd)
+            if entry is not None:
+                self.note_states("before fsync")
+                self.ops += 1
+                node = entry[0]
+                if node.is_dir:
+                    node.synced_entries = dict(node.entries)
+                    node.pending = []
+                else:
+                    node.synced = bytes(node.data)
+                self._note_durable()
+                self.note_states("after fsync")     # what was just made durable is due
+            return self._os.fsync(fd)
+
+    def replace(self, src, dst):
+        with self.lock:
+            self._os.replace(src, dst)
+            self._renamed(src, dst)
+
+    def rename(self, src, dst):
+        with self.lock:
+            self._os.rename(src, dst)
+            self._renamed(src, dst)
+
+    def _renamed(self, src, dst):
+        old, new = self._split(src), self._split(dst)
+        if old is None:
+            return
+        self.ops += 1
+        assert old[:-1] == new[:-1], "renames stay in their folder"
+
+        def move(entries, a=old[-1], b=new[-1]):
+            entries[b] = entries.pop(a)
+        self._change(self._lookup(old[:-1]), (move, "rename", new[-1]))
+
+    def unlink(self, path):
+        with self.lock:
+            self._os.unlink(path)
+            parts = self._split(path)
+            if parts is not None:
+                self.ops += 1
+                self._change(self._lookup(parts[:-1]),
+                             (lambda e, n=parts[-1]: e.pop(n, None), "unlink", parts[-1]))
+
+    def close(self, fd):
+        with self.lock:
+            self.fds.pop(fd, None)
+            return self._os.close(fd)
+
+    # crash states
+
+    def _tree(self, entries_of, data_of, node=None, prefix=""):
+        """{relative path: bytes or None (folder)} of the disk as chosen."""
+        node = self.top if node is None else node
+        tree = {}
+        for name, child in sorted(entries_of(node).items()):
+            path = prefix + name
+            if child.is_dir:
+                tree[path] = None
+                tree.update(self._tree(entries_of, data_of, child, path + "/"))
+            else:
+                tree[path] = data_of(child)
+        return tree
+
+    def _folders(self, node=None):
+        node = self.top if node is None else node
+        yield node
+        for child in list(node.entries.values()) + list(node.synced_entries.values()):
+            if child.is_dir:
+                for folder in self._folders(child):
+                    yield folder
+
+    def _keep(self, kind, tree):
+        # The same files count again once more events are due: the earliest such
+        # moment asks the most of recovery (the fewest delivered before the cut).
+        digest = hashlib.sha256(repr((sorted(tree.items()), len(self.durable_at)))
+                                .encode()).hexdigest()
+        if digest not in self.states:
+            self.states[digest] = (self.ops, kind, tree)
+
+    def note_states(self, why):
+        """The states a power cut now could leave (deduplicated)."""
+        synced = lambda n: n.synced_entries
+        cached = lambda n: n.entries
+        durable = lambda n: n.synced
+        self._keep(why + ": all fsynced", self._tree(synced, durable))
+        self._keep(why + ": names on disk, unsynced bytes not",
+                   self._tree(cached, durable))
+        torn = self.last_written
+        if torn is not None and torn.data[:len(torn.synced)] == torn.synced \
+                and len(torn.data) > len(torn.synced) + 1:
+            cut = len(torn.synced) + (len(torn.data) - len(torn.synced)) // 2
+            self._keep(why + ": last write torn", self._tree(
+                synced, lambda n: bytes(n.data[:cut]) if n is torn else n.synced))
+        subsets = 0
+        for folder in self._folders():
+            for change in folder.pending:
+                if subsets >= self.max_subsets:
+                    return
+                subsets += 1
+
+                entries = dict(folder.synced_entries)
+                try:
+                    change[0](entries)
+                except KeyError:
+                    continue            # it needs an earlier change (a rename of a new file)
+
+                def one(n, f=folder, alone=entries):
+                    return alone if n is f else n.synced_entries
+                self._keep("%s: only the %s of %s reached the disk" % (why, change[1],
+                                                                      change[2]),
+                           self._tree(one, durable))
+
+    def _note_durable(self):
+        """Values in fsynced bytes of segments whose own name is fsynced."""
+        for folder in self._folders():
+            for name, child in folder.synced_entries.items():
+                if name.endswith(lite._SPOOL_SUFFIX) and not child.is_dir:
+                    for line in child.synced.split(b"\n")[:-1]:
+                        for event in json.loads(line.decode("utf-8")):
+                            self.durable_at.setdefault(event["value"], self.ops)
+
+    def durable_upto(self, ops):
+        return [v for v, at in self.durable_at.items() if at <= ops]
+
+
+class OrderSink(FaultSink):
+    """A FaultSink that notes, for each value it stores, the recorder's op count then."""
+
+    def __init__(self, recorder=None, **kwargs):
+        FaultSink.__init__(self, **kwargs)
+        self.recorder = recorder
+        self.stored_at = []                 # (op count, value)
+        self.sizes = []                     # events per request stored
+
+    def _add_events(self, handler, data):
+        before = len(self.events)
+        lite._Sink._add_events(self, handler, data)
+        with self.changed:
+            ops = self.recorder.ops if self.recorder is not None else 0
+            self.stored_at.extend((ops, e["value"]) for _, e in self.events[before:])
+            self.sizes.append(len(self.events) - before)
+
+
+def replay_settings(api_base, spool_dir):
+    """Settings for lite._replay_spool, as the command line's replay makes them."""
+    import inspect
+    options = {name: p.default for name, p in
+               inspect.signature(lite.Streamer.__init__).parameters.items() if name != "self"}
+    options.update(bucket_key="replay", access_key=KEY, ini_file_location=False,
+                   api_base=api_base, spool_dir=spool_dir)
+    return lite._resolve_settings(**options)
+
+
+def write_tree(folder, tree):
+    for path, data in sorted(tree.items()):
+        full = os.path.join(folder, path)
+        if data is None:
+            os.mkdir(full, 0o700)
+        else:
+            with open(full, "wb") as handle:
+                handle.write(data)
+            os.chmod(full, 0o600)
+
+
+class CrashStateTest(DeliveryTestCase):
+    """Durable mode: every state a power cut can leave is recovered, nothing fsynced is lost."""
+
+    EVENTS = 600 if FULL_MATRIX else 120
+
+    def record_run(self, events):
+        """A durable run under server faults, every spool operation recorded."""
+        spool = os.path.join(self.tempdir(), "spool")
+        os.mkdir(spool, 0o700)
+        recorder = CrashRecorder(spool, max_subsets=6 if FULL_MATRIX else 3)
+        sink = self.sink(OrderSink, recorder=recorder)
+        # Down (reset), 503s and up, in turns; segments small enough to finish mid-run.
+        faults = itertools.cycle(["reset", None, 503, None, None, "reset", 503, None])
+        sink.rule = lambda handler, path: next(faults) if path == "/api/events" else None
+        patches = (mock.patch.object(lite, "os", recorder),
+                   mock.patch.object(lite, "_SEGMENT_BYTES", 700))
+        for patch in patches:
+            patch.start()
+            self.addCleanup(patch.stop)
+        s = self.streamer(sink.url, spool_dir=spool, durable=True, sync_interval=0.02,
+                          max_retries=2, bucket_key="crash-a")
+        for i in range(events):
+            if i == events // 2:
+                s.set_bucket("", "crash-b")
+            s.log("n", i)
+            if i % 10 == 9:
+                s.flush(0.05)           # let the worker journal, send and retire
+        self.assertTrue(s.close(30), "the recorded run did not deliver everything")
+        for patch in reversed(patches):
+            patch.stop()
+        with recorder.lock:
+            recorder.note_states("at the end")
+        return recorder, sink
+
+    def recover(self, sink, folder):
+        """A fresh Streamer sends what ``folder`` holds; True once the spool is empty."""
+        s = self.streamer(sink.url, spool_dir=folder, durable=True, bucket_key="crash-a")
+        tick = threading.Event()
+        deadline = time.monotonic() + 3         # a failure guard: it takes ~10 ms
+        while spool_segments(folder) and time.monotonic() < deadline:
+            tick.wait(0.01)
+        return s.close(3) and not spool_segments(folder)
+
+    def test_every_crash_state_recovers_what_was_fsynced(self):
+        """Durable spool: each crash state keeps every fsynced event; recovery sends it once."""
+        recorder, first = self.record_run(self.EVENTS)
+        self.assertGreater(len(recorder.states), 20)
+        most = max(first.sizes)
+        recovery = self.sink(OrderSink)
+        failures = []
+        for number, (ops, kind, tree) in enumerate(recorder.states.values()):
+            folder = os.path.join(self.tempdir(), "state")
+            os.mkdir(folder, 0o700)
+            write_tree(folder, tree)
+            before = collections.Counter(v for at, v in first.stored_at if at <= ops)
+            with recovery.changed:
+                del recovery.events[:]
+            done = self.recover(recovery, folder)
+            again = lite._replay_spool(replay_settings(recovery.url, folder), None, 5.0)
+            after = collections.Counter(e["value"] for _, e in recovery.events)
+            lost = sorted(v for v in recorder.durable_upto(ops) if not before[v] and not after[v])
+            twice = sum(n for v, n in (after & before).items()) + \
+                sum(n - 1 for n in after.values() if n > 1)
+            problems = []
+            if not done:
+                problems.append("recovery left segments on disk")
+            if lost:
+                problems.append("lost %d fsynced events (first %s)" % (len(lost), lost[:5]))
+            if twice > most:
+                problems.append("%d events sent twice, more than one request (%d)"
+                                % (twice, most))
+            if again[0]["replayed"] or again[1]:
+                problems.append("a second recovery sent %d events again, %d lines pending"
+                                % (again[0]["replayed"], again[1]))
+            if problems:
+                failures.append("state %d (op %d, %s): %s" % (number, ops, kind,
+                                                             "; ".join(problems)))
+                if len(failures) >= 8:
+                    break               # enough to see why; each failure waits its guard
+        self.assertEqual(failures, [], "%d of %d crash states failed:\n%s" % (
+            len(failures), len(recorder.states), "\n".join(failures[:15])))
+
+
+
+class SpoolRepairTest(DeliveryTestCase):
+    """Recovery repairs what a power cut (or an older version) left, instead of giving up."""
+
+    def old_spool(self, bucket_key, values, meta=b""):
+        """A spool as a crash could leave it: one segment, ``bucket.json`` as given."""
+        spool = self.tempdir()
+        folder = os.path.join(spool, fingerprint(KEY), fingerprint(bucket_key))
+        os.makedirs(folder, 0o700)
+        with open(os.path.join(folder, "bucket.json"), "wb") as handle:
+            handle.write(meta)
+        path = os.path.join(folder, "00000000000000001-1-abcd1234.jsonl")
+        with open(path, "wb") as handle:
+            for value in values:
+                handle.write(json.dumps([{"key": "n", "value": value}]).encode() + b"\n")
+        return spool, path
+
+    def test_empty_bucket_json_is_rewritten_by_a_streamer_of_that_bucket(self):
+        """Spool: an emptied bucket.json no longer strands its segments; it is rewritten."""
+        spool, path = self.old_spool("lost-meta", [1, 2, 3])
+        sink = self.sink()
+        other = self.streamer(sink.url, spool_dir=spool, bucket_key="another")
+        other.log("m", 0)
+        self.assertTrue(other.close(5))
+        self.assertTrue(os.path.exists(path), "a Streamer of another bucket cannot know it")
+        s = self.streamer(sink.url, spool_dir=spool, bucket_key="lost-meta")
+        self.assertTrue(bounded_poll(lambda: not os.path.exists(path), 10))
+        self.assertTrue(s.close(5))
+        self.assertEqual(sorted(v for b, (k, v) in zip(
+            [b for b, _ in sink.events], self.received(sink)) if b == "lost-meta"), [1, 2, 3])
+        meta = os.path.join(os.path.dirname(path), "bucket.json")
+        self.assertEqual(lite._read_bucket_meta(os.path.dirname(meta)), ("lost-meta", ""))
+
+    def test_writer_rewrites_an_empty_bucket_json(self):
+        """Spool: a new segment in a folder whose bucket.json is empty rewrites it first."""
+        spool, path = self.old_spool("torn-meta", [])
+        os.unlink(path)
+        s = self.streamer("http://127.0.0.1:9", spool_dir=spool, bucket_key="torn-meta",
+                          durable=True)
+        s.log("n", 1)
+        self.assertFalse(s.close(0.5))
+        folder = os.path.dirname(path)
+        self.assertEqual(lite._read_bucket_meta(folder), ("torn-meta", ""))
+
+    def test_ack_record_never_glues_to_a_torn_one(self):
+        """Spool: a record appended after a torn one stands on its own line."""
+        spool, path = self.old_spool("torn-ack", [1, 2, 3],
+                                     meta=b'{"bucketKey": "torn-ack", "bucketName": ""}')
+        with open(path, "rb") as handle:
+            lines = handle.readlines()
+        starts = [sum(len(l) for l in lines[:i]) for i in range(4)]
+        with open(path + ".ack", "wb") as handle:     # "0 <end>\n" cut short by a crash
+            handle.write(("0 %d" % starts[1])[:-1].encode())
+        reader = lite._SpoolReader(os.path.dirname(os.path.dirname(path)), durable=True)
+        self.addCleanup(reader.release_all)
+        self.assertTrue(reader.claim(0.0))
+        segment = reader.held[0]
+        self.assertEqual([r.start for r in segment.lines], starts[:3], "a torn record retires nothing")
+        second = segment.lines[1]
+        segment.lines.remove(second)
+        segment.out += 1
+        reader.ack([second])
+        self.assertEqual(lite._retired_offsets(path).get(starts[1]), starts[2])
+        with open(path, "rb") as handle:
+            data = handle.read()
+        self.assertEqual([start for start, _, _, _ in lite._unretired_lines(path, data)],
+                         [starts[0], starts[2]])
+
+    def test_only_whole_matching_records_retire_a_line(self):
+        """Spool: records that are torn, glued or name no line's end retire nothing."""
+        folder = self.tempdir()
+        path = os.path.join(folder, "segment.jsonl")
+        data = b'[1]\n[2]\n[3]\n'
+        for record, retired in ((b"0 4\n", [0]), (b"0 4", []), (b"0 44 8\n", []),
+                                (b"0 3\n", []), (b"4 8\n8 12\n", [4, 8]), (b"x y\n", []),
+                                (b"8 4\n", []), (b"\n4 8\n", [4])):
+            with self.subTest(record=record):
+                with open(path + ".ack", "wb") as handle:
+                    handle.write(record)
+                self.assertEqual([s for s, _, _, _ in lite._unretired_lines(path, data)],
+                                 [s for s in (0, 4, 8) if s not in retired])
 
 
 # --- 2. max_queue while blocked ---------------------------------------------
