@@ -104,6 +104,14 @@ _MAX_EPOCH = 253402300799.0
 _INT_LIMIT = 2 ** 63
 # Error bodies are read up to this much; the rest of the answer is discarded.
 _MAX_REPLY_BYTES = 64 * 1024
+# A body goes out in pieces, each of which may take `timeout`, through a small
+# send buffer: on a 56 kbit/s link 16 KiB take about 2 s, so a slow upload is
+# never mistaken for silence (the kernel's own buffer can hold megabytes).
+_SEND_CHUNK = 16 * 1024
+_SEND_BUFFER = 16 * 1024
+# A request's overall deadline grows by a second for each this many bytes of
+# body: a 1 MB body may take 8 minutes, as over a 16 kbit/s link.
+_SLOWEST_LINK = 2 * 1024
 # The status file beside the spool is rewritten at most this often (flash wear).
 _STATE_EVERY = 60.0
 _STATE_FILE = "state.json"
@@ -704,6 +712,13 @@ class _HTTPTransport(object):
             conn.set_tunnel(self.host, self.port, headers=headers)
         conn.connect()
         self.connections += 1
+        # A small send buffer: a send then waits for the link, not for the kernel's
+        # buffer, so a slow upload is not counted as silence awaiting the answer.
+        try:
+            import socket
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        except (OSError, AttributeError):
+            pass
         return conn
 
     def _target(self, path):
@@ -725,17 +740,21 @@ class _HTTPTransport(object):
         if self._proxy is not None and self.scheme == "http" and self._proxy[2]:
             headers["Proxy-Authorization"] = self._proxy[2]
         for attempt in (1, 2):
-            timeout = min(self.timeout, deadline - _monotonic())
-            if timeout <= 0:
-                raise TimeoutError("no answer before the request's deadline")
             reused = self._conn is not None
             if self._conn is None:
-                self._conn = self._connect(timeout)
+                self._conn = self._connect(self._time_left(deadline))
             conn = self._conn
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
             try:
-                conn.request("POST", self._target(path), body, headers)
+                conn.putrequest("POST", self._target(path))
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                conn.putheader("Content-Length", str(len(body)))
+                self._settimeout(conn, deadline)
+                conn.endheaders(body[:_SEND_CHUNK])     # one packet for a small request
+                for start in range(_SEND_CHUNK, len(body), _SEND_CHUNK):
+                    self._settimeout(conn, deadline)
+                    conn.send(body[start:start + _SEND_CHUNK])
+                self._settimeout(conn, deadline)
                 response = conn.getresponse()
                 if response.status < 200:
                     raise http.client.HTTPException(
@@ -745,13 +764,13 @@ class _HTTPTransport(object):
                     self.close()            # more than we read: never reuse it
             except (http.client.RemoteDisconnected, ConnectionResetError,
                     ConnectionAbortedError, BrokenPipeError, http.client.BadStatusLine):
-                self.close()
+                self.close(reset=True)
                 if reused and attempt == 1:
                     _log.debug("kept-alive connection was closed by the server; reconnecting")
                     continue
                 raise
             except BaseException:
-                self.close()
+                self.close(reset=True)
                 raise
             if response.will_close:
                 self.close()
@@ -759,13 +778,30 @@ class _HTTPTransport(object):
                              {k.lower(): v for k, v in response.getheaders()}, data)
         raise AssertionError("unreachable")
 
+    def _time_left(self, deadline):
+        """Seconds a blocking step may take: ``timeout`` of silence, within the deadline."""
+        left = min(self.timeout, deadline - _monotonic())
+        if left <= 0:
+            raise TimeoutError("no answer before the request's deadline")
+        return left
+
+    def _settimeout(self, conn, deadline):
+        """Each send and receive may wait ``timeout`` for progress (an inactivity limit)."""
+        if conn.sock is not None:
+            conn.sock.settimeout(self._time_left(deadline))
+
     def abort(self):
-        """Break a request running in another thread (its deadline passed)."""
+        """Break a request running in another thread (its deadline passed).
+
+        The connection is reset, not closed: the kernel drops what it still
+        had to send, so the server never stores a request given up on.
+        """
         conn = self._conn
         sock = getattr(conn, "sock", None)
         if sock is not None:
+            _linger_zero(sock)
             try:
-                sock.shutdown(2)            # SHUT_RDWR: the blocked read returns
+                sock.shutdown(2)            # SHUT_RDWR: the blocked send or read returns
             except OSError:
                 pass
 
@@ -773,13 +809,26 @@ class _HTTPTransport(object):
         """In a forked child: drop the parent's connection without closing it."""
         self._conn = None
 
-    def close(self):
+    def close(self, reset=False):
+        """Close the connection; ``reset`` (a request broke off) discards unsent bytes."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            if reset and conn.sock is not None:
+                _linger_zero(conn.sock)
             try:
                 conn.close()
             except OSError:
                 pass
+
+
+def _linger_zero(sock):
+    """Make close() reset the connection (RST) and drop the unsent data."""
+    import socket
+    import struct
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (OSError, AttributeError):
+        pass
 
 
 # --- Delivery policy (retry, back-off, pacing) --------------------------------
@@ -2592,18 +2641,20 @@ class _Worker(object):
             if wait > 0:
                 self.retry_at = now + wait
                 return self.wait_until(self.retry_at, "rate limit window")
-        timeout = self.settings["timeout"]
-        end = now + timeout
-        for limit in (self.close_at, deadline):
-            if limit is not None:
-                end = min(end, max(now + 0.05, limit))
         if bucket is not None:
             fields = {"bucketKey": bucket[0]}
             if bucket[1]:
                 fields["bucketName"] = bucket[1]
-            job = _Job("/api/buckets", _json_bytes(fields), bucket, None, end, batch)
+            job = _Job("/api/buckets", _json_bytes(fields), bucket, None, 0.0, batch)
         else:
-            job = _Job("/api/events", batch.body, batch.bucket, batch, end)
+            job = _Job("/api/events", batch.body, batch.bucket, batch, 0.0)
+        # `timeout` bounds each silence (the transport); the whole request may take
+        # longer the bigger its body, as on a slow link.
+        end = now + self.settings["timeout"] + len(job.body) / float(_SLOWEST_LINK)
+        for limit in (self.close_at, deadline):
+            if limit is not None:
+                end = min(end, max(now + 0.05, limit))
+        job.deadline = end
         self.stats["requests"] += 1
         self.job_deadline, self.job_started = end, now
         self.courier.start(job)
@@ -2663,6 +2714,9 @@ class _Worker(object):
             self.reject(batch, None, _scrub(decision.reason, self.settings["access_key"]))
         else:
             self.failed(batch, decision, response, error, now)
+            if decision.reason == "timeout" and batch in self.pending.batches \
+                    and batch.count > 1:
+                self.pending.split(batch)   # too slow a link for it: retried in halves
 
     def bucket_outcome(self, job, decision, response, error, now):
         bucket = job.bucket

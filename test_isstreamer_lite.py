@@ -3635,6 +3635,39 @@ class WorkerTest(LiteTestCase):
         self.assertEqual(self.transport.events(), [5, 5])
         self.assertEqual(worker.stats["rate_limited"], 1)
 
+    def test_timed_out_request_is_retried_in_halves_never_bigger(self):
+        """Worker: a timeout retries the batch in halves; events logged meanwhile wait."""
+        worker = self.worker(204, socket.timeout("timed out"), 204, 204, 204, buffer_size=8)
+        self.log(worker, 8)
+        delay = self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [8])
+        self.log(worker, 8, key="later")        # would make the retry bigger
+        self.clock.now += delay
+        self.run_until_idle(worker)
+        self.clock.now += 1.0
+        self.run_until_idle(worker)
+        self.assertEqual(self.transport.events(), [8, 4, 4, 8])
+        self.assertEqual([e["value"] for e in self.transport.posts[2][1]], [0, 1, 2, 3])
+        self.assertEqual(worker.stats["delivered"], 16)
+
+    def test_request_deadline_grows_with_its_body(self):
+        """Worker: a request's overall deadline is timeout plus a second per 2 KiB of body."""
+        worker = self.worker(buffer_size=100, timeout=10.0)
+        deadlines = []
+        post = self.transport.post
+
+        def noting(path, body, headers, deadline):
+            deadlines.append((len(body), deadline - self.clock()))
+            return post(path, body, headers, deadline)
+        self.transport.post = noting
+        worker.inbox.append(("k", "x" * 1900, 1.0))
+        for i in range(99):
+            worker.inbox.append(("k", "y" * 1900, 1.0))
+        self.run_until_idle(worker)
+        size, allowed = deadlines[-1]
+        self.assertGreater(size, 190000)
+        self.assertAlmostEqual(allowed, 10.0 + size / 2048.0, places=3)
+
     def test_413_splits_and_400_bisects(self):
         """Worker: 413 sends each half; 400 narrows down to the refused event."""
         worker = self.worker(204, 413, 204, 204, buffer_size=8)
@@ -4931,8 +4964,9 @@ class CrashStateTest(DeliveryTestCase):
         os.mkdir(spool, 0o700)
         recorder = CrashRecorder(spool, max_subsets=6 if FULL_MATRIX else 3)
         sink = self.sink(OrderSink, recorder=recorder)
-        # Down (reset), 503s and up, in turns; segments small enough to finish mid-run.
-        faults = itertools.cycle(["reset", None, 503, None, None, "reset", 503, None])
+        # Down (reset) and 503s for stretches long enough that fsynced events wait
+        # unsent, and up; segments small enough to finish mid-run.
+        faults = itertools.cycle(["reset"] * 4 + [None] * 2 + [503] * 4 + [None] * 3)
         sink.rule = lambda handler, path: next(faults) if path == "/api/events" else None
         patches = (mock.patch.object(lite, "os", recorder),
                    mock.patch.object(lite, "_SEGMENT_BYTES", 700))
@@ -5982,6 +6016,141 @@ class FuzzTest(LiteTestCase):
                 event["value"].encode("utf-8")
         got = set((e["key"], e["value"]) for _, e in sink.events)
         self.assertEqual([g for g in good if g not in got], [])
+
+
+
+# --- Slow links: request deadlines that fit the body ------------------------
+
+class SlowLinkServer(object):
+    """The events API behind a slow link: bodies are read at ``rate`` bytes a second.
+
+    Its receive buffer is small, so a client's send waits for the link as it
+    would on 2G. Events are stored only once a whole body arrived (a reset
+    connection stores nothing). ``gate``: if given, the first connection's
+    body is not read until the event is set.
+    """
+
+    def __init__(self, case, rate, gate=None):
+        self.rate = rate
+        self.gate = gate
+        self.values = []
+        self.sizes = []
+        self.resets = 0
+        self.first_done = threading.Event()     # the first connection's handler ended
+        self.changed = threading.Condition()
+        self.server = RawServer(case, self.answer)
+        self.server.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.url = self.server.url
+
+    def answer(self, conn, number, stop):
+        try:
+            self.serve(conn, number, stop)
+        except OSError:
+            with self.changed:
+                self.resets += 1
+        finally:
+            if number == 1:
+                self.first_done.set()
+
+    def serve(self, conn, number, stop):
+        tick = threading.Event()
+        data = b""
+        while not stop.is_set():
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(1024)
+                if not piece:
+                    return
+                data += piece
+            head, data = data.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            if number == 1 and self.gate is not None:
+                self.gate.wait(30)
+            while len(data) < length:
+                piece = conn.recv(min(2048, length - len(data)))
+                if not piece:
+                    raise ConnectionResetError("the client went away mid-body")
+                data += piece
+                if self.rate:
+                    tick.wait(len(piece) / float(self.rate))
+            body, data = data[:length], data[length:]
+            if b"/api/events" in head.split(b"\r\n")[0]:
+                events = json.loads(body.decode("utf-8"))
+                with self.changed:
+                    self.values.extend(e["value"] for e in events)
+                    self.sizes.append(len(events))
+                    self.changed.notify_all()
+                conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    def duplicates(self):
+        with self.changed:
+            return sum(n - 1 for n in collections.Counter(self.values).values())
+
+
+class SlowLinkTest(DeliveryTestCase):
+    """Requests over slow links: timeout is silence, not the whole upload; give-ups reset."""
+
+    def backlog(self, count):
+        """A spool of ``count`` events left by a run whose server was down."""
+        spool = self.tempdir()
+        s = self.streamer("http://127.0.0.1:9", spool_dir=spool, bucket_key="slow")
+        for i in range(count):
+            s.log("n", i)
+        self.assertFalse(s.close(1))
+        self.assertTrue(bounded_poll(lambda: len(disk_values(spool)) == count, 10))
+        return spool
+
+    def deliver_backlog(self, count, rate, timeout, close_within, **options):
+        spool = self.backlog(count)
+        link = SlowLinkServer(self, rate)
+        s = self.streamer(link.url, spool_dir=spool, bucket_key="slow", timeout=timeout,
+                          **options)
+        started = time.monotonic()
+        done = s.close(close_within)
+        elapsed = time.monotonic() - started
+        stats = s.stats()
+        if not done:                            # the next process sends the rest
+            self.assertTrue(self.streamer(link.url, spool_dir=spool, bucket_key="slow",
+                                          timeout=timeout, **options).close(close_within))
+        with link.changed:
+            values = collections.Counter(link.values)
+            most = max(link.sizes)
+        self.assertEqual(set(values), set(range(count)), "events lost")
+        self.assertLessEqual(link.duplicates(), most)
+        return elapsed, stats, link
+
+    def test_slow_upload_is_not_a_timeout(self):
+        """Transport: a body that takes 2.5x timeout to upload at a steady pace goes through."""
+        elapsed, stats, link = self.deliver_backlog(2200, 40000, 1.0, 30, buffer_size=2200)
+        self.assertEqual(stats["retried"], 0, "a steady upload was taken for silence")
+        self.assertEqual(link.duplicates(), 0)
+        self.assertGreater(elapsed, 1.5, "the link was not slow: the test proves nothing")
+
+    @unittest.skipUnless(FULL_MATRIX, "56 kbit/s for 2,400 events takes ~20 s; "
+                                      "ISSTREAMER_LITE_FULL=1 runs it")
+    def test_backlog_over_a_56_kbit_link(self):
+        """Transport: 2,400 spooled events over 7 kB/s are all delivered by close(75)."""
+        elapsed, stats, link = self.deliver_backlog(2400, 7000, 10.0, 75)
+        sys.stderr.write("\n56 kbit/s: 2,400 events in %.1f s, %d requests, %d retried, "
+                         "%d duplicates\n" % (elapsed, len(link.sizes), stats["retried"],
+                                               link.duplicates()))
+
+    def test_abandoned_request_is_reset_not_delivered_later(self):
+        """Transport: a request given up on is reset; the kernel does not deliver it after."""
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        link = SlowLinkServer(self, 0, gate=gate)
+        s = self.streamer(link.url, bucket_key="slow", timeout=0.5, buffer_size=1000,
+                          backoff_base=0.01)
+        for i in range(400):                    # about 18 kB: more than the server buffers
+            s.log("n", "%04d-padding-padding" % i)
+        self.assertTrue(s.flush(20), "the retry on a new connection did not get through")
+        self.assertGreaterEqual(s.stats()["retried"], 1)
+        gate.set()                              # the first connection may read on now
+        self.assertTrue(link.first_done.wait(30))
+        self.assertEqual(link.duplicates(), 0, "the abandoned body reached the server")
+        self.assertEqual(link.resets, 1)
 
 
 # --- For the device in the field: status, discard, where the spool goes ----------
