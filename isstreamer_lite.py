@@ -105,10 +105,11 @@ _INT_LIMIT = 2 ** 63
 # Error bodies are read up to this much; the rest of the answer is discarded.
 _MAX_REPLY_BYTES = 64 * 1024
 # A body goes out in pieces, each of which may take `timeout`, through a small
-# send buffer: on a 56 kbit/s link 16 KiB take about 2 s, so a slow upload is
-# never mistaken for silence (the kernel's own buffer can hold megabytes).
-_SEND_CHUNK = 16 * 1024
-_SEND_BUFFER = 16 * 1024
+# send buffer (the kernel's own can hold megabytes, and then the upload would
+# count as silence awaiting the answer). Linux doubles the buffer asked for:
+# 16 KiB drain in 8 s over the slowest link below, within the default timeout.
+_SEND_CHUNK = 8 * 1024
+_SEND_BUFFER = 8 * 1024
 # A request's overall deadline grows by a second for each this many bytes of
 # body: a 1 MB body may take 8 minutes, as over a 16 kbit/s link.
 _SLOWEST_LINK = 2 * 1024
