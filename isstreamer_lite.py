@@ -1369,17 +1369,20 @@ class _SpoolReader(object):
                     break
         return found
 
-    def take(self, limit):
-        """The oldest held lines of one segment, packed up to ``limit`` bytes."""
+    def take(self, limit, most=_NEVER):
+        """The oldest held lines of one segment, packed up to ``limit`` bytes and ``most``
+        events (a longer line, written by an older version, comes alone)."""
         for segment in self.held:
             if not segment.lines:
                 continue
-            refs, size = [], 2
+            refs, size, count = [], 2, 0
             while segment.lines and (not refs or size + segment.lines[0].end
-                                     - segment.lines[0].start <= limit):
+                                     - segment.lines[0].start <= limit
+                                     and count + segment.lines[0].count <= most):
                 ref = segment.lines.popleft()
                 refs.append(ref)
                 size += ref.end - ref.start
+                count += ref.count
             segment.out += len(refs)
             try:
                 lines = [_read_at(segment.fd, r.start, r.end - r.start) for r in refs]
@@ -1610,19 +1613,33 @@ class _Wait(object):
         self.close_at = close_at
 
 
+class _Line(object):
+    """A spool line longer than buffer_size, sent in slices: ``left`` of them undelivered.
+
+    The line is retired when ``left`` reaches 0; until then it is out, so a
+    crash sends all of it again (at least once, never lost).
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, left):
+        self.left = left
+
+
 class _Batch(object):
     """The events of one bucket for one request, and how often it was tried.
 
     From memory: ``events`` (key, value, epoch) and their encoded ``parts``,
     ``seq`` the first event's sequence number. From disk: ``refs`` to spool
-    lines and their joined ``body``. A ``fixed`` batch (a half after 413 or
+    lines and their joined ``body``; a slice of one long line has its ``parts``
+    and the ``line`` it belongs to. A ``fixed`` batch (a half after 413 or
     400) never grows.
     """
 
     __slots__ = ("bucket", "events", "parts", "refs", "_body", "seq", "attempts", "fixed",
-                 "size")
+                 "size", "line")
 
-    def __init__(self, bucket, events, parts, refs=None, body=None, seq=None):
+    def __init__(self, bucket, events, parts, refs=None, body=None, seq=None, line=None):
         self.bucket = bucket
         self.events = events
         self.parts = parts
@@ -1632,12 +1649,13 @@ class _Batch(object):
         self.attempts = 0
         self.fixed = False
         self.size = 2 + sum(len(p) + 1 for p in parts) if parts else 2
+        self.line = line
 
     @property
     def count(self):
-        if self.refs is not None:
-            return sum(ref.count for ref in self.refs)
-        return len(self.parts)
+        if self.parts is not None:
+            return len(self.parts)
+        return sum(ref.count for ref in self.refs)
 
     @property
     def body(self):
@@ -2046,6 +2064,7 @@ class _Stash(object):
         self.half = settings["sync_interval"] / 2.0
         self.nowhere = "offline_file_unwritable" if settings["offline"] else "no_spool"
         self.sync_due = None
+        self.most = settings["buffer_size"]     # events a spool line holds at most
 
     def write(self, bucket, parts, seq, why, journal=False, drop=True):
         """Write events as one spool line; True if they are there.
@@ -2110,7 +2129,7 @@ class _Stash(object):
         """
         stats = self.ledger.stats
         while memory.count:
-            batch, rejected = memory.take()
+            batch, rejected = memory.take(most=self.most)
             self.ledger.unencodable(rejected)
             if batch is None:
                 continue
@@ -2164,7 +2183,11 @@ class _Batcher(object):
         decides what is dropped), unless ``drop`` (stopping, or over max_queue).
         """
         if batch.refs is not None:
-            self.batches.remove(batch)
+            if batch not in self.batches:
+                return                      # a slice of a line already given back
+            for other in [b for b in self.batches if b is batch
+                          or batch.line is not None and b.line is batch.line]:
+                self.batches.remove(other)  # a line goes back whole: resent whole
             self.reader.give_back(batch.refs)
         elif self.stash.write(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
             self.remove(batch)
@@ -2187,13 +2210,47 @@ class _Batcher(object):
         for part in reversed(halves):
             part.fixed = True
             self.batches.insert(index, part)
-        if batch.refs is not None and len(batch.refs) == 1:
+        if batch.refs is not None and len(batch.refs) == 1 and batch.line is None:
             self.reader.ack(batch.refs)     # its halves are new lines on disk now
         return True
+
+    def slice(self, batch, most, limit=_MAX_BODY_BYTES):
+        """Put slices of at most ``most`` events (and ``limit`` bytes) where a long spool
+        line was; a line that cannot be parsed stays whole (400 then bisects it)."""
+        try:
+            parts = [_encode_event(e) for e in _decode_body(batch.body)]
+        except (ValueError, TypeError, OverflowError):
+            return
+        chunks, size = [[]], 2
+        for part in parts:
+            if chunks[-1] and (len(chunks[-1]) >= most or size + len(part) + 1 > limit):
+                chunks.append([])
+                size = 2
+            chunks[-1].append(part)
+            size += len(part) + 1
+        line = _Line(len(chunks))
+        index = self.batches.index(batch)
+        del self.batches[index]
+        for chunk in reversed(chunks):
+            part = _Batch(batch.bucket, None, chunk, batch.refs, line=line)
+            part.fixed = True
+            self.batches.insert(index, part)
+
+    def finished(self, batch):
+        """A disk batch is done with: whether its lines may be retired now."""
+        if batch.line is None:
+            return True
+        batch.line.left -= 1
+        return batch.line.left == 0
 
     def _halves(self, batch):
         if batch.count < 2:
             return None
+        if batch.line is not None:          # a slice of a long line: halves of the slice
+            batch.line.left += 1
+            half = len(batch.parts) // 2
+            return [_Batch(batch.bucket, None, parts, batch.refs, line=batch.line)
+                    for parts in (batch.parts[:half], batch.parts[half:])]
         if batch.refs is None:
             half = len(batch.parts) // 2
             return [_Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
@@ -2445,32 +2502,40 @@ class _Worker(object):
                 or now - oldest[1] >= self.settings["flush_interval"])
 
     def next_batch(self, now):
-        """The batch to send next, left at the head of ``batches``; or None."""
+        """The batch to send next, left at the head of ``batches``; or None.
+
+        A batch never holds more than buffer_size events (nor 1 MB).
+        """
+        most = self.settings["buffer_size"]
         if self.pending.batches:
             head = self.pending.batches[0]
             if head.refs is None and not head.fixed:
-                self.ledger.unencodable(self.memory.fill(head))     # it fell behind: grow
+                # It fell behind: grow it, up to buffer_size.
+                self.ledger.unencodable(self.memory.fill(head, most=most))
             return head
         if self.ready(now):
             if self.settings["durable"] and self.writer is not None:
                 batch = self.stash.journal_all(self.memory)     # then sent from disk
             else:
-                batch, rejected = self.memory.take()
+                batch, rejected = self.memory.take(most=most)
                 self.ledger.unencodable(rejected)
             if batch is not None:
                 self.pending.hold(batch)
                 return batch
         if self.reader is None:
             return None
-        batch = self.reader.take(_MAX_BODY_BYTES)
+        batch = self.reader.take(_MAX_BODY_BYTES, most)
         # Another run's backlog is claimed only once the server answers (our bucket is
         # created) and while requests go through.
         if batch is None and self.failures == 0 and not self.to_create \
                 and self.reader.claim(now):
-            batch = self.reader.take(_MAX_BODY_BYTES)
+            batch = self.reader.take(_MAX_BODY_BYTES, most)
         self.ledger.unreadable()
         if batch is not None:
             self.pending.batches.append(batch)
+            if batch.count > most:
+                self.pending.slice(batch, most)
+                batch = self.pending.batches[0]
         return batch
 
     def dispatch(self, now, deadline=None):
@@ -2593,10 +2658,12 @@ class _Worker(object):
         if batch.refs is None:
             self.stats["delivered"] += batch.count
             return
-        journal = sum(r.count for r in batch.refs if r.journal)
+        journal = sum(r.count for r in batch.refs if r.journal) if batch.line is None \
+            else batch.count if batch.refs[0].journal else 0
         self.stats["delivered"] += journal
         self.stats["replayed"] += batch.count - journal
-        self.reader.ack(batch.refs)
+        if self.pending.finished(batch):
+            self.reader.ack(batch.refs)
 
     def failed(self, batch, decision, response, error, now, creating=None):
         """A request did not go through: wait, back off, or pause and spool.
@@ -2655,7 +2722,7 @@ class _Worker(object):
         _log.warning("the server rejected an event of bucket %r (%s %s); it was moved to "
                      "the dead-letter file", batch.bucket[0], status, reply[:200])
         self.ledger.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
-        if batch.refs is not None:
+        if batch.refs is not None and self.pending.finished(batch):
             self.reader.ack(batch.refs)
         self.reports.append((DeliveryError("event rejected by the server: %s" % reply[:200],
                                            status, "rejected", batch.bucket[0]),
@@ -2686,7 +2753,8 @@ class _Worker(object):
             batch = next((b for b in pending.batches if b.refs is None
                           and b is not self.in_flight()), None)
             if batch is None:
-                batch, rejected = self.memory.take(most=pending.count - limit)
+                batch, rejected = self.memory.take(most=min(pending.count - limit,
+                                                            self.settings["buffer_size"]))
                 self.ledger.unencodable(rejected)
                 if batch is None:
                     return
@@ -2745,7 +2813,7 @@ class _Worker(object):
         for batch in list(self.pending.batches):
             self.pending.set_aside(batch, why, drop=True)
         while self.memory.count:
-            batch, rejected = self.memory.take()
+            batch, rejected = self.memory.take(most=self.settings["buffer_size"])
             self.ledger.unencodable(rejected)
             if batch is not None:
                 self.stash.write(batch.bucket, batch.parts, batch.seq, why)
