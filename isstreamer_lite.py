@@ -95,9 +95,12 @@ _IDLE_WAIT = 60.0
 _JOIN_WAIT = 1.0
 # Warnings about dropped events are repeated at most this often.
 _DROP_WARN_EVERY = 60.0
-# Longest a rate-limit window is believed to last, guarding against a
-# nonsense X-RateLimit-Reset or a badly skewed clock.
-_MAX_WINDOW_WAIT = 120.0
+# The documented rate-limit window. A Reset or Retry-After that is not a sane
+# time within it (milliseconds, years ahead, non-finite) counts as its end: the
+# server's word is untrusted input and must not stall a client past the window.
+_WINDOW = 10.0
+# What a Reset or Retry-After may exceed the window by (clock skew, rounding).
+_WINDOW_SLACK = 1.0
 # 9999-12-31T23:59:59Z: later epochs are not Unix seconds (milliseconds, garbage).
 _MAX_EPOCH = 253402300799.0
 # Integers beyond this do not survive the trip through most JSON consumers.
@@ -858,6 +861,8 @@ def _decide(status, headers=None, error=None, failures=0, base=0.5, cap=30.0,
         after = _parse_retry_after((headers or {}).get("retry-after"), now)
         if after is None:
             return _Decision(_WAIT, _retry_delay(failures, base, cap, rand), "rate_limited")
+        if not after <= _WINDOW + _WINDOW_SLACK:
+            after = _WINDOW             # ms, years ahead, infinite: the window's end
         # A Retry-After of 0 or in the past still waits, longer each time in a row.
         floor = min(cap, base * (2 ** min(failures, 30))) / 2.0
         return _Decision(_WAIT, max(floor, min(after, retry_after_cap)), "rate_limited")
@@ -889,8 +894,10 @@ class _RateBudget(object):
     shared by every Streamer of the process using that key. Kept in
     monotonic time: the server's reset is turned into "seconds from now"
     when its answer arrives, so a wall clock that steps cannot stall
-    sending, and a reset that is not a sane time in the next
-    _MAX_WINDOW_WAIT seconds is ignored or capped. What is left of a window
+    sending. A reset that is not a sane time within the documented window
+    (milliseconds, years ahead, non-finite) counts as the window's end,
+    _WINDOW seconds from now; one in the past is a late answer from a window
+    that is over, and ignored. What is left of a window
     is spread over its remaining time rather than spent at once, so a
     flush() or close() always finds a request to make. Until a server sends
     those headers nothing is paced, and what it told is forgotten once the
@@ -944,17 +951,17 @@ class _RateBudget(object):
             if parsed is not None and abs(mktime_tz(parsed) - wall) > 2.0:
                 reset -= mktime_tz(parsed) - wall       # the server's clock is off
         left = reset - wall
-        if limit < 1 or not left > 0.0 or left == float("inf"):
+        if limit < 1 or left <= 0.0:
             return              # nonsense, or a late answer from a window that is over
-        left = min(left, _MAX_WINDOW_WAIT)
+        if not left <= _WINDOW + _WINDOW_SLACK:
+            left = _WINDOW      # milliseconds, years ahead, non-finite: the window's end
         with self._lock:
             same_window = self._reset is not None and abs(now + left - self._reset) < 1.0
             if same_window and self._remaining is not None:
                 remaining = min(remaining, self._remaining)
             else:
                 self._next = 0.0
-            self._span = max(min(left, _MAX_WINDOW_WAIT), 1.0) if self._reset is None \
-                else max(self._span, min(left, _MAX_WINDOW_WAIT))
+            self._span = max(left, 1.0) if self._reset is None else max(self._span, left)
             self._limit, self._remaining, self._reset = limit, max(0, remaining), now + left
             self._heard = self._reset
 

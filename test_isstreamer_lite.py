@@ -2190,16 +2190,16 @@ class CliSendTest(CliTestCase):
         self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
 
     def test_long_retry_after_is_reported_as_the_reason(self):
-        """CLI send: a 429 asking for 100 s ends at once and says it is rate limited."""
-        sink = FaultSink(rule=lambda handler, path: (429, {"Retry-After": "100"})
+        """CLI send: a 429 asking to wait past --timeout ends at once and says it is rate limited."""
+        sink = FaultSink(rule=lambda handler, path: (429, {"Retry-After": "8"})
                          if path.endswith("/api/events") else None).start()
         self.addCleanup(sink.stop)
         self.addCleanup(sink.released.set)
-        took, err = self.failed_send(sink.url)
-        self.assertLess(took, 10)
-        self.assert_elapsed_reported(err, took, 30)
+        took, err = self.failed_send(sink.url, "--timeout", "5")
+        self.assertLess(took, 5)
+        self.assert_elapsed_reported(err, took, 5)
         self.assertIn("429", err)
-        self.assertIn("rate limited (429), and the next attempt is due after the 30 s timeout",
+        self.assertIn("rate limited (429), and the next attempt is due after the 5 s timeout",
                       err)
         self.assertIn("2 events spooled;", err)
 
@@ -3286,20 +3286,27 @@ class DecideTest(IsolatedCase):
     def test_429_waits_until_retry_after_date(self):
         """Policy: 429 with an HTTP-date Retry-After waits until then (injected now)."""
         now = 1700000000.0
-        header = email.utils.formatdate(now + 20, usegmt=True)
+        header = email.utils.formatdate(now + 7, usegmt=True)
         decision = self.decide(429, headers={"retry-after": header}, now=now)
-        self.assertEqual((decision.action, decision.delay), (lite._WAIT, 20.0))
+        self.assertEqual((decision.action, decision.delay), (lite._WAIT, 7.0))
         past = email.utils.formatdate(now - 20, usegmt=True)
         self.assertEqual(self.decide(429, headers={"retry-after": past}, now=now,
                                      base=0.5).delay, 0.25)
 
-    def test_429_retry_after_is_capped(self):
-        """Policy: a Retry-After beyond retry_after_cap waits retry_after_cap."""
+    def test_429_retry_after_beyond_the_window_counts_as_its_end(self):
+        """Policy: a Retry-After in ms, years ahead, infinite or past the 10 s window waits 10 s."""
         now = 1700000000.0
-        for header in ("3600", email.utils.formatdate(now + 86400, usegmt=True)):
+        for header in ("%.0f" % ((now + 5) * 1000), "1e12", "3600", "inf", "12",
+                       email.utils.formatdate(now + 86400 * 365, usegmt=True)):
             decision = self.decide(429, headers={"retry-after": header}, now=now,
                                    retry_after_cap=120.0)
-            self.assertEqual((decision.action, decision.delay), (lite._WAIT, 120.0), header)
+            self.assertEqual((decision.action, decision.delay), (lite._WAIT, 10.0), header)
+        self.assertEqual(self.decide(429, headers={"retry-after": "11"}, now=now).delay, 11.0)
+
+    def test_429_retry_after_is_capped(self):
+        """Policy: a Retry-After beyond retry_after_cap waits retry_after_cap."""
+        decision = self.decide(429, headers={"retry-after": "8"}, retry_after_cap=5.0)
+        self.assertEqual((decision.action, decision.delay), (lite._WAIT, 5.0))
 
     def test_429_without_retry_after_backs_off(self):
         """Policy: 429 without (or with an unreadable) Retry-After backs off with jitter."""
@@ -3346,8 +3353,8 @@ class DecideTest(IsolatedCase):
         original = lite._time
         lite._time = forbidden
         self.addCleanup(setattr, lite, "_time", original)
-        date = email.utils.formatdate(1700000030, usegmt=True)
-        self.assertEqual(self.decide(429, headers={"retry-after": date}).delay, 30.0)
+        date = email.utils.formatdate(1700000008, usegmt=True)
+        self.assertEqual(self.decide(429, headers={"retry-after": date}).delay, 8.0)
         first = [self.decide(503, failures=n).delay for n in range(8)]
         self.assertEqual(first, [self.decide(503, failures=n).delay for n in range(8)])
 
@@ -3442,7 +3449,7 @@ class RateBudgetTest(IsolatedCase):
         self.assertEqual(budget.reserve(self.MONO + 2.0), 0.0)
 
     def test_hostile_resets_never_stall_or_spin(self):
-        """Pacing: a reset in ms, 1e12, inf, nan, past or far away is capped or ignored."""
+        """Pacing: a reset in ms, 1e12, inf, nan, past or far away ends the window within 11 s."""
         cases = ["%.0f" % ((self.WALL + 5) * 1000), "1e12", "inf", "nan", "-1",
                  "%.3f" % (self.WALL - 5), "%.3f" % (self.WALL + 1e6)]
         for reset in cases:
@@ -3450,21 +3457,21 @@ class RateBudgetTest(IsolatedCase):
             budget.update(self.headers(10, 0, reset), self.MONO, self.WALL)
             wait = budget.reserve(self.MONO)
             self.assertGreaterEqual(wait, 0.0, reset)
-            self.assertLessEqual(wait, lite._MAX_WINDOW_WAIT + 0.01, reset)
+            self.assertLessEqual(wait, 11.01, reset)
             self.assertEqual(wait, wait, reset)                     # not NaN
-            self.assertEqual(budget.reserve(self.MONO + lite._MAX_WINDOW_WAIT + 0.02), 0.0,
-                             reset)                 # after a capped wait, one request goes
+            self.assertEqual(budget.reserve(self.MONO + 11.02), 0.0,
+                             reset)                 # after the window, one request goes
 
     def test_forgotten_one_window_after_the_last_headers(self):
         """Pacing: with no headers since, a window's news lasts it and one more, then nothing waits."""
-        budget = self.budget(1, 0, 120.0)         # a hostile answer: 1 request per 120 s
-        self.assertAlmostEqual(budget.reserve(self.MONO), 120.01, places=6)
-        self.assertEqual(budget.reserve(self.MONO + 120.01), 0.0)     # the next window
-        self.assertAlmostEqual(budget.reserve(self.MONO + 120.02), 119.99, places=6)
+        budget = self.budget(1, 0, 10.0)          # 1 request per 10 s window
+        self.assertAlmostEqual(budget.reserve(self.MONO), 10.01, places=6)
+        self.assertEqual(budget.reserve(self.MONO + 10.01), 0.0)     # the next window
+        self.assertAlmostEqual(budget.reserve(self.MONO + 10.02), 9.99, places=6)
         # Two windows after the last answer with headers: nothing is known, nothing waits.
-        now = self.MONO + 240.01
+        now = self.MONO + 20.01
         self.assertEqual([budget.reserve(now) for _ in range(50)], [0.0] * 50)
-        budget.update(self.headers(30, 0, self.WALL + 250.0), now, self.WALL + 240.01)
+        budget.update(self.headers(30, 0, self.WALL + 30.0), now, self.WALL + 20.01)
         self.assertGreater(budget.reserve(now), 9.0)              # taught again
 
     def test_same_window_remaining_only_decreases(self):
@@ -3692,6 +3699,21 @@ class WorkerTest(LiteTestCase):
         self.run_until_idle(worker)
         self.assertEqual(self.transport.events(), [5, 5])
         self.assertEqual(worker.stats["rate_limited"], 1)
+
+    def test_reset_in_milliseconds_or_1e12_waits_one_window_at_most(self):
+        """Worker: Remaining 0 with a Reset in ms or 1e12: the next call goes within 11 s."""
+        for reset in ("%.0f" % ((time.time() + 5) * 1000), "1e12", "inf"):
+            headers = {"x-ratelimit-limit": "10", "x-ratelimit-remaining": "0",
+                       "x-ratelimit-reset": reset}
+            worker = self.worker(204, (204, headers), buffer_size=10,
+                                 budget=lite._RateBudget())
+            self.log(worker, 20)
+            delay = self.run_until_idle(worker)
+            self.assertEqual(self.transport.events(), [10], reset)
+            self.assertLessEqual(delay, 11.01, reset)
+            self.clock.now += delay
+            self.run_until_idle(worker)
+            self.assertEqual(self.transport.events(), [10, 10], reset)
 
     def test_413_splits_and_400_bisects(self):
         """Worker: 413 sends each half; 400 narrows down to the refused event."""
@@ -5241,7 +5263,7 @@ class HostileServerTest(DeliveryTestCase):
                 self.assertGreaterEqual(requests, 2)
 
     def test_nonsense_rate_limit_headers_never_stall(self):
-        """Pacing: a reset in ms, inf, nan or 1e12 with nothing left does not stop sending."""
+        """Pacing: a reset in ms, inf, nan or 1e12 with nothing left waits one window at most."""
         for reset in ("inf", "nan", "1e12", "%.0f" % (time.time() * 1000)):
             with self.subTest(reset=reset):
                 headers = {"X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "0",
@@ -5252,9 +5274,10 @@ class HostileServerTest(DeliveryTestCase):
                 log_all(s, events("r", 5))
                 self.assertTrue(s.flush(5), s.stats())
                 log_all(s, events("s", 5))
-                # Ignored (nan, inf) or capped at 120 s: only the capped ones may wait.
-                if reset in ("inf", "nan"):
-                    self.assertTrue(s.flush(5), s.stats())
+                self.assertTrue(bounded_poll(lambda: s.stats()["waiting"], 10), s.stats())
+                self.assertEqual(s.stats()["waiting"], "rate limit window")
+                # The documented 10 s window and a little slack, never longer.
+                self.assertLessEqual(s._worker.waiting[0] - time.monotonic(), 11.01)
 
 
 class KeyLeakTest(LiteTestCase):
