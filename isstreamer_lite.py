@@ -894,14 +894,23 @@ class _RateBudget(object):
     shared by every Streamer of the process using that key. Kept in
     monotonic time: the server's reset is turned into "seconds from now"
     when its answer arrives, so a wall clock that steps cannot stall
-    sending. A reset that is not a sane time within the documented window
-    (milliseconds, years ahead, non-finite) counts as the window's end,
-    _WINDOW seconds from now; one in the past is a late answer from a window
-    that is over, and ignored. What is left of a window
-    is spread over its remaining time rather than spent at once, so a
-    flush() or close() always finds a request to make. Until a server sends
-    those headers nothing is paced, and what it told is forgotten once the
-    window after the one it told of is over with no news.
+    sending. Seconds from now are read against the server's own clock (its
+    Date header, in whole seconds, so the end found is at most a second
+    late) or, without one, against ours; when an answer tells of a new
+    window, the one before ended already, so the new one ends at most a
+    window from now: the end found is never early (no 429 from a clock that
+    runs ahead) and, while calls are frequent, late by one call at most.
+    Windows are told apart by the Reset value the server gives them (one
+    older than the last is a late answer, ignored), and their length is the
+    step between two of them (the documented 10 s until two are seen). A
+    window refilled here before the server's ended is put right by the next
+    answer that still tells of the old one. A reset that is not a
+    sane time within the documented window (milliseconds, years ahead,
+    non-finite) counts as the window's end, _WINDOW seconds from now. What
+    is left of a window is spread over its remaining time rather than spent
+    at once, so a flush() or close() always finds a request to make. Until
+    a server sends those headers nothing is paced, and what it told is
+    forgotten once the window after the one it told of is over with no news.
     """
 
     def __init__(self):
@@ -909,8 +918,10 @@ class _RateBudget(object):
         self._limit = None
         self._remaining = None
         self._reset = None              # monotonic time the window refills
+        self._told = None               # the Reset value of the last answer
+        self._refilled = False          # _reset is a window after _told's, not yet heard of
         self._heard = None              # the reset the last answer with headers told of
-        self._span = 10.0               # longest window seen, seconds
+        self._span = _WINDOW            # the window's length, seconds
         self._next = 0.0                # monotonic time of the next evenly spaced request
 
     def reserve(self, now):
@@ -923,9 +934,11 @@ class _RateBudget(object):
                 # knew is stale (a server that stopped sending the headers, or a
                 # hostile one that sent them once). Nothing is paced until they come.
                 self._limit = self._remaining = self._reset = self._heard = None
+                self._told, self._refilled = None, False
                 return 0.0
             if now >= self._reset:
                 self._reset += self._span           # the next window, until we hear of it
+                self._refilled = True
                 self._remaining = self._limit
                 self._next = 0.0
             if self._remaining <= 0:
@@ -941,27 +954,45 @@ class _RateBudget(object):
         try:
             limit = int(headers["x-ratelimit-limit"])
             remaining = int(headers["x-ratelimit-remaining"])
-            reset = float(headers["x-ratelimit-reset"])
+            told = float(headers["x-ratelimit-reset"])
         except (KeyError, ValueError, TypeError, OverflowError):
             return
+        server_now = wall
         date = headers.get("date")
         if date:
             from email.utils import parsedate_tz, mktime_tz
             parsed = parsedate_tz(date)
-            if parsed is not None and abs(mktime_tz(parsed) - wall) > 2.0:
-                reset -= mktime_tz(parsed) - wall       # the server's clock is off
-        left = reset - wall
+            if parsed is not None:
+                server_now = mktime_tz(parsed)  # whole seconds: the end found is late, never early
+        left = told - server_now
         if limit < 1 or left <= 0.0:
             return              # nonsense, or a late answer from a window that is over
         if not left <= _WINDOW + _WINDOW_SLACK:
             left = _WINDOW      # milliseconds, years ahead, non-finite: the window's end
         with self._lock:
-            same_window = self._reset is not None and abs(now + left - self._reset) < 1.0
-            if same_window and self._remaining is not None:
-                remaining = min(remaining, self._remaining)
-            else:
+            if not told - told == 0.0:
+                told = self._told if self._told is not None else 0.0    # no window to tell
+            if self._told is not None and told < self._told - 0.5:
+                return          # an answer from a window that is over
+            if self._told is None:
                 self._next = 0.0
-            self._span = max(left, 1.0) if self._reset is None else max(self._span, left)
+            elif abs(told - self._told) <= 0.5:
+                if not self._refilled:
+                    # The same window: what is left only decreases, its end only comes closer.
+                    remaining = min(remaining, self._remaining)
+                    left = min(left, self._reset - now)
+                else:
+                    self._next = 0.0    # refilled too early: the server's count stands
+            else:
+                gap = told - self._told
+                if gap <= _WINDOW + _WINDOW_SLACK:
+                    self._span = gap    # two windows in a row: their length
+                left = min(left, self._span)        # the one before is over: this one began
+                if self._refilled:
+                    remaining = min(remaining, self._remaining)
+                else:
+                    self._next = 0.0
+            self._told, self._refilled = told, False
             self._limit, self._remaining, self._reset = limit, max(0, remaining), now + left
             self._heard = self._reset
 
