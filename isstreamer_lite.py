@@ -1635,10 +1635,11 @@ class _BucketSwitch(object):
 class _Wait(object):
     """Inbox marker of flush() and close(): ``done`` is set once it is settled.
 
-    ``lost`` is the worker's count of lost events when the call was made;
-    ``ok`` becomes True only if everything logged before the call was
-    delivered and nothing was lost meanwhile. ``close_at`` (monotonic) asks
-    the worker to stop by then.
+    ``lost`` is the worker's count of lost events that an earlier answer
+    already told of (the worker sets it when it takes the wait); ``ok``
+    becomes True only if everything logged before the call was delivered
+    and nothing was lost since an answer last said so. ``close_at``
+    (monotonic) asks the worker to stop by then.
     """
 
     __slots__ = ("done", "lost", "ok", "upto", "close_at")
@@ -2037,6 +2038,7 @@ class _Ledger(object):
         self.reader = reader
         self.clock = clock
         self.lost = lost                    # dropped plus dead-lettered, ever
+        self.told = lost                    # of those, what a flush()/close() answer told of
         self.last_warning = -1e9
         self.stats = stats if stats is not None else {
             "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
@@ -2518,6 +2520,7 @@ class _Worker(object):
                     self.to_create.append(item.bucket)
             else:
                 item.upto = memory.next_seq - 1
+                item.lost = min(item.lost, self.ledger.told)    # losses no answer told of
                 self.waits.append(item)
                 if item.close_at is not None:
                     self.state = _CLOSING
@@ -2829,6 +2832,7 @@ class _Worker(object):
 
     def answer(self, wait, delivered):
         wait.ok = delivered and self.ledger.lost == wait.lost
+        self.ledger.told = self.ledger.lost
         wait.done.set()
 
     def halt(self, why):
@@ -3195,6 +3199,7 @@ class Streamer(object):
             self._closed = False
             self._start(old.stats)
             self._worker.ledger.lost = old.ledger.lost
+            self._worker.ledger.told = old.ledger.told
             while old.inbox:                # logged while it was stopping
                 self._queue.append(old.inbox.popleft())
 

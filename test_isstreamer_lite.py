@@ -4189,7 +4189,8 @@ class UnwritableSpoolTest(DeliveryTestCase):
         self.assertTrue(any("dropped" in line and "spool_unwritable" in line
                             for line in logs.output), logs.output)
         outage.up()
-        self.assertTrue(s.flush(10), s.stats())        # the 30 kept in memory
+        # The 30 kept in memory are delivered; 20 logged before the call were dropped.
+        self.assertFalse(s.flush(10), s.stats())
         self.assertExactlyOnce(self.received(outage), events("x", 50)[20:])
         after = events("y", 15)
         log_all(s, after)
@@ -4781,6 +4782,30 @@ class DroppedCloseTest(Issue9Case):
         ok = s.close(2)
         self.assertNotEqual(s.stats()["dropped"], {}, "nothing counted as dropped")
         self.assertFalse(ok, "close() answered True after dropping %s" % s.stats()["dropped"])
+
+
+    def test_close_false_after_drops_during_an_outage_the_server_came_back_from(self):
+        """close: events dropped (full spool) while the server was down, then it is back: False."""
+        outage = Outage(self, up=False)
+        s = self.streamer(outage.url, spool_max_bytes=4000, max_retries=1)
+        for i in range(2000):
+            s.log("v", i)
+        self.assertTrue(bounded_poll(lambda: s.stats()["dropped"], 30), s.stats())
+        outage.up()
+        self.assertFalse(s.close(10), "close() answered True after dropping %s"
+                         % s.stats()["dropped"])
+        self.assertEqual(s.stats()["queued"], 0)
+
+    def test_flush_false_after_drops_it_did_not_see(self):
+        """flush: events dropped before the call make the next answer False, once."""
+        outage = Outage(self, up=False)
+        s = self.streamer(outage.url, spool_max_bytes=4000, max_retries=1)
+        for i in range(2000):
+            s.log("v", i)
+        self.assertTrue(bounded_poll(lambda: s.stats()["dropped"], 30), s.stats())
+        outage.up()
+        answers = [s.flush(30), s.flush(30)]
+        self.assertEqual(answers, [False, True], s.stats())
 
 
 # --- 4. Eviction order -------------------------------------------------------
