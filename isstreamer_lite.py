@@ -2447,7 +2447,7 @@ class _Worker(object):
 
     def call_back(self):
         reports, self.reports = self.reports, []
-        _run_reports(self.settings["on_error"], reports)
+        _run_reports(self.settings["on_error"], reports, self)
 
     def step(self, deadline=None):
         """Do what is due; return seconds until the next thing is, or None if idle."""
@@ -2874,15 +2874,30 @@ class _Worker(object):
             self.answer(wait, delivered)
 
 
-def _run_reports(callback, reports):
+# The workers whose on_error this thread is running: a callback must not re-enter
+# the pump that called it (flush() from on_error answers from the state instead).
+_calling_back = threading.local()
+
+
+def _in_callback(worker):
+    """Whether this thread is inside an on_error callback of ``worker``."""
+    return worker in getattr(_calling_back, "workers", ())
+
+
+def _run_reports(callback, reports, worker):
     """Call on_error for each report, outside every lock; nothing it raises escapes."""
-    if callback is None:
+    if callback is None or not reports:
         return
-    for exc, events in reports:
-        try:
-            callback(exc, events)
-        except BaseException:           # SystemExit and KeyboardInterrupt too
-            _log.exception("on_error callback raised; ignored")
+    outer = getattr(_calling_back, "workers", frozenset())
+    _calling_back.workers = outer | {worker}
+    try:
+        for exc, events in reports:
+            try:
+                callback(exc, events)
+            except BaseException:           # SystemExit and KeyboardInterrupt too
+                _log.exception("on_error callback raised; ignored")
+    finally:
+        _calling_back.workers = outer
 
 
 # --- Streamer ----------------------------------------------------------------
@@ -3294,7 +3309,7 @@ class Streamer(object):
                     reports = worker.pump(_monotonic() + self._settings["timeout"])
                 finally:
                     self._baton.release()
-                _run_reports(self._settings["on_error"], reports)
+                _run_reports(self._settings["on_error"], reports, worker)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -3359,6 +3374,8 @@ class Streamer(object):
         if self._closed:
             self._reopen()
         worker = self._worker
+        if _in_callback(worker):
+            return self._settled_now(worker)
         wait = _Wait(worker.ledger.lost)
         worker.inbox.append(wait)
         try:
@@ -3433,15 +3450,31 @@ class Streamer(object):
                 _open_streamers.discard(self)
         return worker.stopped.is_set() and wait.ok
 
+    def _settled_now(self, worker):
+        """flush() from on_error: whether everything is delivered, from the state, at once.
+
+        The callback cannot wait for the worker that called it, nor pump it again.
+        """
+        if self._thread is None and not self._baton.acquire(False):
+            return False
+        try:
+            return not worker.pending_any() and worker.pending.oldest_seq() is None \
+                and worker.ledger.lost == worker.ledger.told
+        finally:
+            if self._thread is None:
+                self._baton.release()
+
     def _pump_until(self, worker, deadline, until):
         """use_async=False: run the worker in this thread until ``until`` or the deadline."""
+        if _in_callback(worker):
+            return                          # the pump that called on_error is below us
         if not self._baton.acquire(True, max(0.0, deadline - _monotonic())):
             return
         try:
             reports = worker.pump(deadline, until)
         finally:
             self._baton.release()
-        _run_reports(self._settings["on_error"], reports)
+        _run_reports(self._settings["on_error"], reports, worker)
 
     def _close_now(self):
         """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once.
@@ -4250,7 +4283,7 @@ def _replay_spool(settings, paths, timeout):
     deadline = _monotonic() + timeout
     worker.inbox.append(_Wait(0, deadline))
     while not worker.stopped.is_set() and _monotonic() < deadline:
-        _run_reports(settings["on_error"], worker.pump(deadline, worker.stopped))
+        _run_reports(settings["on_error"], worker.pump(deadline, worker.stopped), worker)
     if not worker.stopped.is_set():
         worker.halt("replay deadline reached")
     if paths is not None:

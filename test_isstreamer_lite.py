@@ -4917,8 +4917,35 @@ sys.stdout.write("calls %d closed %s\n" % (len(calls), s.close(5)))
 '''
 
 
+SYNC_FLUSHING_CALLBACK_CHILD = r'''
+import os, sys, threading
+import isstreamer_lite as lite
+api_base, spool_dir = sys.argv[1:3]
+calls = []
+def on_error(exc, events):
+    calls.append(s.flush(0.2))
+s = lite.Streamer("", "sync-bucket", "ist_issue9_access_key_0123456789",
+                  ini_file_location=False, api_base=api_base, spool_dir=spool_dir,
+                  use_async=False, on_error=on_error, backoff_base=0.01, backoff_cap=0.05)
+def scenario():
+    for i in range(10):
+        s.log("v", i)
+thread = threading.Thread(target=scenario, daemon=True)
+thread.start()
+thread.join(20)
+sys.stdout.write("%s %s\n" % ("stuck" if thread.is_alive() else "returned", sorted(set(calls))))
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
 class SyncModeTest(Issue9Case):
     """use_async=False: callbacks may call back in; deadlines hold."""
+
+    def test_flush_from_on_error_answers_without_pumping(self):
+        """Sync mode: server down, on_error calls flush(0.2): log() returns, flush() answers False."""
+        out = self.finish(self.child(SYNC_FLUSHING_CALLBACK_CHILD, dead_url(), self.tempdir()))
+        self.assertEqual(out.strip(), "returned [False]")
 
     def test_sync_callback_reentry_and_flush_deadline(self):
         """Sync mode: on_error calling flush() does not deadlock; flush(0.3) is bounded."""
