@@ -3263,11 +3263,17 @@ class Streamer(object):
             return
         if self._closed:
             self._reopen()
-        if not self._echo and type(key) is str and len(self._keys) < _KNOWN_KEYS:
-            self._keys.add(key)
+        # close() may run at any moment here and replace the cache with a frozenset:
+        # read it once, and add only to a set (an old one is no longer read).
+        keys = self._keys
+        if not self._echo and type(key) is str and isinstance(keys, set) \
+                and len(keys) < _KNOWN_KEYS:
+            keys.add(key)
         queue = self._queue
         queue.append((key, value, epoch))
-        if len(queue) >= self._worker.wake_at:
+        if self._closed:
+            self._reopen()          # closed meanwhile: the event goes to the new worker
+        elif len(queue) >= self._worker.wake_at:
             self._notify()
         if self._echo:
             _log.info("%s: %s %r", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)),

@@ -760,6 +760,25 @@ class BatchingTest(LiteTestCase):
         for key, values in per_thread.items():
             self.assertEqual(values, list(range(5000)), key)
 
+    def test_close_between_the_closed_check_and_the_key_cache_never_raises(self):
+        """log: a close() right after log() found the Streamer open raises nothing in log()."""
+        sink = self.sink()
+        s = self.streamer(sink)
+        closed = []
+
+        class ClosingKeys(set):
+            """The key cache; close() runs in the moment log() looks at it."""
+
+            def __len__(inner):
+                if not closed:
+                    closed.append(s.close(5))
+                return set.__len__(inner)
+        s._keys = ClosingKeys()
+        s.log("new-key", 1)                 # slow path: a key not yet in the cache
+        self.assertEqual(closed, [True])
+        self.assertTrue(s.close(5))         # the event reopened it, or went with the close
+        self.assertEqual(self.received(sink), [("new-key", 1)])
+
     def test_synchronous_mode_sends_in_callers_thread(self):
         """use_async=False: the caller's thread delivers when the buffer fills."""
         sink = self.sink(RecordingSink)
