@@ -77,6 +77,9 @@ _DEFAULT_API_BASE = "https://groker.init.st"
 _ACCEPT_VERSION = "~0"
 # Event and bucket limits from the API; the project enforces 250 for keys.
 _MAX_KEY_CHARS = 250
+# The API reference's key limit (ISStreamer said 250): a longer key is sent, with
+# one warning per key.
+_API_KEY_CHARS = 100
 _MAX_VALUE_CHARS = 2000
 _MAX_BUCKET_CHARS = 250
 _BUCKET_KEY_FORBIDDEN = ':"\''
@@ -3160,11 +3163,12 @@ class Streamer(object):
         self._baton = threading.Lock()
         self._closed = False
         self._close_wait = None
-        # Guards _rejected and _warned (events refused at log(), by reason); re-entrant
+        # Guards _rejected, _warned (events refused at log(), by reason) and _long_keys; re-entrant
         # for a log() from a signal handler. Never held while logging.
         self._count_lock = threading.RLock()
         self._rejected = {}
         self._warned = {}
+        self._long_keys = set()         # keys over _API_KEY_CHARS warned of
         self._start(None)
         _install_process_hooks()
         _flush_at_multiprocessing_exit()
@@ -3261,6 +3265,8 @@ class Streamer(object):
                 raise
             self._refused(exc)
             return
+        if len(key) > _API_KEY_CHARS:
+            self._warn_long_key(key)
         if self._closed:
             self._reopen()
         # close() may run at any moment here and replace the cache with a frozenset:
@@ -3278,6 +3284,16 @@ class Streamer(object):
         if self._echo:
             _log.info("%s: %s %r", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)),
                       key, value)
+
+    def _warn_long_key(self, key):
+        """One warning per key over the API reference's 100 characters (for 1,000 keys)."""
+        with self._count_lock:
+            if key in self._long_keys or len(self._long_keys) >= _KNOWN_KEYS:
+                return
+            self._long_keys.add(key)
+        _log.warning("key %r... is %d characters; the API reference allows %d (ISStreamer and "
+                     "this library accept up to %d): the server may refuse or cut it",
+                     key[:20], len(key), _API_KEY_CHARS, _MAX_KEY_CHARS)
 
     def _refused(self, exc):
         """Count an event refused at log(); warn at most once a minute per reason."""

@@ -442,6 +442,26 @@ class ValidationTest(LiteTestCase):
            ("x" * 251, 1), ("long", "v" * 2001), (7, "non-str key"), ("", "empty key"),
            ("dnan", decimal.Decimal("NaN"))]
 
+    def test_key_over_100_characters_warns_once_per_key_and_is_sent(self):
+        """log: a key of 101 to 250 characters: one warning per key naming 100 and 250; sent."""
+        sink = self.sink()
+        for echo in (0, 1):
+            s = self.streamer(sink, debug_level=echo, bucket_key="long-keys-%d" % echo)
+            keys = ["a" * 101, "b" * 250, "c" * 100]
+            with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+                for i in range(5):
+                    for key in keys:
+                        s.log(key, i)
+                lite._log.warning("end of test")
+            warnings = [line for line in logs.output if "characters" in line]
+            self.assertEqual(len(warnings), 2, warnings)
+            for line, length in zip(warnings, (101, 250)):
+                self.assertIn("%d characters" % length, line)
+                self.assertIn("100", line)
+                self.assertIn("250", line)
+            self.assertTrue(s.close(10))
+            self.assertEqual(s.stats()["delivered"], 15)
+
     def test_good_events_survive_bad_ones(self):
         """Validation: good events between bad ones all arrive and no bad one does."""
         sink = self.sink()
