@@ -926,6 +926,14 @@ class _RateBudget(object):
         self._heard = None              # the reset the last answer with headers told of
         self._span = _WINDOW            # the window's length, seconds
         self._next = 0.0                # monotonic time of the next evenly spaced request
+        self._learned = None            # (limit, span) last told, kept when forgotten
+
+    def learned(self):
+        """What the server last told of its window: {"calls", "window_s"}, or None."""
+        with self._lock:
+            if self._learned is None:
+                return None
+            return {"calls": self._learned[0], "window_s": round(self._learned[1], 3)}
 
     def reserve(self, now):
         """Take one request from the window: 0.0, or seconds to wait first."""
@@ -998,6 +1006,7 @@ class _RateBudget(object):
             self._told, self._refilled = told, False
             self._limit, self._remaining, self._reset = limit, max(0, remaining), now + left
             self._heard = self._reset
+            self._learned = (limit, self._span)
 
 
 _budgets = {}
@@ -2378,6 +2387,8 @@ class _Worker(object):
         self.stats = self.ledger.stats
         self.stash = _Stash(settings, writer, reader, self.ledger)
         self.left = 0                       # own events left on disk when it stopped
+        self.backlog = 0                    # events in held spool lines, each second
+        self.backlog_due = 0.0
         self.waiting = (0.0, "")
         self.memory = _Memory(bucket)
         self.pending = _Batcher(self.memory, self.stash, reader, writer)
@@ -2477,6 +2488,8 @@ class _Worker(object):
                 self.halt(None)
                 return None
             due.append(self.close_at - now)
+        if self.reader is not None and now >= self.backlog_due:
+            self.backlog, self.backlog_due = self.reader.waiting(), now + 1.0
         if now >= self.state_due and self.save_state():
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         due = [d for d in due if d is not None]
@@ -2491,7 +2504,8 @@ class _Worker(object):
                  self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
-                 "spool_dir": self.settings["spool_dir"]}
+                 "spool_dir": self.settings["spool_dir"],
+                 "rate_limit": self.budget.learned() if self.budget is not None else None}
         if self.reader is None or state == self.saved_state or not (
                 state["last_success"] or state["last_error"] or state["dropped"]
                 or state["dead_lettered"]):
@@ -3539,6 +3553,8 @@ class Streamer(object):
         counters = dict(worker.stats)
         counters["dropped"] = dict(counters["dropped"])
         counters["queued"] = len(worker.inbox) + worker.pending.count
+        counters["backlog"] = worker.backlog
+        counters["rate_limit"] = worker.budget.learned() if worker.budget is not None else None
         counters["connections"] = worker.sender.transport.connections
         counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
             if worker.writer else 0
@@ -4190,6 +4206,7 @@ def _key_status(spool_dir, fingerprint, now):
     return {"key_fingerprint": fingerprint, "key": state.get("key", "?"), "folder": folder,
             "last_success": state.get("last_success"), "last_error": state.get("last_error"),
             "paused": state.get("paused", ""), "waiting": state.get("waiting", ""),
+            "rate_limit": state.get("rate_limit"),
             "dropped": state.get("dropped", {}), "status_updated": state.get("updated"),
             "backlog": buckets, "backlog_events": sum(b["events"] for b in buckets),
             "dead_letters": dead, "newest_dead_letter": None if newest is None else {
@@ -4228,6 +4245,12 @@ def _cmd_status(args, out, err):
             out.write("  last error: %s\n" % r["last_error"])
         if r["paused"]:
             out.write("  sending paused: %s\n" % r["paused"])
+        if r["waiting"]:
+            out.write("  waiting: %s\n" % r["waiting"])
+        limit = r["rate_limit"]
+        if isinstance(limit, dict) and isinstance(limit.get("calls"), int):
+            out.write("  rate limit: %d calls per %g s (told by the server)\n" % (
+                limit["calls"], limit.get("window_s") or _WINDOW))
         for b in r["backlog"]:
             out.write("  backlog: bucket %r (%s): %d event%s, oldest %s\n" % (
                 b["bucket_key"], b["bucket_name"] or "no name", b["events"],

@@ -3985,6 +3985,20 @@ class RateLimitedTest(DeliveryTestCase):
         for gap in gaps:
             self.assertGreaterEqual(gap, 0.23)
 
+    def test_stats_show_the_learned_limit_and_what_waits(self):
+        """stats(): the calls per window the server told of; events in memory and on disk."""
+        sink = self.sink(rate_limit=30, window=10.0)
+        s = self.streamer(sink.url)
+        self.assertIsNone(s.stats()["rate_limit"])
+        log_all(s, events("w", 10))
+        self.assertTrue(s.flush(10), s.stats()["last_error"])
+        self.assertEqual(s.stats()["rate_limit"], {"calls": 30, "window_s": 10.0})
+        outage = Outage(self, up=False)
+        s = self.streamer(outage.url, max_retries=1)
+        log_all(s, events("x", 30))
+        self.assertTrue(bounded_poll(lambda: s.stats()["backlog"] == 30, 20), s.stats())
+        self.assertEqual(s.stats()["queued"], 0)
+
     def test_retry_after_http_date_honoured(self):
         """429: an HTTP-date Retry-After is waited for (1 s resolution)."""
         sink = self.sink()
@@ -5763,13 +5777,14 @@ class StatusTest(CliTestCase):
     def test_status_after_delivery_says_nothing_pending(self):
         """CLI status: once a replay sent the backlog, exit 0 and the last success shown."""
         self.killed_child_spool()
-        sink = self.sink()
+        sink = self.sink(rate_limit=30, window=10.0)
         status, out, err = self.main(["replay"] + self.common(sink.url))
         self.assertEqual(status, 0, err)
         result = self.run_cli(["status", "--spool-dir", self.spool])
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("nothing pending", result.stdout)
         self.assertRegex(result.stdout, r"last success: \d+ s ago")
+        self.assertIn("rate limit: 30 calls per 10 s (told by the server)", result.stdout)
 
     def test_discard_asks_then_deletes(self):
         """CLI discard: refuses without a terminal or --yes; with --yes deletes the backlog."""
