@@ -1651,17 +1651,19 @@ class _Wait(object):
     already told of (the worker sets it when it takes the wait); ``ok``
     becomes True only if everything logged before the call was delivered
     and nothing was lost since an answer last said so. ``close_at``
-    (monotonic) asks the worker to stop by then.
+    (monotonic) asks the worker to stop by then; with ``idle``, by ``idle``
+    seconds after the last call that went through, if that is later.
     """
 
-    __slots__ = ("done", "lost", "ok", "upto", "close_at")
+    __slots__ = ("done", "lost", "ok", "upto", "close_at", "idle")
 
-    def __init__(self, lost, close_at=None):
+    def __init__(self, lost, close_at=None, idle=None):
         self.done = threading.Event()
         self.lost = lost
         self.ok = False
         self.upto = None
         self.close_at = close_at
+        self.idle = idle
 
 
 class _Line(object):
@@ -2387,7 +2389,7 @@ class _Worker(object):
         self.stats = self.ledger.stats
         self.stash = _Stash(settings, writer, reader, self.ledger)
         self.left = 0                       # own events left on disk when it stopped
-        self.backlog = 0                    # events in held spool lines, each second
+        self.backlog = 0                    # events of held spool lines, each second
         self.backlog_due = 0.0
         self.waiting = (0.0, "")
         self.memory = _Memory(bucket)
@@ -2398,6 +2400,8 @@ class _Worker(object):
         self.retry_at = 0.0
         self.failures = 0
         self.close_at = None
+        self.close_idle = None              # closing: close_at moves to this after a success
+        self.progress = 0                   # calls that went through (read by waiters)
         self.job_deadline = self.job_started = 0.0
         self.state_due = 0.0                # when state.json may be written again
         self.saved_state = None
@@ -2489,7 +2493,9 @@ class _Worker(object):
                 return None
             due.append(self.close_at - now)
         if self.reader is not None and now >= self.backlog_due:
-            self.backlog, self.backlog_due = self.reader.waiting(), now + 1.0
+            self.backlog = self.reader.waiting() + sum(
+                b.count for b in self.pending.batches if b.refs is not None)
+            self.backlog_due = now + 1.0
         if now >= self.state_due and self.save_state():
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         due = [d for d in due if d is not None]
@@ -2541,8 +2547,12 @@ class _Worker(object):
                 self.waits.append(item)
                 if item.close_at is not None:
                     self.state = _CLOSING
-                    self.close_at = item.close_at if self.close_at is None else \
-                        min(self.close_at, item.close_at)
+                    if self.close_at is None:
+                        self.close_at, self.close_idle = item.close_at, item.idle
+                    else:
+                        self.close_at = min(self.close_at, item.close_at)
+                        if item.idle is None:
+                            self.close_idle = None      # a hard deadline wins
         if taken:
             self.stats["logged"] += taken
 
@@ -2701,13 +2711,21 @@ class _Worker(object):
             else:
                 self.stats["buckets_created"] += 1
                 self.failures = 0
+                self.progressed()
             self.created.add(bucket[0])
             if bucket in self.to_create:
                 self.to_create.remove(bucket)
             return
         self.failed(job.waiting, decision, response, error, now, bucket)
 
+    def progressed(self):
+        """A call went through: closing without a timeout waits idle seconds more."""
+        self.progress += 1
+        if self.close_idle is not None and self.state is _CLOSING:
+            self.close_at = max(self.close_at, self.clock() + self.close_idle)
+
     def delivered(self, batch):
+        self.progressed()
         self.failures = 0
         self.waiting = (0.0, "")
         self.stats["last_success"] = self.wall()
@@ -2774,6 +2792,7 @@ class _Worker(object):
 
     def reject(self, batch, response, why=None):
         """The server refuses this one event: dead-letter it with the reply."""
+        self.progressed()
         self.pending.remove(batch)
         status = response.status if response is not None else None
         reply = why or (self.reply(response, 2000) if response is not None else "")
@@ -3401,12 +3420,13 @@ class Streamer(object):
     def flush(self, timeout=None):
         """Deliver everything logged so far (and this key's spool); True if done.
 
-        Waits at most ``timeout`` seconds (default ``wait_timeout``); what is
-        not delivered by then stays queued or spooled and goes later. After
-        ``close()`` it reopens the Streamer, as ``log()`` does.
+        Waits at most ``timeout`` seconds; without one, as long as calls keep
+        going through, giving up after ``wait_timeout`` seconds in which none
+        did. What is not delivered by then stays queued or spooled and goes
+        later. After ``close()`` it reopens the Streamer, as ``log()`` does.
         """
-        timeout = self._settings["wait_timeout"] if timeout is None else timeout
-        deadline = _monotonic() + timeout
+        idle = self._settings["wait_timeout"] if timeout is None else None
+        deadline = _monotonic() + (idle if timeout is None else timeout)
         if self._closed:
             self._reopen()
         worker = self._worker
@@ -3415,11 +3435,8 @@ class Streamer(object):
         wait = _Wait(worker.ledger.lost)
         worker.inbox.append(wait)
         try:
-            if self._thread is not None:
-                worker.wake.set()
-                wait.done.wait(max(0.0, deadline - _monotonic()))
-            else:
-                self._pump_until(worker, deadline, wait.done)
+            worker.wake.set()
+            self._wait_for(worker, wait.done, deadline, idle)
         except BaseException:
             self._close_now()
             raise
@@ -3430,25 +3447,29 @@ class Streamer(object):
 
         Returns True if everything was delivered. A second close() answers
         again without waiting. ``log()``, ``flush()`` or ``set_bucket()``
-        afterwards reopen the Streamer, as with ISStreamer. ``timeout``
-        defaults to ``wait_timeout``.
+        afterwards reopen the Streamer, as with ISStreamer. Without a
+        ``timeout`` it waits as long as calls keep going through and gives up
+        after ``wait_timeout`` seconds in which none did, as ISStreamer's
+        blocking close() sent everything.
         """
-        timeout = self._settings["wait_timeout"] if timeout is None else timeout
-        deadline = _monotonic() + timeout
-        begun = self._begin_close(deadline)
+        idle = self._settings["wait_timeout"] if timeout is None else None
+        deadline = _monotonic() + (idle if timeout is None else timeout)
+        begun = self._begin_close(deadline, idle=idle)
         if begun is None:
             wait = self._close_wait
             return wait is not None and wait.done.is_set() and wait.ok
         try:
-            return self._finish_close(begun[0], begun[1], deadline)
+            return self._finish_close(begun[0], begun[1], deadline, idle)
         except BaseException:
             self._close_now()
             raise
 
-    def _begin_close(self, deadline, again=False):
+    def _begin_close(self, deadline, again=False, idle=None):
         """Ask the worker to stop by the deadline; (worker, wait), or None if closed.
 
         ``again`` (the exit hook): a close still under way is waited for too.
+        ``idle``: the deadline moves to ``idle`` seconds after each call that
+        goes through.
         """
         with self._lock:
             if self._closed:
@@ -3461,21 +3482,22 @@ class Streamer(object):
             worker = self._worker
             # Keep a little time to spool what is left once the deadline passes.
             margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
-            wait = self._close_wait = _Wait(worker.ledger.lost, deadline - margin)
+            wait = self._close_wait = _Wait(worker.ledger.lost, deadline - margin,
+                                            None if idle is None else idle - margin)
             worker.inbox.append(wait)
         worker.wake.set()
         return worker, wait
 
-    def _finish_close(self, worker, wait, deadline):
+    def _finish_close(self, worker, wait, deadline, idle=None):
         thread = self._thread
         if thread is not None:
-            worker.stopped.wait(max(0.0, deadline - _monotonic()))
+            deadline = self._wait_for(worker, worker.stopped, deadline, idle)
             if worker.stopped.is_set() and thread is not threading.current_thread():
                 # Its last on_error calls, then it ends: a sub-interpreter cannot
                 # be destroyed while it is alive. Never past the deadline.
                 thread.join(min(_JOIN_WAIT, max(0.0, deadline - _monotonic())))
         else:
-            self._pump_until(worker, deadline, worker.stopped)
+            self._wait_for(worker, worker.stopped, deadline, idle)
             if not worker.stopped.is_set() and self._baton.acquire(False):
                 try:
                     worker.halt("close() deadline reached")
@@ -3499,6 +3521,26 @@ class Streamer(object):
         finally:
             if self._thread is None:
                 self._baton.release()
+
+    def _wait_for(self, worker, until, deadline, idle=None):
+        """Wait until ``until`` is set or ``deadline``; with ``idle``, the deadline moves
+        to ``idle`` seconds after each call that goes through. Returns the deadline."""
+        while not until.is_set():
+            now = _monotonic()
+            if now >= deadline:
+                break
+            seen = worker.progress
+            # With idle, look again each second: a call that went through moves the deadline.
+            end = deadline if idle is None else min(deadline, now + 1.0)
+            if self._thread is not None:
+                until.wait(max(0.0, end - now))
+            else:
+                self._pump_until(worker, deadline, until)
+            if idle is not None and worker.progress != seen:
+                deadline = max(deadline, _monotonic() + idle)
+            elif self._thread is None:
+                break                   # the pump ran to the deadline, or cannot run
+        return deadline
 
     def _pump_until(self, worker, deadline, until):
         """use_async=False: run the worker in this thread until ``until`` or the deadline."""

@@ -3626,6 +3626,29 @@ class FakeTransport(object):
         pass
 
 
+class WindowTransport(FakeTransport):
+    """A server of fixed windows on the fake clock: ``limit`` calls each, 429 beyond."""
+
+    def __init__(self, clock, limit, window=10.0):
+        FakeTransport.__init__(self)
+        self.clock, self.limit, self.window = clock, limit, window
+        self.used = collections.Counter()
+        self.refused = 0
+
+    def post(self, path, body, headers, deadline):
+        self.posts.append((path, json.loads(body.decode("utf-8"))))
+        window = int(self.clock() // self.window)
+        self.used[window] += 1
+        answer = {"x-ratelimit-limit": str(self.limit),
+                  "x-ratelimit-remaining": str(max(0, self.limit - self.used[window])),
+                  "x-ratelimit-reset": "%.3f" % ((window + 1) * self.window)}
+        if self.used[window] > self.limit:
+            self.refused += 1
+            answer["retry-after"] = "%.3f" % ((window + 1) * self.window - self.clock())
+            return lite._Response(429, answer, b"")
+        return lite._Response(204, answer, b"")
+
+
 class WorkerTest(LiteTestCase):
     """The worker's decisions, stepped by hand: no threads, no sockets, no real time."""
 
@@ -3806,6 +3829,45 @@ class WorkerTest(LiteTestCase):
         self.assertEqual(self.transport.events(), [4, 2, 2, 1, 1])
         self.assertEqual(worker.stats["dead_lettered"], 1)
         self.assertEqual(worker.stats["delivered"], 3)
+
+    def run_paced(self, worker, wait, seconds):
+        """Step the worker on the fake clock, sleeping as it asks, for ``seconds`` at most."""
+        end = self.clock.now + seconds
+        while not wait.done.is_set() and self.clock.now < end:
+            delay = self.run_until_idle(worker, steps=1000)
+            self.clock.now += 0.01 if delay is None else max(delay, 0.001)
+
+    def test_close_without_timeout_waits_while_calls_succeed(self):
+        """Worker: close with idle 10 s: 900 events at 30 calls/10 s all go (~30 s), no 429."""
+        for idle, delivered in ((10.0, 900), (None, 290)):     # 29 calls + the bucket
+            worker = self.worker(buffer_size=10, budget=lite._RateBudget())
+            worker.wall = lambda: self.clock.now             # the server's clock is ours
+            self.transport = worker.sender.transport = WindowTransport(self.clock, 30)
+            self.log(worker, 900)
+            # close() with no timeout: give up after 10 s without a delivered call; or
+            # the hard 10 s deadline an explicit close(10) sets.
+            wait = lite._Wait(0, self.clock.now + 10.0, idle=idle)
+            worker.inbox.append(wait)
+            self.run_paced(worker, wait, 120.0)
+            self.assertEqual(worker.state, "stopped")
+            self.assertEqual(sum(self.transport.events()), delivered, idle)
+            self.assertEqual(max(self.transport.events()), 10)
+            self.assertEqual(self.transport.refused, 0)
+            self.assertEqual(wait.ok, delivered == 900)
+
+    def test_close_without_timeout_gives_up_after_idle_seconds_without_progress(self):
+        """Worker: close with idle 10 s and the server down: stops 10 s after the last success."""
+        answers = [204, 204] + [ConnectionRefusedError()] * 1000
+        worker = self.worker(*answers, buffer_size=10, max_retries=1000, backoff_cap=1.0)
+        self.log(worker, 30)
+        started = self.clock.now
+        wait = lite._Wait(0, self.clock.now + 10.0, idle=10.0)
+        worker.inbox.append(wait)
+        self.run_paced(worker, wait, 120.0)
+        self.assertEqual(worker.state, "stopped")
+        self.assertEqual(self.transport.events()[0], 10)
+        self.assertLessEqual(self.clock.now - started, 10.5)
+        self.assertFalse(wait.ok)
 
     def test_close_waits_for_a_window_that_opens_before_its_deadline(self):
         """Worker: close() waits for a rate-limit window opening in time, else spools now."""
@@ -3998,6 +4060,18 @@ class RateLimitedTest(DeliveryTestCase):
         log_all(s, events("x", 30))
         self.assertTrue(bounded_poll(lambda: s.stats()["backlog"] == 30, 20), s.stats())
         self.assertEqual(s.stats()["queued"], 0)
+
+    def test_flush_and_close_without_timeout_wait_while_calls_go_through(self):
+        """flush(), close(): no timeout waits past wait_timeout while calls succeed."""
+        sink = self.sink(rate_limit=20, window=1.0)
+        s = self.streamer(sink.url, access_key="ist_unbounded_%d" % os.getpid(),
+                          wait_timeout=1.0, buffer_size=10)
+        log_all(s, events("f", 400))            # 40 calls at 20 a second
+        self.assertTrue(s.flush(), s.stats())
+        log_all(s, events("c", 400))
+        self.assertTrue(s.close(), s.stats())
+        self.assertExactlyOnce(self.received(sink), events("f", 400) + events("c", 400))
+        self.assertEqual(sink.rate_limited, 0)
 
     def test_retry_after_http_date_honoured(self):
         """429: an HTTP-date Retry-After is waited for (1 s resolution)."""
