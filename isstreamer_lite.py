@@ -1009,16 +1009,103 @@ class _RateBudget(object):
             self._learned = (limit, self._span)
 
 
+class _SharedBudget(_RateBudget):
+    """A _RateBudget whose window lives in a small file every process of the machine
+    using the access key (and API base) reads and writes, under an flock.
+
+    Each reserve() and update() opens the file, locks it (without blocking:
+    a few tries, then this process paces alone for that call), reads the
+    window into the fields, runs _RateBudget's arithmetic, writes them back
+    and closes the file, which lets go of the lock: the lock is held across
+    that tiny file's I/O and nothing else. Times are monotonic (one clock for
+    the whole machine on Linux and macOS); a file last written in the future
+    or two windows ago (another boot, a stale window) is ignored. Where the
+    file cannot be made or read (read-only spool, no fcntl), each process
+    paces alone, as _RateBudget does. Created 0600 in the key's 0700 folder,
+    never through a symlink.
+    """
+
+    _FIELDS = ("_limit", "_remaining", "_reset", "_told", "_refilled", "_heard", "_span",
+               "_next", "_learned")
+
+    def __init__(self, path):
+        _RateBudget.__init__(self)
+        self.path = path
+
+    def reserve(self, now):
+        if self._remaining is None and not os.path.exists(self.path):
+            return 0.0                  # nobody on this machine heard of a window
+        return self._shared(now, _RateBudget.reserve, (self, now))
+
+    def update(self, headers, now, wall):
+        if "x-ratelimit-limit" in headers:
+            self._shared(now, _RateBudget.update, (self, headers, now, wall))
+
+    def _shared(self, now, operation, args):
+        fd = self._open_locked()
+        if fd is None:
+            return operation(*args)
+        try:
+            try:
+                state = _json_load(_read_at(fd, 0, 4096))
+                saved = state["saved"]
+                if not now - 2 * state["_span"] <= saved <= now + 1.0:
+                    state = None        # another boot's, or a window long over
+            except (OSError, ValueError, KeyError, TypeError):
+                state = None
+            if state is not None:
+                with self._lock:
+                    for name in self._FIELDS:
+                        value = state[name]
+                        setattr(self, name, tuple(value) if isinstance(value, list) else value)
+            result = operation(*args)
+            with self._lock:
+                state = dict((name, getattr(self, name)) for name in self._FIELDS)
+            state["saved"] = now
+            data = _json_bytes(state)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else _write_all(fd, data)
+            except OSError:
+                pass                    # the next reader finds garbage and paces alone
+            return result
+        finally:
+            os.close(fd)                # lets go of the lock
+
+    def _open_locked(self):
+        """The file, open and locked; None where it cannot be (then: pace alone)."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            _private_dir(os.path.dirname(self.path))
+            fd = _open_private(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError:
+            return None
+        for attempt in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError:
+                time.sleep(0.0005)      # held for microseconds by another process
+        os.close(fd)
+        return None
+
+
 _budgets = {}
 _budgets_lock = threading.Lock()        # guards _budgets
 
 
-def _budget_for(api_base, access_key):
+def _budget_for(api_base, access_key, folder=None):
+    """The rate budget of a key and API base: shared through a file in ``folder``
+    (the key's spool folder) with the other processes, if given."""
     key = (api_base, _fingerprint(access_key or ""))
     with _budgets_lock:
         budget = _budgets.get(key)
         if budget is None:
-            budget = _budgets[key] = _RateBudget()
+            budget = _budgets[key] = _RateBudget() if folder is None else _SharedBudget(
+                os.path.join(folder, "rate-%s.json" % _fingerprint(api_base)))
         return budget
 
 
@@ -2218,11 +2305,15 @@ class _Batcher(object):
         """Events in the worker's memory, in a batch or not."""
         return self.memory.count + self.in_memory
 
-    def hold(self, batch):
-        """A batch formed from memory waits at the tail (None: nothing to hold)."""
+    def hold(self, batch, first=False):
+        """A batch formed from memory waits at the tail, or ``first`` at the head
+        (None: nothing to hold)."""
         if batch is not None:
             self.in_memory += batch.count
-            self.batches.append(batch)
+            if first:
+                self.batches.appendleft(batch)
+            else:
+                self.batches.append(batch)
 
     def remove(self, batch):
         """A batch is done with (delivered, or dead-lettered)."""
@@ -2580,6 +2671,13 @@ class _Worker(object):
             if head.refs is None and not head.fixed:
                 # It fell behind: grow it, up to buffer_size.
                 self.ledger.unencodable(self.memory.fill(head, most=most))
+            elif head.refs is not None and self.ready(now) and not (
+                    self.settings["durable"] and self.writer is not None):
+                # The backlog waited (for the window, or a retry): live events go first.
+                batch, rejected = self.memory.take(most=most)
+                self.ledger.unencodable(rejected)
+                self.pending.hold(batch, first=True)
+                return self.pending.batches[0]
             return head
         if self.ready(now):
             if self.settings["durable"] and self.writer is not None:
@@ -3147,7 +3245,7 @@ def _new_worker(settings, bucket, stats=None, only=None):
         reader = _SpoolReader(folder, settings["durable"], only)
         writer = _SpoolWriter(folder, reader, settings["spool_max_bytes"],
                               settings["durable"])
-        budget = _budget_for(settings["api_base"], settings["access_key"])
+        budget = _budget_for(settings["api_base"], settings["access_key"], folder)
     if settings["offline"]:
         sender = _CsvSender(settings["offline_file"])
     worker = _Worker(settings, sender, writer, reader, budget, bucket)

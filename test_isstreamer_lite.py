@@ -3581,6 +3581,57 @@ class RateBudgetTest(IsolatedCase):
                 self.assertEqual(refused, 0, (skew, date, windows))
                 self.assertGreaterEqual(min(windows), 0.95 * 30, (skew, date, windows))
 
+    def shared_path(self):
+        folder = tempfile.mkdtemp(prefix="isl-rate-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        return os.path.join(folder, "key", "rate-x.json")
+
+    def spend(self, budgets, seconds=9.99):
+        """Each budget takes a call whenever it may, every 10 ms, the first to ask taking
+        turns; [(time, index)] of the calls."""
+        now, calls, tick = self.MONO, [], 0
+        while now < self.MONO + seconds:
+            for index in range(len(budgets)):
+                index = (index + tick) % len(budgets)
+                if budgets[index].reserve(now) == 0.0:
+                    calls.append((now, index))
+            now += 0.01
+            tick += 1
+        return calls
+
+    def test_processes_of_one_key_spend_one_window_through_a_file(self):
+        """Pacing: budgets of two processes on one file spend one window together, spread."""
+        path = self.shared_path()
+        first, second = lite._SharedBudget(path), lite._SharedBudget(path)
+        first.update(self.headers(30, 30, self.WALL + 10.0), self.MONO, self.WALL)
+        calls = self.spend([first, second])
+        self.assertEqual(len(calls), 30)
+        self.assertEqual(set(index for _, index in calls), {0, 1})
+        gaps = [later - earlier for (earlier, _), (later, _) in zip(calls, calls[1:])]
+        self.assertGreaterEqual(min(gaps), 0.3)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+        # What the server tells one process paces the other: a window with nothing left.
+        second.update(self.headers(30, 0, self.WALL + 20.0), self.MONO + 10.0,
+                      self.WALL + 10.0)
+        self.assertGreater(first.reserve(self.MONO + 10.0), 9.0)
+
+    def test_without_the_file_each_process_paces_alone(self):
+        """Pacing: a shared file that cannot be written (or is garbage) leaves local pacing."""
+        folder = tempfile.mkdtemp(prefix="isl-rate-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        blocker = os.path.join(folder, "not-a-folder")
+        with open(blocker, "w") as handle:
+            handle.write("x")
+        garbage = os.path.join(folder, "rate-garbage.json")
+        with open(garbage, "w") as handle:
+            handle.write("{not json")
+        os.chmod(garbage, 0o600)
+        for path in (os.path.join(blocker, "rate-x.json"), garbage):
+            budget = lite._SharedBudget(path)
+            budget.update(self.headers(30, 30, self.WALL + 10.0), self.MONO, self.WALL)
+            self.assertEqual(len(self.spend([budget])), 30, path)
+
     def test_one_budget_per_access_key(self):
         """Pacing: Streamers of one key and base share one budget; other keys do not."""
         base = "http://127.0.0.1:9"
@@ -3746,6 +3797,28 @@ class WorkerTest(LiteTestCase):
         self.assertEqual(self.sent_values()[10:], list(range(25)))
         self.assertEqual(spool_segments(folder), [])
         self.assertEqual(worker.stats["replayed"], 25)
+
+    def test_live_events_go_before_spool_replay_waiting_for_the_window(self):
+        """Worker: a backlog batch waits for the window; live events ready meanwhile go first."""
+        folder = self.tempdir()
+        self.spool_lines(folder, 10, 10)
+        budget = lite._RateBudget()
+        worker = self.worker(spool_dir=folder, buffer_size=10, budget=budget)
+        worker.created.add("fake")
+        worker.to_create = []
+        budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
+                       "x-ratelimit-reset": "%.3f" % (time.time() + 5.0)},
+                      self.clock(), time.time())
+        delay = self.run_until_idle(worker)
+        self.assertEqual(self.transport.posts, [])
+        self.assertIsNotNone(worker.pending.batches[0].refs)   # the backlog, waiting
+        self.log(worker, 10, key="live")
+        self.clock.now += delay
+        for _ in range(10):
+            delay = self.run_until_idle(worker, steps=100)
+            self.clock.now += 0.01 if delay is None else delay
+        self.assertEqual([body[0]["key"] for path, body in self.transport.posts],
+                         ["live", "k", "k"])
 
     def test_packing_stops_under_one_megabyte(self):
         """Worker: a request never carries a body over 1 MB, whatever buffer_size; the rest goes next."""
