@@ -4983,27 +4983,26 @@ class DroppedCloseTest(Issue9Case):
         self.assertNotEqual(s.stats()["dropped"], {}, "nothing counted as dropped")
         self.assertFalse(ok, "close() answered True after dropping %s" % s.stats()["dropped"])
 
-
-    def test_close_false_after_drops_during_an_outage_the_server_came_back_from(self):
-        """close: events dropped (full spool) while the server was down, then it is back: False."""
+    def dropped_in_an_outage(self):
+        """A Streamer that dropped events (full spool) while the server was down, now back."""
         outage = Outage(self, up=False)
         s = self.streamer(outage.url, spool_max_bytes=4000, max_retries=1)
         for i in range(2000):
             s.log("v", i)
         self.assertTrue(bounded_poll(lambda: s.stats()["dropped"], 30), s.stats())
         outage.up()
+        return s
+
+    def test_close_false_after_drops_during_an_outage_the_server_came_back_from(self):
+        """close: events dropped (full spool) while the server was down, then it is back: False."""
+        s = self.dropped_in_an_outage()
         self.assertFalse(s.close(10), "close() answered True after dropping %s"
                          % s.stats()["dropped"])
         self.assertEqual(s.stats()["queued"], 0)
 
     def test_flush_false_after_drops_it_did_not_see(self):
         """flush: events dropped before the call make the next answer False, once."""
-        outage = Outage(self, up=False)
-        s = self.streamer(outage.url, spool_max_bytes=4000, max_retries=1)
-        for i in range(2000):
-            s.log("v", i)
-        self.assertTrue(bounded_poll(lambda: s.stats()["dropped"], 30), s.stats())
-        outage.up()
+        s = self.dropped_in_an_outage()
         answers = [s.flush(30), s.flush(30)]
         self.assertEqual(answers, [False, True], s.stats())
 
@@ -5092,9 +5091,9 @@ class UnencodableValueTest(Issue9Case):
 # --- 7. use_async=False ------------------------------------------------------
 
 SYNC_CALLBACK_CHILD = r'''
-import sys, threading
+import os, sys, threading
 import isstreamer_lite as lite
-api_base, spool_dir = sys.argv[1:3]
+api_base, spool_dir, then = sys.argv[1:4]      # then: "flush-close" or "exit"
 calls = []
 def on_error(exc, events):
     calls.append(s.flush(0.1))
@@ -5104,38 +5103,20 @@ s = lite.Streamer("", "sync-bucket", "ist_issue9_access_key_0123456789",
 def scenario():
     for i in range(10):
         s.log("v", i)
-    s.flush(5)
-thread = threading.Thread(target=scenario, daemon=True)
-thread.start()
-thread.join(3)
-if thread.is_alive():
-    sys.stdout.write("deadlock\n")
-    sys.stdout.flush()
-    import os
-    os._exit(0)
-sys.stdout.write("calls %d closed %s\n" % (len(calls), s.close(5)))
-'''
-
-
-SYNC_FLUSHING_CALLBACK_CHILD = r'''
-import os, sys, threading
-import isstreamer_lite as lite
-api_base, spool_dir = sys.argv[1:3]
-calls = []
-def on_error(exc, events):
-    calls.append(s.flush(0.2))
-s = lite.Streamer("", "sync-bucket", "ist_issue9_access_key_0123456789",
-                  ini_file_location=False, api_base=api_base, spool_dir=spool_dir,
-                  use_async=False, on_error=on_error, backoff_base=0.01, backoff_cap=0.05)
-def scenario():
-    for i in range(10):
-        s.log("v", i)
+    if then == "flush-close":
+        s.flush(5)
 thread = threading.Thread(target=scenario, daemon=True)
 thread.start()
 thread.join(20)
-sys.stdout.write("%s %s\n" % ("stuck" if thread.is_alive() else "returned", sorted(set(calls))))
-sys.stdout.flush()
-os._exit(0)
+if thread.is_alive():
+    sys.stdout.write("deadlock\n")
+    sys.stdout.flush()
+    os._exit(0)
+sys.stdout.write("calls %d answers %s\n" % (len(calls), sorted(set(calls))))
+if then == "exit":
+    sys.stdout.flush()
+    os._exit(0)
+sys.stdout.write("closed %s\n" % s.close(5))
 '''
 
 
@@ -5144,15 +5125,17 @@ class SyncModeTest(Issue9Case):
 
     def test_flush_from_on_error_answers_without_pumping(self):
         """Sync mode: server down, on_error calls flush(0.2): log() returns, flush() answers False."""
-        out = self.finish(self.child(SYNC_FLUSHING_CALLBACK_CHILD, dead_url(), self.tempdir()))
-        self.assertEqual(out.strip(), "returned [False]")
+        out = self.finish(self.child(SYNC_CALLBACK_CHILD, dead_url(), self.tempdir(), "exit"))
+        self.assertNotIn("deadlock", out)
+        self.assertIn("answers [False]", out)
 
     def test_sync_callback_reentry_and_flush_deadline(self):
         """Sync mode: on_error calling flush() does not deadlock; flush(0.3) is bounded."""
         with self.subTest("on_error calls flush"):
             sink = self.sink()
             sink.script("/api/events", 500)
-            out = self.finish(self.child(SYNC_CALLBACK_CHILD, sink.url, self.tempdir()))
+            out = self.finish(self.child(SYNC_CALLBACK_CHILD, sink.url, self.tempdir(),
+                                         "flush-close"))
             self.assertNotIn("deadlock", out)
             self.assertIn("closed True", out)
             self.assertExactlyOnce([v for _, v in self.received(sink)], range(10))
