@@ -1048,24 +1048,23 @@ class _SharedBudget(_RateBudget):
         try:
             try:
                 state = _json_load(_read_at(fd, 0, 4096))
-                saved = state["saved"]
-                if not now - 2 * state["_span"] <= saved <= now + 1.0:
-                    state = None        # another boot's, or a window long over
+                fields = [(name, state[name]) for name in self._FIELDS]
+                if not now - 2 * state["_span"] <= state["saved"] <= now + 1.0:
+                    fields = None       # another boot's, or a window long over
             except (OSError, ValueError, KeyError, TypeError):
-                state = None
-            if state is not None:
+                fields = None           # none yet, or garbage: what this process knows
+            if fields is not None:
                 with self._lock:
-                    for name in self._FIELDS:
-                        value = state[name]
+                    for name, value in fields:
                         setattr(self, name, tuple(value) if isinstance(value, list) else value)
             result = operation(*args)
             with self._lock:
                 state = dict((name, getattr(self, name)) for name in self._FIELDS)
             state["saved"] = now
-            data = _json_bytes(state)
             try:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else _write_all(fd, data)
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_all(fd, _json_bytes(state))
             except OSError:
                 pass                    # the next reader finds garbage and paces alone
             return result
