@@ -3621,7 +3621,12 @@ class Streamer(object):
 
     def _wait_for(self, worker, until, deadline, idle=None):
         """Wait until ``until`` is set or ``deadline``; with ``idle``, the deadline moves
-        to ``idle`` seconds after each call that goes through. Returns the deadline."""
+        to ``idle`` seconds after each call that goes through. Returns the deadline.
+
+        Inside the worker's on_error nothing is waited for: the worker is below us.
+        """
+        if _in_callback(worker):
+            return deadline
         while not until.is_set():
             now = _monotonic()
             if now >= deadline:

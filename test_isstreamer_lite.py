@@ -4552,6 +4552,24 @@ class OnErrorTest(DeliveryTestCase):
                          (503, "server_error", "delivery-bucket"))
         self.assertEqual([(e[0], e[1]) for e in batch], expected)
 
+    def test_flush_and_close_inside_it_answer_without_waiting_for_the_worker(self):
+        """on_error: flush() and close() in it answer at once; the close happens after."""
+        answers, answered = [], threading.Event()
+
+        def callback(exc, batch):
+            if not answered.is_set():
+                answers.extend([s.flush(), s.close()])
+                answered.set()
+        sink = self.sink()
+        sink.script("/api/events", 503)
+        s = self.streamer(sink.url, on_error=callback, wait_timeout=60.0)
+        log_all(s, events("e", 10))
+        # The worker calls on_error: waiting for itself would take wait_timeout (60 s).
+        self.assertTrue(answered.wait(20), "flush() or close() inside on_error waited")
+        self.assertEqual(answers, [False, False])
+        assert_worker_stopped(s, 20)
+        self.assertEqual(s.stats()["state"], "stopped")
+
     def test_exception_in_callback_is_logged_not_raised(self):
         """on_error: an exception inside it is logged and delivery goes on."""
         def callback(exc, batch):
