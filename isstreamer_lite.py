@@ -77,6 +77,9 @@ _DEFAULT_API_BASE = "https://groker.init.st"
 _ACCEPT_VERSION = "~0"
 # Event and bucket limits from the API; the project enforces 250 for keys.
 _MAX_KEY_CHARS = 250
+# The API reference's key limit (ISStreamer said 250): a longer key is sent, with
+# one warning per key.
+_API_KEY_CHARS = 100
 _MAX_VALUE_CHARS = 2000
 _MAX_BUCKET_CHARS = 250
 _BUCKET_KEY_FORBIDDEN = ':"\''
@@ -95,9 +98,12 @@ _IDLE_WAIT = 60.0
 _JOIN_WAIT = 1.0
 # Warnings about dropped events are repeated at most this often.
 _DROP_WARN_EVERY = 60.0
-# Longest a rate-limit window is believed to last, guarding against a
-# nonsense X-RateLimit-Reset or a badly skewed clock.
-_MAX_WINDOW_WAIT = 120.0
+# The documented rate-limit window. A Reset or Retry-After that is not a sane
+# time within it (milliseconds, years ahead, non-finite) counts as its end: the
+# server's word is untrusted input and must not stall a client past the window.
+_WINDOW = 10.0
+# What a Reset or Retry-After may exceed the window by (clock skew, rounding).
+_WINDOW_SLACK = 1.0
 # 9999-12-31T23:59:59Z: later epochs are not Unix seconds (milliseconds, garbage).
 _MAX_EPOCH = 253402300799.0
 # Integers beyond this do not survive the trip through most JSON consumers.
@@ -908,6 +914,8 @@ def _decide(status, headers=None, error=None, failures=0, base=0.5, cap=30.0,
         after = _parse_retry_after((headers or {}).get("retry-after"), now)
         if after is None:
             return _Decision(_WAIT, _retry_delay(failures, base, cap, rand), "rate_limited")
+        if not after <= _WINDOW + _WINDOW_SLACK:
+            after = _WINDOW             # ms, years ahead, infinite: the window's end
         # A Retry-After of 0 or in the past still waits, longer each time in a row.
         floor = min(cap, base * (2 ** min(failures, 30))) / 2.0
         return _Decision(_WAIT, max(floor, min(after, retry_after_cap)), "rate_limited")
@@ -939,12 +947,23 @@ class _RateBudget(object):
     shared by every Streamer of the process using that key. Kept in
     monotonic time: the server's reset is turned into "seconds from now"
     when its answer arrives, so a wall clock that steps cannot stall
-    sending, and a reset that is not a sane time in the next
-    _MAX_WINDOW_WAIT seconds is ignored or capped. What is left of a window
-    is spread over its remaining time rather than spent at once, so a
-    flush() or close() always finds a request to make. Until a server sends
-    those headers nothing is paced, and what it told is forgotten once the
-    window after the one it told of is over with no news.
+    sending. Seconds from now are read against the server's own clock (its
+    Date header, in whole seconds, so the end found is at most a second
+    late) or, without one, against ours; when an answer tells of a new
+    window, the one before ended already, so the new one ends at most a
+    window from now: the end found is never early (no 429 from a clock that
+    runs ahead) and, while calls are frequent, late by one call at most.
+    Windows are told apart by the Reset value the server gives them (one
+    older than the last is a late answer, ignored), and their length is the
+    step between two of them (the documented 10 s until two are seen). A
+    window refilled here before the server's ended is put right by the next
+    answer that still tells of the old one. A reset that is not a
+    sane time within the documented window (milliseconds, years ahead,
+    non-finite) counts as the window's end, _WINDOW seconds from now. What
+    is left of a window is spread over its remaining time rather than spent
+    at once, so a flush() or close() always finds a request to make. Until
+    a server sends those headers nothing is paced, and what it told is
+    forgotten once the window after the one it told of is over with no news.
     """
 
     def __init__(self):
@@ -952,9 +971,19 @@ class _RateBudget(object):
         self._limit = None
         self._remaining = None
         self._reset = None              # monotonic time the window refills
+        self._told = None               # the Reset value of the last answer
+        self._refilled = False          # _reset is a window after _told's, not yet heard of
         self._heard = None              # the reset the last answer with headers told of
-        self._span = 10.0               # longest window seen, seconds
+        self._span = _WINDOW            # the window's length, seconds
         self._next = 0.0                # monotonic time of the next evenly spaced request
+        self._learned = None            # (limit, span) last told, kept when forgotten
+
+    def learned(self):
+        """What the server last told of its window: {"calls", "window_s"}, or None."""
+        with self._lock:
+            if self._learned is None:
+                return None
+            return {"calls": self._learned[0], "window_s": round(self._learned[1], 3)}
 
     def reserve(self, now):
         """Take one request from the window: 0.0, or seconds to wait first."""
@@ -966,9 +995,11 @@ class _RateBudget(object):
                 # knew is stale (a server that stopped sending the headers, or a
                 # hostile one that sent them once). Nothing is paced until they come.
                 self._limit = self._remaining = self._reset = self._heard = None
+                self._told, self._refilled = None, False
                 return 0.0
             if now >= self._reset:
                 self._reset += self._span           # the next window, until we hear of it
+                self._refilled = True
                 self._remaining = self._limit
                 self._next = 0.0
             if self._remaining <= 0:
@@ -984,41 +1015,146 @@ class _RateBudget(object):
         try:
             limit = int(headers["x-ratelimit-limit"])
             remaining = int(headers["x-ratelimit-remaining"])
-            reset = float(headers["x-ratelimit-reset"])
+            told = float(headers["x-ratelimit-reset"])
         except (KeyError, ValueError, TypeError, OverflowError):
             return
+        server_now = wall
         date = headers.get("date")
         if date:
             from email.utils import parsedate_tz, mktime_tz
             parsed = parsedate_tz(date)
-            if parsed is not None and abs(mktime_tz(parsed) - wall) > 2.0:
-                reset -= mktime_tz(parsed) - wall       # the server's clock is off
-        left = reset - wall
-        if limit < 1 or not left > 0.0 or left == float("inf"):
+            if parsed is not None:
+                server_now = mktime_tz(parsed)  # whole seconds: the end found is late, never early
+        left = told - server_now
+        if limit < 1 or left <= 0.0:
             return              # nonsense, or a late answer from a window that is over
-        left = min(left, _MAX_WINDOW_WAIT)
+        if not left <= _WINDOW + _WINDOW_SLACK:
+            left = _WINDOW      # milliseconds, years ahead, non-finite: the window's end
         with self._lock:
-            same_window = self._reset is not None and abs(now + left - self._reset) < 1.0
-            if same_window and self._remaining is not None:
-                remaining = min(remaining, self._remaining)
-            else:
+            if not told - told == 0.0:
+                told = self._told if self._told is not None else 0.0    # no window to tell
+            if self._told is not None and told < self._told - 0.5:
+                return          # an answer from a window that is over
+            if self._told is None:
                 self._next = 0.0
-            self._span = max(min(left, _MAX_WINDOW_WAIT), 1.0) if self._reset is None \
-                else max(self._span, min(left, _MAX_WINDOW_WAIT))
+            elif abs(told - self._told) <= 0.5:
+                if not self._refilled:
+                    # The same window: what is left only decreases, its end only comes closer.
+                    remaining = min(remaining, self._remaining)
+                    left = min(left, self._reset - now)
+                else:
+                    self._next = 0.0    # refilled too early: the server's count stands
+            else:
+                gap = told - self._told
+                if gap <= _WINDOW + _WINDOW_SLACK:
+                    self._span = gap    # two windows in a row: their length
+                left = min(left, self._span)        # the one before is over: this one began
+                if self._refilled:
+                    remaining = min(remaining, self._remaining)
+                else:
+                    self._next = 0.0
+            self._told, self._refilled = told, False
             self._limit, self._remaining, self._reset = limit, max(0, remaining), now + left
             self._heard = self._reset
+            self._learned = (limit, self._span)
+
+
+class _SharedBudget(_RateBudget):
+    """A _RateBudget whose window lives in a small file every process of the machine
+    using the access key (and API base) reads and writes, under an flock.
+
+    Each reserve() and update() opens the file, locks it (without blocking:
+    a few tries, then this process paces alone for that call), reads the
+    window into the fields, runs _RateBudget's arithmetic, writes them back
+    and closes the file, which lets go of the lock: the lock is held across
+    that tiny file's I/O and nothing else. Times are monotonic (one clock for
+    the whole machine on Linux and macOS); a file last written in the future
+    or two windows ago (another boot, a stale window) is ignored. Where the
+    file cannot be made or read (read-only spool, no fcntl), each process
+    paces alone, as _RateBudget does. Created 0600 in the key's 0700 folder,
+    never through a symlink.
+    """
+
+    _FIELDS = ("_limit", "_remaining", "_reset", "_told", "_refilled", "_heard", "_span",
+               "_next", "_learned")
+
+    def __init__(self, path):
+        _RateBudget.__init__(self)
+        self.path = path
+
+    def reserve(self, now):
+        if self._remaining is None and not os.path.exists(self.path):
+            return 0.0                  # nobody on this machine heard of a window
+        return self._shared(now, _RateBudget.reserve, (self, now))
+
+    def update(self, headers, now, wall):
+        if "x-ratelimit-limit" in headers:
+            self._shared(now, _RateBudget.update, (self, headers, now, wall))
+
+    def _shared(self, now, operation, args):
+        fd = self._open_locked()
+        if fd is None:
+            return operation(*args)
+        try:
+            try:
+                state = _json_load(_read_at(fd, 0, 4096))
+                fields = [(name, state[name]) for name in self._FIELDS]
+                if not now - 2 * state["_span"] <= state["saved"] <= now + 1.0:
+                    fields = None       # another boot's, or a window long over
+            except (OSError, ValueError, KeyError, TypeError):
+                fields = None           # none yet, or garbage: what this process knows
+            if fields is not None:
+                with self._lock:
+                    for name, value in fields:
+                        setattr(self, name, tuple(value) if isinstance(value, list) else value)
+            result = operation(*args)
+            with self._lock:
+                state = dict((name, getattr(self, name)) for name in self._FIELDS)
+            state["saved"] = now
+            try:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_all(fd, _json_bytes(state))
+            except OSError:
+                pass                    # the next reader finds garbage and paces alone
+            return result
+        finally:
+            os.close(fd)                # lets go of the lock
+
+    def _open_locked(self):
+        """The file, open and locked; None where it cannot be (then: pace alone)."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            _private_dir(os.path.dirname(self.path))
+            fd = _open_private(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError:
+            return None
+        for attempt in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError:
+                time.sleep(0.0005)      # held for microseconds by another process
+        os.close(fd)
+        return None
 
 
 _budgets = {}
 _budgets_lock = threading.Lock()        # guards _budgets
 
 
-def _budget_for(api_base, access_key):
+def _budget_for(api_base, access_key, folder=None):
+    """The rate budget of a key and API base: shared through a file in ``folder``
+    (the key's spool folder) with the other processes, if given."""
     key = (api_base, _fingerprint(access_key or ""))
     with _budgets_lock:
         budget = _budgets.get(key)
         if budget is None:
-            budget = _budgets[key] = _RateBudget()
+            budget = _budgets[key] = _RateBudget() if folder is None else _SharedBudget(
+                os.path.join(folder, "rate-%s.json" % _fingerprint(api_base)))
         return budget
 
 
@@ -1499,17 +1635,20 @@ class _SpoolReader(object):
                     break
         return found
 
-    def take(self, limit):
-        """The oldest held lines of one segment, packed up to ``limit`` bytes."""
+    def take(self, limit, most=_NEVER):
+        """The oldest held lines of one segment, packed up to ``limit`` bytes and ``most``
+        events (a longer line, written by an older version, comes alone)."""
         for segment in self.held:
             if not segment.lines:
                 continue
-            refs, size = [], 2
+            refs, size, count = [], 2, 0
             while segment.lines and (not refs or size + segment.lines[0].end
-                                     - segment.lines[0].start <= limit):
+                                     - segment.lines[0].start <= limit
+                                     and count + segment.lines[0].count <= most):
                 ref = segment.lines.popleft()
                 refs.append(ref)
                 size += ref.end - ref.start
+                count += ref.count
             segment.out += len(refs)
             try:
                 lines = [_read_at(segment.fd, r.start, r.end - r.start) for r in refs]
@@ -1736,20 +1875,36 @@ class _BucketSwitch(object):
 class _Wait(object):
     """Inbox marker of flush() and close(): ``done`` is set once it is settled.
 
-    ``lost`` is the worker's count of lost events when the call was made;
-    ``ok`` becomes True only if everything logged before the call was
-    delivered and nothing was lost meanwhile. ``close_at`` (monotonic) asks
-    the worker to stop by then.
+    ``lost`` is the worker's count of lost events that an earlier answer
+    already told of (the worker sets it when it takes the wait); ``ok``
+    becomes True only if everything logged before the call was delivered
+    and nothing was lost since an answer last said so. ``close_at``
+    (monotonic) asks the worker to stop by then; with ``idle``, by ``idle``
+    seconds after the last call that went through, if that is later.
     """
 
-    __slots__ = ("done", "lost", "ok", "upto", "close_at")
+    __slots__ = ("done", "lost", "ok", "upto", "close_at", "idle")
 
-    def __init__(self, lost, close_at=None):
+    def __init__(self, lost, close_at=None, idle=None):
         self.done = threading.Event()
         self.lost = lost
         self.ok = False
         self.upto = None
         self.close_at = close_at
+        self.idle = idle
+
+
+class _Line(object):
+    """A spool line longer than buffer_size, sent in slices: ``left`` of them undelivered.
+
+    The line is retired when ``left`` reaches 0; until then it is out, so a
+    crash sends all of it again (at least once, never lost).
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, left):
+        self.left = left
 
 
 class _Batch(object):
@@ -1757,14 +1912,15 @@ class _Batch(object):
 
     From memory: ``events`` (key, value, epoch) and their encoded ``parts``,
     ``seq`` the first event's sequence number. From disk: ``refs`` to spool
-    lines and their joined ``body``. A ``fixed`` batch (a half after 413 or
+    lines and their joined ``body``; a slice of one long line has its ``parts``
+    and the ``line`` it belongs to. A ``fixed`` batch (a half after 413 or
     400) never grows.
     """
 
     __slots__ = ("bucket", "events", "parts", "refs", "_body", "seq", "attempts", "fixed",
-                 "size")
+                 "size", "line")
 
-    def __init__(self, bucket, events, parts, refs=None, body=None, seq=None):
+    def __init__(self, bucket, events, parts, refs=None, body=None, seq=None, line=None):
         self.bucket = bucket
         self.events = events
         self.parts = parts
@@ -1774,12 +1930,13 @@ class _Batch(object):
         self.attempts = 0
         self.fixed = False
         self.size = 2 + sum(len(p) + 1 for p in parts) if parts else 2
+        self.line = line
 
     @property
     def count(self):
-        if self.refs is not None:
-            return sum(ref.count for ref in self.refs)
-        return len(self.parts)
+        if self.parts is not None:
+            return len(self.parts)
+        return sum(ref.count for ref in self.refs)
 
     @property
     def body(self):
@@ -2123,6 +2280,7 @@ class _Ledger(object):
         self.reader = reader
         self.clock = clock
         self.lost = lost                    # dropped plus dead-lettered, ever
+        self.told = lost                    # of those, what a flush()/close() answer told of
         self.last_warning = -1e9
         self.stats = stats if stats is not None else {
             "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
@@ -2188,6 +2346,7 @@ class _Stash(object):
         self.half = settings["sync_interval"] / 2.0
         self.nowhere = "offline_file_unwritable" if settings["offline"] else "no_spool"
         self.sync_due = None
+        self.most = settings["buffer_size"]     # events a spool line holds at most
 
     def write(self, bucket, parts, seq, why, journal=False, drop=True):
         """Write events as one spool line; True if they are there.
@@ -2252,7 +2411,7 @@ class _Stash(object):
         """
         stats = self.ledger.stats
         while memory.count:
-            batch, rejected = memory.take()
+            batch, rejected = memory.take(most=self.most)
             self.ledger.unencodable(rejected)
             if batch is None:
                 continue
@@ -2287,11 +2446,15 @@ class _Batcher(object):
         """Events in the worker's memory, in a batch or not."""
         return self.memory.count + self.in_memory
 
-    def hold(self, batch):
-        """A batch formed from memory waits at the tail (None: nothing to hold)."""
+    def hold(self, batch, first=False):
+        """A batch formed from memory waits at the tail, or ``first`` at the head
+        (None: nothing to hold)."""
         if batch is not None:
             self.in_memory += batch.count
-            self.batches.append(batch)
+            if first:
+                self.batches.appendleft(batch)
+            else:
+                self.batches.append(batch)
 
     def remove(self, batch):
         """A batch is done with (delivered, or dead-lettered)."""
@@ -2306,7 +2469,11 @@ class _Batcher(object):
         decides what is dropped), unless ``drop`` (stopping, or over max_queue).
         """
         if batch.refs is not None:
-            self.batches.remove(batch)
+            if batch not in self.batches:
+                return                      # a slice of a line already given back
+            for other in [b for b in self.batches if b is batch
+                          or batch.line is not None and b.line is batch.line]:
+                self.batches.remove(other)  # a line goes back whole: resent whole
             self.reader.give_back(batch.refs)
         elif self.stash.write(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
             self.remove(batch)
@@ -2329,13 +2496,47 @@ class _Batcher(object):
         for part in reversed(halves):
             part.fixed = True
             self.batches.insert(index, part)
-        if batch.refs is not None and len(batch.refs) == 1:
+        if batch.refs is not None and len(batch.refs) == 1 and batch.line is None:
             self.reader.ack(batch.refs)     # its halves are new lines on disk now
         return True
+
+    def slice(self, batch, most, limit=_MAX_BODY_BYTES):
+        """Put slices of at most ``most`` events (and ``limit`` bytes) where a long spool
+        line was; a line that cannot be parsed stays whole (400 then bisects it)."""
+        try:
+            parts = [_encode_event(e) for e in _decode_body(batch.body)]
+        except (ValueError, TypeError, OverflowError):
+            return
+        chunks, size = [[]], 2
+        for part in parts:
+            if chunks[-1] and (len(chunks[-1]) >= most or size + len(part) + 1 > limit):
+                chunks.append([])
+                size = 2
+            chunks[-1].append(part)
+            size += len(part) + 1
+        line = _Line(len(chunks))
+        index = self.batches.index(batch)
+        del self.batches[index]
+        for chunk in reversed(chunks):
+            part = _Batch(batch.bucket, None, chunk, batch.refs, line=line)
+            part.fixed = True
+            self.batches.insert(index, part)
+
+    def finished(self, batch):
+        """A disk batch is done with: whether its lines may be retired now."""
+        if batch.line is None:
+            return True
+        batch.line.left -= 1
+        return batch.line.left == 0
 
     def _halves(self, batch):
         if batch.count < 2:
             return None
+        if batch.line is not None:          # a slice of a long line: halves of the slice
+            batch.line.left += 1
+            half = len(batch.parts) // 2
+            return [_Batch(batch.bucket, None, parts, batch.refs, line=batch.line)
+                    for parts in (batch.parts[:half], batch.parts[half:])]
         if batch.refs is None:
             half = len(batch.parts) // 2
             return [_Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
@@ -2420,6 +2621,8 @@ class _Worker(object):
         self.stats = self.ledger.stats
         self.stash = _Stash(settings, writer, reader, self.ledger)
         self.left = 0                       # own events left on disk when it stopped
+        self.backlog = 0                    # events of held spool lines, each second
+        self.backlog_due = 0.0
         self.waiting = (0.0, "")
         self.memory = _Memory(bucket)
         self.pending = _Batcher(self.memory, self.stash, reader, writer)
@@ -2429,6 +2632,8 @@ class _Worker(object):
         self.retry_at = 0.0
         self.failures = 0
         self.close_at = None
+        self.close_idle = None              # closing: close_at moves to this after a success
+        self.progress = 0                   # calls that went through (read by waiters)
         self.job_deadline = self.job_started = 0.0
         self.state_due = 0.0                # when state.json may be written again
         self.saved_state = None
@@ -2494,7 +2699,7 @@ class _Worker(object):
 
     def call_back(self):
         reports, self.reports = self.reports, []
-        _run_reports(self.settings["on_error"], reports)
+        _run_reports(self.settings["on_error"], reports, self)
 
     def step(self, deadline=None):
         """Do what is due; return seconds until the next thing is, or None if idle."""
@@ -2523,6 +2728,10 @@ class _Worker(object):
             due.append(self.close_at - now)
             if self.reader is not None and self.reader.probed:
                 due.append(self.reader.probe_due - now)     # is that backlog still there?
+        if self.reader is not None and now >= self.backlog_due:
+            self.backlog = self.reader.waiting() + sum(
+                b.count for b in self.pending.batches if b.refs is not None)
+            self.backlog_due = now + 1.0
         if now >= self.state_due and self.save_state():
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         due = [d for d in due if d is not None]
@@ -2537,7 +2746,8 @@ class _Worker(object):
                  self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
-                 "spool_dir": self.settings["spool_dir"]}
+                 "spool_dir": self.settings["spool_dir"],
+                 "rate_limit": self.budget.learned() if self.budget is not None else None}
         if self.reader is None or state == self.saved_state or not (
                 state["last_success"] or state["last_error"] or state["dropped"]
                 or state["dead_lettered"]):
@@ -2571,11 +2781,16 @@ class _Worker(object):
                     self.to_create.append(item.bucket)
             else:
                 item.upto = memory.next_seq - 1
+                item.lost = min(item.lost, self.ledger.told)    # losses no answer told of
                 self.waits.append(item)
                 if item.close_at is not None:
                     self.state = _CLOSING
-                    self.close_at = item.close_at if self.close_at is None else \
-                        min(self.close_at, item.close_at)
+                    if self.close_at is None:
+                        self.close_at, self.close_idle = item.close_at, item.idle
+                    else:
+                        self.close_at = min(self.close_at, item.close_at)
+                        if item.idle is None:
+                            self.close_idle = None      # a hard deadline wins
         if taken:
             self.stats["logged"] += taken
 
@@ -2593,32 +2808,47 @@ class _Worker(object):
                 or now - oldest[1] >= self.settings["flush_interval"])
 
     def next_batch(self, now):
-        """The batch to send next, left at the head of ``batches``; or None."""
+        """The batch to send next, left at the head of ``batches``; or None.
+
+        A batch never holds more than buffer_size events (nor 1 MB).
+        """
+        most = self.settings["buffer_size"]
         if self.pending.batches:
             head = self.pending.batches[0]
             if head.refs is None and not head.fixed:
-                self.ledger.unencodable(self.memory.fill(head))     # it fell behind: grow
+                # It fell behind: grow it, up to buffer_size.
+                self.ledger.unencodable(self.memory.fill(head, most=most))
+            elif head.refs is not None and self.ready(now) and not (
+                    self.settings["durable"] and self.writer is not None):
+                # The backlog waited (for the window, or a retry): live events go first.
+                batch, rejected = self.memory.take(most=most)
+                self.ledger.unencodable(rejected)
+                self.pending.hold(batch, first=True)
+                return self.pending.batches[0]
             return head
         if self.ready(now):
             if self.settings["durable"] and self.writer is not None:
                 batch = self.stash.journal_all(self.memory)     # then sent from disk
             else:
-                batch, rejected = self.memory.take()
+                batch, rejected = self.memory.take(most=most)
                 self.ledger.unencodable(rejected)
             if batch is not None:
                 self.pending.hold(batch)
                 return batch
         if self.reader is None:
             return None
-        batch = self.reader.take(_MAX_BODY_BYTES)
+        batch = self.reader.take(_MAX_BODY_BYTES, most)
         # Another run's backlog is claimed only once the server answers (our bucket is
         # created) and while requests go through.
         if batch is None and self.failures == 0 and not self.to_create \
                 and self.reader.claim(now):
-            batch = self.reader.take(_MAX_BODY_BYTES)
+            batch = self.reader.take(_MAX_BODY_BYTES, most)
         self.ledger.unreadable()
         if batch is not None:
             self.pending.batches.append(batch)
+            if batch.count > most:
+                self.pending.slice(batch, most)
+                batch = self.pending.batches[0]
         return batch
 
     def dispatch(self, now, deadline=None):
@@ -2731,13 +2961,21 @@ class _Worker(object):
             else:
                 self.stats["buckets_created"] += 1
                 self.failures = 0
+                self.progressed()
             self.created.add(bucket[0])
             if bucket in self.to_create:
                 self.to_create.remove(bucket)
             return
         self.failed(job.waiting, decision, response, error, now, bucket)
 
+    def progressed(self):
+        """A call went through: closing without a timeout waits idle seconds more."""
+        self.progress += 1
+        if self.close_idle is not None and self.state is _CLOSING:
+            self.close_at = max(self.close_at, self.clock() + self.close_idle)
+
     def delivered(self, batch):
+        self.progressed()
         self.failures = 0
         self.waiting = (0.0, "")
         self.stats["last_success"] = self.wall()
@@ -2746,10 +2984,12 @@ class _Worker(object):
         if batch.refs is None:
             self.stats["delivered"] += batch.count
             return
-        journal = sum(r.count for r in batch.refs if r.journal)
+        journal = sum(r.count for r in batch.refs if r.journal) if batch.line is None \
+            else batch.count if batch.refs[0].journal else 0
         self.stats["delivered"] += journal
         self.stats["replayed"] += batch.count - journal
-        self.reader.ack(batch.refs)
+        if self.pending.finished(batch):
+            self.reader.ack(batch.refs)
 
     def failed(self, batch, decision, response, error, now, creating=None):
         """A request did not go through: wait, back off, or pause and spool.
@@ -2802,13 +3042,14 @@ class _Worker(object):
 
     def reject(self, batch, response, why=None):
         """The server refuses this one event: dead-letter it with the reply."""
+        self.progressed()
         self.pending.remove(batch)
         status = response.status if response is not None else None
         reply = why or (self.reply(response, 2000) if response is not None else "")
         _log.warning("the server rejected an event of bucket %r (%s %s); it was moved to "
                      "the dead-letter file", batch.bucket[0], status, reply[:200])
         self.ledger.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
-        if batch.refs is not None:
+        if batch.refs is not None and self.pending.finished(batch):
             self.reader.ack(batch.refs)
         self.reports.append((DeliveryError("event rejected by the server: %s" % reply[:200],
                                            status, "rejected", batch.bucket[0]),
@@ -2839,7 +3080,8 @@ class _Worker(object):
             batch = next((b for b in pending.batches if b.refs is None
                           and b is not self.in_flight()), None)
             if batch is None:
-                batch, rejected = self.memory.take(most=pending.count - limit)
+                batch, rejected = self.memory.take(most=min(pending.count - limit,
+                                                            self.settings["buffer_size"]))
                 self.ledger.unencodable(rejected)
                 if batch is None:
                     return
@@ -2876,6 +3118,7 @@ class _Worker(object):
 
     def answer(self, wait, delivered):
         wait.ok = delivered and self.ledger.lost == wait.lost
+        self.ledger.told = self.ledger.lost
         wait.done.set()
 
     def halt(self, why):
@@ -2898,7 +3141,7 @@ class _Worker(object):
         for batch in list(self.pending.batches):
             self.pending.set_aside(batch, why, drop=True)
         while self.memory.count:
-            batch, rejected = self.memory.take()
+            batch, rejected = self.memory.take(most=self.settings["buffer_size"])
             self.ledger.unencodable(rejected)
             if batch is not None:
                 self.stash.write(batch.bucket, batch.parts, batch.seq, why)
@@ -2917,15 +3160,30 @@ class _Worker(object):
             self.answer(wait, delivered)
 
 
-def _run_reports(callback, reports):
+# The workers whose on_error this thread is running: a callback must not re-enter
+# the pump that called it (flush() from on_error answers from the state instead).
+_calling_back = threading.local()
+
+
+def _in_callback(worker):
+    """Whether this thread is inside an on_error callback of ``worker``."""
+    return worker in getattr(_calling_back, "workers", ())
+
+
+def _run_reports(callback, reports, worker):
     """Call on_error for each report, outside every lock; nothing it raises escapes."""
-    if callback is None:
+    if callback is None or not reports:
         return
-    for exc, events in reports:
-        try:
-            callback(exc, events)
-        except BaseException:           # SystemExit and KeyboardInterrupt too
-            _log.exception("on_error callback raised; ignored")
+    outer = getattr(_calling_back, "workers", frozenset())
+    _calling_back.workers = outer | {worker}
+    try:
+        for exc, events in reports:
+            try:
+                callback(exc, events)
+            except BaseException:           # SystemExit and KeyboardInterrupt too
+                _log.exception("on_error callback raised; ignored")
+    finally:
+        _calling_back.workers = outer
 
 
 # --- Streamer ----------------------------------------------------------------
@@ -3139,7 +3397,7 @@ def _new_worker(settings, bucket, stats=None, only=None):
         reader = _SpoolReader(folder, settings["durable"], only)
         writer = _SpoolWriter(folder, reader, settings["spool_max_bytes"],
                               settings["durable"])
-        budget = _budget_for(settings["api_base"], settings["access_key"])
+        budget = _budget_for(settings["api_base"], settings["access_key"], folder)
     if settings["offline"]:
         sender = _CsvSender(settings["offline_file"])
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
@@ -3188,11 +3446,12 @@ class Streamer(object):
         self._baton = threading.Lock()
         self._closed = False
         self._close_wait = None
-        # Guards _rejected and _warned (events refused at log(), by reason); re-entrant
+        # Guards _rejected, _warned (events refused at log(), by reason) and _long_keys; re-entrant
         # for a log() from a signal handler. Never held while logging.
         self._count_lock = threading.RLock()
         self._rejected = {}
         self._warned = {}
+        self._long_keys = set()         # keys over _API_KEY_CHARS warned of
         self._start(None)
         _install_process_hooks()
         _flush_at_multiprocessing_exit()
@@ -3242,6 +3501,7 @@ class Streamer(object):
             self._closed = False
             self._start(old.stats)
             self._worker.ledger.lost = old.ledger.lost
+            self._worker.ledger.told = old.ledger.told
             while old.inbox:                # logged while it was stopping
                 self._queue.append(old.inbox.popleft())
 
@@ -3288,17 +3548,35 @@ class Streamer(object):
                 raise
             self._refused(exc)
             return
+        if len(key) > _API_KEY_CHARS:
+            self._warn_long_key(key)
         if self._closed:
             self._reopen()
-        if not self._echo and type(key) is str and len(self._keys) < _KNOWN_KEYS:
-            self._keys.add(key)
+        # close() may run at any moment here and replace the cache with a frozenset:
+        # read it once, and add only to a set (an old one is no longer read).
+        keys = self._keys
+        if not self._echo and type(key) is str and isinstance(keys, set) \
+                and len(keys) < _KNOWN_KEYS:
+            keys.add(key)
         queue = self._queue
         queue.append((key, value, epoch))
-        if len(queue) >= self._worker.wake_at:
+        if self._closed:
+            self._reopen()          # closed meanwhile: the event goes to the new worker
+        elif len(queue) >= self._worker.wake_at:
             self._notify()
         if self._echo:
             _log.info("%s: %s %r", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)),
                       key, value)
+
+    def _warn_long_key(self, key):
+        """One warning per key over the API reference's 100 characters (for 1,000 keys)."""
+        with self._count_lock:
+            if key in self._long_keys or len(self._long_keys) >= _KNOWN_KEYS:
+                return
+            self._long_keys.add(key)
+        _log.warning("key %r... is %d characters; the API reference allows %d (ISStreamer and "
+                     "this library accept up to %d): the server may refuse or cut it",
+                     key[:20], len(key), _API_KEY_CHARS, _MAX_KEY_CHARS)
 
     def _refused(self, exc):
         """Count an event refused at log(); warn at most once a minute per reason."""
@@ -3336,7 +3614,7 @@ class Streamer(object):
                     reports = worker.pump(_monotonic() + self._settings["timeout"])
                 finally:
                     self._baton.release()
-                _run_reports(self._settings["on_error"], reports)
+                _run_reports(self._settings["on_error"], reports, worker)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -3392,23 +3670,23 @@ class Streamer(object):
     def flush(self, timeout=None):
         """Deliver everything logged so far (and this key's spool); True if done.
 
-        Waits at most ``timeout`` seconds (default ``wait_timeout``); what is
-        not delivered by then stays queued or spooled and goes later. After
-        ``close()`` it reopens the Streamer, as ``log()`` does.
+        Waits at most ``timeout`` seconds; without one, as long as calls keep
+        going through, giving up after ``wait_timeout`` seconds in which none
+        did. What is not delivered by then stays queued or spooled and goes
+        later. After ``close()`` it reopens the Streamer, as ``log()`` does.
         """
-        timeout = self._settings["wait_timeout"] if timeout is None else timeout
-        deadline = _monotonic() + timeout
+        idle = self._settings["wait_timeout"] if timeout is None else None
+        deadline = _monotonic() + (idle if timeout is None else timeout)
         if self._closed:
             self._reopen()
         worker = self._worker
+        if _in_callback(worker):
+            return self._settled_now(worker)
         wait = _Wait(worker.ledger.lost)
         worker.inbox.append(wait)
         try:
-            if self._thread is not None:
-                worker.wake.set()
-                wait.done.wait(max(0.0, deadline - _monotonic()))
-            else:
-                self._pump_until(worker, deadline, wait.done)
+            worker.wake.set()
+            self._wait_for(worker, wait.done, deadline, idle)
         except BaseException:
             self._close_now()
             raise
@@ -3419,25 +3697,29 @@ class Streamer(object):
 
         Returns True if everything was delivered. A second close() answers
         again without waiting. ``log()``, ``flush()`` or ``set_bucket()``
-        afterwards reopen the Streamer, as with ISStreamer. ``timeout``
-        defaults to ``wait_timeout``.
+        afterwards reopen the Streamer, as with ISStreamer. Without a
+        ``timeout`` it waits as long as calls keep going through and gives up
+        after ``wait_timeout`` seconds in which none did, as ISStreamer's
+        blocking close() sent everything.
         """
-        timeout = self._settings["wait_timeout"] if timeout is None else timeout
-        deadline = _monotonic() + timeout
-        begun = self._begin_close(deadline)
+        idle = self._settings["wait_timeout"] if timeout is None else None
+        deadline = _monotonic() + (idle if timeout is None else timeout)
+        begun = self._begin_close(deadline, idle=idle)
         if begun is None:
             wait = self._close_wait
             return wait is not None and wait.done.is_set() and wait.ok
         try:
-            return self._finish_close(begun[0], begun[1], deadline)
+            return self._finish_close(begun[0], begun[1], deadline, idle)
         except BaseException:
             self._close_now()
             raise
 
-    def _begin_close(self, deadline, again=False):
+    def _begin_close(self, deadline, again=False, idle=None):
         """Ask the worker to stop by the deadline; (worker, wait), or None if closed.
 
         ``again`` (the exit hook): a close still under way is waited for too.
+        ``idle``: the deadline moves to ``idle`` seconds after each call that
+        goes through.
         """
         with self._lock:
             if self._closed:
@@ -3450,21 +3732,22 @@ class Streamer(object):
             worker = self._worker
             # Keep a little time to spool what is left once the deadline passes.
             margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
-            wait = self._close_wait = _Wait(worker.ledger.lost, deadline - margin)
+            wait = self._close_wait = _Wait(worker.ledger.lost, deadline - margin,
+                                            None if idle is None else idle - margin)
             worker.inbox.append(wait)
         worker.wake.set()
         return worker, wait
 
-    def _finish_close(self, worker, wait, deadline):
+    def _finish_close(self, worker, wait, deadline, idle=None):
         thread = self._thread
         if thread is not None:
-            worker.stopped.wait(max(0.0, deadline - _monotonic()))
+            deadline = self._wait_for(worker, worker.stopped, deadline, idle)
             if worker.stopped.is_set() and thread is not threading.current_thread():
                 # Its last on_error calls, then it ends: a sub-interpreter cannot
                 # be destroyed while it is alive. Never past the deadline.
                 thread.join(min(_JOIN_WAIT, max(0.0, deadline - _monotonic())))
         else:
-            self._pump_until(worker, deadline, worker.stopped)
+            self._wait_for(worker, worker.stopped, deadline, idle)
             if not worker.stopped.is_set() and self._baton.acquire(False):
                 try:
                     worker.halt("close() deadline reached")
@@ -3475,15 +3758,56 @@ class Streamer(object):
                 _open_streamers.discard(self)
         return worker.stopped.is_set() and wait.ok
 
+    def _settled_now(self, worker):
+        """flush() from on_error: whether everything is delivered, from the state, at once.
+
+        The callback cannot wait for the worker that called it, nor pump it again.
+        """
+        if self._thread is None and not self._baton.acquire(False):
+            return False
+        try:
+            return not worker.pending_any() and worker.pending.oldest_seq() is None \
+                and worker.ledger.lost == worker.ledger.told
+        finally:
+            if self._thread is None:
+                self._baton.release()
+
+    def _wait_for(self, worker, until, deadline, idle=None):
+        """Wait until ``until`` is set or ``deadline``; with ``idle``, the deadline moves
+        to ``idle`` seconds after each call that goes through. Returns the deadline.
+
+        Inside the worker's on_error nothing is waited for: the worker is below us.
+        """
+        if _in_callback(worker):
+            return deadline
+        while not until.is_set():
+            now = _monotonic()
+            if now >= deadline:
+                break
+            seen = worker.progress
+            # With idle, look again each second: a call that went through moves the deadline.
+            end = deadline if idle is None else min(deadline, now + 1.0)
+            if self._thread is not None:
+                until.wait(max(0.0, end - now))
+            else:
+                self._pump_until(worker, deadline, until)
+            if idle is not None and worker.progress != seen:
+                deadline = max(deadline, _monotonic() + idle)
+            elif self._thread is None:
+                break                   # the pump ran to the deadline, or cannot run
+        return deadline
+
     def _pump_until(self, worker, deadline, until):
         """use_async=False: run the worker in this thread until ``until`` or the deadline."""
+        if _in_callback(worker):
+            return                          # the pump that called on_error is below us
         if not self._baton.acquire(True, max(0.0, deadline - _monotonic())):
             return
         try:
             reports = worker.pump(deadline, until)
         finally:
             self._baton.release()
-        _run_reports(self._settings["on_error"], reports)
+        _run_reports(self._settings["on_error"], reports, worker)
 
     def _close_now(self):
         """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once.
@@ -3526,6 +3850,8 @@ class Streamer(object):
         counters = dict(worker.stats)
         counters["dropped"] = dict(counters["dropped"])
         counters["queued"] = len(worker.inbox) + worker.pending.count
+        counters["backlog"] = worker.backlog
+        counters["rate_limit"] = worker.budget.learned() if worker.budget is not None else None
         counters["connections"] = worker.sender.transport.connections
         counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
             if worker.writer else 0
@@ -4177,6 +4503,7 @@ def _key_status(spool_dir, fingerprint, now):
     return {"key_fingerprint": fingerprint, "key": state.get("key", "?"), "folder": folder,
             "last_success": state.get("last_success"), "last_error": state.get("last_error"),
             "paused": state.get("paused", ""), "waiting": state.get("waiting", ""),
+            "rate_limit": state.get("rate_limit"),
             "dropped": state.get("dropped", {}), "status_updated": state.get("updated"),
             "backlog": buckets, "backlog_events": sum(b["events"] for b in buckets),
             "dead_letters": dead, "newest_dead_letter": None if newest is None else {
@@ -4215,6 +4542,12 @@ def _cmd_status(args, out, err):
             out.write("  last error: %s\n" % r["last_error"])
         if r["paused"]:
             out.write("  sending paused: %s\n" % r["paused"])
+        if r["waiting"]:
+            out.write("  waiting: %s\n" % r["waiting"])
+        limit = r["rate_limit"]
+        if isinstance(limit, dict) and isinstance(limit.get("calls"), int):
+            out.write("  rate limit: %d calls per %g s (told by the server)\n" % (
+                limit["calls"], limit.get("window_s") or _WINDOW))
         for b in r["backlog"]:
             out.write("  backlog: bucket %r (%s): %d event%s, oldest %s\n" % (
                 b["bucket_key"], b["bucket_name"] or "no name", b["events"],
@@ -4292,7 +4625,7 @@ def _replay_spool(settings, paths, timeout):
     deadline = _monotonic() + timeout
     worker.inbox.append(_Wait(0, deadline))
     while not worker.stopped.is_set() and _monotonic() < deadline:
-        _run_reports(settings["on_error"], worker.pump(deadline, worker.stopped))
+        _run_reports(settings["on_error"], worker.pump(deadline, worker.stopped), worker)
     if not worker.stopped.is_set():
         worker.halt("replay deadline reached")
     if paths is not None:
