@@ -206,11 +206,16 @@ def _read_ini(path):
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("cannot read ini file %s: %s" % (path, exc))
     except configparser.Error as exc:
-        # configparser quotes the offending line, which may hold the access key.
+        # configparser quotes the offending line, which may hold the access key: the
+        # error is described by its line number and neither chained nor kept as context.
         lines = [str(n) for n, _ in getattr(exc, "errors", [])] or \
             ([str(exc.lineno)] if getattr(exc, "lineno", None) else [])
-        raise ConfigError("cannot read ini file %s: %s%s" % (
-            path, type(exc).__name__, " at line %s" % ", ".join(lines) if lines else ""))
+        problem = "cannot read ini file %s: %s%s" % (
+            path, type(exc).__name__, " at line %s" % ", ".join(lines) if lines else "")
+    else:
+        problem = None
+    if problem is not None:
+        raise ConfigError(problem)      # outside the handler: no __context__ to print
     found = {}
     for section, option, name in (
             ("isstreamer.client_config", "access_key", "access_key"),
@@ -3834,8 +3839,12 @@ def _key_hint(access_key):
            "isstreamer.ini" % _mask(access_key)
 
 
-def _undelivered(streamer, access_key, started, timeout, err):
-    """After close() said False: how long it took, why, and where the events are."""
+def _undelivered(streamer, started, timeout, err):
+    """After close() said False: how long it took, why, and where the events are.
+
+    The key hint masks the key the Streamer used, wherever it came from
+    (--access-key, IS_ACCESS_KEY or isstreamer.ini).
+    """
     stats = streamer.stats()
     why = stats["last_error"] or "the server did not answer in time"
     elapsed = _monotonic() - started
@@ -3846,7 +3855,7 @@ def _undelivered(streamer, access_key, started, timeout, err):
                                                                              timeout)
     err.write("not delivered after %.2f s (--timeout %g): %s\n" % (elapsed, timeout, why))
     if stats["paused"] == "key_rejected":
-        err.write("%s\n" % _key_hint(access_key))
+        err.write("%s\n" % _key_hint(streamer._settings["access_key"]))
     dropped = sum(stats["dropped"].values())
     if stats["spooled"]:
         err.write("%s spooled; the next run with this access key (or replay) sends the "
@@ -3876,7 +3885,7 @@ def _cmd_send(args, out, err):
     if streamer.close(args.timeout):
         out.write("sent %s to bucket %s\n" % (_count(len(events), "event"), streamer.bucket_key))
         return 0
-    _undelivered(streamer, options["access_key"], started, args.timeout, err)
+    _undelivered(streamer, started, args.timeout, err)
     return 1
 
 
@@ -3929,7 +3938,7 @@ def _cmd_pipe(args, out, err):
         _count(lines, "line"), bad, "all delivered" if delivered
         else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
     if not delivered:
-        _undelivered(streamer, options["access_key"], started, args.timeout, err)
+        _undelivered(streamer, started, args.timeout, err)
     return 0 if delivered else 1
 
 
@@ -4176,7 +4185,7 @@ def _cmd_replay(args, out, err):
             "sent" if delivered else "could not send all of", _count(count, "event"), args.csv,
             args.bucket_key))
         if not delivered:
-            _undelivered(streamer, options["access_key"], started, args.timeout, err)
+            _undelivered(streamer, started, args.timeout, err)
         return 0 if delivered else 1
     for path in args.files:
         if not os.path.isfile(path):

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import unittest
 import warnings
 from unittest import mock
@@ -2188,6 +2189,21 @@ class CliSendTest(CliTestCase):
         self.assertNotIn(CLI_KEY, err)
         self.assertIn("2 events spooled;", err)
         self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
+
+    def test_rejected_key_hint_masks_the_key_from_env_or_ini(self):
+        """CLI send: the key hint shows the masked key from IS_ACCESS_KEY or the ini too."""
+        sink = self.sink(access_key="ist_some_other_key")
+        with open(self.ini, "w") as handle:
+            handle.write("[isstreamer.client_config]\naccess_key = %s\n" % CLI_KEY)
+        for env in ({"IS_ACCESS_KEY": CLI_KEY}, {}):
+            with self.subTest(env=sorted(env)), mock.patch.dict(os.environ, env):
+                status, out, err = self.main(
+                    ["send", "--bucket-key", "cli-hint", "--api-base", sink.url, "--ini",
+                     self.ini, "--spool-dir", self.spool, "a", "1"])
+                self.assertEqual(status, 1, err)
+                self.assertIn("check the access key (%s)" % lite._mask(CLI_KEY), err)
+                self.assertNotIn("(none)", err)
+                self.assertNotIn(CLI_KEY[:-4], err)
 
     def test_long_retry_after_is_reported_as_the_reason(self):
         """CLI send: a 429 asking for 100 s ends at once and says it is rate limited."""
@@ -5252,6 +5268,25 @@ class KeyLeakTest(LiteTestCase):
                 lite.Streamer(ini_file_location=path, spool_dir=folder)
             self.assertNoKey(str(caught.exception))
             self.assertIn("line", str(caught.exception))
+
+    def test_malformed_ini_traceback_never_quotes_the_key(self):
+        """Config: a malformed ini's ConfigError chains nothing that quoted the line."""
+        folder = self.tempdir()
+        for text in ("access_key = %s\n" % self.SECRET,
+                     "[isstreamer.client_config]\n%s\n" % self.SECRET,
+                     "[isstreamer.client_config]\naccess_key =\n%s\n  x\nbad line\n"
+                     % self.SECRET):
+            with self.subTest(text=text[:30]):
+                path = os.path.join(folder, "isstreamer.ini")
+                with open(path, "w") as handle:
+                    handle.write(text)
+                with self.assertRaises(lite.ConfigError) as caught:
+                    lite.Streamer(ini_file_location=path, spool_dir=folder)
+                exc = caught.exception
+                self.assertIsNone(exc.__cause__)
+                self.assertIsNone(exc.__context__)
+                self.assertNoKey("".join(traceback.format_exception(
+                    type(exc), exc, exc.__traceback__)))
 
     def test_key_never_in_logs_stats_files_or_cli_output(self):
         """Key: not in debug_level 3 output, stats(), the spool or the CLI's stderr."""
