@@ -2291,6 +2291,7 @@ class _Worker(object):
         self.to_create = []
         self.retry_at = 0.0
         self.failures = 0
+        self.failing_since = None           # (wall time, answered) of the first failure in a row
         self.close_at = None
         self.job_deadline = self.job_started = 0.0
         self.state_due = 0.0                # when state.json may be written again
@@ -2591,6 +2592,7 @@ class _Worker(object):
 
     def delivered(self, batch):
         self.failures = 0
+        self.failing_since = None
         self.waiting = (0.0, "")
         self.stats["last_success"] = self.wall()
         self.stats["paused"] = ""
@@ -2615,6 +2617,8 @@ class _Worker(object):
             if response is not None else "%s: %s" % (type(error).__name__, error)
         detail = _scrub(detail, self.settings["access_key"])
         self.stats["last_error"] = "%s: %s" % (what, detail)
+        if self.failing_since is None:
+            self.failing_since = (self.wall(), response is not None)
         self.retry_at = now + decision.delay
         if decision.action == _WAIT:
             self.stats["rate_limited"] += 1
@@ -2756,6 +2760,8 @@ class _Worker(object):
                 self.stash.write(batch.bucket, batch.parts, batch.seq, why)
         if self.reader is not None:
             self.left = self.reader.waiting(own=True)
+        if self.left:
+            _log.warning("%s", self.left_behind(why))
         self.save_state()
         if self.writer is not None:
             self.writer.close()
@@ -2767,6 +2773,28 @@ class _Worker(object):
         waits, self.waits = self.waits, []
         for wait in waits:
             self.answer(wait, delivered)
+
+
+    def left_behind(self, why):
+        """The one warning of a run that ends with events undelivered: how many, why,
+        where they wait and what sends them."""
+        stats, key = self.stats, _mask(self.settings["access_key"])
+        if stats["paused"] == "key_rejected":
+            cause = "the server rejected the access key %s (check access_key / " \
+                    "IS_ACCESS_KEY)" % key
+        elif stats["paused"]:
+            cause = "sending is paused (%s)" % stats["paused"]
+        elif self.failing_since is not None:
+            cause = "the server has been %s since %s (%s)" % (
+                "failing" if self.failing_since[1] else "unreachable",
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.failing_since[0])),
+                stats["last_error"])
+        else:
+            cause = why or "the run ended before they were sent"
+        return ("isstreamer_lite: %s not delivered: %s. %s in the spool %s; the next run "
+                "with access key %s sends %s (or: python3 -m isstreamer_lite replay)" % (
+                    _count(self.left, "event"), cause, "It waits" if self.left == 1 else
+                    "They wait", self.reader.folder, key, "it" if self.left == 1 else "them"))
 
 
 def _run_reports(callback, reports):
@@ -2882,13 +2910,6 @@ def _close_all_at_exit():
     except BaseException:
         for streamer in streamers:
             streamer._close_now()
-    left = sum(s._worker.left for s in closing if not s._settings["offline"])
-    if left:
-        folders = sorted(set(s._settings["spool_dir"] for s in streamers))
-        _log.warning("isstreamer_lite: %s could not be delivered before exit; %s "
-                     "spooled in %s and the next run with the same access key sends %s",
-                     _count(left, "event"), "it is" if left == 1 else "they are",
-                     ", ".join(folders), "it" if left == 1 else "them")
 
 
 def _after_fork_in_child():

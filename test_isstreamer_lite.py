@@ -1722,6 +1722,71 @@ class ExamplesTest(ExampleCase):
 
 
 
+# A device script that closes its Streamer itself, as examples/basic.py does.
+CLOSING_SCRIPT = '''\
+from isstreamer_lite import Streamer
+
+streamer = Streamer(bucket_name="Closes", bucket_key="closes", wait_timeout=0.5)
+streamer.log("test", "hi")
+streamer.log("temperature", 32)
+streamer.close()
+'''
+
+
+class UndeliveredNoteTest(ExampleCase):
+    """A run that ends with events undelivered says so once, at warning level."""
+
+    def run_down(self, text, api_base=None):
+        """Run ``text`` against ``api_base`` (default: the server down); its stderr lines."""
+        path = os.path.join(self.dir, "device_script.py")
+        with open(path, "w") as handle:
+            handle.write(text)
+        env = self.example_env()
+        env["IS_API_BASE"] = api_base or dead_url()
+        result = subprocess.run([sys.executable, path], cwd=self.dir, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                                env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stderr.splitlines()
+
+    def assert_note(self, lines, why, before=0):
+        """The last line is the note; ``before``: lines the run printed before it."""
+        self.assertEqual(len(lines), before + 1, lines)
+        lines = lines[before:]
+        self.assertIn("isstreamer_lite: 2 events not delivered: ", lines[0])
+        self.assertIn(why, lines[0])
+        self.assertIn("They wait in the spool %s" % os.path.join(
+            self.dir, "spool", lite._fingerprint(EXAMPLES_KEY)), lines[0])
+        self.assertIn("the next run with access key %s sends them" % lite._mask(EXAMPLES_KEY),
+                      lines[0])
+        self.assertNotIn(EXAMPLES_KEY[:-4], lines[0])
+
+    def test_close_with_server_down_warns_once(self):
+        """Undelivered: a script whose close() spools its events prints one line, exit hook included."""
+        lines = self.run_down(CLOSING_SCRIPT)
+        self.assert_note(lines, "the server has been unreachable since ")
+        self.assertRegex(lines[0], r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \((creating|sending "
+                                   r"2 events to) bucket 'closes': ConnectionRefusedError")
+
+    def test_exit_hook_with_server_down_warns_once(self):
+        """Undelivered: a script that never closes hears the same one line from the exit hook."""
+        text = CLOSING_SCRIPT.replace("streamer.close()\n", "").replace(
+            "wait_timeout=0.5", "exit_timeout=0.5")
+        self.assert_note(self.run_down(text), "the server has been unreachable since ")
+
+    def test_rejected_key_says_so(self):
+        """Undelivered: after a 401 the line says the key (masked) was rejected."""
+        sink = ExamplesSink(access_key="ist_someone_else").start()
+        self.addCleanup(sink.stop)
+        self.assert_note(self.run_down(CLOSING_SCRIPT, sink.url),
+                         "the server rejected the access key %s" % lite._mask(EXAMPLES_KEY),
+                         before=1)      # the pause said so as it happened
+
+    def test_delivered_run_says_nothing(self):
+        """Undelivered: a run that delivered everything prints nothing."""
+        self.assertEqual(self.run_down(CLOSING_SCRIPT, self.sink.url), [])
+
+
 CLI_KEY = "ist_cli_test_key_0123456789"
 CLI_PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy",
                   "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
