@@ -2945,6 +2945,10 @@ def _preload(settings):
     import email.utils  # noqa: F401
     import http.client  # noqa: F401
     import urllib.request   # noqa: F401
+    # socket.getaddrinfo() and ssl encode the host name with the IDNA codec, which
+    # imports encodings.idna (stringprep, unicodedata) at the first request: a fork
+    # meanwhile left the child that import's lock, held for good.
+    "localhost".encode("idna")
     if settings["api_base"].strip().lower().startswith("https:"):
         try:
             import ssl  # noqa: F401

@@ -6236,6 +6236,80 @@ process.join(60)
 sys.exit(99 if process.exitcode is None else process.exitcode)
 '''
 
+# Forks while the worker's first request reaches argv[3]: "import" (a library thread
+# imports a module: it holds that module's lock), "getaddrinfo" or "post". The child
+# logs 20 events and closes; it exits 0 if they were delivered. Prints "no import" if
+# the first request imported nothing in a library thread.
+FORK_MOMENT_CHILD = r'''
+import os, signal, socket, sys, threading
+import isstreamer_lite as lite
+
+api_base, spool_dir, moment = sys.argv[1:4]
+reached, forked, flushed = threading.Event(), threading.Event(), []
+
+
+def pause(what):
+    if threading.current_thread().name.startswith("isstreamer_lite") and \
+            not reached.is_set():
+        print("paused at %s %s" % (moment, what), flush=True)
+        reached.set()
+        forked.wait(10)
+
+
+class Finder(object):
+    def find_spec(self, name, path=None, target=None):
+        if moment == "import":
+            pause(name)
+        return None
+
+
+real_getaddrinfo, real_post = socket.getaddrinfo, lite._HTTPTransport.post
+
+
+def getaddrinfo(*args, **kwargs):
+    if moment == "getaddrinfo":
+        pause("")
+    return real_getaddrinfo(*args, **kwargs)
+
+
+def post(self, *args, **kwargs):
+    if moment == "post":
+        pause("")
+    return real_post(self, *args, **kwargs)
+
+
+socket.getaddrinfo, lite._HTTPTransport.post = getaddrinfo, post
+sys.meta_path.insert(0, Finder())
+streamer = lite.Streamer("", "fork-moment", "ist_fork_moment_key", ini_file_location=False,
+                         api_base=api_base, spool_dir=spool_dir, flush_interval=60)
+
+
+def flush():
+    flushed.append(streamer.flush(15))
+    reached.set()
+
+
+threading.Thread(target=flush, name="flusher", daemon=True).start()
+reached.wait(20)
+if flushed:
+    print("no %s" % moment, flush=True)
+    sys.exit(0 if flushed[0] else 4)
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        signal.alarm(20)
+        for i in range(20):
+            streamer.log("child", i)
+        code = 0 if streamer.close(5) else 3
+    finally:
+        os._exit(code)
+forked.set()
+_, status = os.waitpid(pid, 0)
+streamer.close(5)
+sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 100 + os.WTERMSIG(status))
+'''
+
 # Builds, uses and closes a Streamer in a sub-interpreter of config argv[1].
 SUB_INTERPRETER_CHILD = r'''
 import sys
@@ -6463,6 +6537,30 @@ class ForkedChildTest(LifecycleCase):
         with sink.changed:
             values = [e["value"] for _, e in sink.events]
         self.assertEqual(once_problems(values, list(range(25))), "")
+
+
+class ForkMomentTest(LifecycleCase):
+    """fork at each moment of the first request: the child's Streamer still delivers."""
+
+    def test_fork_during_first_request_child_delivers(self):
+        """fork: while a library thread imports, resolves or posts, the child delivers its 20."""
+        if not hasattr(os, "fork") or not hasattr(os, "register_at_fork"):
+            self.skipTest("needs os.fork and os.register_at_fork (POSIX, Python 3.7+)")
+        for moment in ("import", "getaddrinfo", "post"):
+            with self.subTest(moment=moment):
+                sink = self.sink()
+                result = subprocess.run(
+                    [sys.executable, "-W", "ignore", self.script(FORK_MOMENT_CHILD), sink.url,
+                     self.tempdir(), moment], env=child_env(), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, universal_newlines=True, timeout=90)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-600:])
+                if moment == "import":
+                    # Everything the request path needs was imported by the constructor.
+                    self.assertEqual(result.stdout, "no import\n")
+                    continue
+                self.assertEqual(result.stdout, "paused at %s \n" % moment)
+                self.assertEqual(sorted(v for k, v in self.received(sink) if k == "child"),
+                                 list(range(20)))
 
 
 class ReuseAfterCloseTest(LiteTestCase):
