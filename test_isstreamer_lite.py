@@ -1453,6 +1453,60 @@ class InstallScriptTest(LiteTestCase):
                              "Examples"):
                     self.assertIn(word, result.stdout)
 
+    def shadowed_system_install(self, **env):
+        """--system for a Python whose user site (in a temp home) holds an old copy.
+
+        The Python is the newest one with PYTHONHOME set to a prefix of links to
+        its standard library and a site-packages of its own. Returns (install.sh's
+        result, the old copy's path).
+        """
+        prefix, home = self.tempdir(), self.tempdir()
+        stdlib = subprocess.run([self.newest, "-c", "import sysconfig; print(sysconfig."
+                                 "get_paths()['stdlib'])"], stdout=subprocess.PIPE,
+                                universal_newlines=True, timeout=60).stdout.strip()
+        lib = os.path.join(prefix, "lib", os.path.basename(stdlib))
+        os.makedirs(os.path.join(lib, "site-packages"))
+        for name in os.listdir(stdlib):
+            if name != "site-packages":
+                os.symlink(os.path.join(stdlib, name), os.path.join(lib, name))
+        site = subprocess.run([self.newest, "-m", "site", "--user-site"],
+                              stdout=subprocess.PIPE, universal_newlines=True, timeout=60,
+                              env=child_env(HOME=home, PYTHONUSERBASE="",
+                                            PYTHONHOME=prefix)).stdout.strip()
+        os.makedirs(site)
+        old = os.path.join(site, "isstreamer_lite.py")
+        with open(old, "w") as handle:
+            handle.write('__version__ = "0.9.0"\n')
+        bin_dir = self.tempdir()        # getent tells the home of the user who ran sudo
+        with open(os.path.join(bin_dir, "getent"), "w") as handle:
+            handle.write("#!/bin/sh\n[ \"$2\" = pi ] && echo 'pi:x:1000:1000::%s:/bin/sh'\n"
+                         % home)
+        os.chmod(os.path.join(bin_dir, "getent"), 0o755)
+        env = dict(env, PATH=bin_dir + os.pathsep + os.environ["PATH"], PYTHONHOME=prefix)
+        if "SUDO_USER" not in env:
+            env.update(HOME=home, PYTHONUSERBASE="")
+        result = self.install("--python", self.newest, "--system", **env)
+        self.assertTrue(os.path.exists(os.path.join(lib, "site-packages", "isstreamer_lite.py")),
+                        result.stdout + result.stderr)
+        return result, old
+
+    def test_warns_of_a_copy_in_the_sudo_users_site(self):
+        """install.sh: sudo --system names the copy in the user's site that would shadow it."""
+        result, old = self.shadowed_system_install(SUDO_USER="pi")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("warning: for pi, ", result.stderr)
+        self.assertIn("imports isstreamer_lite from %s, not from" % old,
+                      " ".join(result.stderr.split()))
+        result, old = self.shadowed_system_install(SUDO_USER="someone_else")
+        self.assertNotIn("for someone_else", result.stderr)
+
+    def test_warns_of_a_copy_earlier_on_sys_path(self):
+        """install.sh: a copy earlier on the installing user's sys.path is named."""
+        result, old = self.shadowed_system_install()
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("imports isstreamer_lite from %s, not from" % old,
+                      " ".join(result.stderr.split()))
+
     def test_shellcheck_is_clean(self):
         """install.sh: shellcheck finds nothing."""
         shellcheck = shutil.which("shellcheck")
@@ -1464,6 +1518,47 @@ class InstallScriptTest(LiteTestCase):
         self.assertEqual(result.returncode, 0, result.stdout)
 
 
+
+
+class PackagingTest(LiteTestCase):
+    """pyproject.toml builds offline with an older setuptools, such as Debian 12's 66.1.1."""
+
+    def pyproject(self):
+        path = os.path.join(HERE, "pyproject.toml")
+        if not os.path.isfile(path):
+            self.skipTest("no pyproject.toml next to %s (a vendored copy?)" % lite.__file__)
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+
+    def test_build_needs_only_what_setuptools_66_has(self):
+        """pyproject: build requirements setuptools 66.1.1 meets; the licence as a table."""
+        text = self.pyproject()
+        requires = re.search(r"^requires = \[(.*?)\]$", text, re.M).group(1)
+        for requirement in re.findall(r'"([^"]*)"', requires):
+            name, low = re.match(r"^([A-Za-z0-9_.-]+)(?:>=([0-9.]+))?$", requirement).groups()
+            self.assertEqual(name, "setuptools", requirement)
+            self.assertLessEqual(tuple(int(n) for n in (low or "0").split(".")), (66, 1, 1))
+        # The SPDX string (license = "MIT") and license-files need setuptools>=77.
+        self.assertRegex(text, r'(?m)^license = \{ *(text|file) = "[^"]+" *\}$')
+        self.assertNotRegex(text, r"(?m)^license-files")
+
+    def test_offline_pip_install(self):
+        """pip install --no-build-isolation --no-index . works without network (ISL_PIP_PYTHON)."""
+        python = os.environ.get("ISL_PIP_PYTHON")
+        if not python:
+            self.skipTest("set ISL_PIP_PYTHON to a Python with pip, setuptools>=61 and wheel")
+        self.pyproject()
+        source, target = self.tempdir(), self.tempdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE", "isstreamer_lite.py"):
+            shutil.copy(os.path.join(HERE, name), source)
+        result = subprocess.run(
+            [python, "-m", "pip", "install", "--no-build-isolation", "--no-index", "--target",
+             target, "."], cwd=source, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=300,
+            env=child_env(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+        self.assertEqual(result.returncode, 0, result.stdout[-2000:])
+        self.assertTrue(filecmp.cmp(lite.__file__, os.path.join(target, "isstreamer_lite.py"),
+                                    shallow=False))
 
 
 class HangingResolverTest(LiteTestCase):
@@ -6129,14 +6224,20 @@ class ReadmeCommandsTest(CliTestCase):
         free = port.getsockname()[1]
         port.close()
         ran = 0
+        # journalctl follows the journal forever: this one prints two messages, as
+        # `-o cat` does (the message alone), only when asked as the README asks.
+        bin_dir = self.tempdir()
+        with open(os.path.join(bin_dir, "journalctl"), "w") as handle:
+            handle.write('#!/bin/sh\n[ "$*" = "-f -n 0 -o cat -t sensor" ] || exit 9\n'
+                         'printf "temperature=21.5\\nhumidity,40\\n"\n')
+        os.chmod(os.path.join(bin_dir, "journalctl"), 0o755)
         for line in self.readme_lines():
-            if line.startswith("tail -f"):
-                continue                            # reads a file forever: not a command to run
             command = line.replace("ist_...", CLI_KEY).replace(
                 "python3 -m", shlex.quote(sys.executable) + " -m").replace(
                 "--port 8080", "--port %d" % free)
             with self.subTest(command=line):
-                env = self.env(IS_API_BASE=sink.url, IS_SPOOL_DIR=self.spool)
+                env = self.env(IS_API_BASE=sink.url, IS_SPOOL_DIR=self.spool,
+                               PATH=bin_dir + os.pathsep + os.environ["PATH"])
                 if " sink " in command + " ":
                     child = subprocess.Popen(["sh", "-c", "exec " + command], cwd=self.home,
                                              env=env, stdout=subprocess.PIPE,
@@ -6154,8 +6255,22 @@ class ReadmeCommandsTest(CliTestCase):
                 self.assertNotIn("Traceback", out + err)
                 self.assertEqual(status, 0, out + err)
                 ran += 1
-        self.assertGreaterEqual(ran, 8)
+        self.assertGreaterEqual(ran, 9)
         self.assertIn("garden", sink.buckets)
+        self.assertIn(("humidity", 40), self.received(sink, "garden"))
+
+    def test_bookworm_notes(self):
+        """README: python3-venv before the first venv, the offline pip command, the unit's editor."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        self.assertLess(readme.index("sudo apt install python3-venv"),
+                        readme.index("python3 -m venv"))
+        self.assertIn("pip install --no-build-isolation .", readme)
+        self.assertNotIn("tail -f /var/log", readme)
+        with open(os.path.join(EXAMPLES_DIR, "isstreamer-pi.service")) as handle:
+            unit = handle.read()
+        self.assertIn("#   sudo nano /etc/isstreamer.env", unit)
+        self.assertNotIn("sudoedit", unit)
 
 
 # --- Lifecycle: signals, exit, reopen ---------------------------------------
