@@ -40,6 +40,7 @@ __all__ = [
 
 import collections
 import os
+import stat
 import sys
 import threading
 import time
@@ -107,6 +108,13 @@ _MAX_REPLY_BYTES = 64 * 1024
 # The status file beside the spool is rewritten at most this often (flash wear).
 _STATE_EVERY = 60.0
 _STATE_FILE = "state.json"
+# `status` touches this file in a key's folder to ask running Streamers what they
+# hold in memory; each answers in live-<pid>.json. A worker holding events looks
+# at most every _ASK_EVERY seconds; `status` waits _STATUS_WAIT for the answers.
+_ASK_FILE = "status.ask"
+_LIVE_FILE = "live-%d.json"
+_ASK_EVERY = 1.0
+_STATUS_WAIT = 2.0
 _SPOOL_SUFFIX = ".jsonl"
 _ACK_SUFFIX = ".ack"
 
@@ -1009,7 +1017,6 @@ def _check_private_dir(path, what="spool_dir"):
         return                          # made 0700 when first needed
     except OSError as exc:
         raise ConfigError("%s %s cannot be read: %s" % (what, path, exc))
-    import stat
     if not stat.S_ISDIR(st.st_mode):
         return                          # unwritable: events stay in memory, then drop
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
@@ -1138,6 +1145,50 @@ def _join_arrays(lines):
     """One JSON array body from several JSON array lines, without parsing them."""
     inner = [line.strip()[1:-1].strip() for line in lines]
     return b"[" + b",".join(part for part in inner if part) + b"]"
+
+
+def _read_json_file(path):
+    """The JSON object in ``path`` (not followed if a symlink), or {} if none or unreadable."""
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except OSError:
+        return {}
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            data = _json_load(handle.read())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, TypeError, ValueError):
+        return isinstance(pid, int) and pid > 0
+    return True
+
+
+def _merge_state(old, new, pid, running):
+    """What ``state.json`` says after a process writes ``new`` over ``old``: it never forgets.
+
+    The last success is the latest either knows of; an error or drop stays until a
+    later one replaces it; ``pids`` lists the processes of the key still running.
+    """
+    merged = dict(old)
+    merged.update(new)
+    successes = [t for t in (old.get("last_success"), new.get("last_success"))
+                 if isinstance(t, (int, float))]
+    merged["last_success"] = max(successes) if successes else None
+    for name in ("last_error", "dropped"):
+        if not new.get(name) and old.get(name):
+            merged[name] = old[name]
+    pids = [p for p in old.get("pids", []) if isinstance(p, int) and p != pid and _alive(p)]
+    merged["pids"] = sorted(pids + [pid]) if running else pids
+    return merged
 
 
 def _read_bucket_meta(folder):
@@ -1560,10 +1611,10 @@ class _SpoolReader(object):
                 pass
         self.held = []
 
-    def save_state(self, state):
+    def save_state(self, state, name=_STATE_FILE):
         """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
         _private_dir(self.folder)
-        path = os.path.join(self.folder, _STATE_FILE)
+        path = os.path.join(self.folder, name)
         tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
         fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
@@ -2296,6 +2347,8 @@ class _Worker(object):
         self.job_deadline = self.job_started = 0.0
         self.state_due = 0.0                # when state.json may be written again
         self.saved_state = None
+        self.ask_due = 0.0                  # when status.ask is looked at again
+        self.asked = None                   # the status question last answered
         self.reports = []                   # (exception, events) for on_error
         self.creates_buckets = not settings["offline"]
         if bucket is not None and self.creates_buckets:
@@ -2385,11 +2438,16 @@ class _Worker(object):
             due.append(self.close_at - now)
         if now >= self.state_due and self.save_state():
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
+        if self.reader is not None:
+            due.append(self.answer_status(now))
         due = [d for d in due if d is not None]
         return max(0.0, min(due)) if due else None
 
-    def save_state(self):
-        """Keep what ``status`` shows beside the spool, if it changed; True if written."""
+    def save_state(self, running=True):
+        """Keep what ``status`` shows beside the spool, if it changed; True if written.
+
+        Merged into what the file says (other runs, other processes of the key).
+        """
         stats = self.stats
         state = {"version": 1, "key": _mask(self.settings["access_key"]),
                  "last_success": stats["last_success"], "last_error": stats["last_error"],
@@ -2398,17 +2456,43 @@ class _Worker(object):
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
                  "spool_dir": self.settings["spool_dir"]}
-        if self.reader is None or state == self.saved_state or not (
+        if self.reader is None or (state == self.saved_state and running) or not (
                 state["last_success"] or state["last_error"] or state["dropped"]
                 or state["dead_lettered"]):
             return False                    # unchanged, or nothing to tell yet
         self.saved_state = dict(state)
         state.update(updated=self.wall(), pid=os.getpid())
+        old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
         try:
-            self.reader.save_state(state)
+            self.reader.save_state(_merge_state(old, state, os.getpid(), running))
         except OSError as exc:
             _log.debug("cannot write the status file: %s", exc)
         return True
+
+    def answer_status(self, now):
+        """Tell a ``status`` command that asked what this process holds in memory.
+
+        The question (the mtime of status.ask) is looked at once a second at
+        most; while events are held here the worker wakes for it, so the
+        answer comes within about a second. Returns the delay until it looks again.
+        """
+        held = len(self.inbox) + self.pending.count
+        if now >= self.ask_due:
+            self.ask_due = now + _ASK_EVERY
+            try:
+                st = os.lstat(os.path.join(self.reader.folder, _ASK_FILE))
+                asked = st.st_mtime if stat.S_ISREG(st.st_mode) else None
+            except OSError:
+                asked = None
+            if asked is not None and asked != self.asked:
+                self.asked = asked
+                try:
+                    self.reader.save_state({"pid": os.getpid(), "asked": asked,
+                                            "events": held, "updated": self.wall()},
+                                           _LIVE_FILE % os.getpid())
+                except OSError as exc:
+                    _log.debug("cannot answer status: %s", exc)
+        return max(0.0, self.ask_due - now) if held else None
 
     # taking from the inbox
 
@@ -2762,7 +2846,12 @@ class _Worker(object):
             self.left = self.reader.waiting(own=True)
         if self.left:
             _log.warning("%s", self.left_behind(why))
-        self.save_state()
+        self.save_state(running=False)
+        if self.asked is not None:
+            try:
+                os.unlink(os.path.join(self.reader.folder, _LIVE_FILE % os.getpid()))
+            except OSError:
+                pass
         if self.writer is not None:
             self.writer.close()
         if self.reader is not None:
@@ -4040,26 +4129,61 @@ def _dead_letters(key_folder):
     return count, newest
 
 
+def _ask_running(folder, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
+    """Ask the running processes of a key's folder what they hold in memory.
+
+    Returns ({pid: events} of those that answered within ``wait`` seconds, the
+    pids still running). A process holding nothing may sleep through the
+    question: it counts as holding nothing, which it does.
+    """
+    state = _read_json_file(os.path.join(folder, _STATE_FILE))
+    running = [p for p in state.get("pids", []) if isinstance(p, int) and _alive(p)]
+    answers = {}
+    if not running:
+        return answers, running
+    path = os.path.join(folder, _ASK_FILE)
+    try:
+        os.close(_open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+        os.utime(path)
+        asked = os.lstat(path).st_mtime
+    except OSError:
+        return answers, running
+    give_up = clock() + wait
+    while True:
+        for pid in running:
+            live = _read_json_file(os.path.join(folder, _LIVE_FILE % pid))
+            if live.get("asked") == asked and isinstance(live.get("events"), int):
+                answers[pid] = live["events"]
+        if len(answers) == len(running) or clock() >= give_up:
+            return answers, running
+        sleep(0.05)
+
+
 def _key_status(spool_dir, fingerprint, now):
     """What ``status`` shows for one access key's folder."""
     folder = os.path.join(spool_dir, fingerprint)
-    state = {}
-    try:
-        fd = _open_private(os.path.join(folder, _STATE_FILE), os.O_RDONLY)
-        with os.fdopen(fd, "rb") as handle:
-            state = _json_load(handle.read())
-    except (OSError, ValueError):
-        pass
+    state = _read_json_file(os.path.join(folder, _STATE_FILE))
     dead, newest = _dead_letters(folder)
     buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
                 "events": r["events"], "lines": r["lines"],
                 "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
                for r in _spool_summary(spool_dir, fingerprint=fingerprint)]
-    return {"key_fingerprint": fingerprint, "key": state.get("key", "?"), "folder": folder,
-            "last_success": state.get("last_success"), "last_error": state.get("last_error"),
-            "paused": state.get("paused", ""), "waiting": state.get("waiting", ""),
+    answers, running = _ask_running(folder)
+    backlog = sum(b["events"] for b in buckets)
+    in_memory = sum(answers.values())
+    # A key with nothing left and nobody running it is idle, whatever its last run met.
+    idle = not (backlog or in_memory or running)
+    key = state.get("key")
+    return {"key_fingerprint": fingerprint, "key": key if key and key != "****" else None,
+            "folder": folder, "last_success": state.get("last_success"),
+            "last_error": state.get("last_error"),
+            "paused": "" if idle else state.get("paused", ""), "idle": idle,
+            "last_paused": state.get("paused", "") if idle else "",
+            "waiting": state.get("waiting", ""),
             "dropped": state.get("dropped", {}), "status_updated": state.get("updated"),
-            "backlog": buckets, "backlog_events": sum(b["events"] for b in buckets),
+            "running_pids": running, "in_memory": in_memory,
+            "unanswered_pids": [p for p in running if p not in answers],
+            "backlog": buckets, "backlog_events": backlog,
             "dead_letters": dead, "newest_dead_letter": None if newest is None else {
                 "time": newest.get("time"), "bucket_key": newest.get("bucketKey"),
                 "status": newest.get("status"), "reason": str(newest.get("reply", ""))[:200]}}
@@ -4082,7 +4206,7 @@ def _cmd_status(args, out, err):
                   if os.path.isdir(os.path.join(spool_dir, d)))
     now = _time()
     report = [_key_status(spool_dir, fingerprint, now) for fingerprint in keys]
-    pending = sum(r["backlog_events"] for r in report)
+    pending = sum(r["backlog_events"] + r["in_memory"] for r in report)
     if args.json:
         out.write(_json_bytes({"spool_dir": spool_dir, "keys": report,
                                "pending_events": pending}).decode("utf-8") + "\n")
@@ -4090,12 +4214,22 @@ def _cmd_status(args, out, err):
     out.write("spool %s: %s\n" % (spool_dir, "%d events pending" % pending if pending
                                    else "nothing pending"))
     for r in report:
-        out.write("key %s (fingerprint %s)\n" % (r["key"], r["key_fingerprint"]))
+        # A key too short to show four characters is told apart by its fingerprint.
+        out.write("key %s\n" % ("%s (fingerprint %s)" % (r["key"], r["key_fingerprint"])
+                                 if r["key"] else "with fingerprint %s" % r["key_fingerprint"]))
         out.write("  last success: %s\n" % _ago(r["last_success"], now))
         if r["last_error"]:
             out.write("  last error: %s\n" % r["last_error"])
         if r["paused"]:
             out.write("  sending paused: %s\n" % r["paused"])
+        if r["idle"]:
+            out.write("  idle: nothing to send and no process running%s\n" % (
+                " (its last run was paused: %s)" % r["last_paused"] if r["last_paused"] else ""))
+        if r["running_pids"]:
+            out.write("  running: process %s, %s held in memory%s\n" % (
+                ", ".join(str(p) for p in r["running_pids"]), _count(r["in_memory"], "event"),
+                " (no answer from %s)" % ", ".join(str(p) for p in r["unanswered_pids"])
+                if r["unanswered_pids"] else ""))
         for b in r["backlog"]:
             out.write("  backlog: bucket %r (%s): %d event%s, oldest %s\n" % (
                 b["bucket_key"], b["bucket_name"] or "no name", b["events"],
@@ -4350,7 +4484,7 @@ _EXAMPLES = {
     "selftest": "%(prog)s\n"
                 "  IS_ACCESS_KEY=ist_... %(prog)s --live",
     "send": "IS_ACCESS_KEY=ist_... %(prog)s --bucket-key garden temperature 21.5 door_open false",
-    "pipe": "tail -f /var/log/sensor.log | %(prog)s --bucket-key garden\n"
+    "pipe": "journalctl -f -n 0 -o cat -t sensor | %(prog)s --bucket-key garden\n"
             "  printf 'temp,21.5\\nhumidity=40\\n{\"key\": \"ok\", \"value\": true}\\n' | "
             "%(prog)s",
     "replay": "%(prog)s --dry-run\n"

@@ -5799,6 +5799,106 @@ class StatusTest(CliTestCase):
         self.assertEqual(glob.glob(os.path.join(self.spool, "*", "deadletter.jsonl")), [])
 
 
+HELD_CHILD = """\
+import os, sys
+import isstreamer_lite
+s = isstreamer_lite.Streamer("Held", "cli-held", %(key)r, ini_file_location=False,
+                             api_base=%(url)r, spool_dir=%(spool)r, max_retries=1000,
+                             backoff_base=0.2, backoff_cap=0.5, exit_timeout=0.5)
+for i in range(12):
+    s.log("n", i)
+state = os.path.join(%(spool)r, isstreamer_lite._fingerprint(%(key)r), "state.json")
+for attempt in range(100):              # the first failure is written at once
+    if s.flush(0.1) or os.path.exists(state):
+        break
+print("READY", s.stats()["queued"], s.stats()["spooled"], os.getpid())
+sys.stdout.flush()
+sys.stdin.readline()
+"""
+
+
+class StatusTruthTest(CliTestCase):
+    """CLI status agrees with the truth: across runs, in running processes, after recovery."""
+
+    def status(self, *words):
+        return self.main(["status", "--spool-dir", self.spool] + list(words))
+
+    def test_last_success_survives_a_later_failed_run(self):
+        """status: a run with the server down does not make the last success 'never'."""
+        sink = self.sink()
+        s = lite.Streamer("", "cli-kept", CLI_KEY, ini_file_location=False, api_base=sink.url,
+                          spool_dir=self.spool)
+        s.log("n", 1)
+        self.assertTrue(closed_and_stopped(s, 10))
+        s = lite.Streamer("", "cli-kept", CLI_KEY, ini_file_location=False,
+                          api_base=dead_url(), spool_dir=self.spool, wait_timeout=0.5,
+                          backoff_base=0.01, backoff_cap=0.05)
+        s.log("n", 2)
+        with self.assertLogs("isstreamer_lite", "WARNING"):
+            self.assertFalse(closed_and_stopped(s, 0.5))
+        status, out, err = self.status()
+        self.assertEqual(status, 1, out + err)
+        self.assertRegex(out, r"last success: \d+ s ago")
+        self.assertIn("last error: creating bucket 'cli-kept'", out)
+
+    def test_events_in_a_running_process_are_counted(self):
+        """status: events a running script holds in memory are pending, with its pid."""
+        child = self.popen([sys.executable, "-c", HELD_CHILD % {
+            "key": CLI_KEY, "url": dead_url(), "spool": self.spool}])
+        ready = child.stdout.readline().split()
+        self.assertEqual(ready[:3], ["READY", "12", "0"], child.stderr.read()
+                         if ready[:1] != ["READY"] else ready)
+        started = time.monotonic()
+        status, out, err = self.status()
+        self.assertLess(time.monotonic() - started, 3.0)     # it asked and was answered
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("12 events pending", out)
+        self.assertIn("running: process %s, 12 events held in memory\n" % ready[3], out)
+        status, out, err = self.status("--json")
+        report = json.loads(out)
+        self.assertEqual((report["pending_events"], report["keys"][0]["in_memory"]), (12, 12))
+        child.stdin.write("\n")
+        child.stdin.close()
+        self.assertEqual(child.wait(30), 0)
+        status, out, err = self.status()        # its exit hook spooled them
+        self.assertIn("backlog: bucket 'cli-held' (Held): 12 events", out)
+        self.assertNotIn("running:", out)
+
+    def test_recovered_key_is_idle_not_paused(self):
+        """status: a rejected key whose backlog another key's replay sent is idle."""
+        wrong = "ist_wrong_key_0123456789"
+        sink = self.sink(access_key=CLI_KEY)        # answers 401 to any other key
+        s = lite.Streamer("", "cli-wrong", wrong, ini_file_location=False,
+                          api_base=sink.url, spool_dir=self.spool, wait_timeout=0.5)
+        s.log("n", 1)
+        with self.assertLogs("isstreamer_lite", "WARNING"):
+            self.assertFalse(closed_and_stopped(s, 0.5))
+        status, out, err = self.status()
+        self.assertIn("sending paused: key_rejected", out)
+        status, out, err = self.main(["replay"] + spool_segments(self.spool)
+                                     + self.common(sink.url))
+        self.assertEqual(status, 0, out + err)
+        status, out, err = self.status()
+        self.assertEqual(status, 0, out + err)
+        self.assertNotIn("sending paused", out)
+        self.assertIn("idle: nothing to send and no process running (its last run was "
+                      "paused: key_rejected)", out)
+
+    def test_short_keys_are_told_apart_by_fingerprint(self):
+        """status: keys too short to show four characters are named by their fingerprints."""
+        for key in ("ist_a1", "ist_b2"):
+            s = lite.Streamer("", "cli-short", key, ini_file_location=False,
+                              api_base=dead_url(), spool_dir=self.spool, wait_timeout=0.2,
+                              backoff_base=0.01, backoff_cap=0.05)
+            s.log("n", 1)
+            with self.assertLogs("isstreamer_lite", "WARNING"):
+                closed_and_stopped(s, 0.2)
+        status, out, err = self.status()
+        self.assertNotIn("key ****", out)
+        for key in ("ist_a1", "ist_b2"):
+            self.assertIn("key with fingerprint %s\n" % lite._fingerprint(key), out)
+
+
 class SpoolLocationTest(LiteTestCase):
     """Where the spool goes when no spool_dir is given."""
 
