@@ -105,6 +105,17 @@ _MAX_EPOCH = 253402300799.0
 _INT_LIMIT = 2 ** 63
 # Error bodies are read up to this much; the rest of the answer is discarded.
 _MAX_REPLY_BYTES = 64 * 1024
+# The Student and Individual plans cap an account at 3 million events a calendar
+# month, then throttle (402); an X-RateLimit-Limit of 60 or more a 10 s window
+# is the Enterprise plan, which pays as it goes and has no cap.
+_MONTHLY_QUOTA = 3000000
+_ENTERPRISE_LIMIT = 60
+# The month's total is projected from the events delivered in the last hour,
+# spread over at least ten minutes, so the first burst of a run is no alarm.
+_RATE_WINDOW = 3600.0
+_RATE_MIN_SPAN = 600.0
+# Months kept in state.json, newest first.
+_MONTHS_KEPT = 13
 # The status file beside the spool is rewritten at most this often (flash wear).
 _STATE_EVERY = 60.0
 _STATE_FILE = "state.json"
@@ -233,6 +244,7 @@ def _read_ini(path):
             ("isstreamer.client_config", "offline_file", "offline_file"),
             ("isstreamer.client_config", "spool_dir", "spool_dir"),
             ("isstreamer.client_config", "durable", "durable"),
+            ("isstreamer.client_config", "monthly_quota", "monthly_quota"),
             ("isstreamer.api_config", "stream_api_base", "api_base")):
         if parser.has_option(section, option):
             found[name] = parser.get(section, option).strip()
@@ -376,6 +388,26 @@ def _check_number(name, value, low, high=None):
     return value
 
 
+def _check_quota(monthly_quota, ini, where):
+    """monthly_quota: the argument, else IS_MONTHLY_QUOTA, else the ini's, else 3,000,000."""
+    source = "monthly_quota"
+    if monthly_quota is None:
+        if os.environ.get("IS_MONTHLY_QUOTA", "").strip():
+            monthly_quota, source = os.environ["IS_MONTHLY_QUOTA"].strip(), "IS_MONTHLY_QUOTA"
+        elif ini.get("monthly_quota"):
+            monthly_quota, source = ini["monthly_quota"], "monthly_quota" + where
+        else:
+            return _MONTHLY_QUOTA
+    value = monthly_quota
+    if isinstance(value, str) and value.strip().replace("_", "").isdigit():
+        value = int(value.strip().replace("_", ""))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        error = ValueError if source == "monthly_quota" else ConfigError
+        raise error("%s is %r; it must be a whole number of events a month, at least 0 "
+                         "(0 turns the quota warning off)" % (source, monthly_quota))
+    return value
+
+
 def _new_bucket_key():
     """A random UUID4 string, as ISStreamer made for an empty bucket_key."""
     raw = bytearray(os.urandom(16))
@@ -401,7 +433,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                       wait_timeout, exit_timeout, max_retries, backoff_base, backoff_cap,
                       retry_after_cap, pause_interval, max_queue, spool_dir, spool_max_bytes,
                       offline_file, on_error, ssl_context, durable, sync_interval,
-                      handle_sigterm):
+                      handle_sigterm, monthly_quota=None):
     """Validate the options and merge them with environment, ini and defaults.
 
     Returns the settings dict the engine reads; raises ConfigError,
@@ -439,6 +471,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
         _check_number(name, value, low)
     if spool_max_bytes is not None:
         _check_number("spool_max_bytes", spool_max_bytes, 1)     # None: no limit
+    monthly_quota = _check_quota(monthly_quota, ini, where)
     if on_error is not None and not callable(on_error):
         raise TypeError("on_error must be callable, not %r" % (on_error,))
     if not offline and not access_key:
@@ -475,6 +508,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                               "./isstreamer_out.csv"),
         "debug_level": debug_level, "durable": bool(durable) and not offline,
         "sync_interval": float(sync_interval), "handle_sigterm": bool(handle_sigterm),
+        "monthly_quota": monthly_quota,
         "user_agent": "isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
         "bucket_key": bucket_key, "bucket_name": bucket_name,
     }
@@ -890,8 +924,10 @@ def _decide(status, headers=None, error=None, failures=0, base=0.5, cap=30.0,
 _PAUSE_ADVICE = {
     "key_rejected": "the access key (%s) was rejected: check access_key / IS_ACCESS_KEY "
                     "against your Initial State account settings",
-    "quota": "the account's event limit for this billing cycle is used up (key %s): "
-             "upgrade the plan or wait for the next cycle",
+    "quota": "the server answered 402: the account's monthly quota of events (the event "
+             "limit of this billing cycle; 3 million a month on the Student and Individual "
+             "plans) is used up (key %s), and nothing is stored until the next billing "
+             "month or a plan change",
 }
 
 
@@ -983,6 +1019,66 @@ def _budget_for(api_base, access_key):
         if budget is None:
             budget = _budgets[key] = _RateBudget()
         return budget
+
+
+def _month_of(wall):
+    """The calendar month (UTC) of Unix time ``wall``: "2026-12"."""
+    return time.strftime("%Y-%m", time.gmtime(wall))
+
+
+def _month_left(wall):
+    """Seconds from ``wall`` to the end of its calendar month (UTC)."""
+    g = time.gmtime(wall)
+    leap = g.tm_year % 4 == 0 and (g.tm_year % 100 != 0 or g.tm_year % 400 == 0)
+    days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[g.tm_mon - 1]
+    done = (g.tm_mday - 1) * 86400 + g.tm_hour * 3600 + g.tm_min * 60 + g.tm_sec
+    return max(0.0, days * 86400 - done - (wall % 1))
+
+
+class _MonthTally(object):
+    """Events delivered per calendar month (UTC), and the month's total projected.
+
+    Pure: given the times, does no I/O and reads no clock. ``months`` are the
+    totals known (earlier runs' included); ``unsaved`` what this process added
+    since they were last written; ``recent`` the deliveries of the last hour.
+    """
+
+    def __init__(self, months=None):
+        self.months = dict((k, v) for k, v in (months or {}).items()
+                           if isinstance(k, str) and isinstance(v, int))
+        self.unsaved = {}
+        self.recent = collections.deque()       # (wall, events)
+
+    def add(self, count, wall):
+        month = _month_of(wall)
+        self.months[month] = self.months.get(month, 0) + count
+        self.unsaved[month] = self.unsaved.get(month, 0) + count
+        self.recent.append((wall, count))
+        while self.recent and self.recent[0][0] <= wall - _RATE_WINDOW:
+            self.recent.popleft()
+
+    def rate(self, wall):
+        """Events a second over the last hour, spread over at least _RATE_MIN_SPAN."""
+        recent = [(t, n) for t, n in self.recent if t > wall - _RATE_WINDOW]
+        if not recent:
+            return 0.0
+        return sum(n for _, n in recent) / max(_RATE_MIN_SPAN, wall - recent[0][0])
+
+    def projected(self, wall):
+        """This month's total if the recent rate goes on to its end."""
+        return int(self.months.get(_month_of(wall), 0) + self.rate(wall) * _month_left(wall))
+
+    def merged(self, saved):
+        """The months of ``saved`` (a state file's) plus what this process added since."""
+        months = dict((k, v) for k, v in (saved or {}).items()
+                      if isinstance(k, str) and isinstance(v, int))
+        for month, count in self.unsaved.items():
+            months[month] = months.get(month, 0) + count
+        return dict(sorted(months.items())[-_MONTHS_KEPT:])
+
+    def saved(self, months):
+        """``months`` were written: they are the totals now, nothing is unsaved."""
+        self.months, self.unsaved = dict(months), {}
 
 
 # --- Spool -------------------------------------------------------------------
@@ -2349,6 +2445,13 @@ class _Worker(object):
         self.saved_state = None
         self.ask_due = 0.0                  # when status.ask is looked at again
         self.asked = None                   # the status question last answered
+        self.month = _MonthTally(_read_json_file(os.path.join(
+            reader.folder, _STATE_FILE)).get("months") if reader is not None else None)
+        month = _month_of(wall())
+        self.month_view = (month, self.month.months.get(month, 0),
+                           self.month.months.get(month, 0))    # (month, delivered, projected)
+        self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
+        self.quota_warned = False
         self.reports = []                   # (exception, events) for on_error
         self.creates_buckets = not settings["offline"]
         if bucket is not None and self.creates_buckets:
@@ -2455,18 +2558,24 @@ class _Worker(object):
                  self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
-                 "spool_dir": self.settings["spool_dir"]}
+                 "spool_dir": self.settings["spool_dir"], "month": self.month_view[:2]}
         if self.reader is None or (state == self.saved_state and running) or not (
                 state["last_success"] or state["last_error"] or state["dropped"]
                 or state["dead_lettered"]):
             return False                    # unchanged, or nothing to tell yet
         self.saved_state = dict(state)
-        state.update(updated=self.wall(), pid=os.getpid())
+        del state["month"]                  # compared only: the file keeps "months"
+        wall = self.wall()
+        state.update(updated=wall, pid=os.getpid(), rate=self.month.rate(wall),
+                     enterprise=self.enterprise)
         old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
+        state["months"] = self.month.merged(old.get("months"))
         try:
             self.reader.save_state(_merge_state(old, state, os.getpid(), running))
         except OSError as exc:
             _log.debug("cannot write the status file: %s", exc)
+        else:
+            self.month.saved(state["months"])
         return True
 
     def answer_status(self, now):
@@ -2639,6 +2748,12 @@ class _Worker(object):
         s = self.settings
         if response is not None and self.budget is not None:
             self.budget.update(response.headers, now, self.wall())
+        if response is not None and not self.enterprise:
+            try:
+                self.enterprise = int(response.headers.get("x-ratelimit-limit", 0)) >= \
+                    _ENTERPRISE_LIMIT
+            except (TypeError, ValueError):
+                pass
         decision = _decide(response.status if response is not None else None,
                            response.headers if response is not None else None, error,
                            self.failures, s["backoff_base"], s["backoff_cap"],
@@ -2681,6 +2796,7 @@ class _Worker(object):
         self.stats["last_success"] = self.wall()
         self.stats["paused"] = ""
         self.pending.remove(batch)
+        self.count_month(batch.count, self.stats["last_success"])
         if batch.refs is None:
             self.stats["delivered"] += batch.count
             return
@@ -2688,6 +2804,23 @@ class _Worker(object):
         self.stats["delivered"] += journal
         self.stats["replayed"] += batch.count - journal
         self.reader.ack(batch.refs)
+
+    def count_month(self, count, wall):
+        """Count delivered events in their month; warn once if the month would pass the quota."""
+        self.month.add(count, wall)
+        projected = self.month.projected(wall)
+        self.month_view = (_month_of(wall), self.month.months[_month_of(wall)], projected)
+        quota = self.settings["monthly_quota"]
+        if quota and projected > quota and not self.enterprise and not self.quota_warned:
+            self.quota_warned = True
+            _log.warning(
+                "isstreamer_lite: at the rate of the last hour, access key %s would deliver "
+                "about %s events this month (%s so far, from this device), more than the "
+                "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
+                "past which the server refuses events with 402 until the next billing "
+                "month). Log less often, or set monthly_quota=0 on a plan without a cap.",
+                _mask(self.settings["access_key"]), "{:,}".format(projected),
+                "{:,}".format(self.month_view[1]), "{:,}".format(quota))
 
     def failed(self, batch, decision, response, error, now, creating=None):
         """A request did not go through: wait, back off, or pause and spool.
@@ -3128,7 +3261,7 @@ class Streamer(object):
                  retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
                  spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
                  on_error=None, ssl_context=None, durable=None, sync_interval=1.0,
-                 handle_sigterm=True):
+                 handle_sigterm=True, monthly_quota=None):
         settings = _resolve_settings(
             bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
             ini_file_location=ini_file_location, debug_level=debug_level,
@@ -3139,7 +3272,7 @@ class Streamer(object):
             pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
             spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
             ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
-            handle_sigterm=handle_sigterm)
+            handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
         _preload(settings)
         self._settings = settings
         bucket_key, bucket_name = settings.pop("bucket_key"), settings.pop("bucket_name")
@@ -3501,6 +3634,10 @@ class Streamer(object):
         counters["state"] = worker.state
         until, why = worker.waiting
         counters["waiting"] = why if until > _monotonic() else ""
+        month, delivered, projected = worker.month_view
+        quota = self._settings["monthly_quota"]
+        counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
+                             "quota": None if worker.enterprise or not quota else quota}
         return counters
 
     def __repr__(self):
@@ -4159,7 +4296,7 @@ def _ask_running(folder, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
         sleep(0.05)
 
 
-def _key_status(spool_dir, fingerprint, now):
+def _key_status(spool_dir, fingerprint, now, quota=_MONTHLY_QUOTA):
     """What ``status`` shows for one access key's folder."""
     folder = os.path.join(spool_dir, fingerprint)
     state = _read_json_file(os.path.join(folder, _STATE_FILE))
@@ -4174,7 +4311,16 @@ def _key_status(spool_dir, fingerprint, now):
     # A key with nothing left and nobody running it is idle, whatever its last run met.
     idle = not (backlog or in_memory or running)
     key = state.get("key")
-    return {"key_fingerprint": fingerprint, "key": key if key and key != "****" else None,
+    month = _month_of(now)
+    months = state.get("months") if isinstance(state.get("months"), dict) else {}
+    done = months.get(month, 0) if isinstance(months.get(month, 0), int) else 0
+    rate = state.get("rate") if isinstance(state.get("rate"), (int, float)) else 0.0
+    if not running and now - (state.get("updated") or 0) > _RATE_WINDOW:
+        rate = 0.0                      # nobody has been sending lately
+    unlimited = bool(state.get("enterprise")) or not quota
+    return {"key_fingerprint": fingerprint, "month": {
+                "month": month, "delivered": done, "quota": None if unlimited else quota,
+                "projected": int(done + max(0.0, rate) * _month_left(now))}, "key": key if key and key != "****" else None,
             "folder": folder, "last_success": state.get("last_success"),
             "last_error": state.get("last_error"),
             "paused": "" if idle else state.get("paused", ""), "idle": idle,
@@ -4201,11 +4347,12 @@ def _ago(when, now):
 
 def _cmd_status(args, out, err):
     options = _cli_options(args, bucket_key="status")
-    spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]
+    settings = _resolve_settings(**dict(options, offline=True))
+    spool_dir, quota = settings["spool_dir"], settings["monthly_quota"]
     keys = sorted(d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
                   if os.path.isdir(os.path.join(spool_dir, d)))
     now = _time()
-    report = [_key_status(spool_dir, fingerprint, now) for fingerprint in keys]
+    report = [_key_status(spool_dir, fingerprint, now, quota) for fingerprint in keys]
     pending = sum(r["backlog_events"] + r["in_memory"] for r in report)
     if args.json:
         out.write(_json_bytes({"spool_dir": spool_dir, "keys": report,
@@ -4222,6 +4369,15 @@ def _cmd_status(args, out, err):
             out.write("  last error: %s\n" % r["last_error"])
         if r["paused"]:
             out.write("  sending paused: %s\n" % r["paused"])
+        month = r["month"]
+        if month["delivered"] or month["projected"]:
+            out.write("  this month (%s, UTC): %s events delivered, about %s by its end at "
+                      "the recent rate%s\n" % (
+                          month["month"], "{:,}".format(month["delivered"]),
+                          "{:,}".format(month["projected"]), "" if month["quota"] is None else
+                          ", %s the monthly quota of %s" % (
+                              "over" if month["projected"] > month["quota"] else "within",
+                              "{:,}".format(month["quota"]))))
         if r["idle"]:
             out.write("  idle: nothing to send and no process running%s\n" % (
                 " (its last run was paused: %s)" % r["last_paused"] if r["last_paused"] else ""))

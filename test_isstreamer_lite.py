@@ -4163,6 +4163,139 @@ class PauseTest(DeliveryTestCase):
         """Pause: 402 (quota) spools, logs one error, pauses, delivers when accepted again."""
         message = self.check_pause(402, "quota")
         self.assertIn("event limit", message)
+        self.assertIn("monthly quota of events", message)
+
+
+def utc(text):
+    """Unix seconds of an ISO-8601 UTC time such as 2026-12-06T12:00:00."""
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+
+
+class MonthTallyTest(IsolatedCase):
+    """The month's count and projection, from plain times (no clock, no I/O)."""
+
+    def test_month_left(self):
+        """Month: seconds to the end of the calendar month (UTC), leap years included."""
+        for when, left in (("2026-02-28T23:59:00", 60), ("2028-02-28T00:00:00", 2 * 86400),
+                           ("2026-12-01T00:00:00", 31 * 86400), ("2026-04-30T12:00:00", 43200)):
+            with self.subTest(when=when):
+                self.assertEqual(lite._month_left(utc(when)), left)
+                self.assertEqual(lite._month_of(utc(when)), when[:7])
+
+    def test_projection_from_the_last_hour_spread_over_ten_minutes_at_least(self):
+        """Month: a first burst is spread over 10 min; an hour of steady rate projects it."""
+        t0 = utc("2026-12-06T12:00:00")
+        tally = lite._MonthTally({"2026-12": 1000, "2026-11": 7})
+        tally.add(600, t0)
+        left = lite._month_left(t0)
+        self.assertEqual(tally.projected(t0), int(1600 + 1.0 * left))     # 600 over 600 s
+        for minute in range(1, 61):
+            tally.add(600, t0 + 60 * minute)                     # 10 a second for an hour
+        now = t0 + 3600
+        self.assertAlmostEqual(tally.rate(now), 600 * 60 / 3540.0, places=6)
+        self.assertEqual(tally.months["2026-12"], 1000 + 600 * 61)
+        self.assertEqual(tally.rate(now + 2 * 3600), 0.0)       # nothing lately: no rate
+        self.assertEqual(tally.projected(now + 2 * 3600), 1000 + 600 * 61)
+
+    def test_months_split_at_midnight_utc_and_merge_with_the_file(self):
+        """Month: events count in their UTC month; a save adds only what is new."""
+        tally = lite._MonthTally()
+        tally.add(3, utc("2026-11-30T23:59:59"))
+        tally.add(4, utc("2026-12-01T00:00:01"))
+        self.assertEqual(tally.months, {"2026-11": 3, "2026-12": 4})
+        merged = tally.merged({"2026-12": 10, "2025-01": 1})
+        self.assertEqual(merged, {"2025-01": 1, "2026-11": 3, "2026-12": 14})
+        tally.saved(merged)
+        tally.add(1, utc("2026-12-02T00:00:00"))
+        self.assertEqual(tally.merged(merged)["2026-12"], 15)
+        many = dict(("20%02d-01" % y, 1) for y in range(30))
+        self.assertEqual(len(tally.merged(many)), lite._MONTHS_KEPT)
+
+
+class MonthlyQuotaTest(DeliveryTestCase):
+    """stats() and status count the month's events; one warning past monthly_quota."""
+
+    def quota_warnings(self, logs):
+        return [r.getMessage() for r in logs.records if "monthly quota of" in r.getMessage()]
+
+    def test_one_warning_when_the_projection_passes_the_quota(self):
+        """Quota: the projection passing monthly_quota warns once, naming both numbers."""
+        sink = self.sink()
+        s = self.streamer(sink.url, monthly_quota=100)
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            for round in range(3):
+                log_all(s, events("q%d" % round, 20))
+                self.assertTrue(s.flush(10), s.stats()["last_error"])
+        warnings = self.quota_warnings(logs)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("more than the monthly quota of 100 (monthly_quota", warnings[0])
+        self.assertNotIn(KEY[:-4], warnings[0])
+        month = s.stats()["month"]
+        self.assertEqual((month["month"], month["delivered"], month["quota"]),
+                         (lite._month_of(time.time()), 60, 100))
+        self.assertGreater(month["projected"], 100)
+
+    def test_no_warning_with_quota_0_or_an_enterprise_rate_limit(self):
+        """Quota: monthly_quota=0, or X-RateLimit-Limit of 60 a window, never warns."""
+        for limit, quota in ((None, 0), (60, 100)):
+            with self.subTest(rate_limit=limit, monthly_quota=quota):
+                sink = self.sink(rate_limit=limit) if limit else self.sink()
+                s = self.streamer(sink.url, monthly_quota=quota)
+                records = []
+                handler = logging.Handler()
+                handler.emit = records.append
+                logging.getLogger("isstreamer_lite").addHandler(handler)
+                self.addCleanup(logging.getLogger("isstreamer_lite").removeHandler, handler)
+                log_all(s, events("e", 30))
+                self.assertTrue(s.flush(10), s.stats()["last_error"])
+                self.assertEqual([r.getMessage() for r in records], [])
+                self.assertIsNone(s.stats()["month"]["quota"])
+                self.assertEqual(s.stats()["month"]["delivered"], 30)
+
+    def test_month_kept_across_runs_and_shown_by_status(self):
+        """Quota: the month's count survives the run (state.json); status shows it."""
+        sink, spool = self.sink(), self.tempdir()
+        for run in range(2):
+            s = self.streamer(sink.url, spool_dir=spool, monthly_quota=10 ** 9)
+            log_all(s, events("r%d" % run, 5))
+            self.assertTrue(s.close(10), s.stats()["last_error"])
+        self.assertEqual(s.stats()["month"]["delivered"], 10)
+        self.assertRegex(self.status_text(spool),
+                         r"this month \(%s, UTC\): 10 events delivered, about [\d,]+ by its "
+                         r"end at the recent rate, within the monthly quota of 1,000,000,000"
+                         % lite._month_of(time.time()))
+
+    def status_text(self, spool):
+        ini = os.path.join(self.tempdir(), "empty.ini")
+        open(ini, "w").close()
+        out = io.StringIO()
+        with mock.patch.dict(os.environ, {"IS_MONTHLY_QUOTA": "1000000000"}), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            lite.main(["status", "--spool-dir", spool, "--ini", ini])
+        return out.getvalue()
+
+    def test_bad_monthly_quota_is_refused_naming_value_and_rule(self):
+        """Quota: a negative, fractional or non-number monthly_quota is refused at construction."""
+        for value in (-1, 1.5, "many", True):
+            with self.subTest(value=value):
+                with self.assertRaises(ValueError) as caught:
+                    self.streamer("http://127.0.0.1:9", monthly_quota=value)
+                self.assertIn("monthly_quota is %r; it must be a whole number of events a "
+                              "month, at least 0" % (value,), str(caught.exception))
+        with mock.patch.dict(os.environ, {"IS_MONTHLY_QUOTA": "lots"}):
+            with self.assertRaises(lite.ConfigError) as caught:
+                self.streamer("http://127.0.0.1:9")
+        self.assertIn("IS_MONTHLY_QUOTA is 'lots'", str(caught.exception))
+        folder = self.tempdir()
+        ini = os.path.join(folder, "isstreamer.ini")
+        with open(ini, "w") as handle:
+            handle.write("[isstreamer.client_config]\nmonthly_quota = 500_000\n")
+        for env, expected in (({}, 500000), ({"IS_MONTHLY_QUOTA": "0"}, 0)):
+            with mock.patch.dict(os.environ, env):
+                s = self.streamer("http://127.0.0.1:9", ini_file_location=ini)
+            self.assertEqual(s._settings["monthly_quota"], expected)
+        self.assertEqual(self.streamer("http://127.0.0.1:9")._settings["monthly_quota"],
+                         3000000)
 
 
 class OverflowTest(DeliveryTestCase):
