@@ -2476,6 +2476,9 @@ class _Worker(object):
                 self.arm()
                 if len(self.inbox) >= self.wake_at:
                     continue                    # filled up before wake_at was armed
+                if self.reader is not None and (self.inbox or self.pending.count):
+                    # Holding events: look for a status question once a second.
+                    delay = _ASK_EVERY if delay is None else min(delay, _ASK_EVERY)
                 self.wake.wait(_IDLE_WAIT if delay is None else min(delay, _IDLE_WAIT))
         finally:
             if self.state is not _STOPPED:
@@ -2542,7 +2545,7 @@ class _Worker(object):
         if now >= self.state_due and self.save_state():
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         if self.reader is not None:
-            due.append(self.answer_status(now))
+            self.answer_status(now)
         due = [d for d in due if d is not None]
         return max(0.0, min(due)) if due else None
 
@@ -2582,8 +2585,8 @@ class _Worker(object):
         """Tell a ``status`` command that asked what this process holds in memory.
 
         The question (the mtime of status.ask) is looked at once a second at
-        most; while events are held here the worker wakes for it, so the
-        answer comes within about a second. Returns the delay until it looks again.
+        most; while events are held here the worker thread wakes for it (see
+        ``run``), so the answer comes within about a second.
         """
         held = len(self.inbox) + self.pending.count
         if now >= self.ask_due:
@@ -2601,7 +2604,6 @@ class _Worker(object):
                                            _LIVE_FILE % os.getpid())
                 except OSError as exc:
                     _log.debug("cannot answer status: %s", exc)
-        return max(0.0, self.ask_due - now) if held else None
 
     # taking from the inbox
 
