@@ -4282,9 +4282,12 @@ def _ask_running(folder, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
         return answers, running
     path = os.path.join(folder, _ASK_FILE)
     try:
-        os.close(_open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
-        os.utime(path)
-        asked = os.lstat(path).st_mtime
+        fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            _write_all(fd, b"?\n")        # the write stamps the question's mtime
+            asked = os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
     except OSError:
         return answers, running
     give_up = clock() + wait
