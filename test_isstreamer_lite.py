@@ -5950,6 +5950,23 @@ sys.stdin.readline()
 """
 
 
+class StateMergeTest(IsolatedCase):
+    """state.json merges what a process writes into what it says: it never forgets."""
+
+    def test_merge_keeps_the_latest_success_and_running_pids(self):
+        """State: a later failed run keeps the last success; ended pids leave the list."""
+        me, dead = os.getpid(), 2 ** 22 + 12345        # beyond pid_max: never alive
+        old = {"last_success": 100.0, "last_error": "old", "pids": [dead, me], "x": 1}
+        for new, running, success, error, pids in (
+                ({"last_success": None, "last_error": None}, True, 100.0, "old", [me]),
+                ({"last_success": 50.0, "last_error": "new"}, True, 100.0, "new", [me]),
+                ({"last_success": 200.0, "last_error": None}, False, 200.0, "old", [])):
+            with self.subTest(new=new, running=running):
+                merged = lite._merge_state(old, new, me, running)
+                self.assertEqual((merged["last_success"], merged["last_error"],
+                                  merged["pids"], merged["x"]), (success, error, pids, 1))
+
+
 class StatusTruthTest(CliTestCase):
     """CLI status agrees with the truth: across runs, in running processes, after recovery."""
 
