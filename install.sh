@@ -211,7 +211,7 @@ print("yes" if sys.prefix != base else "no")') || in_venv=no
             say "  sh $0 --python $python --system"
             if [ -f "$script_dir/pyproject.toml" ]; then
                 case $python_version in
-                    3.[6-8].*) ;;
+                    3.6.*) ;;    # pyproject.toml needs setuptools>=61: Python 3.7+
                     *)
                         say "or with the environment's own pip:"
                         say "  $python -m pip install $script_dir"
@@ -380,11 +380,31 @@ if [ "$mode" = target ]; then
     search_path=$dest_dir${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-found=$(cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \
-    "$python" -c "import os, $MODULE; print(os.path.realpath($MODULE.__file__))")
+imported_from() {
+    # imported_from [VAR=VALUE...]: the file $python imports $MODULE from, run
+    # from the empty folder with those variables set.
+    (cd -- "$work_dir" && env PYTHONPATH="$search_path" PYTHONDONTWRITEBYTECODE=1 "$@" \
+        "$python" -c "import os, $MODULE; print(os.path.realpath($MODULE.__file__))" \
+        2>/dev/null)
+}
+found=$(imported_from)
 if [ "$found" != "$dest_file" ]; then
     warn "$python imports $MODULE from ${found:-nowhere}, not from $dest_file;" \
         "that copy comes first on sys.path (PYTHONPATH, or a pip install?)"
+fi
+# Under sudo, the user who ran it has a user site-packages of their own, which
+# comes before site-packages on sys.path: a copy there hides this one from them.
+case ${SUDO_USER-} in
+    '' | root | *[!A-Za-z0-9._-]*) sudo_home= ;;
+    *) sudo_home=$(getent passwd "$SUDO_USER" 2>/dev/null | cut -d: -f6) ;;
+esac
+if [ -n "$sudo_home" ] && [ "$mode" != target ]; then
+    theirs=$(imported_from HOME="$sudo_home" PYTHONUSERBASE=)
+    if [ -n "$theirs" ] && [ "$theirs" != "$dest_file" ]; then
+        warn "for $SUDO_USER, $python imports $MODULE from $theirs, not from" \
+            "$dest_file: that copy comes first on their sys.path. Remove it (as" \
+            "$SUDO_USER: sh $0 --python $python --uninstall) to use this one."
+    fi
 fi
 say "Running the smoke test: $python -m $MODULE"
 (cd -- "$work_dir" && PYTHONPATH=$search_path PYTHONDONTWRITEBYTECODE=1 \

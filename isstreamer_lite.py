@@ -40,6 +40,7 @@ __all__ = [
 
 import collections
 import os
+import stat
 import sys
 import threading
 import time
@@ -119,9 +120,27 @@ _SEND_BUFFER = 8 * 1024
 # A request's overall deadline grows by a second for each this many bytes of
 # body: a 1 MB body may take 8 minutes, as over a 16 kbit/s link.
 _SLOWEST_LINK = 2 * 1024
+# The Student and Individual plans cap an account at 3 million events a calendar
+# month, then throttle (402); an X-RateLimit-Limit of 60 or more a 10 s window
+# is the Enterprise plan, which pays as it goes and has no cap.
+_MONTHLY_QUOTA = 3000000
+_ENTERPRISE_LIMIT = 60
+# The month's total is projected from the events delivered in the last hour,
+# spread over at least ten minutes, so the first burst of a run is no alarm.
+_RATE_WINDOW = 3600.0
+_RATE_MIN_SPAN = 600.0
+# Months kept in state.json, newest first.
+_MONTHS_KEPT = 13
 # The status file beside the spool is rewritten at most this often (flash wear).
 _STATE_EVERY = 60.0
 _STATE_FILE = "state.json"
+# `status` touches this file in a key's folder to ask running Streamers what they
+# hold in memory; each answers in live-<pid>.json. A worker holding events looks
+# at most every _ASK_EVERY seconds; `status` waits _STATUS_WAIT for the answers.
+_ASK_FILE = "status.ask"
+_LIVE_FILE = "live-%d.json"
+_ASK_EVERY = 1.0
+_STATUS_WAIT = 2.0
 _SPOOL_SUFFIX = ".jsonl"
 _ACK_SUFFIX = ".ack"
 
@@ -221,11 +240,16 @@ def _read_ini(path):
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("cannot read ini file %s: %s" % (path, exc))
     except configparser.Error as exc:
-        # configparser quotes the offending line, which may hold the access key.
+        # configparser quotes the offending line, which may hold the access key: the
+        # error is described by its line number and neither chained nor kept as context.
         lines = [str(n) for n, _ in getattr(exc, "errors", [])] or \
             ([str(exc.lineno)] if getattr(exc, "lineno", None) else [])
-        raise ConfigError("cannot read ini file %s: %s%s" % (
-            path, type(exc).__name__, " at line %s" % ", ".join(lines) if lines else ""))
+        problem = "cannot read ini file %s: %s%s" % (
+            path, type(exc).__name__, " at line %s" % ", ".join(lines) if lines else "")
+    else:
+        problem = None
+    if problem is not None:
+        raise ConfigError(problem)      # outside the handler: no __context__ to print
     found = {}
     for section, option, name in (
             ("isstreamer.client_config", "access_key", "access_key"),
@@ -235,6 +259,7 @@ def _read_ini(path):
             ("isstreamer.client_config", "offline_file", "offline_file"),
             ("isstreamer.client_config", "spool_dir", "spool_dir"),
             ("isstreamer.client_config", "durable", "durable"),
+            ("isstreamer.client_config", "monthly_quota", "monthly_quota"),
             ("isstreamer.api_config", "stream_api_base", "api_base")):
         if parser.has_option(section, option):
             found[name] = parser.get(section, option).strip()
@@ -378,6 +403,26 @@ def _check_number(name, value, low, high=None):
     return value
 
 
+def _check_quota(monthly_quota, ini, where):
+    """monthly_quota: the argument, else IS_MONTHLY_QUOTA, else the ini's, else 3,000,000."""
+    source = "monthly_quota"
+    if monthly_quota is None:
+        if os.environ.get("IS_MONTHLY_QUOTA", "").strip():
+            monthly_quota, source = os.environ["IS_MONTHLY_QUOTA"].strip(), "IS_MONTHLY_QUOTA"
+        elif ini.get("monthly_quota"):
+            monthly_quota, source = ini["monthly_quota"], "monthly_quota" + where
+        else:
+            return _MONTHLY_QUOTA
+    value = monthly_quota
+    if isinstance(value, str) and value.strip().replace("_", "").isdigit():
+        value = int(value.strip().replace("_", ""))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        error = ValueError if source == "monthly_quota" else ConfigError
+        raise error("%s is %r; it must be a whole number of events a month, at least 0 "
+                         "(0 turns the quota warning off)" % (source, monthly_quota))
+    return value
+
+
 def _new_bucket_key():
     """A random UUID4 string, as ISStreamer made for an empty bucket_key."""
     raw = bytearray(os.urandom(16))
@@ -403,7 +448,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                       wait_timeout, exit_timeout, max_retries, backoff_base, backoff_cap,
                       retry_after_cap, pause_interval, max_queue, spool_dir, spool_max_bytes,
                       offline_file, on_error, ssl_context, durable, sync_interval,
-                      handle_sigterm):
+                      handle_sigterm, monthly_quota=None):
     """Validate the options and merge them with environment, ini and defaults.
 
     Returns the settings dict the engine reads; raises ConfigError,
@@ -441,6 +486,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
         _check_number(name, value, low)
     if spool_max_bytes is not None:
         _check_number("spool_max_bytes", spool_max_bytes, 1)     # None: no limit
+    monthly_quota = _check_quota(monthly_quota, ini, where)
     if on_error is not None and not callable(on_error):
         raise TypeError("on_error must be callable, not %r" % (on_error,))
     if not offline and not access_key:
@@ -477,6 +523,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                               "./isstreamer_out.csv"),
         "debug_level": debug_level, "durable": bool(durable) and not offline,
         "sync_interval": float(sync_interval), "handle_sigterm": bool(handle_sigterm),
+        "monthly_quota": monthly_quota,
         "user_agent": "isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
         "bucket_key": bucket_key, "bucket_name": bucket_name,
     }
@@ -935,8 +982,10 @@ def _decide(status, headers=None, error=None, failures=0, base=0.5, cap=30.0,
 _PAUSE_ADVICE = {
     "key_rejected": "the access key (%s) was rejected: check access_key / IS_ACCESS_KEY "
                     "against your Initial State account settings",
-    "quota": "the account's event limit for this billing cycle is used up (key %s): "
-             "upgrade the plan or wait for the next cycle",
+    "quota": "the server answered 402: the account's monthly quota of events (the event "
+             "limit of this billing cycle; 3 million a month on the Student and Individual "
+             "plans) is used up (key %s), and nothing is stored until the next billing "
+             "month or a plan change",
 }
 
 
@@ -1158,6 +1207,66 @@ def _budget_for(api_base, access_key, folder=None):
         return budget
 
 
+def _month_of(wall):
+    """The calendar month (UTC) of Unix time ``wall``: "2026-12"."""
+    return time.strftime("%Y-%m", time.gmtime(wall))
+
+
+def _month_left(wall):
+    """Seconds from ``wall`` to the end of its calendar month (UTC)."""
+    g = time.gmtime(wall)
+    leap = g.tm_year % 4 == 0 and (g.tm_year % 100 != 0 or g.tm_year % 400 == 0)
+    days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[g.tm_mon - 1]
+    done = (g.tm_mday - 1) * 86400 + g.tm_hour * 3600 + g.tm_min * 60 + g.tm_sec
+    return max(0.0, days * 86400 - done - (wall % 1))
+
+
+class _MonthTally(object):
+    """Events delivered per calendar month (UTC), and the month's total projected.
+
+    Pure: given the times, does no I/O and reads no clock. ``months`` are the
+    totals known (earlier runs' included); ``unsaved`` what this process added
+    since they were last written; ``recent`` the deliveries of the last hour.
+    """
+
+    def __init__(self, months=None):
+        self.months = dict((k, v) for k, v in (months or {}).items()
+                           if isinstance(k, str) and isinstance(v, int))
+        self.unsaved = {}
+        self.recent = collections.deque()       # (wall, events)
+
+    def add(self, count, wall):
+        month = _month_of(wall)
+        self.months[month] = self.months.get(month, 0) + count
+        self.unsaved[month] = self.unsaved.get(month, 0) + count
+        self.recent.append((wall, count))
+        while self.recent and self.recent[0][0] <= wall - _RATE_WINDOW:
+            self.recent.popleft()
+
+    def rate(self, wall):
+        """Events a second over the last hour, spread over at least _RATE_MIN_SPAN."""
+        recent = [(t, n) for t, n in self.recent if t > wall - _RATE_WINDOW]
+        if not recent:
+            return 0.0
+        return sum(n for _, n in recent) / max(_RATE_MIN_SPAN, wall - recent[0][0])
+
+    def projected(self, wall):
+        """This month's total if the recent rate goes on to its end."""
+        return int(self.months.get(_month_of(wall), 0) + self.rate(wall) * _month_left(wall))
+
+    def merged(self, saved):
+        """The months of ``saved`` (a state file's) plus what this process added since."""
+        months = dict((k, v) for k, v in (saved or {}).items()
+                      if isinstance(k, str) and isinstance(v, int))
+        for month, count in self.unsaved.items():
+            months[month] = months.get(month, 0) + count
+        return dict(sorted(months.items())[-_MONTHS_KEPT:])
+
+    def saved(self, months):
+        """``months`` were written: they are the totals now, nothing is unsaved."""
+        self.months, self.unsaved = dict(months), {}
+
+
 # --- Spool -------------------------------------------------------------------
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)     # never follow a link we did not make
@@ -1191,7 +1300,6 @@ def _check_private_dir(path, what="spool_dir"):
         return                          # made 0700 when first needed
     except OSError as exc:
         raise ConfigError("%s %s cannot be read: %s" % (what, path, exc))
-    import stat
     if not stat.S_ISDIR(st.st_mode):
         return                          # unwritable: events stay in memory, then drop
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
@@ -1375,6 +1483,50 @@ def _join_arrays(lines):
     """One JSON array body from several JSON array lines, without parsing them."""
     inner = [line.strip()[1:-1].strip() for line in lines]
     return b"[" + b",".join(part for part in inner if part) + b"]"
+
+
+def _read_json_file(path):
+    """The JSON object in ``path`` (not followed if a symlink), or {} if none or unreadable."""
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except OSError:
+        return {}
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            data = _json_load(handle.read())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, TypeError, ValueError):
+        return isinstance(pid, int) and pid > 0
+    return True
+
+
+def _merge_state(old, new, pid, running):
+    """What ``state.json`` says after a process writes ``new`` over ``old``: it never forgets.
+
+    The last success is the latest either knows of; an error or drop stays until a
+    later one replaces it; ``pids`` lists the processes of the key still running.
+    """
+    merged = dict(old)
+    merged.update(new)
+    successes = [t for t in (old.get("last_success"), new.get("last_success"))
+                 if isinstance(t, (int, float))]
+    merged["last_success"] = max(successes) if successes else None
+    for name in ("last_error", "dropped"):
+        if not new.get(name) and old.get(name):
+            merged[name] = old[name]
+    pids = [p for p in old.get("pids", []) if isinstance(p, int) and p != pid and _alive(p)]
+    merged["pids"] = sorted(pids + [pid]) if running else pids
+    return merged
 
 
 def _read_bucket_meta(folder):
@@ -1843,10 +1995,10 @@ class _SpoolReader(object):
                 pass
         self.held = []
 
-    def save_state(self, state):
+    def save_state(self, state, name=_STATE_FILE):
         """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
         _private_dir(self.folder)
-        _replace_file(os.path.join(self.folder, _STATE_FILE), _json_bytes(state))
+        _replace_file(os.path.join(self.folder, name), _json_bytes(state))
 
     def dead_letter(self, bucket_key, body, status, reply):
         """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
@@ -2631,12 +2783,22 @@ class _Worker(object):
         self.to_create = []
         self.retry_at = 0.0
         self.failures = 0
+        self.failing_since = None           # (wall time, answered) of the first failure in a row
         self.close_at = None
         self.close_idle = None              # closing: close_at moves to this after a success
         self.progress = 0                   # calls that went through (read by waiters)
         self.job_deadline = self.job_started = 0.0
         self.state_due = 0.0                # when state.json may be written again
         self.saved_state = None
+        self.ask_due = 0.0                  # when status.ask is looked at again
+        self.asked = None                   # the status question last answered
+        self.month = _MonthTally(_read_json_file(os.path.join(
+            reader.folder, _STATE_FILE)).get("months") if reader is not None else None)
+        month = _month_of(wall())
+        self.month_view = (month, self.month.months.get(month, 0),
+                           self.month.months.get(month, 0))    # (month, delivered, projected)
+        self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
+        self.quota_warned = False
         self.reports = []                   # (exception, events) for on_error
         self.creates_buckets = not settings["offline"]
         if bucket is not None and self.creates_buckets:
@@ -2663,6 +2825,9 @@ class _Worker(object):
                 self.arm()
                 if len(self.inbox) >= self.wake_at:
                     continue                    # filled up before wake_at was armed
+                if self.reader is not None and (self.inbox or self.pending.count):
+                    # Holding events: look for a status question once a second.
+                    delay = _ASK_EVERY if delay is None else min(delay, _ASK_EVERY)
                 self.wake.wait(_IDLE_WAIT if delay is None else min(delay, _IDLE_WAIT))
         finally:
             if self.state is not _STOPPED:
@@ -2734,11 +2899,16 @@ class _Worker(object):
             self.backlog_due = now + 1.0
         if now >= self.state_due and self.save_state():
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
+        if self.reader is not None:
+            self.answer_status(now)
         due = [d for d in due if d is not None]
         return max(0.0, min(due)) if due else None
 
-    def save_state(self):
-        """Keep what ``status`` shows beside the spool, if it changed; True if written."""
+    def save_state(self, running=True):
+        """Keep what ``status`` shows beside the spool, if it changed; True if written.
+
+        Merged into what the file says (other runs, other processes of the key).
+        """
         stats = self.stats
         state = {"version": 1, "key": _mask(self.settings["access_key"]),
                  "last_success": stats["last_success"], "last_error": stats["last_error"],
@@ -2747,18 +2917,50 @@ class _Worker(object):
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
                  "spool_dir": self.settings["spool_dir"],
-                 "rate_limit": self.budget.learned() if self.budget is not None else None}
-        if self.reader is None or state == self.saved_state or not (
+                 "rate_limit": self.budget.learned() if self.budget is not None else None,
+                 "month": self.month_view[:2]}
+        if self.reader is None or (state == self.saved_state and running) or not (
                 state["last_success"] or state["last_error"] or state["dropped"]
                 or state["dead_lettered"]):
             return False                    # unchanged, or nothing to tell yet
         self.saved_state = dict(state)
-        state.update(updated=self.wall(), pid=os.getpid())
+        del state["month"]                  # compared only: the file keeps "months"
+        wall = self.wall()
+        state.update(updated=wall, pid=os.getpid(), rate=self.month.rate(wall),
+                     enterprise=self.enterprise)
+        old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
+        state["months"] = self.month.merged(old.get("months"))
         try:
-            self.reader.save_state(state)
+            self.reader.save_state(_merge_state(old, state, os.getpid(), running))
         except OSError as exc:
             _log.debug("cannot write the status file: %s", exc)
+        else:
+            self.month.saved(state["months"])
         return True
+
+    def answer_status(self, now):
+        """Tell a ``status`` command that asked what this process holds in memory.
+
+        The question (the mtime of status.ask) is looked at once a second at
+        most; while events are held here the worker thread wakes for it (see
+        ``run``), so the answer comes within about a second.
+        """
+        held = len(self.inbox) + self.pending.count
+        if now >= self.ask_due:
+            self.ask_due = now + _ASK_EVERY
+            try:
+                st = os.lstat(os.path.join(self.reader.folder, _ASK_FILE))
+                asked = st.st_mtime if stat.S_ISREG(st.st_mode) else None
+            except OSError:
+                asked = None
+            if asked is not None and asked != self.asked:
+                self.asked = asked
+                try:
+                    self.reader.save_state({"pid": os.getpid(), "asked": asked,
+                                            "events": held, "updated": self.wall()},
+                                           _LIVE_FILE % os.getpid())
+                except OSError as exc:
+                    _log.debug("cannot answer status: %s", exc)
 
     # taking from the inbox
 
@@ -2929,6 +3131,12 @@ class _Worker(object):
         s = self.settings
         if response is not None and self.budget is not None:
             self.budget.update(response.headers, now, self.wall())
+        if response is not None and not self.enterprise:
+            try:
+                self.enterprise = int(response.headers.get("x-ratelimit-limit", 0)) >= \
+                    _ENTERPRISE_LIMIT
+            except (TypeError, ValueError):
+                pass
         decision = _decide(response.status if response is not None else None,
                            response.headers if response is not None else None, error,
                            self.failures, s["backoff_base"], s["backoff_cap"],
@@ -2977,10 +3185,12 @@ class _Worker(object):
     def delivered(self, batch):
         self.progressed()
         self.failures = 0
+        self.failing_since = None
         self.waiting = (0.0, "")
         self.stats["last_success"] = self.wall()
         self.stats["paused"] = ""
         self.pending.remove(batch)
+        self.count_month(batch.count, self.stats["last_success"])
         if batch.refs is None:
             self.stats["delivered"] += batch.count
             return
@@ -2990,6 +3200,23 @@ class _Worker(object):
         self.stats["replayed"] += batch.count - journal
         if self.pending.finished(batch):
             self.reader.ack(batch.refs)
+
+    def count_month(self, count, wall):
+        """Count delivered events in their month; warn once if the month would pass the quota."""
+        self.month.add(count, wall)
+        projected = self.month.projected(wall)
+        self.month_view = (_month_of(wall), self.month.months[_month_of(wall)], projected)
+        quota = self.settings["monthly_quota"]
+        if quota and projected > quota and not self.enterprise and not self.quota_warned:
+            self.quota_warned = True
+            _log.warning(
+                "isstreamer_lite: at the rate of the last hour, access key %s would deliver "
+                "about %s events this month (%s so far, from this device), more than the "
+                "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
+                "past which the server refuses events with 402 until the next billing "
+                "month). Log less often, or set monthly_quota=0 on a plan without a cap.",
+                _mask(self.settings["access_key"]), "{:,}".format(projected),
+                "{:,}".format(self.month_view[1]), "{:,}".format(quota))
 
     def failed(self, batch, decision, response, error, now, creating=None):
         """A request did not go through: wait, back off, or pause and spool.
@@ -3003,6 +3230,8 @@ class _Worker(object):
             if response is not None else "%s: %s" % (type(error).__name__, error)
         detail = _scrub(detail, self.settings["access_key"])
         self.stats["last_error"] = "%s: %s" % (what, detail)
+        if self.failing_since is None:
+            self.failing_since = (self.wall(), response is not None)
         self.retry_at = now + decision.delay
         if decision.action == _WAIT:
             self.stats["rate_limited"] += 1
@@ -3147,7 +3376,14 @@ class _Worker(object):
                 self.stash.write(batch.bucket, batch.parts, batch.seq, why)
         if self.reader is not None:
             self.left = self.reader.waiting(own=True)
-        self.save_state()
+        if self.left:
+            _log.warning("%s", self.left_behind(why))
+        self.save_state(running=False)
+        if self.asked is not None:
+            try:
+                os.unlink(os.path.join(self.reader.folder, _LIVE_FILE % os.getpid()))
+            except OSError:
+                pass
         if self.writer is not None:
             self.writer.close()
         if self.reader is not None:
@@ -3158,6 +3394,28 @@ class _Worker(object):
         waits, self.waits = self.waits, []
         for wait in waits:
             self.answer(wait, delivered)
+
+
+    def left_behind(self, why):
+        """The one warning of a run that ends with events undelivered: how many, why,
+        where they wait and what sends them."""
+        stats, key = self.stats, _mask(self.settings["access_key"])
+        if stats["paused"] == "key_rejected":
+            cause = "the server rejected the access key %s (check access_key / " \
+                    "IS_ACCESS_KEY)" % key
+        elif stats["paused"]:
+            cause = "sending is paused (%s)" % stats["paused"]
+        elif self.failing_since is not None:
+            cause = "the server has been %s since %s (%s)" % (
+                "failing" if self.failing_since[1] else "unreachable",
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.failing_since[0])),
+                stats["last_error"])
+        else:
+            cause = why or "the run ended before they were sent"
+        return ("isstreamer_lite: %s not delivered: %s. %s in the spool %s; the next run "
+                "with access key %s sends %s (or: python3 -m isstreamer_lite replay)" % (
+                    _count(self.left, "event"), cause, "It waits" if self.left == 1 else
+                    "They wait", self.reader.folder, key, "it" if self.left == 1 else "them"))
 
 
 # The workers whose on_error this thread is running: a callback must not re-enter
@@ -3288,13 +3546,6 @@ def _close_all_at_exit():
     except BaseException:
         for streamer in streamers:
             streamer._close_now()
-    left = sum(s._worker.left for s in closing if not s._settings["offline"])
-    if left:
-        folders = sorted(set(s._settings["spool_dir"] for s in streamers))
-        _log.warning("isstreamer_lite: %s could not be delivered before exit; %s "
-                     "spooled in %s and the next run with the same access key sends %s",
-                     _count(left, "event"), "it is" if left == 1 else "they are",
-                     ", ".join(folders), "it" if left == 1 else "them")
 
 
 def _after_fork_in_child():
@@ -3330,6 +3581,10 @@ def _preload(settings):
     import email.utils  # noqa: F401
     import http.client  # noqa: F401
     import urllib.request   # noqa: F401
+    # socket.getaddrinfo() and ssl encode the host name with the IDNA codec, which
+    # imports encodings.idna (stringprep, unicodedata) at the first request: a fork
+    # meanwhile left the child that import's lock, held for good.
+    "localhost".encode("idna")
     if settings["api_base"].strip().lower().startswith("https:"):
         try:
             import ssl  # noqa: F401
@@ -3420,7 +3675,7 @@ class Streamer(object):
                  retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
                  spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
                  on_error=None, ssl_context=None, durable=None, sync_interval=1.0,
-                 handle_sigterm=True):
+                 handle_sigterm=True, monthly_quota=None):
         settings = _resolve_settings(
             bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
             ini_file_location=ini_file_location, debug_level=debug_level,
@@ -3431,7 +3686,7 @@ class Streamer(object):
             pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
             spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
             ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
-            handle_sigterm=handle_sigterm)
+            handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
         _preload(settings)
         self._settings = settings
         bucket_key, bucket_name = settings.pop("bucket_key"), settings.pop("bucket_name")
@@ -3861,6 +4116,10 @@ class Streamer(object):
         counters["state"] = worker.state
         until, why = worker.waiting
         counters["waiting"] = why if until > _monotonic() else ""
+        month, delivered, projected = worker.month_view
+        quota = self._settings["monthly_quota"]
+        counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
+                             "quota": None if worker.enterprise or not quota else quota}
         return counters
 
     def __repr__(self):
@@ -4313,8 +4572,12 @@ def _key_hint(access_key):
            "isstreamer.ini" % _mask(access_key)
 
 
-def _undelivered(streamer, access_key, started, timeout, err):
-    """After close() said False: how long it took, why, and where the events are."""
+def _undelivered(streamer, started, timeout, err):
+    """After close() said False: how long it took, why, and where the events are.
+
+    The key hint masks the key the Streamer used, wherever it came from
+    (--access-key, IS_ACCESS_KEY or isstreamer.ini).
+    """
     stats = streamer.stats()
     why = stats["last_error"] or "the server did not answer in time"
     elapsed = _monotonic() - started
@@ -4325,7 +4588,7 @@ def _undelivered(streamer, access_key, started, timeout, err):
                                                                              timeout)
     err.write("not delivered after %.2f s (--timeout %g): %s\n" % (elapsed, timeout, why))
     if stats["paused"] == "key_rejected":
-        err.write("%s\n" % _key_hint(access_key))
+        err.write("%s\n" % _key_hint(streamer._settings["access_key"]))
     dropped = sum(stats["dropped"].values())
     if stats["spooled"]:
         err.write("%s spooled; the next run with this access key (or replay) sends the "
@@ -4355,7 +4618,7 @@ def _cmd_send(args, out, err):
     if streamer.close(args.timeout):
         out.write("sent %s to bucket %s\n" % (_count(len(events), "event"), streamer.bucket_key))
         return 0
-    _undelivered(streamer, options["access_key"], started, args.timeout, err)
+    _undelivered(streamer, started, args.timeout, err)
     return 1
 
 
@@ -4408,7 +4671,7 @@ def _cmd_pipe(args, out, err):
         _count(lines, "line"), bad, "all delivered" if delivered
         else "some not delivered yet (spooled: %d)" % streamer.stats()["spooled"]))
     if not delivered:
-        _undelivered(streamer, options["access_key"], started, args.timeout, err)
+        _undelivered(streamer, started, args.timeout, err)
     return 0 if delivered else 1
 
 
@@ -4485,27 +4748,73 @@ def _dead_letters(key_folder):
     return count, newest
 
 
-def _key_status(spool_dir, fingerprint, now):
+def _ask_running(folder, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
+    """Ask the running processes of a key's folder what they hold in memory.
+
+    Returns ({pid: events} of those that answered within ``wait`` seconds, the
+    pids still running). A process holding nothing may sleep through the
+    question: it counts as holding nothing, which it does.
+    """
+    state = _read_json_file(os.path.join(folder, _STATE_FILE))
+    running = [p for p in state.get("pids", []) if isinstance(p, int) and _alive(p)]
+    answers = {}
+    if not running:
+        return answers, running
+    path = os.path.join(folder, _ASK_FILE)
+    try:
+        fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            _write_all(fd, b"?\n")        # the write stamps the question's mtime
+            asked = os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+    except OSError:
+        return answers, running
+    give_up = clock() + wait
+    while True:
+        for pid in running:
+            live = _read_json_file(os.path.join(folder, _LIVE_FILE % pid))
+            if live.get("asked") == asked and isinstance(live.get("events"), int):
+                answers[pid] = live["events"]
+        if len(answers) == len(running) or clock() >= give_up:
+            return answers, running
+        sleep(0.05)
+
+
+def _key_status(spool_dir, fingerprint, now, quota=_MONTHLY_QUOTA):
     """What ``status`` shows for one access key's folder."""
     folder = os.path.join(spool_dir, fingerprint)
-    state = {}
-    try:
-        fd = _open_private(os.path.join(folder, _STATE_FILE), os.O_RDONLY)
-        with os.fdopen(fd, "rb") as handle:
-            state = _json_load(handle.read())
-    except (OSError, ValueError):
-        pass
+    state = _read_json_file(os.path.join(folder, _STATE_FILE))
     dead, newest = _dead_letters(folder)
     buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
                 "events": r["events"], "lines": r["lines"],
                 "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
                for r in _spool_summary(spool_dir, fingerprint=fingerprint)]
-    return {"key_fingerprint": fingerprint, "key": state.get("key", "?"), "folder": folder,
-            "last_success": state.get("last_success"), "last_error": state.get("last_error"),
-            "paused": state.get("paused", ""), "waiting": state.get("waiting", ""),
-            "rate_limit": state.get("rate_limit"),
+    answers, running = _ask_running(folder)
+    backlog = sum(b["events"] for b in buckets)
+    in_memory = sum(answers.values())
+    # A key with nothing left and nobody running it is idle, whatever its last run met.
+    idle = not (backlog or in_memory or running)
+    key = state.get("key")
+    month = _month_of(now)
+    months = state.get("months") if isinstance(state.get("months"), dict) else {}
+    done = months.get(month, 0) if isinstance(months.get(month, 0), int) else 0
+    rate = state.get("rate") if isinstance(state.get("rate"), (int, float)) else 0.0
+    if not running and now - (state.get("updated") or 0) > _RATE_WINDOW:
+        rate = 0.0                      # nobody has been sending lately
+    unlimited = bool(state.get("enterprise")) or not quota
+    return {"key_fingerprint": fingerprint, "month": {
+                "month": month, "delivered": done, "quota": None if unlimited else quota,
+                "projected": int(done + max(0.0, rate) * _month_left(now))}, "key": key if key and key != "****" else None,
+            "folder": folder, "last_success": state.get("last_success"),
+            "last_error": state.get("last_error"),
+            "paused": "" if idle else state.get("paused", ""), "idle": idle,
+            "last_paused": state.get("paused", "") if idle else "",
+            "waiting": state.get("waiting", ""), "rate_limit": state.get("rate_limit"),
             "dropped": state.get("dropped", {}), "status_updated": state.get("updated"),
-            "backlog": buckets, "backlog_events": sum(b["events"] for b in buckets),
+            "running_pids": running, "in_memory": in_memory,
+            "unanswered_pids": [p for p in running if p not in answers],
+            "backlog": buckets, "backlog_events": backlog,
             "dead_letters": dead, "newest_dead_letter": None if newest is None else {
                 "time": newest.get("time"), "bucket_key": newest.get("bucketKey"),
                 "status": newest.get("status"), "reason": str(newest.get("reply", ""))[:200]}}
@@ -4523,12 +4832,13 @@ def _ago(when, now):
 
 def _cmd_status(args, out, err):
     options = _cli_options(args, bucket_key="status")
-    spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]
+    settings = _resolve_settings(**dict(options, offline=True))
+    spool_dir, quota = settings["spool_dir"], settings["monthly_quota"]
     keys = sorted(d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
                   if os.path.isdir(os.path.join(spool_dir, d)))
     now = _time()
-    report = [_key_status(spool_dir, fingerprint, now) for fingerprint in keys]
-    pending = sum(r["backlog_events"] for r in report)
+    report = [_key_status(spool_dir, fingerprint, now, quota) for fingerprint in keys]
+    pending = sum(r["backlog_events"] + r["in_memory"] for r in report)
     if args.json:
         out.write(_json_bytes({"spool_dir": spool_dir, "keys": report,
                                "pending_events": pending}).decode("utf-8") + "\n")
@@ -4536,7 +4846,9 @@ def _cmd_status(args, out, err):
     out.write("spool %s: %s\n" % (spool_dir, "%d events pending" % pending if pending
                                    else "nothing pending"))
     for r in report:
-        out.write("key %s (fingerprint %s)\n" % (r["key"], r["key_fingerprint"]))
+        # A key too short to show four characters is told apart by its fingerprint.
+        out.write("key %s\n" % ("%s (fingerprint %s)" % (r["key"], r["key_fingerprint"])
+                                 if r["key"] else "with fingerprint %s" % r["key_fingerprint"]))
         out.write("  last success: %s\n" % _ago(r["last_success"], now))
         if r["last_error"]:
             out.write("  last error: %s\n" % r["last_error"])
@@ -4548,6 +4860,23 @@ def _cmd_status(args, out, err):
         if isinstance(limit, dict) and isinstance(limit.get("calls"), int):
             out.write("  rate limit: %d calls per %g s (told by the server)\n" % (
                 limit["calls"], limit.get("window_s") or _WINDOW))
+        month = r["month"]
+        if month["delivered"] or month["projected"]:
+            out.write("  this month (%s, UTC): %s events delivered, about %s by its end at "
+                      "the recent rate%s\n" % (
+                          month["month"], "{:,}".format(month["delivered"]),
+                          "{:,}".format(month["projected"]), "" if month["quota"] is None else
+                          ", %s the monthly quota of %s" % (
+                              "over" if month["projected"] > month["quota"] else "within",
+                              "{:,}".format(month["quota"]))))
+        if r["idle"]:
+            out.write("  idle: nothing to send and no process running%s\n" % (
+                " (its last run was paused: %s)" % r["last_paused"] if r["last_paused"] else ""))
+        if r["running_pids"]:
+            out.write("  running: process %s, %s held in memory%s\n" % (
+                ", ".join(str(p) for p in r["running_pids"]), _count(r["in_memory"], "event"),
+                " (no answer from %s)" % ", ".join(str(p) for p in r["unanswered_pids"])
+                if r["unanswered_pids"] else ""))
         for b in r["backlog"]:
             out.write("  backlog: bucket %r (%s): %d event%s, oldest %s\n" % (
                 b["bucket_key"], b["bucket_name"] or "no name", b["events"],
@@ -4662,7 +4991,7 @@ def _cmd_replay(args, out, err):
             "sent" if delivered else "could not send all of", _count(count, "event"), args.csv,
             args.bucket_key))
         if not delivered:
-            _undelivered(streamer, options["access_key"], started, args.timeout, err)
+            _undelivered(streamer, started, args.timeout, err)
         return 0 if delivered else 1
     for path in args.files:
         if not os.path.isfile(path):
@@ -4802,7 +5131,7 @@ _EXAMPLES = {
     "selftest": "%(prog)s\n"
                 "  IS_ACCESS_KEY=ist_... %(prog)s --live",
     "send": "IS_ACCESS_KEY=ist_... %(prog)s --bucket-key garden temperature 21.5 door_open false",
-    "pipe": "tail -f /var/log/sensor.log | %(prog)s --bucket-key garden\n"
+    "pipe": "journalctl -f -n 0 -o cat -t sensor | %(prog)s --bucket-key garden\n"
             "  printf 'temp,21.5\\nhumidity=40\\n{\"key\": \"ok\", \"value\": true}\\n' | "
             "%(prog)s",
     "replay": "%(prog)s --dry-run\n"

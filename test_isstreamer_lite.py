@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import unittest
 import warnings
 from unittest import mock
@@ -1494,6 +1495,60 @@ class InstallScriptTest(LiteTestCase):
                              "Examples"):
                     self.assertIn(word, result.stdout)
 
+    def shadowed_system_install(self, **env):
+        """--system for a Python whose user site (in a temp home) holds an old copy.
+
+        The Python is the newest one with PYTHONHOME set to a prefix of links to
+        its standard library and a site-packages of its own. Returns (install.sh's
+        result, the old copy's path).
+        """
+        prefix, home = self.tempdir(), self.tempdir()
+        stdlib = subprocess.run([self.newest, "-c", "import sysconfig; print(sysconfig."
+                                 "get_paths()['stdlib'])"], stdout=subprocess.PIPE,
+                                universal_newlines=True, timeout=60).stdout.strip()
+        lib = os.path.join(prefix, "lib", os.path.basename(stdlib))
+        os.makedirs(os.path.join(lib, "site-packages"))
+        for name in os.listdir(stdlib):
+            if name != "site-packages":
+                os.symlink(os.path.join(stdlib, name), os.path.join(lib, name))
+        site = subprocess.run([self.newest, "-m", "site", "--user-site"],
+                              stdout=subprocess.PIPE, universal_newlines=True, timeout=60,
+                              env=child_env(HOME=home, PYTHONUSERBASE="",
+                                            PYTHONHOME=prefix)).stdout.strip()
+        os.makedirs(site)
+        old = os.path.join(site, "isstreamer_lite.py")
+        with open(old, "w") as handle:
+            handle.write('__version__ = "0.9.0"\n')
+        bin_dir = self.tempdir()        # getent tells the home of the user who ran sudo
+        with open(os.path.join(bin_dir, "getent"), "w") as handle:
+            handle.write("#!/bin/sh\n[ \"$2\" = pi ] && echo 'pi:x:1000:1000::%s:/bin/sh'\n"
+                         % home)
+        os.chmod(os.path.join(bin_dir, "getent"), 0o755)
+        env = dict(env, PATH=bin_dir + os.pathsep + os.environ["PATH"], PYTHONHOME=prefix)
+        if "SUDO_USER" not in env:
+            env.update(HOME=home, PYTHONUSERBASE="")
+        result = self.install("--python", self.newest, "--system", **env)
+        self.assertTrue(os.path.exists(os.path.join(lib, "site-packages", "isstreamer_lite.py")),
+                        result.stdout + result.stderr)
+        return result, old
+
+    def test_warns_of_a_copy_in_the_sudo_users_site(self):
+        """install.sh: sudo --system names the copy in the user's site that would shadow it."""
+        result, old = self.shadowed_system_install(SUDO_USER="pi")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("warning: for pi, ", result.stderr)
+        self.assertIn("imports isstreamer_lite from %s, not from" % old,
+                      " ".join(result.stderr.split()))
+        result, old = self.shadowed_system_install(SUDO_USER="someone_else")
+        self.assertNotIn("for someone_else", result.stderr)
+
+    def test_warns_of_a_copy_earlier_on_sys_path(self):
+        """install.sh: a copy earlier on the installing user's sys.path is named."""
+        result, old = self.shadowed_system_install()
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("imports isstreamer_lite from %s, not from" % old,
+                      " ".join(result.stderr.split()))
+
     def test_shellcheck_is_clean(self):
         """install.sh: shellcheck finds nothing."""
         shellcheck = shutil.which("shellcheck")
@@ -1505,6 +1560,47 @@ class InstallScriptTest(LiteTestCase):
         self.assertEqual(result.returncode, 0, result.stdout)
 
 
+
+
+class PackagingTest(LiteTestCase):
+    """pyproject.toml builds offline with an older setuptools, such as Debian 12's 66.1.1."""
+
+    def pyproject(self):
+        path = os.path.join(HERE, "pyproject.toml")
+        if not os.path.isfile(path):
+            self.skipTest("no pyproject.toml next to %s (a vendored copy?)" % lite.__file__)
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+
+    def test_build_needs_only_what_setuptools_66_has(self):
+        """pyproject: build requirements setuptools 66.1.1 meets; the licence as a table."""
+        text = self.pyproject()
+        requires = re.search(r"^requires = \[(.*?)\]$", text, re.M).group(1)
+        for requirement in re.findall(r'"([^"]*)"', requires):
+            name, low = re.match(r"^([A-Za-z0-9_.-]+)(?:>=([0-9.]+))?$", requirement).groups()
+            self.assertEqual(name, "setuptools", requirement)
+            self.assertLessEqual(tuple(int(n) for n in (low or "0").split(".")), (66, 1, 1))
+        # The SPDX string (license = "MIT") and license-files need setuptools>=77.
+        self.assertRegex(text, r'(?m)^license = \{ *(text|file) = "[^"]+" *\}$')
+        self.assertNotRegex(text, r"(?m)^license-files")
+
+    def test_offline_pip_install(self):
+        """pip install --no-build-isolation --no-index . works without network (ISL_PIP_PYTHON)."""
+        python = os.environ.get("ISL_PIP_PYTHON")
+        if not python:
+            self.skipTest("set ISL_PIP_PYTHON to a Python with pip, setuptools>=61 and wheel")
+        self.pyproject()
+        source, target = self.tempdir(), self.tempdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE", "isstreamer_lite.py"):
+            shutil.copy(os.path.join(HERE, name), source)
+        result = subprocess.run(
+            [python, "-m", "pip", "install", "--no-build-isolation", "--no-index", "--target",
+             target, "."], cwd=source, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=300,
+            env=child_env(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+        self.assertEqual(result.returncode, 0, result.stdout[-2000:])
+        self.assertTrue(filecmp.cmp(lite.__file__, os.path.join(target, "isstreamer_lite.py"),
+                                    shallow=False))
 
 
 class HangingResolverTest(LiteTestCase):
@@ -1761,6 +1857,71 @@ class ExamplesTest(ExampleCase):
         self.epochs()
 
 
+
+
+# A device script that closes its Streamer itself, as examples/basic.py does.
+CLOSING_SCRIPT = '''\
+from isstreamer_lite import Streamer
+
+streamer = Streamer(bucket_name="Closes", bucket_key="closes", wait_timeout=0.5)
+streamer.log("test", "hi")
+streamer.log("temperature", 32)
+streamer.close()
+'''
+
+
+class UndeliveredNoteTest(ExampleCase):
+    """A run that ends with events undelivered says so once, at warning level."""
+
+    def run_down(self, text, api_base=None):
+        """Run ``text`` against ``api_base`` (default: the server down); its stderr lines."""
+        path = os.path.join(self.dir, "device_script.py")
+        with open(path, "w") as handle:
+            handle.write(text)
+        env = self.example_env()
+        env["IS_API_BASE"] = api_base or dead_url()
+        result = subprocess.run([sys.executable, path], cwd=self.dir, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                                env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stderr.splitlines()
+
+    def assert_note(self, lines, why, before=0):
+        """The last line is the note; ``before``: lines the run printed before it."""
+        self.assertEqual(len(lines), before + 1, lines)
+        lines = lines[before:]
+        self.assertIn("isstreamer_lite: 2 events not delivered: ", lines[0])
+        self.assertIn(why, lines[0])
+        self.assertIn("They wait in the spool %s" % os.path.join(
+            self.dir, "spool", lite._fingerprint(EXAMPLES_KEY)), lines[0])
+        self.assertIn("the next run with access key %s sends them" % lite._mask(EXAMPLES_KEY),
+                      lines[0])
+        self.assertNotIn(EXAMPLES_KEY[:-4], lines[0])
+
+    def test_close_with_server_down_warns_once(self):
+        """Undelivered: a script whose close() spools its events prints one line, exit hook included."""
+        lines = self.run_down(CLOSING_SCRIPT)
+        self.assert_note(lines, "the server has been unreachable since ")
+        self.assertRegex(lines[0], r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \((creating|sending "
+                                   r"2 events to) bucket 'closes': ConnectionRefusedError")
+
+    def test_exit_hook_with_server_down_warns_once(self):
+        """Undelivered: a script that never closes hears the same one line from the exit hook."""
+        text = CLOSING_SCRIPT.replace("streamer.close()\n", "").replace(
+            "wait_timeout=0.5", "exit_timeout=0.5")
+        self.assert_note(self.run_down(text), "the server has been unreachable since ")
+
+    def test_rejected_key_says_so(self):
+        """Undelivered: after a 401 the line says the key (masked) was rejected."""
+        sink = ExamplesSink(access_key="ist_someone_else").start()
+        self.addCleanup(sink.stop)
+        self.assert_note(self.run_down(CLOSING_SCRIPT, sink.url),
+                         "the server rejected the access key %s" % lite._mask(EXAMPLES_KEY),
+                         before=1)      # the pause said so as it happened
+
+    def test_delivered_run_says_nothing(self):
+        """Undelivered: a run that delivered everything prints nothing."""
+        self.assertEqual(self.run_down(CLOSING_SCRIPT, self.sink.url), [])
 
 
 CLI_KEY = "ist_cli_test_key_0123456789"
@@ -2230,6 +2391,21 @@ class CliSendTest(CliTestCase):
         self.assertNotIn(CLI_KEY, err)
         self.assertIn("2 events spooled;", err)
         self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
+
+    def test_rejected_key_hint_masks_the_key_from_env_or_ini(self):
+        """CLI send: the key hint shows the masked key from IS_ACCESS_KEY or the ini too."""
+        sink = self.sink(access_key="ist_some_other_key")
+        with open(self.ini, "w") as handle:
+            handle.write("[isstreamer.client_config]\naccess_key = %s\n" % CLI_KEY)
+        for env in ({"IS_ACCESS_KEY": CLI_KEY}, {}):
+            with self.subTest(env=sorted(env)), mock.patch.dict(os.environ, env):
+                status, out, err = self.main(
+                    ["send", "--bucket-key", "cli-hint", "--api-base", sink.url, "--ini",
+                     self.ini, "--spool-dir", self.spool, "a", "1"])
+                self.assertEqual(status, 1, err)
+                self.assertIn("check the access key (%s)" % lite._mask(CLI_KEY), err)
+                self.assertNotIn("(none)", err)
+                self.assertNotIn(CLI_KEY[:-4], err)
 
     def test_long_retry_after_is_reported_as_the_reason(self):
         """CLI send: a 429 asking to wait past --timeout ends at once and says it is rate limited."""
@@ -4344,6 +4520,139 @@ class PauseTest(DeliveryTestCase):
         """Pause: 402 (quota) spools, logs one error, pauses, delivers when accepted again."""
         message = self.check_pause(402, "quota")
         self.assertIn("event limit", message)
+        self.assertIn("monthly quota of events", message)
+
+
+def utc(text):
+    """Unix seconds of an ISO-8601 UTC time such as 2026-12-06T12:00:00."""
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+
+
+class MonthTallyTest(IsolatedCase):
+    """The month's count and projection, from plain times (no clock, no I/O)."""
+
+    def test_month_left(self):
+        """Month: seconds to the end of the calendar month (UTC), leap years included."""
+        for when, left in (("2026-02-28T23:59:00", 60), ("2028-02-28T00:00:00", 2 * 86400),
+                           ("2026-12-01T00:00:00", 31 * 86400), ("2026-04-30T12:00:00", 43200)):
+            with self.subTest(when=when):
+                self.assertEqual(lite._month_left(utc(when)), left)
+                self.assertEqual(lite._month_of(utc(when)), when[:7])
+
+    def test_projection_from_the_last_hour_spread_over_ten_minutes_at_least(self):
+        """Month: a first burst is spread over 10 min; an hour of steady rate projects it."""
+        t0 = utc("2026-12-06T12:00:00")
+        tally = lite._MonthTally({"2026-12": 1000, "2026-11": 7})
+        tally.add(600, t0)
+        left = lite._month_left(t0)
+        self.assertEqual(tally.projected(t0), int(1600 + 1.0 * left))     # 600 over 600 s
+        for minute in range(1, 61):
+            tally.add(600, t0 + 60 * minute)                     # 10 a second for an hour
+        now = t0 + 3600
+        self.assertAlmostEqual(tally.rate(now), 600 * 60 / 3540.0, places=6)
+        self.assertEqual(tally.months["2026-12"], 1000 + 600 * 61)
+        self.assertEqual(tally.rate(now + 2 * 3600), 0.0)       # nothing lately: no rate
+        self.assertEqual(tally.projected(now + 2 * 3600), 1000 + 600 * 61)
+
+    def test_months_split_at_midnight_utc_and_merge_with_the_file(self):
+        """Month: events count in their UTC month; a save adds only what is new."""
+        tally = lite._MonthTally()
+        tally.add(3, utc("2026-11-30T23:59:59"))
+        tally.add(4, utc("2026-12-01T00:00:01"))
+        self.assertEqual(tally.months, {"2026-11": 3, "2026-12": 4})
+        merged = tally.merged({"2026-12": 10, "2025-01": 1})
+        self.assertEqual(merged, {"2025-01": 1, "2026-11": 3, "2026-12": 14})
+        tally.saved(merged)
+        tally.add(1, utc("2026-12-02T00:00:00"))
+        self.assertEqual(tally.merged(merged)["2026-12"], 15)
+        many = dict(("20%02d-01" % y, 1) for y in range(30))
+        self.assertEqual(len(tally.merged(many)), lite._MONTHS_KEPT)
+
+
+class MonthlyQuotaTest(DeliveryTestCase):
+    """stats() and status count the month's events; one warning past monthly_quota."""
+
+    def quota_warnings(self, logs):
+        return [r.getMessage() for r in logs.records if "monthly quota of" in r.getMessage()]
+
+    def test_one_warning_when_the_projection_passes_the_quota(self):
+        """Quota: the projection passing monthly_quota warns once, naming both numbers."""
+        sink = self.sink()
+        s = self.streamer(sink.url, monthly_quota=100)
+        with self.assertLogs("isstreamer_lite", "WARNING") as logs:
+            for round in range(3):
+                log_all(s, events("q%d" % round, 20))
+                self.assertTrue(s.flush(10), s.stats()["last_error"])
+        warnings = self.quota_warnings(logs)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("more than the monthly quota of 100 (monthly_quota", warnings[0])
+        self.assertNotIn(KEY[:-4], warnings[0])
+        month = s.stats()["month"]
+        self.assertEqual((month["month"], month["delivered"], month["quota"]),
+                         (lite._month_of(time.time()), 60, 100))
+        self.assertGreater(month["projected"], 100)
+
+    def test_no_warning_with_quota_0_or_an_enterprise_rate_limit(self):
+        """Quota: monthly_quota=0, or X-RateLimit-Limit of 60 a window, never warns."""
+        for limit, quota in ((None, 0), (60, 100)):
+            with self.subTest(rate_limit=limit, monthly_quota=quota):
+                sink = self.sink(rate_limit=limit) if limit else self.sink()
+                s = self.streamer(sink.url, monthly_quota=quota)
+                records = []
+                handler = logging.Handler()
+                handler.emit = records.append
+                logging.getLogger("isstreamer_lite").addHandler(handler)
+                self.addCleanup(logging.getLogger("isstreamer_lite").removeHandler, handler)
+                log_all(s, events("e", 30))
+                self.assertTrue(s.flush(10), s.stats()["last_error"])
+                self.assertEqual([r.getMessage() for r in records], [])
+                self.assertIsNone(s.stats()["month"]["quota"])
+                self.assertEqual(s.stats()["month"]["delivered"], 30)
+
+    def test_month_kept_across_runs_and_shown_by_status(self):
+        """Quota: the month's count survives the run (state.json); status shows it."""
+        sink, spool = self.sink(), self.tempdir()
+        for run in range(2):
+            s = self.streamer(sink.url, spool_dir=spool, monthly_quota=10 ** 9)
+            log_all(s, events("r%d" % run, 5))
+            self.assertTrue(s.close(10), s.stats()["last_error"])
+        self.assertEqual(s.stats()["month"]["delivered"], 10)
+        self.assertRegex(self.status_text(spool),
+                         r"this month \(%s, UTC\): 10 events delivered, about [\d,]+ by its "
+                         r"end at the recent rate, within the monthly quota of 1,000,000,000"
+                         % lite._month_of(time.time()))
+
+    def status_text(self, spool):
+        ini = os.path.join(self.tempdir(), "empty.ini")
+        open(ini, "w").close()
+        out = io.StringIO()
+        with mock.patch.dict(os.environ, {"IS_MONTHLY_QUOTA": "1000000000"}), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            lite.main(["status", "--spool-dir", spool, "--ini", ini])
+        return out.getvalue()
+
+    def test_bad_monthly_quota_is_refused_naming_value_and_rule(self):
+        """Quota: a negative, fractional or non-number monthly_quota is refused at construction."""
+        for value in (-1, 1.5, "many", True):
+            with self.subTest(value=value):
+                with self.assertRaises(ValueError) as caught:
+                    self.streamer("http://127.0.0.1:9", monthly_quota=value)
+                self.assertIn("monthly_quota is %r; it must be a whole number of events a "
+                              "month, at least 0" % (value,), str(caught.exception))
+        with mock.patch.dict(os.environ, {"IS_MONTHLY_QUOTA": "lots"}):
+            with self.assertRaises(lite.ConfigError) as caught:
+                self.streamer("http://127.0.0.1:9")
+        self.assertIn("IS_MONTHLY_QUOTA is 'lots'", str(caught.exception))
+        folder = self.tempdir()
+        ini = os.path.join(folder, "isstreamer.ini")
+        with open(ini, "w") as handle:
+            handle.write("[isstreamer.client_config]\nmonthly_quota = 500_000\n")
+        for env, expected in (({}, 500000), ({"IS_MONTHLY_QUOTA": "0"}, 0)):
+            with mock.patch.dict(os.environ, env):
+                s = self.streamer("http://127.0.0.1:9", ini_file_location=ini)
+            self.assertEqual(s._settings["monthly_quota"], expected)
+        self.assertEqual(self.streamer("http://127.0.0.1:9")._settings["monthly_quota"],
+                         3000000)
 
 
 class OverflowTest(DeliveryTestCase):
@@ -6107,6 +6416,25 @@ class KeyLeakTest(LiteTestCase):
             self.assertNoKey(str(caught.exception))
             self.assertIn("line", str(caught.exception))
 
+    def test_malformed_ini_traceback_never_quotes_the_key(self):
+        """Config: a malformed ini's ConfigError chains nothing that quoted the line."""
+        folder = self.tempdir()
+        for text in ("access_key = %s\n" % self.SECRET,
+                     "[isstreamer.client_config]\n%s\n" % self.SECRET,
+                     "[isstreamer.client_config]\naccess_key =\n%s\n  x\nbad line\n"
+                     % self.SECRET):
+            with self.subTest(text=text[:30]):
+                path = os.path.join(folder, "isstreamer.ini")
+                with open(path, "w") as handle:
+                    handle.write(text)
+                with self.assertRaises(lite.ConfigError) as caught:
+                    lite.Streamer(ini_file_location=path, spool_dir=folder)
+                exc = caught.exception
+                self.assertIsNone(exc.__cause__)
+                self.assertIsNone(exc.__context__)
+                self.assertNoKey("".join(traceback.format_exception(
+                    type(exc), exc, exc.__traceback__)))
+
     def test_key_never_in_logs_stats_files_or_cli_output(self):
         """Key: not in debug_level 3 output, stats(), the spool or the CLI's stderr."""
         sink = self.sink(access_key="ist_someone_else_entirely")     # answers 401
@@ -6594,6 +6922,123 @@ class StatusTest(CliTestCase):
         self.assertEqual(glob.glob(os.path.join(self.spool, "*", "deadletter.jsonl")), [])
 
 
+HELD_CHILD = """\
+import os, sys
+import isstreamer_lite
+s = isstreamer_lite.Streamer("Held", "cli-held", %(key)r, ini_file_location=False,
+                             api_base=%(url)r, spool_dir=%(spool)r, max_retries=1000,
+                             backoff_base=0.2, backoff_cap=0.5, exit_timeout=0.5)
+for i in range(12):
+    s.log("n", i)
+state = os.path.join(%(spool)r, isstreamer_lite._fingerprint(%(key)r), "state.json")
+for attempt in range(100):              # the first failure is written at once
+    if s.flush(0.1) or os.path.exists(state):
+        break
+print("READY", s.stats()["queued"], s.stats()["spooled"], os.getpid())
+sys.stdout.flush()
+sys.stdin.readline()
+"""
+
+
+class StateMergeTest(IsolatedCase):
+    """state.json merges what a process writes into what it says: it never forgets."""
+
+    def test_merge_keeps_the_latest_success_and_running_pids(self):
+        """State: a later failed run keeps the last success; ended pids leave the list."""
+        me, dead = os.getpid(), 2 ** 22 + 12345        # beyond pid_max: never alive
+        old = {"last_success": 100.0, "last_error": "old", "pids": [dead, me], "x": 1}
+        for new, running, success, error, pids in (
+                ({"last_success": None, "last_error": None}, True, 100.0, "old", [me]),
+                ({"last_success": 50.0, "last_error": "new"}, True, 100.0, "new", [me]),
+                ({"last_success": 200.0, "last_error": None}, False, 200.0, "old", [])):
+            with self.subTest(new=new, running=running):
+                merged = lite._merge_state(old, new, me, running)
+                self.assertEqual((merged["last_success"], merged["last_error"],
+                                  merged["pids"], merged["x"]), (success, error, pids, 1))
+
+
+class StatusTruthTest(CliTestCase):
+    """CLI status agrees with the truth: across runs, in running processes, after recovery."""
+
+    def status(self, *words):
+        return self.main(["status", "--spool-dir", self.spool] + list(words))
+
+    def test_last_success_survives_a_later_failed_run(self):
+        """status: a run with the server down does not make the last success 'never'."""
+        sink = self.sink()
+        s = lite.Streamer("", "cli-kept", CLI_KEY, ini_file_location=False, api_base=sink.url,
+                          spool_dir=self.spool)
+        s.log("n", 1)
+        self.assertTrue(closed_and_stopped(s, 10))
+        s = lite.Streamer("", "cli-kept", CLI_KEY, ini_file_location=False,
+                          api_base=dead_url(), spool_dir=self.spool, wait_timeout=0.5,
+                          backoff_base=0.01, backoff_cap=0.05)
+        s.log("n", 2)
+        with self.assertLogs("isstreamer_lite", "WARNING"):
+            self.assertFalse(closed_and_stopped(s, 0.5))
+        status, out, err = self.status()
+        self.assertEqual(status, 1, out + err)
+        self.assertRegex(out, r"last success: \d+ s ago")
+        self.assertIn("last error: creating bucket 'cli-kept'", out)
+
+    def test_events_in_a_running_process_are_counted(self):
+        """status: events a running script holds in memory are pending, with its pid."""
+        child = self.popen([sys.executable, "-c", HELD_CHILD % {
+            "key": CLI_KEY, "url": dead_url(), "spool": self.spool}])
+        ready = child.stdout.readline().split()
+        self.assertEqual(ready[:3], ["READY", "12", "0"], child.stderr.read()
+                         if ready[:1] != ["READY"] else ready)
+        started = time.monotonic()
+        status, out, err = self.status()
+        self.assertLess(time.monotonic() - started, 3.0)     # it asked and was answered
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("12 events pending", out)
+        self.assertIn("running: process %s, 12 events held in memory\n" % ready[3], out)
+        status, out, err = self.status("--json")
+        report = json.loads(out)
+        self.assertEqual((report["pending_events"], report["keys"][0]["in_memory"]), (12, 12))
+        child.stdin.write("\n")
+        child.stdin.close()
+        self.assertEqual(child.wait(30), 0)
+        status, out, err = self.status()        # its exit hook spooled them
+        self.assertIn("backlog: bucket 'cli-held' (Held): 12 events", out)
+        self.assertNotIn("running:", out)
+
+    def test_recovered_key_is_idle_not_paused(self):
+        """status: a rejected key whose backlog another key's replay sent is idle."""
+        wrong = "ist_wrong_key_0123456789"
+        sink = self.sink(access_key=CLI_KEY)        # answers 401 to any other key
+        s = lite.Streamer("", "cli-wrong", wrong, ini_file_location=False,
+                          api_base=sink.url, spool_dir=self.spool, wait_timeout=0.5)
+        s.log("n", 1)
+        with self.assertLogs("isstreamer_lite", "WARNING"):
+            self.assertFalse(closed_and_stopped(s, 0.5))
+        status, out, err = self.status()
+        self.assertIn("sending paused: key_rejected", out)
+        status, out, err = self.main(["replay"] + spool_segments(self.spool)
+                                     + self.common(sink.url))
+        self.assertEqual(status, 0, out + err)
+        status, out, err = self.status()
+        self.assertEqual(status, 0, out + err)
+        self.assertNotIn("sending paused", out)
+        self.assertIn("idle: nothing to send and no process running (its last run was "
+                      "paused: key_rejected)", out)
+
+    def test_short_keys_are_told_apart_by_fingerprint(self):
+        """status: keys too short to show four characters are named by their fingerprints."""
+        for key in ("ist_a1", "ist_b2"):
+            s = lite.Streamer("", "cli-short", key, ini_file_location=False,
+                              api_base=dead_url(), spool_dir=self.spool, wait_timeout=0.2,
+                              backoff_base=0.01, backoff_cap=0.05)
+            s.log("n", 1)
+            with self.assertLogs("isstreamer_lite", "WARNING"):
+                closed_and_stopped(s, 0.2)
+        status, out, err = self.status()
+        self.assertNotIn("key ****", out)
+        for key in ("ist_a1", "ist_b2"):
+            self.assertIn("key with fingerprint %s\n" % lite._fingerprint(key), out)
+
+
 class SpoolLocationTest(LiteTestCase):
     """Where the spool goes when no spool_dir is given."""
 
@@ -7019,14 +7464,20 @@ class ReadmeCommandsTest(CliTestCase):
         free = port.getsockname()[1]
         port.close()
         ran = 0
+        # journalctl follows the journal forever: this one prints two messages, as
+        # `-o cat` does (the message alone), only when asked as the README asks.
+        bin_dir = self.tempdir()
+        with open(os.path.join(bin_dir, "journalctl"), "w") as handle:
+            handle.write('#!/bin/sh\n[ "$*" = "-f -n 0 -o cat -t sensor" ] || exit 9\n'
+                         'printf "temperature=21.5\\nhumidity,40\\n"\n')
+        os.chmod(os.path.join(bin_dir, "journalctl"), 0o755)
         for line in self.readme_lines():
-            if line.startswith("tail -f"):
-                continue                            # reads a file forever: not a command to run
             command = line.replace("ist_...", CLI_KEY).replace(
                 "python3 -m", shlex.quote(sys.executable) + " -m").replace(
                 "--port 8080", "--port %d" % free)
             with self.subTest(command=line):
-                env = self.env(IS_API_BASE=sink.url, IS_SPOOL_DIR=self.spool)
+                env = self.env(IS_API_BASE=sink.url, IS_SPOOL_DIR=self.spool,
+                               PATH=bin_dir + os.pathsep + os.environ["PATH"])
                 if " sink " in command + " ":
                     child = subprocess.Popen(["sh", "-c", "exec " + command], cwd=self.home,
                                              env=env, stdout=subprocess.PIPE,
@@ -7044,8 +7495,22 @@ class ReadmeCommandsTest(CliTestCase):
                 self.assertNotIn("Traceback", out + err)
                 self.assertEqual(status, 0, out + err)
                 ran += 1
-        self.assertGreaterEqual(ran, 8)
+        self.assertGreaterEqual(ran, 9)
         self.assertIn("garden", sink.buckets)
+        self.assertIn(("humidity", 40), self.received(sink, "garden"))
+
+    def test_bookworm_notes(self):
+        """README: python3-venv before the first venv, the offline pip command, the unit's editor."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        self.assertLess(readme.index("sudo apt install python3-venv"),
+                        readme.index("python3 -m venv"))
+        self.assertIn("pip install --no-build-isolation .", readme)
+        self.assertNotIn("tail -f /var/log", readme)
+        with open(os.path.join(EXAMPLES_DIR, "isstreamer-pi.service")) as handle:
+            unit = handle.read()
+        self.assertIn("#   sudo nano /etc/isstreamer.env", unit)
+        self.assertNotIn("sudoedit", unit)
 
 
 # --- Lifecycle: signals, exit, reopen ---------------------------------------
@@ -7124,6 +7589,80 @@ process = multiprocessing.get_context("fork").Process(target=work, args=sys.argv
 process.start()
 process.join(60)
 sys.exit(99 if process.exitcode is None else process.exitcode)
+'''
+
+# Forks while the worker's first request reaches argv[3]: "import" (a library thread
+# imports a module: it holds that module's lock), "getaddrinfo" or "post". The child
+# logs 20 events and closes; it exits 0 if they were delivered. Prints "no import" if
+# the first request imported nothing in a library thread.
+FORK_MOMENT_CHILD = r'''
+import os, signal, socket, sys, threading
+import isstreamer_lite as lite
+
+api_base, spool_dir, moment = sys.argv[1:4]
+reached, forked, flushed = threading.Event(), threading.Event(), []
+
+
+def pause(what):
+    if threading.current_thread().name.startswith("isstreamer_lite") and \
+            not reached.is_set():
+        print("paused at %s %s" % (moment, what), flush=True)
+        reached.set()
+        forked.wait(10)
+
+
+class Finder(object):
+    def find_spec(self, name, path=None, target=None):
+        if moment == "import":
+            pause(name)
+        return None
+
+
+real_getaddrinfo, real_post = socket.getaddrinfo, lite._HTTPTransport.post
+
+
+def getaddrinfo(*args, **kwargs):
+    if moment == "getaddrinfo":
+        pause("")
+    return real_getaddrinfo(*args, **kwargs)
+
+
+def post(self, *args, **kwargs):
+    if moment == "post":
+        pause("")
+    return real_post(self, *args, **kwargs)
+
+
+socket.getaddrinfo, lite._HTTPTransport.post = getaddrinfo, post
+sys.meta_path.insert(0, Finder())
+streamer = lite.Streamer("", "fork-moment", "ist_fork_moment_key", ini_file_location=False,
+                         api_base=api_base, spool_dir=spool_dir, flush_interval=60)
+
+
+def flush():
+    flushed.append(streamer.flush(15))
+    reached.set()
+
+
+threading.Thread(target=flush, name="flusher", daemon=True).start()
+reached.wait(20)
+if flushed:
+    print("no %s" % moment, flush=True)
+    sys.exit(0 if flushed[0] else 4)
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        signal.alarm(20)
+        for i in range(20):
+            streamer.log("child", i)
+        code = 0 if streamer.close(5) else 3
+    finally:
+        os._exit(code)
+forked.set()
+_, status = os.waitpid(pid, 0)
+streamer.close(5)
+sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 100 + os.WTERMSIG(status))
 '''
 
 # Builds, uses and closes a Streamer in a sub-interpreter of config argv[1].
@@ -7353,6 +7892,30 @@ class ForkedChildTest(LifecycleCase):
         with sink.changed:
             values = [e["value"] for _, e in sink.events]
         self.assertEqual(once_problems(values, list(range(25))), "")
+
+
+class ForkMomentTest(LifecycleCase):
+    """fork at each moment of the first request: the child's Streamer still delivers."""
+
+    def test_fork_during_first_request_child_delivers(self):
+        """fork: while a library thread imports, resolves or posts, the child delivers its 20."""
+        if not hasattr(os, "fork") or not hasattr(os, "register_at_fork"):
+            self.skipTest("needs os.fork and os.register_at_fork (POSIX, Python 3.7+)")
+        for moment in ("import", "getaddrinfo", "post"):
+            with self.subTest(moment=moment):
+                sink = self.sink()
+                result = subprocess.run(
+                    [sys.executable, "-W", "ignore", self.script(FORK_MOMENT_CHILD), sink.url,
+                     self.tempdir(), moment], env=child_env(), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, universal_newlines=True, timeout=90)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr[-600:])
+                if moment == "import":
+                    # Everything the request path needs was imported by the constructor.
+                    self.assertEqual(result.stdout, "no import\n")
+                    continue
+                self.assertEqual(result.stdout, "paused at %s \n" % moment)
+                self.assertEqual(sorted(v for k, v in self.received(sink) if k == "child"),
+                                 list(range(20)))
 
 
 class ReuseAfterCloseTest(LiteTestCase):
