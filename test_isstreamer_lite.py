@@ -5552,7 +5552,12 @@ class CrashRecorder(object):
 
 
 class OrderSink(FaultSink):
-    """A FaultSink that notes, for each value it stores, the recorder's op count then."""
+    """A FaultSink that notes, for each value it stores, the recorder's op count then.
+
+    The count is read as the request arrives: the client acts on the answer
+    (acks, deletes) only after it, so a state noted later counts the events
+    as stored, and one noted while the request is out counts them in flight.
+    """
 
     def __init__(self, recorder=None, **kwargs):
         FaultSink.__init__(self, **kwargs)
@@ -5561,10 +5566,11 @@ class OrderSink(FaultSink):
         self.sizes = []                     # events per request stored
 
     def _add_events(self, handler, data):
-        before = len(self.events)
+        ops = self.recorder.ops if self.recorder is not None else 0
+        with self.changed:
+            before = len(self.events)
         lite._Sink._add_events(self, handler, data)
         with self.changed:
-            ops = self.recorder.ops if self.recorder is not None else 0
             self.stored_at.extend((ops, e["value"]) for _, e in self.events[before:])
             self.sizes.append(len(self.events) - before)
 
@@ -6747,12 +6753,18 @@ class SlowLinkServer(object):
             if number == 1:
                 self.first_done.set()
 
+    def receive(self, conn, size):
+        """Up to ``size`` bytes, no faster than the link carries them."""
+        piece = conn.recv(size)
+        if self.rate and piece:
+            threading.Event().wait(len(piece) / float(self.rate))
+        return piece
+
     def serve(self, conn, number, stop):
-        tick = threading.Event()
         data = b""
         while not stop.is_set():
             while b"\r\n\r\n" not in data:
-                piece = conn.recv(1024)
+                piece = self.receive(conn, 256)
                 if not piece:
                     return
                 data += piece
@@ -6761,12 +6773,10 @@ class SlowLinkServer(object):
             if number == 1 and self.gate is not None:
                 self.gate.wait(30)
             while len(data) < length:
-                piece = conn.recv(min(2048, length - len(data)))
+                piece = self.receive(conn, min(2048, length - len(data)))
                 if not piece:
                     raise ConnectionResetError("the client went away mid-body")
                 data += piece
-                if self.rate:
-                    tick.wait(len(piece) / float(self.rate))
             body, data = data[:length], data[length:]
             if b"/api/events" in head.split(b"\r\n")[0]:
                 events = json.loads(body.decode("utf-8"))
