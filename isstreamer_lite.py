@@ -443,6 +443,26 @@ def _enable_console_logging(debug_level):
         _log.addHandler(handler)
 
 
+class _Settings(collections.namedtuple("_Settings", (
+        "access_key api_base buffer_size flush_interval timeout wait_timeout exit_timeout "
+        "max_retries backoff_base backoff_cap retry_after_cap pause_interval max_queue "
+        "spool_dir spool_max_bytes on_error ssl_context offline use_async offline_file "
+        "debug_level durable sync_interval handle_sigterm monthly_quota user_agent "
+        "bucket_key bucket_name"))):
+    """Every option, validated and merged once by _resolve_settings; immutable.
+
+    The engine reads fields by name; a tuple, so no thread can change one
+    under another. repr() masks the access key (it must never be printed).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "_Settings(%s)" % ", ".join(
+            "%s=%r" % (name, _mask(value) if name == "access_key" else value)
+            for name, value in zip(self._fields, self))
+
+
 def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, debug_level,
                       buffer_size, offline, use_async, api_base, flush_interval, timeout,
                       wait_timeout, exit_timeout, max_retries, backoff_base, backoff_cap,
@@ -451,7 +471,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                       handle_sigterm, monthly_quota=None):
     """Validate the options and merge them with environment, ini and defaults.
 
-    Returns the settings dict the engine reads; raises ConfigError,
+    Returns the _Settings the engine reads; raises ConfigError,
     ValueError or TypeError naming the value and the rule.
     """
     ini = {} if ini_file_location is False else _read_ini(_find_ini(ini_file_location))
@@ -509,24 +529,21 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
     if scheme == "http" and not _is_loopback(host) and not offline:
         _log.warning("api_base %s is plain http://: the access key travels in clear text",
                      api_base)
-    return {
-        "access_key": access_key, "api_base": api_base, "buffer_size": buffer_size,
-        "flush_interval": float(flush_interval), "timeout": float(timeout),
-        "wait_timeout": float(wait_timeout), "exit_timeout": float(exit_timeout),
-        "max_retries": int(max_retries), "backoff_base": float(backoff_base),
-        "backoff_cap": float(backoff_cap), "retry_after_cap": float(retry_after_cap),
-        "pause_interval": float(pause_interval), "max_queue": max_queue,
-        "spool_dir": spool_dir,
-        "spool_max_bytes": spool_max_bytes, "on_error": on_error,
-        "ssl_context": ssl_context, "offline": bool(offline), "use_async": bool(use_async),
-        "offline_file": _pick(offline_file, None, ini, "offline_file",
-                              "./isstreamer_out.csv"),
-        "debug_level": debug_level, "durable": bool(durable) and not offline,
-        "sync_interval": float(sync_interval), "handle_sigterm": bool(handle_sigterm),
-        "monthly_quota": monthly_quota,
-        "user_agent": "isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
-        "bucket_key": bucket_key, "bucket_name": bucket_name,
-    }
+    return _Settings(
+        access_key=access_key, api_base=api_base, buffer_size=buffer_size,
+        flush_interval=float(flush_interval), timeout=float(timeout),
+        wait_timeout=float(wait_timeout), exit_timeout=float(exit_timeout),
+        max_retries=int(max_retries), backoff_base=float(backoff_base),
+        backoff_cap=float(backoff_cap), retry_after_cap=float(retry_after_cap),
+        pause_interval=float(pause_interval), max_queue=max_queue, spool_dir=spool_dir,
+        spool_max_bytes=spool_max_bytes, on_error=on_error, ssl_context=ssl_context,
+        offline=bool(offline), use_async=bool(use_async),
+        offline_file=_pick(offline_file, None, ini, "offline_file", "./isstreamer_out.csv"),
+        debug_level=debug_level, durable=bool(durable) and not offline,
+        sync_interval=float(sync_interval), handle_sigterm=bool(handle_sigterm),
+        monthly_quota=monthly_quota,
+        user_agent="isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
+        bucket_key=bucket_key, bucket_name=bucket_name)
 
 
 # --- Event validation and encoding -------------------------------------------
@@ -2210,10 +2227,10 @@ class _Sender(object):
         self.transport = transport
         self._base_headers = {"Content-Type": "application/json",
                               "Accept-Version": _ACCEPT_VERSION,
-                              "User-Agent": settings["user_agent"],
-                              "X-IS-AccessKey": settings["access_key"]}
-        self.debug = settings["debug_level"] >= 3
-        self.secret = settings["access_key"]
+                              "User-Agent": settings.user_agent,
+                              "X-IS-AccessKey": settings.access_key}
+        self.debug = settings.debug_level >= 3
+        self.secret = settings.access_key
 
     def post(self, job):
         """Make one request; return (response or None, error or None)."""
@@ -2495,10 +2512,10 @@ class _Stash(object):
         self.writer = writer
         self.reader = reader
         self.ledger = ledger
-        self.half = settings["sync_interval"] / 2.0
-        self.nowhere = "offline_file_unwritable" if settings["offline"] else "no_spool"
+        self.half = settings.sync_interval / 2.0
+        self.nowhere = "offline_file_unwritable" if settings.offline else "no_spool"
         self.sync_due = None
-        self.most = settings["buffer_size"]     # events a spool line holds at most
+        self.most = settings.buffer_size     # events a spool line holds at most
 
     def write(self, bucket, parts, seq, why, journal=False, drop=True):
         """Write events as one spool line; True if they are there.
@@ -2800,7 +2817,7 @@ class _Worker(object):
         self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
         self.quota_warned = False
         self.reports = []                   # (exception, events) for on_error
-        self.creates_buckets = not settings["offline"]
+        self.creates_buckets = not settings.offline
         if bucket is not None and self.creates_buckets:
             self.to_create.append(bucket)
         if bucket is not None and reader is not None:
@@ -2852,11 +2869,11 @@ class _Worker(object):
 
     def arm(self):
         """Set wake_at: how long the inbox may grow before log() must wake us."""
-        size, count = self.settings["buffer_size"], self.memory.count
+        size, count = self.settings.buffer_size, self.memory.count
         if self.courier.busy or self.clock() < self.retry_at:
             self.wake_at = 1 if count == 0 and self.writer is not None and \
-                self.settings["durable"] else \
-                max(1, self.settings["max_queue"] - self.pending.count + 1)
+                self.settings.durable else \
+                max(1, self.settings.max_queue - self.pending.count + 1)
         elif count == 0:
             self.wake_at = 1                    # the first event starts flush_interval
         else:
@@ -2864,7 +2881,7 @@ class _Worker(object):
 
     def call_back(self):
         reports, self.reports = self.reports, []
-        _run_reports(self.settings["on_error"], reports, self)
+        _run_reports(self.settings.on_error, reports, self)
 
     def step(self, deadline=None):
         """Do what is due; return seconds until the next thing is, or None if idle."""
@@ -2876,7 +2893,7 @@ class _Worker(object):
             self.halt("close() deadline reached")
             return None
         due = []
-        if self.settings["durable"] and self.writer is not None:
+        if self.settings.durable and self.writer is not None:
             journal_due, refused = self.stash.journal(self.memory, now)
             self.pending.hold(refused)
             due.append(journal_due)
@@ -2910,13 +2927,13 @@ class _Worker(object):
         Merged into what the file says (other runs, other processes of the key).
         """
         stats = self.stats
-        state = {"version": 1, "key": _mask(self.settings["access_key"]),
+        state = {"version": 1, "key": _mask(self.settings.access_key),
                  "last_success": stats["last_success"], "last_error": stats["last_error"],
                  "paused": stats["paused"], "waiting": self.waiting[1] if
                  self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
-                 "spool_dir": self.settings["spool_dir"],
+                 "spool_dir": self.settings.spool_dir,
                  "rate_limit": self.budget.learned() if self.budget is not None else None,
                  "month": self.month_view[:2]}
         if self.reader is None or (state == self.saved_state and running) or not (
@@ -3004,24 +3021,24 @@ class _Worker(object):
         oldest = memory.oldest()
         if oldest is None:
             return False
-        return (memory.count >= self.settings["buffer_size"] or len(memory.runs) > 1
+        return (memory.count >= self.settings.buffer_size or len(memory.runs) > 1
                 or self.state is _CLOSING
                 or any(w.upto >= oldest[0] for w in self.waits)
-                or now - oldest[1] >= self.settings["flush_interval"])
+                or now - oldest[1] >= self.settings.flush_interval)
 
     def next_batch(self, now):
         """The batch to send next, left at the head of ``batches``; or None.
 
         A batch never holds more than buffer_size events (nor 1 MB).
         """
-        most = self.settings["buffer_size"]
+        most = self.settings.buffer_size
         if self.pending.batches:
             head = self.pending.batches[0]
             if head.refs is None and not head.fixed:
                 # It fell behind: grow it, up to buffer_size.
                 self.ledger.unencodable(self.memory.fill(head, most=most))
             elif head.refs is not None and self.ready(now) and not (
-                    self.settings["durable"] and self.writer is not None):
+                    self.settings.durable and self.writer is not None):
                 # The backlog waited (for the window, or a retry): live events go first.
                 batch, rejected = self.memory.take(most=most)
                 self.ledger.unencodable(rejected)
@@ -3029,7 +3046,7 @@ class _Worker(object):
                 return self.pending.batches[0]
             return head
         if self.ready(now):
-            if self.settings["durable"] and self.writer is not None:
+            if self.settings.durable and self.writer is not None:
                 batch = self.stash.journal_all(self.memory)     # then sent from disk
             else:
                 batch, rejected = self.memory.take(most=most)
@@ -3083,7 +3100,7 @@ class _Worker(object):
             job = _Job("/api/events", batch.body, batch.bucket, batch, 0.0)
         # `timeout` bounds each silence (the transport); the whole request may take
         # longer the bigger its body, as on a slow link.
-        end = now + self.settings["timeout"] + len(job.body) / float(_SLOWEST_LINK)
+        end = now + self.settings.timeout + len(job.body) / float(_SLOWEST_LINK)
         for limit in (self.close_at, deadline):
             if limit is not None:
                 end = min(end, max(now + 0.05, limit))
@@ -3110,7 +3127,7 @@ class _Worker(object):
         oldest = self.memory.oldest()
         if oldest is None:
             return None
-        return max(0.0, oldest[1] + self.settings["flush_interval"] - now)
+        return max(0.0, oldest[1] + self.settings.flush_interval - now)
 
     def collect(self, now):
         """Take a finished request's outcome, or give up on it at its deadline."""
@@ -3139,8 +3156,8 @@ class _Worker(object):
                 pass
         decision = _decide(response.status if response is not None else None,
                            response.headers if response is not None else None, error,
-                           self.failures, s["backoff_base"], s["backoff_cap"],
-                           s["retry_after_cap"], s["pause_interval"], now=self.wall())
+                           self.failures, s.backoff_base, s.backoff_cap,
+                           s.retry_after_cap, s.pause_interval, now=self.wall())
         batch = job.batch
         if batch is None:
             self.bucket_outcome(job, decision, response, error, now)
@@ -3150,7 +3167,7 @@ class _Worker(object):
             if not self.pending.split(batch):
                 self.reject(batch, response)
         elif decision.action == _REFUSE:
-            self.reject(batch, None, _scrub(decision.reason, self.settings["access_key"]))
+            self.reject(batch, None, _scrub(decision.reason, self.settings.access_key))
         else:
             self.failed(batch, decision, response, error, now)
             if decision.reason == "timeout" and batch in self.pending.batches \
@@ -3165,7 +3182,7 @@ class _Worker(object):
                              "anyway", bucket[0], _scrub(decision.reason if response is None
                                                          else "%d %s" % (response.status,
                                                                          self.reply(response)),
-                                                         self.settings["access_key"]))
+                                                         self.settings.access_key))
             else:
                 self.stats["buckets_created"] += 1
                 self.failures = 0
@@ -3206,7 +3223,7 @@ class _Worker(object):
         self.month.add(count, wall)
         projected = self.month.projected(wall)
         self.month_view = (_month_of(wall), self.month.months[_month_of(wall)], projected)
-        quota = self.settings["monthly_quota"]
+        quota = self.settings.monthly_quota
         if quota and projected > quota and not self.enterprise and not self.quota_warned:
             self.quota_warned = True
             _log.warning(
@@ -3215,7 +3232,7 @@ class _Worker(object):
                 "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
                 "past which the server refuses events with 402 until the next billing "
                 "month). Log less often, or set monthly_quota=0 on a plan without a cap.",
-                _mask(self.settings["access_key"]), "{:,}".format(projected),
+                _mask(self.settings.access_key), "{:,}".format(projected),
                 "{:,}".format(self.month_view[1]), "{:,}".format(quota))
 
     def failed(self, batch, decision, response, error, now, creating=None):
@@ -3228,7 +3245,7 @@ class _Worker(object):
             "sending %s to bucket %r" % (_count(batch.count, "event"), bucket[0])
         detail = ("%d %s" % (response.status, self.reply(response, 120))) \
             if response is not None else "%s: %s" % (type(error).__name__, error)
-        detail = _scrub(detail, self.settings["access_key"])
+        detail = _scrub(detail, self.settings.access_key)
         self.stats["last_error"] = "%s: %s" % (what, detail)
         if self.failing_since is None:
             self.failing_since = (self.wall(), response is not None)
@@ -3254,7 +3271,7 @@ class _Worker(object):
                              self.events_of(batch)))
         if batch is not None:
             batch.attempts += 1
-            if batch.attempts >= self.settings["max_retries"]:
+            if batch.attempts >= self.settings.max_retries:
                 self.pending.set_aside(batch, "%d attempts failed" % batch.attempts)
 
     def pause(self, decision, detail):
@@ -3262,7 +3279,7 @@ class _Worker(object):
             advice = _PAUSE_ADVICE.get(decision.reason, "the server answered %s; check "
                                        "api_base and the account" % detail)
             if "%s" in advice:
-                advice = advice % _mask(self.settings["access_key"])
+                advice = advice % _mask(self.settings.access_key)
             _log.error("isstreamer_lite: %s. Sending is paused; events are spooled and "
                        "retried every %.0f s.", advice, decision.delay)
         self.stats["paused"] = decision.reason
@@ -3286,7 +3303,7 @@ class _Worker(object):
 
     def events_of(self, batch):
         """The (key, value, epoch) tuples of a batch, for on_error."""
-        if batch is None or self.settings["on_error"] is None:
+        if batch is None or self.settings.on_error is None:
             return []
         if batch.refs is None:
             return list(batch.events)
@@ -3296,21 +3313,21 @@ class _Worker(object):
             return []
 
     def reply(self, response, limit=300):
-        return _scrub(response.text(limit), self.settings["access_key"])
+        return _scrub(response.text(limit), self.settings.access_key)
 
     # the disk
 
     def spill_over_max_queue(self):
         """Beyond max_queue events in memory, the oldest go to disk (or are dropped)."""
-        limit, pending = self.settings["max_queue"], self.pending
-        if pending.count > limit and self.settings["durable"] and self.writer is not None:
+        limit, pending = self.settings.max_queue, self.pending
+        if pending.count > limit and self.settings.durable and self.writer is not None:
             pending.hold(self.stash.journal_all(self.memory))
         while pending.count > limit:
             batch = next((b for b in pending.batches if b.refs is None
                           and b is not self.in_flight()), None)
             if batch is None:
                 batch, rejected = self.memory.take(most=min(pending.count - limit,
-                                                            self.settings["buffer_size"]))
+                                                            self.settings.buffer_size))
                 self.ledger.unencodable(rejected)
                 if batch is None:
                     return
@@ -3370,7 +3387,7 @@ class _Worker(object):
         for batch in list(self.pending.batches):
             self.pending.set_aside(batch, why, drop=True)
         while self.memory.count:
-            batch, rejected = self.memory.take(most=self.settings["buffer_size"])
+            batch, rejected = self.memory.take(most=self.settings.buffer_size)
             self.ledger.unencodable(rejected)
             if batch is not None:
                 self.stash.write(batch.bucket, batch.parts, batch.seq, why)
@@ -3399,7 +3416,7 @@ class _Worker(object):
     def left_behind(self, why):
         """The one warning of a run that ends with events undelivered: how many, why,
         where they wait and what sends them."""
-        stats, key = self.stats, _mask(self.settings["access_key"])
+        stats, key = self.stats, _mask(self.settings.access_key)
         if stats["paused"] == "key_rejected":
             cause = "the server rejected the access key %s (check access_key / " \
                     "IS_ACCESS_KEY)" % key
@@ -3534,7 +3551,7 @@ def _close_all_at_exit():
         streamers = list(_open_streamers)
     if not streamers:
         return
-    deadline = _monotonic() + max(s._settings["exit_timeout"] for s in streamers)
+    deadline = _monotonic() + max(s._settings.exit_timeout for s in streamers)
     closing = []                        # those this hook closes (or waits for)
     try:
         for streamer in streamers:
@@ -3574,7 +3591,7 @@ def _preload(settings):
     import socket       # noqa: F401  (first imported at exit, it turns Ctrl-C's -2 into 1)
     _log.name           # logging too: the exit hook may need to warn
     _encode_json(None)
-    if settings["offline"]:
+    if settings.offline:
         import csv      # noqa: F401
         import io       # noqa: F401
         return
@@ -3585,12 +3602,12 @@ def _preload(settings):
     # imports encodings.idna (stringprep, unicodedata) at the first request: a fork
     # meanwhile left the child that import's lock, held for good.
     "localhost".encode("idna")
-    if settings["api_base"].strip().lower().startswith("https:"):
+    if settings.api_base.strip().lower().startswith("https:"):
         try:
             import ssl  # noqa: F401
         except ImportError:
             raise ConfigError("api_base %s is https:// but this Python was built without "
-                              "the ssl module" % settings["api_base"])
+                              "the ssl module" % settings.api_base)
 
 
 def _attributes(obj):
@@ -3643,18 +3660,18 @@ def _flatten(prefix, obj, depth=0, seen=None):
 
 def _new_worker(settings, bucket, stats=None, only=None):
     """A worker with its sender, spool and rate budget (no thread yet)."""
-    transport = _HTTPTransport(settings["api_base"], settings["timeout"],
-                               settings["ssl_context"], settings["user_agent"])
+    transport = _HTTPTransport(settings.api_base, settings.timeout,
+                               settings.ssl_context, settings.user_agent)
     sender = _Sender(settings, transport)
     writer = reader = budget = None
-    if not settings["offline"]:
-        folder = os.path.join(settings["spool_dir"], _fingerprint(settings["access_key"]))
-        reader = _SpoolReader(folder, settings["durable"], only)
-        writer = _SpoolWriter(folder, reader, settings["spool_max_bytes"],
-                              settings["durable"])
-        budget = _budget_for(settings["api_base"], settings["access_key"], folder)
-    if settings["offline"]:
-        sender = _CsvSender(settings["offline_file"])
+    if not settings.offline:
+        folder = os.path.join(settings.spool_dir, _fingerprint(settings.access_key))
+        reader = _SpoolReader(folder, settings.durable, only)
+        writer = _SpoolWriter(folder, reader, settings.spool_max_bytes,
+                              settings.durable)
+        budget = _budget_for(settings.api_base, settings.access_key, folder)
+    if settings.offline:
+        sender = _CsvSender(settings.offline_file)
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
     if stats is not None:
         worker.stats = worker.ledger.stats = stats
@@ -3689,7 +3706,7 @@ class Streamer(object):
             handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
         _preload(settings)
         self._settings = settings
-        bucket_key, bucket_name = settings.pop("bucket_key"), settings.pop("bucket_name")
+        bucket_key, bucket_name = settings.bucket_key, settings.bucket_name
         self._strict = debug_level >= 2
         self._echo = debug_level >= 1
         self._bucket = (bucket_key, bucket_name)
@@ -3710,16 +3727,16 @@ class Streamer(object):
         self._start(None)
         _install_process_hooks()
         _flush_at_multiprocessing_exit()
-        handlers = settings["handle_sigterm"] and _exit_on_signals()
+        handlers = settings.handle_sigterm and _exit_on_signals()
         if self._echo:
             _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
-                      bucket_key, bucket_name, "offline file " + settings["offline_file"]
-                      if settings["offline"] else settings["api_base"],
-                      _mask(settings["access_key"]),
-                      "" if settings["offline"] else ", spool %s" % settings["spool_dir"],
-                      "" if settings["use_async"] else " (synchronous)",
-                      " (durable)" if settings["durable"] else "",
-                      "" if handlers or not settings["handle_sigterm"] else
+                      bucket_key, bucket_name, "offline file " + settings.offline_file
+                      if settings.offline else settings.api_base,
+                      _mask(settings.access_key),
+                      "" if settings.offline else ", spool %s" % settings.spool_dir,
+                      "" if settings.use_async else " (synchronous)",
+                      " (durable)" if settings.durable else "",
+                      "" if handlers or not settings.handle_sigterm else
                       " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
 
     def _start(self, stats):
@@ -3732,7 +3749,7 @@ class Streamer(object):
         self._worker = worker
         self._queue = worker.inbox
         self._thread = None
-        if s["use_async"]:
+        if s.use_async:
             name = "isstreamer_lite[%s]" % self._bucket[0][:32]
             worker.courier = _Courier(worker.sender, worker.wake, name)
             try:
@@ -3743,7 +3760,7 @@ class Streamer(object):
                 _log.info("no worker thread here (%s): events are sent from the threads "
                           "that log them, as with use_async=False", exc)
         if self._thread is None:
-            worker.courier = _InlineCourier(worker.sender, watchdog=not s["offline"])
+            worker.courier = _InlineCourier(worker.sender, watchdog=not s.offline)
         with _hooks_lock:
             _open_streamers.add(self)
 
@@ -3862,14 +3879,14 @@ class Streamer(object):
         if self._thread is not None:
             worker.wake_at = _NEVER         # one signal per wake-up is enough
             worker.wake.set()
-        elif len(worker.inbox) + worker.memory.count >= self._settings["buffer_size"]:
+        elif len(worker.inbox) + worker.memory.count >= self._settings.buffer_size:
             # A signal handler's log() must never wait for the baton it interrupted.
             if self._baton.acquire(False):
                 try:
-                    reports = worker.pump(_monotonic() + self._settings["timeout"])
+                    reports = worker.pump(_monotonic() + self._settings.timeout)
                 finally:
                     self._baton.release()
-                _run_reports(self._settings["on_error"], reports, worker)
+                _run_reports(self._settings.on_error, reports, worker)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -3930,7 +3947,7 @@ class Streamer(object):
         did. What is not delivered by then stays queued or spooled and goes
         later. After ``close()`` it reopens the Streamer, as ``log()`` does.
         """
-        idle = self._settings["wait_timeout"] if timeout is None else None
+        idle = self._settings.wait_timeout if timeout is None else None
         deadline = _monotonic() + (idle if timeout is None else timeout)
         if self._closed:
             self._reopen()
@@ -3957,7 +3974,7 @@ class Streamer(object):
         after ``wait_timeout`` seconds in which none did, as ISStreamer's
         blocking close() sent everything.
         """
-        idle = self._settings["wait_timeout"] if timeout is None else None
+        idle = self._settings.wait_timeout if timeout is None else None
         deadline = _monotonic() + (idle if timeout is None else timeout)
         begun = self._begin_close(deadline, idle=idle)
         if begun is None:
@@ -4062,7 +4079,7 @@ class Streamer(object):
             reports = worker.pump(deadline, until)
         finally:
             self._baton.release()
-        _run_reports(self._settings["on_error"], reports, worker)
+        _run_reports(self._settings.on_error, reports, worker)
 
     def _close_now(self):
         """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once.
@@ -4117,14 +4134,14 @@ class Streamer(object):
         until, why = worker.waiting
         counters["waiting"] = why if until > _monotonic() else ""
         month, delivered, projected = worker.month_view
-        quota = self._settings["monthly_quota"]
+        quota = self._settings.monthly_quota
         counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
                              "quota": None if worker.enterprise or not quota else quota}
         return counters
 
     def __repr__(self):
         return "<Streamer bucket=%r key=%s %s>" % (
-            self._bucket[0], _mask(self._settings["access_key"]),
+            self._bucket[0], _mask(self._settings.access_key),
             "closed" if self._closed else "open")
 
 
@@ -4588,7 +4605,7 @@ def _undelivered(streamer, started, timeout, err):
                                                                              timeout)
     err.write("not delivered after %.2f s (--timeout %g): %s\n" % (elapsed, timeout, why))
     if stats["paused"] == "key_rejected":
-        err.write("%s\n" % _key_hint(streamer._settings["access_key"]))
+        err.write("%s\n" % _key_hint(streamer._settings.access_key))
     dropped = sum(stats["dropped"].values())
     if stats["spooled"]:
         err.write("%s spooled; the next run with this access key (or replay) sends the "
@@ -4833,7 +4850,7 @@ def _ago(when, now):
 def _cmd_status(args, out, err):
     options = _cli_options(args, bucket_key="status")
     settings = _resolve_settings(**dict(options, offline=True))
-    spool_dir, quota = settings["spool_dir"], settings["monthly_quota"]
+    spool_dir, quota = settings.spool_dir, settings.monthly_quota
     keys = sorted(d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
                   if os.path.isdir(os.path.join(spool_dir, d)))
     now = _time()
@@ -4897,11 +4914,11 @@ def _cmd_discard(args, out, err):
         raise _UsageError("discard needs --bucket-key KEY (its backlog) or --dead-letters")
     options = _cli_options(args, bucket_key=args.bucket_key or "discard")
     settings = _resolve_settings(**options)
-    folder = os.path.join(settings["spool_dir"], _fingerprint(settings["access_key"]))
+    folder = os.path.join(settings.spool_dir, _fingerprint(settings.access_key))
     doomed, what = [], []
     if args.bucket_key:
         bucket = os.path.join(folder, _fingerprint(args.bucket_key))
-        rows = [r for r in _spool_summary(settings["spool_dir"], settings["access_key"])
+        rows = [r for r in _spool_summary(settings.spool_dir, settings.access_key)
                 if r["folder"] == bucket]
         doomed += [os.path.join(bucket, n) for n in sorted(os.listdir(bucket))
                    if n.endswith(_SPOOL_SUFFIX)] if os.path.isdir(bucket) else []
@@ -4954,14 +4971,14 @@ def _replay_spool(settings, paths, timeout):
     deadline = _monotonic() + timeout
     worker.inbox.append(_Wait(0, deadline))
     while not worker.stopped.is_set() and _monotonic() < deadline:
-        _run_reports(settings["on_error"], worker.pump(deadline, worker.stopped), worker)
+        _run_reports(settings.on_error, worker.pump(deadline, worker.stopped), worker)
     if not worker.stopped.is_set():
         worker.halt("replay deadline reached")
     if paths is not None:
         pending = sum(len(_pending_bodies(path)) for path in paths)
     else:
-        pending = sum(row["lines"] for row in _spool_summary(settings["spool_dir"],
-                                                             settings["access_key"]))
+        pending = sum(row["lines"] for row in _spool_summary(settings.spool_dir,
+                                                             settings.access_key))
     return worker.stats, pending
 
 
@@ -4998,10 +5015,10 @@ def _cmd_replay(args, out, err):
             raise _UsageError("no such file: %s" % path)
     options = _cli_options(args, bucket_key="replay")
     if args.dry_run:
-        spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]
+        spool_dir = _resolve_settings(**dict(options, offline=True)).spool_dir
         key = None
         try:
-            key = _resolve_settings(**options)["access_key"]
+            key = _resolve_settings(**options).access_key
         except ConfigError:
             pass
         rows = _spool_summary(spool_dir, key)
@@ -5089,22 +5106,22 @@ def _cmd_selftest(args, out, err):
                                                 _LIVE_BUCKET[0],
                                                 bucket_name=args.bucket_name or _LIVE_BUCKET[1]))
     _preload(settings)
-    sender = _Sender(settings, _HTTPTransport(settings["api_base"], settings["timeout"], None,
-                                              settings["user_agent"]))
-    bucket = (settings["bucket_key"], settings["bucket_name"])
+    sender = _Sender(settings, _HTTPTransport(settings.api_base, settings.timeout, None,
+                                              settings.user_agent))
+    bucket = (settings.bucket_key, settings.bucket_name)
     now = _time()
     events = [("selftest_number", 1), ("selftest_text", "hello from isstreamer_lite"),
               ("selftest_flag", True)]
     out.write("live selftest against %s with access key %s: creates (or reuses) a bucket "
               "named \"%s\" (key %s) and sends it %d test events\n" % (
-                  settings["api_base"], _mask(settings["access_key"]), settings["bucket_name"],
-                  settings["bucket_key"], len(events)))
+                  settings.api_base, _mask(settings.access_key), settings.bucket_name,
+                  settings.bucket_key, len(events)))
     failed = key_rejected = False
-    for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings["bucket_key"],
-                                                     "bucketName": settings["bucket_name"]})),
+    for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings.bucket_key,
+                                                     "bucketName": settings.bucket_name})),
                        ("/api/events", _encode_events([e + (now,) for e in events]))):
         response, error = sender.post(_Job(path, body, bucket, None,
-                                           _monotonic() + settings["timeout"]))
+                                           _monotonic() + settings.timeout))
         if error is not None:
             out.write("  POST %s: %s: %s\n" % (path, type(error).__name__, error))
             failed = True
@@ -5119,7 +5136,7 @@ def _cmd_selftest(args, out, err):
         key_rejected = key_rejected or _decide(response.status).reason == "key_rejected"
     sender.transport.close()
     if key_rejected:
-        out.write("  FAILED: %s\n" % _key_hint(settings["access_key"]))
+        out.write("  FAILED: %s\n" % _key_hint(settings.access_key))
     else:
         out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted %d test events"
                                % len(events)))

@@ -272,43 +272,52 @@ class ConfigurationTest(LiteTestCase):
                                   "default_bucket = ini name\n"
                                   "[isstreamer.api_config]\nstream_api_base = http://127.0.0.1:9\n")
         s = self.make(offline=True)
-        self.assertEqual(s._settings["access_key"], "ini_key")
+        self.assertEqual(s._settings.access_key, "ini_key")
         self.assertEqual(s.bucket_name, "ini name")
-        self.assertEqual(s._settings["api_base"], "http://127.0.0.1:9")
+        self.assertEqual(s._settings.api_base, "http://127.0.0.1:9")
         os.environ["IS_ACCESS_KEY"] = "env_key"
         os.environ["IS_BUCKET_NAME"] = "env name"
         os.environ["IS_BUCKET_KEY"] = "env-bucket"
         os.environ["IS_API_BASE"] = "http://127.0.0.1:10"
         s = self.make(offline=True)
-        self.assertEqual((s._settings["access_key"], s.bucket_name, s.bucket_key,
-                          s._settings["api_base"]),
+        self.assertEqual((s._settings.access_key, s.bucket_name, s.bucket_key,
+                          s._settings.api_base),
                          ("env_key", "env name", "env-bucket", "http://127.0.0.1:10"))
         s = self.make(access_key="arg_key", bucket_name="arg name", bucket_key="arg-bucket",
                       api_base="http://127.0.0.1:11", offline=True)
-        self.assertEqual((s._settings["access_key"], s.bucket_name, s.bucket_key,
-                          s._settings["api_base"]),
+        self.assertEqual((s._settings.access_key, s.bucket_name, s.bucket_key,
+                          s._settings.api_base),
                          ("arg_key", "arg name", "arg-bucket", "http://127.0.0.1:11"))
 
     def test_default_api_base(self):
         """Configuration: with nothing set the base is https://groker.init.st."""
         s = self.make(access_key="k", offline=True)
-        self.assertEqual(s._settings["api_base"], "https://groker.init.st")
+        self.assertEqual(s._settings.api_base, "https://groker.init.st")
 
     def test_api_config_read_without_client_config(self):
         """Configuration: [isstreamer.api_config] counts even alone (ISStreamer ignored it)."""
         self.write_ini(self.home, "[isstreamer.api_config]\nstream_api_base = http://127.0.0.1:12\n")
         s = self.make(access_key="k", offline=True)
-        self.assertEqual(s._settings["api_base"], "http://127.0.0.1:12")
+        self.assertEqual(s._settings.api_base, "http://127.0.0.1:12")
 
     def test_ini_search_order(self):
         """Configuration: ini_file_location, else ~/isstreamer.ini, else ./isstreamer.ini."""
         self.write_ini(self.cwd, "[isstreamer.client_config]\naccess_key = cwd_key\n")
-        self.assertEqual(self.make(offline=True)._settings["access_key"], "cwd_key")
+        self.assertEqual(self.make(offline=True)._settings.access_key, "cwd_key")
         self.write_ini(self.home, "[isstreamer.client_config]\naccess_key = home_key\n")
-        self.assertEqual(self.make(offline=True)._settings["access_key"], "home_key")
+        self.assertEqual(self.make(offline=True)._settings.access_key, "home_key")
         other = self.write_ini(self.tempdir(), "[isstreamer.client_config]\naccess_key = own\n")
         self.assertEqual(self.make(offline=True, ini_file_location=other)
-                         ._settings["access_key"], "own")
+                         ._settings.access_key, "own")
+
+    def test_settings_are_one_immutable_object_that_masks_the_key(self):
+        """Configuration: settings are built once, cannot change, and repr() hides the key."""
+        s = self.make(access_key="secret-key-1234", offline=True)
+        with self.assertRaises(AttributeError):
+            s._settings.buffer_size = 99
+        self.assertEqual(s._settings.buffer_size, 10)
+        self.assertNotIn("secret-key", repr(s._settings))
+        self.assertIn("...1234", repr(s._settings))
 
     def test_missing_ini_location_is_an_error(self):
         """Configuration: a given ini_file_location that does not exist is a ConfigError."""
@@ -320,8 +329,8 @@ class ConfigurationTest(LiteTestCase):
         self.write_ini(self.home, "[isstreamer.client_config]\noffline_mode = true\n"
                                   "offline_file = out.csv\n")
         s = self.make()
-        self.assertTrue(s._settings["offline"])
-        self.assertEqual(s._settings["offline_file"], "out.csv")
+        self.assertTrue(s._settings.offline)
+        self.assertEqual(s._settings.offline_file, "out.csv")
 
     def test_missing_access_key_is_an_error(self):
         """Configuration: no access key anywhere (and not offline) fails at construction."""
@@ -3892,7 +3901,7 @@ class WorkerTest(LiteTestCase):
         settings.update(options)
         budget = settings.pop("budget", None)
         settings = lite._resolve_settings(**settings)
-        bucket = (settings.pop("bucket_key"), settings.pop("bucket_name"))
+        bucket = (settings.bucket_key, settings.bucket_name)
         self.clock = FakeClock()
         self.transport = FakeTransport(*answers)
         sender = lite._Sender(settings, self.transport)
@@ -4650,8 +4659,8 @@ class MonthlyQuotaTest(DeliveryTestCase):
         for env, expected in (({}, 500000), ({"IS_MONTHLY_QUOTA": "0"}, 0)):
             with mock.patch.dict(os.environ, env):
                 s = self.streamer("http://127.0.0.1:9", ini_file_location=ini)
-            self.assertEqual(s._settings["monthly_quota"], expected)
-        self.assertEqual(self.streamer("http://127.0.0.1:9")._settings["monthly_quota"],
+            self.assertEqual(s._settings.monthly_quota, expected)
+        self.assertEqual(self.streamer("http://127.0.0.1:9")._settings.monthly_quota,
                          3000000)
 
 
