@@ -396,6 +396,24 @@ class WireTest(LiteTestCase):
                                                          % lite.__version__))
         self.assertEqual(self.received(sink), [("k%d" % i, i) for i in range(5)])
 
+    def test_event_encoding_matches_the_json_encoder(self):
+        """Wire: the fast event encoding is byte for byte the JSON encoder's, or refuses alike."""
+        class Str(str):
+            pass
+        values = ["", "plain", "qu\"ote\\", "caf\u00e9 \u2603 \U0001f600", "\n\t\x00",
+                  "\ud800", Str("sub"), True, False, 0, -1, 2 ** 63 - 1, -2 ** 63, 1.5, -0.0,
+                  1e-300, 1.7976931348623157e308, 0.1 + 0.2, None, [1], {"a": 1}]
+        for key in ("k", "cl\u00e9 \"q\"", Str("k")):
+            for value in values:
+                for epoch in (1700000000.123456, 1700000000, 0.0):
+                    generic = lite._encode_json({"key": key, "value": value, "epoch": epoch})
+                    self.assertEqual(lite._encode_event((key, value, epoch)),
+                                     generic.encode("utf-8"), (key, value, epoch))
+        for event in (("k", float("nan"), 1.0), ("k", float("inf"), 1.0),
+                      ("k", 1, float("nan")), ("k", object(), 1.0)):
+            with self.assertRaises((ValueError, TypeError)):
+                lite._encode_event(event)
+
     def test_epoch_on_every_event(self):
         """Wire: each event carries the epoch taken at log() time."""
         sink = self.sink()
