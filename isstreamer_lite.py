@@ -704,6 +704,135 @@ class _Response(object):
         return self.body[:limit].decode("utf-8", "replace")
 
 
+_MAX_HEAD_LINE = 65536          # http.client's limits for one line and for the headers
+_MAX_HEADERS = 100
+
+
+def _read_reply(sock, limit):
+    """Read one HTTP/1.x answer from ``sock``: (status, headers, body, reusable).
+
+    ``headers`` are lower-cased (the last of a repeated name wins); at most
+    ``limit`` bytes of the body are read. ``reusable`` is False when the
+    connection must not carry another request: the server closes it, the body
+    was longer than ``limit`` or had no length, or bytes already read follow
+    it. 100 Continue is skipped; another 1xx is returned, never reusable (the
+    caller refuses it).
+    Raises RemoteDisconnected if the connection closed before a status line,
+    other HTTPExceptions for what is not HTTP, OSError from the socket.
+    """
+    import http.client
+    reader = _SocketLines(sock)
+    while True:
+        line = reader.line()
+        if not line:
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+        parts = line.decode("latin-1").rstrip("\r\n").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit() \
+                or len(parts[1]) != 3:
+            raise http.client.BadStatusLine(line[:80].decode("latin-1"))
+        status, version = int(parts[1]), parts[0]
+        headers = reader.headers()
+        if status != 100:
+            break
+    connection = headers.get("connection", "").lower()
+    reusable = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+    if status < 200:                    # an interim answer where the final one belongs
+        return status, headers, b"", False
+    if status in (204, 304):
+        return status, headers, b"", reusable and not reader.buffered()
+    if headers.get("transfer-encoding", "").lower().rsplit(",", 1)[-1].strip() == "chunked":
+        body, complete = reader.chunked(limit)
+    else:
+        length = headers.get("content-length", "").strip()
+        if length.isdigit():
+            body = reader.read(min(int(length), limit))
+            complete = len(body) == int(length)
+        else:                           # no length: the body ends when the connection does
+            body, complete = reader.read(limit), False
+    return status, headers, body, reusable and complete and not reader.buffered()
+
+
+class _SocketLines(object):
+    """Lines and bytes from a socket, read in large pieces; the parser of _read_reply."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = b""
+        self.eof = False
+
+    def _more(self):
+        piece = b"" if self.eof else self.sock.recv(65536)
+        self.eof = not piece
+        self.data += piece
+        return bool(piece)
+
+    def line(self):
+        """The next line with its end (b"" at the end of the stream)."""
+        while True:
+            end = self.data.find(b"\n", 0, _MAX_HEAD_LINE + 1)
+            if end >= 0:
+                line, self.data = self.data[:end + 1], self.data[end + 1:]
+                return line
+            if len(self.data) > _MAX_HEAD_LINE:
+                import http.client
+                raise http.client.LineTooLong("header line")
+            if not self._more():
+                line, self.data = self.data, b""
+                return line
+
+    def headers(self):
+        """The header block after a status line, as a dict of lower-cased names."""
+        import http.client
+        found, name = {}, None
+        for _ in range(_MAX_HEADERS + 1):
+            line = self.line()
+            if line in (b"\r\n", b"\n", b""):
+                return found
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t") and name is not None:     # a folded line
+                found[name] += " " + text.strip()
+                continue
+            name, colon, value = text.partition(":")
+            if not colon:
+                raise http.client.HTTPException("malformed header line %r" % text[:80])
+            name = name.strip().lower()
+            found[name] = value.strip()
+        raise http.client.HTTPException("got more than %d headers" % _MAX_HEADERS)
+
+    def read(self, count):
+        """Up to ``count`` bytes (fewer only at the end of the stream)."""
+        while len(self.data) < count and self._more():
+            pass
+        body, self.data = self.data[:count], self.data[count:]
+        return body
+
+    def chunked(self, limit):
+        """A chunked body, at most ``limit`` bytes: (body, whether it ended)."""
+        import http.client
+        pieces, size = [], 0
+        while True:
+            line = self.line()
+            try:
+                length = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise http.client.HTTPException("bad chunk size line %r" % line[:80])
+            if length == 0:
+                self.headers()                  # trailers, dropped
+                return b"".join(pieces), True
+            if size + length > limit:
+                pieces.append(self.read(limit - size))
+                return b"".join(pieces), False
+            piece = self.read(length)
+            pieces.append(piece)
+            size += len(piece)
+            if len(piece) < length or self.line() not in (b"\r\n", b"\n"):
+                return b"".join(pieces), False
+
+    def buffered(self):
+        """Whether bytes came after the answer (a connection that cannot be trusted)."""
+        return bool(self.data)
+
+
 def _is_loopback(host):
     """Whether ``host`` is this machine: "localhost" or a loopback address."""
     if host.lower() == "localhost":
@@ -800,9 +929,11 @@ class _HTTPTransport(object):
     def post(self, path, body, headers, deadline=None):
         """POST ``body`` before ``deadline`` (monotonic); a _Response, or raise.
 
-        Raises OSError or HTTPException. At most _MAX_REPLY_BYTES of the
-        answer are read; a connection with more, or that answered with an
-        interim 1xx, is not reused.
+        Raises OSError or HTTPException. The request is written and the answer
+        read here (_read_reply), not by http.client, whose header parser costs
+        more than the rest of a call; http.client still opens the connection
+        (TLS, proxy tunnel). At most _MAX_REPLY_BYTES of the answer are read; a
+        connection with more, or that answered with an interim 1xx, is not reused.
         """
         import http.client
         if deadline is None:
@@ -814,25 +945,20 @@ class _HTTPTransport(object):
             reused = self._conn is not None
             if self._conn is None:
                 self._conn = self._connect(self._time_left(deadline))
-            conn = self._conn
+            sock = self._conn.sock
             try:
-                conn.putrequest("POST", self._target(path))
-                for name, value in headers.items():
-                    conn.putheader(name, value)
-                conn.putheader("Content-Length", str(len(body)))
-                self._settimeout(conn, deadline)
-                conn.endheaders(body[:_SEND_CHUNK])     # one packet for a small request
-                for start in range(_SEND_CHUNK, len(body), _SEND_CHUNK):
-                    self._settimeout(conn, deadline)
-                    conn.send(body[start:start + _SEND_CHUNK])
-                self._settimeout(conn, deadline)
-                response = conn.getresponse()
-                if response.status < 200:
+                # One packet for a small request: the head and the first piece together.
+                pieces = [self._head(path, headers, len(body)) + body[:_SEND_CHUNK]]
+                pieces.extend(body[start:start + _SEND_CHUNK]
+                              for start in range(_SEND_CHUNK, len(body), _SEND_CHUNK))
+                for piece in pieces:
+                    sock.settimeout(self._time_left(deadline))
+                    sock.sendall(piece)
+                sock.settimeout(self._time_left(deadline))
+                status, answer, data, reusable = _read_reply(sock, _MAX_REPLY_BYTES)
+                if status < 200:
                     raise http.client.HTTPException(
-                        "the server sent an interim %d answer as final" % response.status)
-                data = response.read(_MAX_REPLY_BYTES)
-                if not response.isclosed():
-                    self.close()            # more than we read: never reuse it
+                        "the server sent an interim %d answer as final" % status)
             except (http.client.RemoteDisconnected, ConnectionResetError,
                     ConnectionAbortedError, BrokenPipeError, http.client.BadStatusLine):
                 self.close(reset=True)
@@ -843,11 +969,21 @@ class _HTTPTransport(object):
             except BaseException:
                 self.close(reset=True)
                 raise
-            if response.will_close:
-                self.close()
-            return _Response(response.status,
-                             {k.lower(): v for k, v in response.getheaders()}, data)
+            if not reusable:
+                self.close()            # it closes, or more came than we read: never reuse it
+            return _Response(status, answer, data)
         raise AssertionError("unreachable")
+
+    def _head(self, path, headers, length):
+        """The request line and headers, as http.client would write them."""
+        host = self.host if ":" not in self.host else "[%s]" % self.host
+        if self.port != (443 if self.scheme == "https" else 80):
+            host = "%s:%d" % (host, self.port)
+        lines = ["POST %s HTTP/1.1" % self._target(path), "Host: " + host,
+                 "Accept-Encoding: identity"]
+        lines.extend("%s: %s" % item for item in headers.items())
+        lines.append("Content-Length: %d\r\n\r\n" % length)
+        return "\r\n".join(lines).encode("latin-1")
 
     def _time_left(self, deadline):
         """Seconds a blocking step may take: ``timeout`` of silence, within the deadline."""
@@ -855,11 +991,6 @@ class _HTTPTransport(object):
         if left <= 0:
             raise TimeoutError("no answer before the request's deadline")
         return left
-
-    def _settimeout(self, conn, deadline):
-        """Each send and receive may wait ``timeout`` for progress (an inactivity limit)."""
-        if conn.sock is not None:
-            conn.sock.settimeout(self._time_left(deadline))
 
     def abort(self):
         """Break a request running in another thread (its deadline passed).

@@ -1135,6 +1135,85 @@ class TransportTest(LiteTestCase):
         self.assertIn("travels in clear text", logs.output[0])
 
 
+class PiecesSocket(object):
+    """A socket that answers recv() with the given pieces, then b"" (the stream's end)."""
+
+    def __init__(self, data, size):
+        self.pieces = [data[i:i + size] for i in range(0, len(data), size)]
+
+    def recv(self, count):
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+class ReplyReaderTest(IsolatedCase):
+    """_read_reply: the bounded HTTP/1.x answer reader, from plain bytes in any pieces."""
+
+    # (answer bytes, limit) -> (status, headers picked, body, reusable)
+    TABLE = [
+        (b"HTTP/1.1 204 No Content\r\nX-RateLimit-Remaining: 7\r\n\r\n", 100,
+         (204, {"x-ratelimit-remaining": "7"}, b"", True)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 100,
+         (200, {"content-length": "5"}, b"hello", True)),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", 100, (200, {}, b"ok", True)),
+        (b"HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\nretry-after: 4\r\n"
+         b"Content-Length: 0\r\n\r\n", 100, (429, {"retry-after": "4"}, b"", True)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789", 4,
+         (200, {}, b"0123", False)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", 100, (200, {}, b"short", False)),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", 100,
+         (200, {}, b"ok", False)),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 100, (200, {}, b"ok", False)),
+        (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok", 100,
+         (200, {}, b"ok", True)),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", 100, (200, {}, b"until the end", False)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n", 100,
+         (200, {}, b"hello world", True)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+         4, (200, {}, b"0123", False)),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+         100, (201, {}, b"", True)),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 500 Oops\r\n\r\n", 100,
+         (103, {"link": "</x>"}, b"", False)),
+        (b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\r\nContent-Length: 0\r\n\r\n", 100,
+         (200, {"x-long": "a b"}, b"", True)),
+    ]
+
+    def test_bytes_after_the_answer_forbid_reuse(self):
+        """Transport: bytes already read past the answer mean the connection is not reused."""
+        got = lite._read_reply(PiecesSocket(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+                                            b"okEXTRA", 65536), 100)
+        self.assertEqual((got[0], got[2], got[3]), (200, b"ok", False))
+
+    def test_answers_in_any_pieces(self):
+        """Transport: status, headers, body and reuse read alike whatever the recv() sizes."""
+        for answer, limit, (status, picked, body, reusable) in self.TABLE:
+            for size in (1, 3, 7, 65536):
+                with self.subTest(answer=answer[:40], size=size):
+                    got = lite._read_reply(PiecesSocket(answer, size), limit)
+                    self.assertEqual((got[0], got[2], got[3]), (status, body, reusable))
+                    for name, value in picked.items():
+                        self.assertEqual(got[1][name], value)
+
+    def test_what_is_not_an_answer_is_refused(self):
+        """Transport: no status line, garbage, an endless line or too many headers raise."""
+        import http.client
+        cases = [(b"", http.client.RemoteDisconnected),
+                 (b"SSH-2.0-OpenSSH\r\n\r\n", http.client.BadStatusLine),
+                 (b"HTTP/1.1 2000 OK\r\n\r\n", http.client.BadStatusLine),
+                 (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+                  http.client.HTTPException),
+                 (b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
+                  http.client.HTTPException),
+                 (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", http.client.HTTPException),
+                 (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                  http.client.HTTPException)]
+        for answer, error in cases:
+            with self.subTest(answer=answer[:40]):
+                with self.assertRaises(error):
+                    lite._read_reply(PiecesSocket(answer, 4096), 100)
+
+
 STREAMING_CHILD = r'''
 import sys, time
 import isstreamer_lite as lite
