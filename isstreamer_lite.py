@@ -1355,18 +1355,36 @@ def _budget_for(api_base, access_key, folder=None):
         return budget
 
 
+def _civil(wall):
+    """(year, month, seconds since the month began) of Unix time ``wall``, UTC.
+
+    Integer calendar arithmetic (the proleptic Gregorian calendar, days counted
+    from 0000-03-01), so the month tally needs no clock module.
+    """
+    days, seconds = divmod(wall, 86400)
+    z = int(days) + 719468
+    era = z // 146097
+    doe = z - era * 146097                                      # day of the 400-year era
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)             # day of the March year
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day * 86400 + seconds
+
+
 def _month_of(wall):
     """The calendar month (UTC) of Unix time ``wall``: "2026-12"."""
-    return time.strftime("%Y-%m", time.gmtime(wall))
+    year, month, _ = _civil(wall)
+    return "%04d-%02d" % (year, month)
 
 
 def _month_left(wall):
     """Seconds from ``wall`` to the end of its calendar month (UTC)."""
-    g = time.gmtime(wall)
-    leap = g.tm_year % 4 == 0 and (g.tm_year % 100 != 0 or g.tm_year % 400 == 0)
-    days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[g.tm_mon - 1]
-    done = (g.tm_mday - 1) * 86400 + g.tm_hour * 3600 + g.tm_min * 60 + g.tm_sec
-    return max(0.0, days * 86400 - done - (wall % 1))
+    year, month, done = _civil(wall)
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[month - 1]
+    return max(0.0, days * 86400 - done)
 
 
 class _MonthTally(object):
@@ -2170,6 +2188,117 @@ class _SpoolReader(object):
             _write_all(fd, record + b"\n")
         finally:
             os.close(fd)
+
+
+# --- Delivery core -----------------------------------------------------------
+#
+# Rule 1: the worker's decisions live here, as functions of plain values: when
+# memory's events are due, how long one call may take, what a failed call means
+# for the next attempt, which flush()/close() waiters are answered, how close()
+# requests combine, when the runner wakes next. The worker feeds them what it
+# holds and carries out what they return; it decides nothing of its own there.
+#
+# Rule 2: nothing here does I/O, reads a clock, takes a lock, logs or starts a
+# thread; the time is an argument (monotonic seconds). PurityTest makes `time`,
+# `threading`, `socket` and `os` raise while these run. _decide, _RateBudget
+# and _MonthTally (above) follow the same rules.
+#
+# Theory of operation: the runner takes the inbox, then asks, in this order:
+# is memory due (_memory_due; else it waits for more, up to flush_interval)?
+# may a call start (retry time, rate budget)? by when must it end
+# (_call_deadline: `timeout` of silence plus the body at the slowest link,
+# never past close()'s or the caller's deadline)? When a call fails, _after_failure
+# gives the retry time, the failure count, what the runner publishes as its
+# wait, and whether the batch is set aside (spooled) after max_retries. After
+# every step, _answerable says which flush() waiters are answered True (all
+# they asked for is delivered and nothing else is pending); close() waiters are
+# answered when the worker halts. _next_wake is the earliest of what is due.
+
+_Retry = collections.namedtuple("_Retry", "retry_at failures waiting attempts set_aside")
+
+
+def _memory_due(now, oldest, count, runs, closing, asked_upto, buffer_size, flush_interval):
+    """Whether memory's oldest events go now rather than wait for more.
+
+    ``oldest``: (sequence number, time it reached memory) or None; ``runs``:
+    how many buckets' runs memory holds; ``asked_upto``: the highest sequence
+    number a flush() or close() waits for (-1: none).
+    """
+    if oldest is None:
+        return False
+    seq, since = oldest
+    return (count >= buffer_size or runs > 1 or closing or asked_upto >= seq
+            or now - since >= flush_interval)
+
+
+def _call_deadline(now, size, timeout, limits=()):
+    """When a call of ``size`` bytes started at ``now`` is given up on.
+
+    ``timeout`` bounds each silence (the transport's job); the whole call may
+    take longer the bigger its body, as on the slowest link assumed. Never past
+    a limit in ``limits`` (None: no limit), but always a moment to try.
+    """
+    end = now + timeout + size / float(_SLOWEST_LINK)
+    for limit in limits:
+        if limit is not None:
+            end = min(end, max(now + 0.05, limit))
+    return end
+
+
+def _after_failure(now, decision, failures, attempts, max_retries):
+    """What a call that did not go through means: a _Retry.
+
+    ``attempts``: the batch's failed attempts so far (None for a bucket
+    creation). A 429 (_WAIT) or a pause does not count against the batch;
+    anything else does, and after ``max_retries`` the batch is set aside.
+    """
+    retry_at = now + decision.delay
+    if decision.action == _WAIT:
+        return _Retry(retry_at, failures + 1, "rate limited (429)", attempts, None)
+    if decision.action == _PAUSE:
+        return _Retry(retry_at, failures, "paused: %s" % decision.reason, attempts,
+                      "delivery paused (%s)" % decision.reason)
+    aside = None
+    if attempts is not None:
+        attempts += 1
+        if attempts >= max_retries:
+            aside = "%d attempts failed" % attempts
+    return _Retry(retry_at, failures + 1, "backing off after %s" % decision.reason,
+                  attempts, aside)
+
+
+def _answerable(waits, oldest_seq, backlog):
+    """(flush() waiters answered True now, the others), in order.
+
+    A waiter is answered once nothing up to its sequence number is pending
+    (``oldest_seq``: the oldest pending, or None) and no backlog remains;
+    close() waiters (close_at set) are answered by the halt instead.
+    """
+    done, keep = [], []
+    for wait in waits:
+        if (oldest_seq is None or oldest_seq > wait.upto) and not backlog \
+                and wait.close_at is None:
+            done.append(wait)
+        else:
+            keep.append(wait)
+    return done, keep
+
+
+def _close_plan(close_at, close_idle, asked_at, asked_idle):
+    """(close_at, close_idle) once another close() asks to end by ``asked_at``.
+
+    ``idle`` (None: a hard deadline) is how far each call that goes through
+    pushes the end; the earliest end wins, and a hard deadline wins over idle.
+    """
+    if close_at is None:
+        return asked_at, asked_idle
+    return min(close_at, asked_at), (None if asked_idle is None else close_idle)
+
+
+def _next_wake(dues):
+    """Seconds until the earliest of ``dues`` (None entries: nothing due), or None."""
+    dues = [d for d in dues if d is not None]
+    return max(0.0, min(dues)) if dues else None
 
 
 # --- Worker ------------------------------------------------------------------
@@ -3088,8 +3217,7 @@ class _Worker(object):
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         if self.reader is not None:
             self.answer_status(now)
-        due = [d for d in due if d is not None]
-        return max(0.0, min(due)) if due else None
+        return _next_wake(due)
 
     def save_state(self, running=True):
         """Keep what ``status`` shows beside the spool, if it changed; True if written.
@@ -3174,12 +3302,8 @@ class _Worker(object):
                 self.waits.append(item)
                 if item.close_at is not None:
                     self.state = _CLOSING
-                    if self.close_at is None:
-                        self.close_at, self.close_idle = item.close_at, item.idle
-                    else:
-                        self.close_at = min(self.close_at, item.close_at)
-                        if item.idle is None:
-                            self.close_idle = None      # a hard deadline wins
+                    self.close_at, self.close_idle = _close_plan(
+                        self.close_at, self.close_idle, item.close_at, item.idle)
         if taken:
             self.stats["logged"] += taken
 
@@ -3188,13 +3312,9 @@ class _Worker(object):
     def ready(self, now):
         """Whether memory's oldest events should go now rather than wait for more."""
         memory = self.memory
-        oldest = memory.oldest()
-        if oldest is None:
-            return False
-        return (memory.count >= self.settings.buffer_size or len(memory.runs) > 1
-                or self.state is _CLOSING
-                or any(w.upto >= oldest[0] for w in self.waits)
-                or now - oldest[1] >= self.settings.flush_interval)
+        return _memory_due(now, memory.oldest(), memory.count, len(memory.runs),
+                           self.state is _CLOSING, max([w.upto for w in self.waits] or [-1]),
+                           self.settings.buffer_size, self.settings.flush_interval)
 
     def next_batch(self, now):
         """The batch to send next, left at the head of ``batches``; or None.
@@ -3268,12 +3388,7 @@ class _Worker(object):
             job = _Job("/api/buckets", _json_bytes(fields), bucket, None, 0.0, batch)
         else:
             job = _Job("/api/events", batch.body, batch.bucket, batch, 0.0)
-        # `timeout` bounds each silence (the transport); the whole request may take
-        # longer the bigger its body, as on a slow link.
-        end = now + self.settings.timeout + len(job.body) / float(_SLOWEST_LINK)
-        for limit in (self.close_at, deadline):
-            if limit is not None:
-                end = min(end, max(now + 0.05, limit))
+        end = _call_deadline(now, len(job.body), self.settings.timeout, (self.close_at, deadline))
         job.deadline = end
         self.stats["requests"] += 1
         self.job_deadline, self.job_started = end, now
@@ -3419,30 +3534,30 @@ class _Worker(object):
         self.stats["last_error"] = "%s: %s" % (what, detail)
         if self.failing_since is None:
             self.failing_since = (self.wall(), response is not None)
-        self.retry_at = now + decision.delay
-        if decision.action == _WAIT:
+        plan = _after_failure(now, decision, self.failures,
+                              batch.attempts if batch is not None else None,
+                              self.settings.max_retries)
+        self.retry_at, self.failures = plan.retry_at, plan.failures
+        self.waiting = (plan.retry_at, plan.waiting)
+        if batch is not None:
+            batch.attempts = plan.attempts
+        if decision.action == _WAIT:        # a 429 in a row waits longer, however told
             self.stats["rate_limited"] += 1
-            self.failures += 1              # a 429 in a row waits longer, however told
-            self.waiting = (self.retry_at, "rate limited (429)")
             _log.info("rate limited while %s; retrying in %.1f s", what, decision.delay)
             return
         if decision.action == _PAUSE:
             self.pause(decision, detail)
             if batch is not None:
-                self.pending.set_aside(batch, "delivery paused (%s)" % decision.reason)
+                self.pending.set_aside(batch, plan.set_aside)
             return
-        self.failures += 1
         self.stats["retried"] += 1
-        self.waiting = (self.retry_at, "backing off after %s" % decision.reason)
         _log.info("%s failed (%s); retrying in %.2f s", what, detail, decision.delay)
         self.reports.append((DeliveryError("%s failed: %s" % (what, detail),
                                            response.status if response is not None else None,
                                            decision.reason, bucket[0]),
                              self.events_of(batch)))
-        if batch is not None:
-            batch.attempts += 1
-            if batch.attempts >= self.settings.max_retries:
-                self.pending.set_aside(batch, "%d attempts failed" % batch.attempts)
+        if plan.set_aside is not None:
+            self.pending.set_aside(batch, plan.set_aside)
 
     def pause(self, decision, detail):
         if self.stats["paused"] != decision.reason:
@@ -3453,7 +3568,6 @@ class _Worker(object):
             _log.error("isstreamer_lite: %s. Sending is paused; events are spooled and "
                        "retried every %.0f s.", advice, decision.delay)
         self.stats["paused"] = decision.reason
-        self.waiting = (self.retry_at, "paused: %s" % decision.reason)
         self.reports.append((DeliveryError(detail, None, decision.reason), []))
 
     def reject(self, batch, response, why=None):
@@ -3520,17 +3634,12 @@ class _Worker(object):
     def settle(self, now):
         if not self.waits:
             return
-        oldest = self.pending.oldest_seq()
-        backlog = bool(self.to_create) or self.reader is not None and (
+        backlog = bool(self.to_create) or self.reader is not None and bool(
             self.pending.others_in_flight() or self.reader.any_waiting()
             or self.reader.claimable(now))
-        keep = []
-        for wait in self.waits:
-            if (oldest is None or oldest > wait.upto) and not backlog and wait.close_at is None:
-                self.answer(wait, True)
-            else:
-                keep.append(wait)
-        self.waits = keep
+        done, self.waits = _answerable(self.waits, self.pending.oldest_seq(), backlog)
+        for wait in done:
+            self.answer(wait, True)
 
     def answer(self, wait, delivered):
         wait.ok = delivered and self.ledger.lost == wait.lost

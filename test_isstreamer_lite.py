@@ -3984,6 +3984,187 @@ class WindowTransport(FakeTransport):
         return lite._Response(204, answer, b"")
 
 
+class Waiter(object):
+    """A flush() or close() waiter as the core sees it: what it waits for, and how."""
+
+    def __init__(self, upto, close_at=None):
+        self.upto, self.close_at = upto, close_at
+
+    def __repr__(self):
+        return "Waiter(%r, %r)" % (self.upto, self.close_at)
+
+
+class CoreTest(IsolatedCase):
+    """The delivery core's decisions from tables: time and inputs in, decisions out."""
+
+    def test_memory_due(self):
+        """Core: memory's events go at buffer_size, a bucket change, close, a flush or age."""
+        # (now, oldest (seq, since), count, runs, closing, asked_upto) -> due
+        # with buffer_size 10 and flush_interval 1.0
+        table = [
+            (5.0, None, 0, 0, True, 99, False),        # nothing to send
+            (5.0, (0, 4.5), 9, 1, False, -1, False),     # young, not full: wait for more
+            (5.0, (0, 4.5), 10, 1, False, -1, True),     # a full call (the per-call cap)
+            (5.0, (0, 4.5), 2, 2, False, -1, True),      # two buckets: the first run goes
+            (5.0, (0, 4.5), 2, 1, True, -1, True),       # closing
+            (5.0, (3, 4.5), 2, 1, False, 3, True),       # a flush() waits for it
+            (5.0, (3, 4.5), 2, 1, False, 2, False),      # a flush() of what went already
+            (5.5, (0, 4.5), 1, 1, False, -1, True),      # flush_interval reached
+        ]
+        for now, oldest, count, runs, closing, upto, due in table:
+            with self.subTest(now=now, oldest=oldest, count=count, runs=runs):
+                self.assertIs(lite._memory_due(now, oldest, count, runs, closing, upto,
+                                               10, 1.0), due)
+
+    def test_call_deadline_grows_with_the_body(self):
+        """Core: a call's deadline is timeout plus the body at 2 KiB/s, within the limits."""
+        table = [
+            (100.0, 0, 10.0, (), 110.0),
+            (100.0, 20480, 10.0, (), 120.0),           # 20 KiB: 10 s more
+            (100.0, 1048576, 10.0, (), 622.0),         # 1 MB: 512 s more
+            (100.0, 20480, 10.0, (None, 105.0), 105.0),  # a close() or flush() deadline
+            (100.0, 0, 10.0, (150.0, 103.0), 103.0),   # the earliest limit wins
+            (100.0, 0, 10.0, (99.0,), 100.05),         # a passed limit: a moment to try
+        ]
+        for now, size, timeout, limits, end in table:
+            with self.subTest(size=size, limits=limits):
+                self.assertAlmostEqual(lite._call_deadline(now, size, timeout, limits), end)
+
+    def test_after_failure(self):
+        """Core: retries back off and count; a 429 waits as told; a pause sets the batch aside."""
+        D = lite._Decision
+        # (decision, failures, attempts, max_retries) -> _Retry
+        table = [
+            (D(lite._RETRY, 0.5, "503"), 0, 0, 5,
+             (10.5, 1, "backing off after 503", 1, None)),
+            (D(lite._RETRY, 4.0, "timeout"), 3, 4, 5,
+             (14.0, 4, "backing off after timeout", 5, "5 attempts failed")),
+            (D(lite._RETRY, 2.0, "connection"), 1, None, 5,          # a bucket creation
+             (12.0, 2, "backing off after connection", None, None)),
+            (D(lite._WAIT, 7.0, "429"), 2, 4, 5,                     # Retry-After: 7
+             (17.0, 3, "rate limited (429)", 4, None)),
+            (D(lite._PAUSE, 60.0, "key_rejected"), 1, 2, 5,
+             (70.0, 1, "paused: key_rejected", 2, "delivery paused (key_rejected)")),
+        ]
+        for decision, failures, attempts, most, expected in table:
+            with self.subTest(decision=decision, attempts=attempts):
+                self.assertEqual(tuple(lite._after_failure(10.0, decision, failures, attempts,
+                                                           most)), expected)
+
+    def test_decisions_feed_the_retry_plan(self):
+        """Core: status and headers in, through _decide and _after_failure, the next try out."""
+        table = [       # (status, headers, error, failures) -> (action, waiting, retry_in)
+            (429, {"retry-after": "3"}, None, 0, (lite._WAIT, "rate limited (429)", 3.0)),
+            (401, {}, None, 0, (lite._PAUSE, "paused: key_rejected", 60.0)),
+            (None, None, ConnectionRefusedError("refused"), 2,       # base * 2 ** failures
+             (lite._RETRY, "backing off after network", 2.0)),
+            (503, {}, None, 0, (lite._RETRY, "backing off after server_error", 0.5)),
+        ]
+        for status, headers, error, failures, (action, waiting, retry_in) in table:
+            with self.subTest(status=status, error=error):
+                decision = lite._decide(status, headers, error, failures, base=0.5, cap=30.0,
+                                        retry_after_cap=120.0, pause=60.0,
+                                        now=1700000000.0, rand=lambda: 1.0)
+                plan = lite._after_failure(10.0, decision, failures, 0, 5)
+                self.assertEqual((decision.action, plan.waiting), (action, waiting))
+                self.assertAlmostEqual(plan.retry_at, 10.0 + retry_in)
+
+    def test_answerable_waiters(self):
+        """Core: flush() is answered once all it asked for is delivered and no backlog is left."""
+        a, b, c = Waiter(4), Waiter(9), Waiter(9, close_at=50.0)
+        table = [       # (oldest pending seq, backlog) -> (answered, still waiting)
+            (None, False, [a, b], [c]),
+            (5, False, [a], [b, c]),
+            (4, False, [], [a, b, c]),
+            (None, True, [], [a, b, c]),        # spool lines or a bucket still to create
+            (10, False, [a, b], [c]),           # close() waiters wait for the halt
+        ]
+        for oldest, backlog, done, keep in table:
+            with self.subTest(oldest=oldest, backlog=backlog):
+                self.assertEqual(lite._answerable([a, b, c], oldest, backlog), (done, keep))
+
+    def test_close_plan(self):
+        """Core: several close() calls: the earliest end wins, a hard deadline beats idle."""
+        table = [       # (close_at, idle, asked_at, asked_idle) -> (close_at, idle)
+            (None, None, 30.0, 10.0, (30.0, 10.0)),
+            (30.0, 10.0, 20.0, 10.0, (20.0, 10.0)),
+            (30.0, 10.0, 40.0, None, (30.0, None)),
+            (30.0, None, 25.0, 10.0, (25.0, None)),
+        ]
+        for close_at, idle, asked_at, asked_idle, expected in table:
+            with self.subTest(close_at=close_at, asked_at=asked_at):
+                self.assertEqual(lite._close_plan(close_at, idle, asked_at, asked_idle),
+                                 expected)
+
+    def test_next_wake(self):
+        """Core: the runner wakes at the earliest thing due, at once if overdue, or never."""
+        for dues, wake in (([], None), ([None, None], None), ([3.0, None, 0.5], 0.5),
+                           ([-2.0, 4.0], 0.0)):
+            with self.subTest(dues=dues):
+                self.assertEqual(lite._next_wake(dues), wake)
+
+
+class CalendarTest(IsolatedCase):
+    """_month_of and _month_left: calendar arithmetic equal to time.gmtime's, without it."""
+
+    def test_months_match_gmtime(self):
+        """Core: month and seconds left agree with time.gmtime over leap years and centuries."""
+        import random
+        rand = random.Random(17)
+        walls = [0.0, 951782399.5, 951782400.0, 4107542399.25, 4107542400.0, 1709251199.999,
+                 253402300799.0] + [rand.uniform(0, 253402300799) for _ in range(2000)]
+        for wall in walls:
+            g = time.gmtime(wall)
+            leap = g.tm_year % 4 == 0 and (g.tm_year % 100 != 0 or g.tm_year % 400 == 0)
+            days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[g.tm_mon - 1]
+            done = (g.tm_mday - 1) * 86400 + g.tm_hour * 3600 + g.tm_min * 60 + g.tm_sec
+            with self.subTest(wall=wall):
+                self.assertEqual(lite._month_of(wall), time.strftime("%Y-%m", g))
+                self.assertAlmostEqual(lite._month_left(wall),
+                                       days * 86400 - done - wall % 1, places=5)
+
+
+class Forbidden(object):
+    """Stands in for a module the core must not touch: any attribute access raises."""
+
+    def __init__(self, name):
+        object.__setattr__(self, "_name", name)
+
+    def __getattribute__(self, attribute):
+        raise AssertionError("the core used %s.%s" % (object.__getattribute__(self, "_name"),
+                                                      attribute))
+
+
+class PurityTest(IsolatedCase):
+    """The delivery core does no I/O: time, threading, socket and os raise while it steps."""
+
+    def test_core_steps_with_time_threading_socket_and_os_forbidden(self):
+        """Core: every decision runs with the module's clocks, threads, sockets and files gone."""
+        budget = lite._RateBudget()     # built by the shell: its lock (Streamers of a key share it)
+        tally = lite._MonthTally()
+        patches = [mock.patch.object(lite, name, Forbidden(name), create=True)
+                   for name in ("time", "threading", "socket", "os")]
+        patches += [mock.patch.object(lite, name, Forbidden(name))
+                    for name in ("_time", "_monotonic")]
+        for patcher in patches:
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        CoreTest("test_memory_due").test_memory_due()
+        CoreTest("test_call_deadline_grows_with_the_body").test_call_deadline_grows_with_the_body()
+        CoreTest("test_after_failure").test_after_failure()
+        CoreTest("test_decisions_feed_the_retry_plan").test_decisions_feed_the_retry_plan()
+        CoreTest("test_answerable_waiters").test_answerable_waiters()
+        CoreTest("test_close_plan").test_close_plan()
+        CoreTest("test_next_wake").test_next_wake()
+        budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
+                       "x-ratelimit-reset": "1700000005"}, 500.0, 1700000000.0)
+        self.assertGreater(budget.reserve(500.0), 0.0)
+        tally.add(10, 1700000000.0)
+        self.assertGreater(tally.projected(1700000060.0), 10)
+        with self.assertRaises(AssertionError):     # the guard itself works
+            lite.time.monotonic()
+
+
 class WorkerTest(LiteTestCase):
     """The worker's decisions, stepped by hand: no threads, no sockets, no real time."""
 
