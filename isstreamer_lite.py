@@ -753,31 +753,36 @@ def _read_reply(sock, limit):
 
 
 class _SocketLines(object):
-    """Lines and bytes from a socket, read in large pieces; the parser of _read_reply."""
+    """Lines and bytes from a socket, read in large pieces; the parser of _read_reply.
+
+    ``data[pos:]`` is what was received and not yet parsed.
+    """
 
     def __init__(self, sock):
         self.sock = sock
         self.data = b""
+        self.pos = 0
         self.eof = False
 
     def _more(self):
         piece = b"" if self.eof else self.sock.recv(65536)
         self.eof = not piece
-        self.data += piece
+        self.data, self.pos = self.data[self.pos:] + piece, 0
         return bool(piece)
 
     def line(self):
         """The next line with its end (b"" at the end of the stream)."""
         while True:
-            end = self.data.find(b"\n", 0, _MAX_HEAD_LINE + 1)
+            pos = self.pos
+            end = self.data.find(b"\n", pos, pos + _MAX_HEAD_LINE + 1)
             if end >= 0:
-                line, self.data = self.data[:end + 1], self.data[end + 1:]
-                return line
-            if len(self.data) > _MAX_HEAD_LINE:
+                self.pos = end + 1
+                return self.data[pos:end + 1]
+            if len(self.data) - pos > _MAX_HEAD_LINE:
                 import http.client
                 raise http.client.LineTooLong("header line")
             if not self._more():
-                line, self.data = self.data, b""
+                line, self.data, self.pos = self.data[self.pos:], b"", 0
                 return line
 
     def headers(self):
@@ -801,9 +806,10 @@ class _SocketLines(object):
 
     def read(self, count):
         """Up to ``count`` bytes (fewer only at the end of the stream)."""
-        while len(self.data) < count and self._more():
+        while len(self.data) - self.pos < count and self._more():
             pass
-        body, self.data = self.data[:count], self.data[count:]
+        body = self.data[self.pos:self.pos + count]
+        self.pos += len(body)
         return body
 
     def chunked(self, limit):
@@ -830,7 +836,7 @@ class _SocketLines(object):
 
     def buffered(self):
         """Whether bytes came after the answer (a connection that cannot be trusted)."""
-        return bool(self.data)
+        return self.pos < len(self.data)
 
 
 def _is_loopback(host):
@@ -1401,9 +1407,18 @@ class _MonthTally(object):
         self.unsaved = {}
         self.recent = collections.deque()       # (wall, events), oldest first
         self.in_recent = 0                      # the events of ``recent``, summed
+        self.span = (0.0, 0.0, "")              # (start, end, name) of the last month seen
+
+    def month_of(self, wall):
+        """_month_of(wall), computed once a month (a call is counted every few ms)."""
+        start, end, name = self.span
+        if not start <= wall < end:
+            name = _month_of(wall)
+            self.span = (wall - _civil(wall)[2], wall + _month_left(wall), name)
+        return name
 
     def add(self, count, wall):
-        month = _month_of(wall)
+        month = self.month_of(wall)
         self.months[month] = self.months.get(month, 0) + count
         self.unsaved[month] = self.unsaved.get(month, 0) + count
         self.recent.append((wall, count))
@@ -1425,7 +1440,7 @@ class _MonthTally(object):
 
     def projected(self, wall):
         """This month's total if the recent rate goes on to its end."""
-        return int(self.months.get(_month_of(wall), 0) + self.rate(wall) * _month_left(wall))
+        return int(self.months.get(self.month_of(wall), 0) + self.rate(wall) * _month_left(wall))
 
     def merged(self, saved):
         """The months of ``saved`` (a state file's) plus what this process added since."""
@@ -2577,8 +2592,10 @@ class _Courier(object):
     The worker hands it a job and goes on journalling, spilling and
     closing: it never waits on the network. ``_lock`` guards ``_job``,
     ``_result``, ``_stop`` and ``_posting``; the request itself runs
-    outside it. ``abandon()`` breaks a request the worker stopped waiting
-    for; its late answer is dropped.
+    outside it. ``_signal`` is a plain lock used as a doorbell (released:
+    something changed; the thread acquires it to wait, with a timeout), a
+    fraction of a Condition's cost per call. ``abandon()`` breaks a request
+    the worker stopped waiting for; its late answer is dropped.
     """
 
     def __init__(self, sender, wake, name):
@@ -2587,7 +2604,8 @@ class _Courier(object):
         self.name = name
         self.busy = False               # worker's view: a job is out
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._signal = threading.Lock()
+        self._signal.acquire()          # no news yet
         self.job = None                 # the job out, as the worker sees it
         self._job = None                # the job for the thread to take
         self._result = None
@@ -2604,7 +2622,14 @@ class _Courier(object):
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=self.name + "-courier")
                 _start_thread(self._thread)
-            self._cond.notify()
+        self._ring()
+
+    def _ring(self):
+        """Wake the thread (a ring already pending is enough)."""
+        try:
+            self._signal.release()
+        except RuntimeError:
+            pass
 
     def poll(self):
         """(job, (response, error)) once the request ended, else None."""
@@ -2629,20 +2654,21 @@ class _Courier(object):
         """
         with self._lock:
             self._stop = True
-            self._cond.notify()
             idle = not self._posting
+        self._ring()
         if idle and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(_JOIN_WAIT)
 
     def _run(self):
         while True:
             with self._lock:
-                while self._job is None and not self._stop:
-                    self._cond.wait(_IDLE_WAIT)
                 if self._stop:
                     return
                 job, self._job = self._job, None
-                self._posting = True
+                self._posting = job is not None
+            if job is None:
+                self._signal.acquire(True, _IDLE_WAIT)
+                continue
             outcome = None
             try:
                 outcome = self.sender.post(job)
@@ -3507,7 +3533,8 @@ class _Worker(object):
         """Count delivered events in their month; warn once if the month would pass the quota."""
         self.month.add(count, wall)
         projected = self.month.projected(wall)
-        self.month_view = (_month_of(wall), self.month.months[_month_of(wall)], projected)
+        month = self.month.month_of(wall)
+        self.month_view = (month, self.month.months[month], projected)
         quota = self.settings.monthly_quota
         if quota and projected > quota and not self.enterprise and not self.quota_warned:
             self.quota_warned = True

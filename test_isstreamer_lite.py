@@ -4122,6 +4122,9 @@ class CalendarTest(IsolatedCase):
                 self.assertEqual(lite._month_of(wall), time.strftime("%Y-%m", g))
                 self.assertAlmostEqual(lite._month_left(wall),
                                        days * 86400 - done - wall % 1, places=5)
+        tally = lite._MonthTally()          # keeps the last month's span: still the same names
+        for wall in sorted(walls) + walls:
+            self.assertEqual(tally.month_of(wall), time.strftime("%Y-%m", time.gmtime(wall)))
 
 
 class Forbidden(object):
