@@ -789,8 +789,9 @@ class _SocketLines(object):
         """The header block after a status line, as a dict of lower-cased names."""
         import http.client
         found, name = {}, None
+        lines = self._block()
         for _ in range(_MAX_HEADERS + 1):
-            line = self.line()
+            line = self.line() if lines is None else lines.pop() if lines else b""
             if line in (b"\r\n", b"\n", b""):
                 return found
             text = line.decode("latin-1").rstrip("\r\n")
@@ -803,6 +804,23 @@ class _SocketLines(object):
             name = name.strip().lower()
             found[name] = value.strip()
         raise http.client.HTTPException("got more than %d headers" % _MAX_HEADERS)
+
+    def _block(self):
+        """The usual case, at one split: a whole, small header block already received
+        and ended by CRLF CRLF; its lines, last first (None: read line by line)."""
+        data, pos = self.data, self.pos
+        if data.startswith(b"\r\n", pos):
+            self.pos = pos + 2
+            return []
+        end = data.find(b"\r\n\r\n", pos, pos + _MAX_HEAD_LINE)
+        if end < 0:
+            return None
+        block = data[pos:end]
+        if block.startswith(b"\n") or b"\n\n" in block or b"\n\r\n" in block \
+                or block.count(b"\n") >= _MAX_HEADERS:
+            return None                 # an earlier empty line ends it, or too many lines
+        self.pos = end + 4
+        return block.split(b"\n")[::-1]
 
     def read(self, count):
         """Up to ``count`` bytes (fewer only at the end of the stream)."""
@@ -867,6 +885,7 @@ class _HTTPTransport(object):
         self._conn = None
         self._proxy = None
         self._proxy_resolved = False
+        self._last_head = (None, b"")   # ((path, headers, proxy), head without length)
 
     def _resolve_proxy(self):
         """(host, port, auth header or None) of the proxy to use, or None.
@@ -981,15 +1000,21 @@ class _HTTPTransport(object):
         raise AssertionError("unreachable")
 
     def _head(self, path, headers, length):
-        """The request line and headers, as http.client would write them."""
-        host = self.host if ":" not in self.host else "[%s]" % self.host
-        if self.port != (443 if self.scheme == "https" else 80):
-            host = "%s:%d" % (host, self.port)
-        lines = ["POST %s HTTP/1.1" % self._target(path), "Host: " + host,
-                 "Accept-Encoding: identity"]
-        lines.extend("%s: %s" % item for item in headers.items())
-        lines.append("Content-Length: %d\r\n\r\n" % length)
-        return "\r\n".join(lines).encode("latin-1")
+        """The request line and headers, as http.client would write them.
+
+        All but Content-Length are the same call after call: kept for the last
+        (path, headers) seen.
+        """
+        key = (path, tuple(headers.items()), self._proxy)
+        if self._last_head[0] != key:
+            host = self.host if ":" not in self.host else "[%s]" % self.host
+            if self.port != (443 if self.scheme == "https" else 80):
+                host = "%s:%d" % (host, self.port)
+            lines = ["POST %s HTTP/1.1" % self._target(path), "Host: " + host,
+                     "Accept-Encoding: identity"]
+            lines.extend("%s: %s" % item for item in headers.items())
+            self._last_head = (key, ("\r\n".join(lines) + "\r\n").encode("latin-1"))
+        return self._last_head[1] + b"Content-Length: %d\r\n\r\n" % length
 
     def _time_left(self, deadline):
         """Seconds a blocking step may take: ``timeout`` of silence, within the deadline."""
@@ -2485,13 +2510,14 @@ class _Memory(object):
         Returns the events that cannot be encoded as [(event, exception, bucket key)].
         """
         rejected = []
+        room = most - len(batch.parts)
         while self.runs:
             run = self.runs[0]
             if run.bucket != batch.bucket:
                 break
             events = run.events
             while events:
-                if len(batch.parts) >= most:
+                if room <= 0:
                     return rejected             # full: the next event is not encoded yet
                 try:
                     part = _encode_event(events[0])
@@ -2503,6 +2529,7 @@ class _Memory(object):
                 if batch.parts and batch.size + len(part) + 1 > limit:
                     return rejected
                 batch.add(events.popleft(), part)
+                room -= 1
                 run.seq += 1
                 self.count -= 1
             self.runs.popleft()
@@ -2586,16 +2613,49 @@ def _start_thread(thread):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+class _Doorbell(object):
+    """threading.Event's set/clear/wait/is_set on one plain lock: unlocked means set.
+
+    A fraction of an Event's cost (a Condition, a new lock for every wait):
+    the worker and the courier ring each other on every call. Any thread may
+    set or clear it; a lock that was already in the asked state is left so.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()            # not set
+
+    def set(self):
+        try:
+            self._lock.release()
+        except RuntimeError:            # already set
+            pass
+
+    def clear(self):
+        self._lock.acquire(False)
+
+    def is_set(self):
+        return not self._lock.locked()
+
+    def wait(self, timeout):
+        """Block until set or ``timeout`` seconds passed; whether it is set. Leaves it set."""
+        if not self._lock.acquire(True, max(0.0, timeout)):
+            return False
+        self.set()
+        return True
+
+
 class _Courier(object):
     """Makes one request at a time on a daemon thread of its own.
 
     The worker hands it a job and goes on journalling, spilling and
     closing: it never waits on the network. ``_lock`` guards ``_job``,
     ``_result``, ``_stop`` and ``_posting``; the request itself runs
-    outside it. ``_signal`` is a plain lock used as a doorbell (released:
-    something changed; the thread acquires it to wait, with a timeout), a
-    fraction of a Condition's cost per call. ``abandon()`` breaks a request
-    the worker stopped waiting for; its late answer is dropped.
+    outside it. ``_signal`` (a _Doorbell) tells the thread that something
+    changed. ``abandon()`` breaks a request the worker stopped waiting for;
+    its late answer is dropped.
     """
 
     def __init__(self, sender, wake, name):
@@ -2604,8 +2664,7 @@ class _Courier(object):
         self.name = name
         self.busy = False               # worker's view: a job is out
         self._lock = threading.Lock()
-        self._signal = threading.Lock()
-        self._signal.acquire()          # no news yet
+        self._signal = _Doorbell()
         self.job = None                 # the job out, as the worker sees it
         self._job = None                # the job for the thread to take
         self._result = None
@@ -2622,14 +2681,7 @@ class _Courier(object):
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=self.name + "-courier")
                 _start_thread(self._thread)
-        self._ring()
-
-    def _ring(self):
-        """Wake the thread (a ring already pending is enough)."""
-        try:
-            self._signal.release()
-        except RuntimeError:
-            pass
+        self._signal.set()
 
     def poll(self):
         """(job, (response, error)) once the request ended, else None."""
@@ -2655,7 +2707,7 @@ class _Courier(object):
         with self._lock:
             self._stop = True
             idle = not self._posting
-        self._ring()
+        self._signal.set()
         if idle and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(_JOIN_WAIT)
 
@@ -2667,7 +2719,8 @@ class _Courier(object):
                 job, self._job = self._job, None
                 self._posting = job is not None
             if job is None:
-                self._signal.acquire(True, _IDLE_WAIT)
+                self._signal.wait(_IDLE_WAIT)
+                self._signal.clear()            # the state is read again before waiting
                 continue
             outcome = None
             try:
@@ -3107,7 +3160,7 @@ class _Worker(object):
         self.wall = wall
         self.courier = None                 # set by its owner: _Courier or _InlineCourier
         self.inbox = collections.deque()
-        self.wake = threading.Event()
+        self.wake = _Doorbell()
         self.stopped = threading.Event()
         self.state = _RUNNING
         self.wake_at = 1

@@ -1177,6 +1177,12 @@ class ReplyReaderTest(IsolatedCase):
          (103, {"link": "</x>"}, b"", False)),
         (b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\r\nContent-Length: 0\r\n\r\n", 100,
          (200, {"x-long": "a b"}, b"", True)),
+        (b"HTTP/1.1 200 OK\nContent-Length: 6\n\nab\r\n\r\n", 100,      # bare LF, CRLFs in body
+         (200, {"content-length": "6"}, b"ab\r\n\r\n", True)),
+        (b"HTTP/1.1 200 OK\r\n\nX: 1\r\n\r\n", 100, (200, {}, b"X: 1\r\n\r\n", False)),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 100, (204, {}, b"", True)),
+        (b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\n\r\nC: 3\r\n\r\n", 100,
+         (200, {"a": "1", "b": "2"}, b"C: 3\r\n\r\n", False)),
     ]
 
     def test_bytes_after_the_answer_forbid_reuse(self):
@@ -4166,6 +4172,37 @@ class PurityTest(IsolatedCase):
         self.assertGreater(tally.projected(1700000060.0), 10)
         with self.assertRaises(AssertionError):     # the guard itself works
             lite.time.monotonic()
+
+
+class DoorbellTest(IsolatedCase):
+    """_Doorbell: an Event's set/clear/wait/is_set on one plain lock."""
+
+    def test_event_semantics(self):
+        """Worker: set twice is set once, wait leaves it set, clear resets, a wait times out."""
+        bell = lite._Doorbell()
+        self.assertFalse(bell.is_set())
+        self.assertFalse(bell.wait(0.0))
+        self.assertFalse(bell.wait(-1.0))
+        bell.set()
+        bell.set()
+        self.assertTrue(bell.is_set())
+        self.assertTrue(bell.wait(0.0))
+        self.assertTrue(bell.wait(5.0))             # still set: returns at once
+        bell.clear()
+        bell.clear()
+        self.assertFalse(bell.is_set())
+        started = time.monotonic()
+        self.assertFalse(bell.wait(0.05))
+        self.assertGreaterEqual(time.monotonic() - started, 0.04)
+
+    def test_set_from_another_thread_wakes_a_waiter(self):
+        """Worker: a set() from another thread ends a wait long before its timeout."""
+        bell, rang = lite._Doorbell(), threading.Event()
+        thread = threading.Thread(target=lambda: (rang.wait(10), bell.set()))
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        rang.set()
+        self.assertTrue(bell.wait(10))
 
 
 class WorkerTest(LiteTestCase):
