@@ -2425,9 +2425,13 @@ class _Batch(object):
         return self._body
 
     def add(self, event, part):
-        self.events.append(event)
-        self.parts.append(part)
-        self.size += len(part) + 1
+        self.extend((event,), (part,), len(part) + 1)
+
+    def extend(self, events, parts, size):
+        """Append ``events`` and their ``parts``, ``size`` bytes with the commas."""
+        self.events.extend(events)
+        self.parts.extend(parts)
+        self.size += size
         self._body = None
 
 
@@ -2488,13 +2492,14 @@ class _Memory(object):
         self.next_seq = 0
         self.bucket = bucket
 
-    def add(self, event, now):
+    def extend(self, events, now):
+        """Take ``events`` (a list, oldest first) for the current bucket."""
         runs = self.runs
         if not runs or runs[-1].bucket != self.bucket:
             runs.append(_Run(self.bucket, self.next_seq, now))
-        runs[-1].events.append(event)
-        self.count += 1
-        self.next_seq += 1
+        runs[-1].events.extend(events)
+        self.count += len(events)
+        self.next_seq += len(events)
 
     def oldest(self):
         """(seq, since) of the oldest event, or None."""
@@ -2509,7 +2514,8 @@ class _Memory(object):
 
         Returns the events that cannot be encoded as [(event, exception, bucket key)].
         """
-        rejected = []
+        import itertools
+        rejected, whole = [], True
         room = most - len(batch.parts)
         while self.runs:
             run = self.runs[0]
@@ -2519,6 +2525,23 @@ class _Memory(object):
             while events:
                 if room <= 0:
                     return rejected             # full: the next event is not encoded yet
+                if whole:
+                    # The usual case: the next `room` events all encode and fit; taken at once.
+                    chunk = list(itertools.islice(events, room))
+                    try:
+                        parts = [_encode_event(event) for event in chunk]
+                        size = sum(map(len, parts)) + len(parts)
+                    except (ValueError, TypeError, OverflowError):
+                        size = _NEVER
+                    if batch.size + size <= limit:
+                        batch.extend(chunk, parts, size)
+                        for _ in chunk:
+                            events.popleft()
+                        room -= len(chunk)
+                        run.seq += len(chunk)
+                        self.count -= len(chunk)
+                        continue
+                    whole = False               # event by event from here
                 try:
                     part = _encode_event(events[0])
                 except (ValueError, TypeError, OverflowError) as exc:
@@ -3360,16 +3383,19 @@ class _Worker(object):
 
     def absorb(self, now):
         inbox, memory = self.inbox, self.memory
-        taken = 0
+        taken, fresh = 0, []            # events go to memory together, before any other item
         while True:
             try:
                 item = inbox.popleft()
             except IndexError:
                 break
             if type(item) is tuple:
-                memory.add(item, now)
-                taken += 1
-            elif type(item) is _BucketSwitch:
+                fresh.append(item)
+                continue
+            if fresh:
+                memory.extend(fresh, now)
+                taken, fresh = taken + len(fresh), []
+            if type(item) is _BucketSwitch:
                 memory.bucket = item.bucket
                 if self.reader is not None:
                     self.reader.know(item.bucket)
@@ -3383,6 +3409,9 @@ class _Worker(object):
                     self.state = _CLOSING
                     self.close_at, self.close_idle = _close_plan(
                         self.close_at, self.close_idle, item.close_at, item.idle)
+        if fresh:
+            memory.extend(fresh, now)
+            taken += len(fresh)
         if taken:
             self.stats["logged"] += taken
 

@@ -4174,6 +4174,40 @@ class PurityTest(IsolatedCase):
             lite.time.monotonic()
 
 
+class MemoryTest(IsolatedCase):
+    """_Memory.fill: a batch takes events in order up to buffer_size and 1 MB, refusing the
+    unencodable, whether the events go in at once or one by one."""
+
+    def fill(self, values, most, limit=lite._MAX_BODY_BYTES, bucket=("b", "")):
+        memory = lite._Memory(bucket)
+        memory.extend([("k", v, 1.0) for v in values], 0.0)
+        batch, rejected = memory.take(limit, most)
+        return ([e[1] for e in batch.events] if batch else [], [r[0][1] for r in rejected],
+                memory.count, batch)
+
+    def test_fill_table(self):
+        """Memory: order, the cap, the byte limit and rejections alike on both paths."""
+        nan = float("nan")
+        one = len(lite._encode_event(("k", 0, 1.0))) + 1
+        table = [       # (values, most, limit) -> (taken, rejected, left in memory)
+            (list(range(25)), 10, lite._MAX_BODY_BYTES, (list(range(10)), [], 15)),
+            (list(range(5)), 10, lite._MAX_BODY_BYTES, (list(range(5)), [], 0)),
+            ([0, 1, nan, 3, 4], 10, lite._MAX_BODY_BYTES, ([0, 1, 3, 4], [nan], 0)),
+            ([0, 1, nan, 3, 4, 5], 3, lite._MAX_BODY_BYTES, ([0, 1, 3], [nan], 2)),
+            (list(range(10)), 10, 2 + 4 * one, (list(range(4)), [], 6)),
+            ([0, 1, 2], 10, 2, ([0], [], 2)),           # one event always goes, alone
+        ]
+        for values, most, limit, (taken, rejected, left) in table:
+            with self.subTest(values=values, most=most, limit=limit):
+                got = self.fill(values, most, limit)
+                self.assertEqual(got[0], taken)
+                self.assertEqual(len(got[1]), len(rejected))
+                self.assertEqual(got[2], left)
+                self.assertEqual(got[3].body, lite._encode_events(
+                    [("k", v, 1.0) for v in taken]))
+                self.assertEqual(got[3].size, len(got[3].body) + 1)
+
+
 class DoorbellTest(IsolatedCase):
     """_Doorbell: an Event's set/clear/wait/is_set on one plain lock."""
 
