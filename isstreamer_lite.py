@@ -443,6 +443,26 @@ def _enable_console_logging(debug_level):
         _log.addHandler(handler)
 
 
+class _Settings(collections.namedtuple("_Settings", (
+        "access_key api_base buffer_size flush_interval timeout wait_timeout exit_timeout "
+        "max_retries backoff_base backoff_cap retry_after_cap pause_interval max_queue "
+        "spool_dir spool_max_bytes on_error ssl_context offline use_async offline_file "
+        "debug_level durable sync_interval handle_sigterm monthly_quota user_agent "
+        "bucket_key bucket_name"))):
+    """Every option, validated and merged once by _resolve_settings; immutable.
+
+    The engine reads fields by name; a tuple, so no thread can change one
+    under another. repr() masks the access key (it must never be printed).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "_Settings(%s)" % ", ".join(
+            "%s=%r" % (name, _mask(value) if name == "access_key" else value)
+            for name, value in zip(self._fields, self))
+
+
 def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, debug_level,
                       buffer_size, offline, use_async, api_base, flush_interval, timeout,
                       wait_timeout, exit_timeout, max_retries, backoff_base, backoff_cap,
@@ -451,7 +471,7 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
                       handle_sigterm, monthly_quota=None):
     """Validate the options and merge them with environment, ini and defaults.
 
-    Returns the settings dict the engine reads; raises ConfigError,
+    Returns the _Settings the engine reads; raises ConfigError,
     ValueError or TypeError naming the value and the rule.
     """
     ini = {} if ini_file_location is False else _read_ini(_find_ini(ini_file_location))
@@ -509,24 +529,21 @@ def _resolve_settings(bucket_name, bucket_key, access_key, ini_file_location, de
     if scheme == "http" and not _is_loopback(host) and not offline:
         _log.warning("api_base %s is plain http://: the access key travels in clear text",
                      api_base)
-    return {
-        "access_key": access_key, "api_base": api_base, "buffer_size": buffer_size,
-        "flush_interval": float(flush_interval), "timeout": float(timeout),
-        "wait_timeout": float(wait_timeout), "exit_timeout": float(exit_timeout),
-        "max_retries": int(max_retries), "backoff_base": float(backoff_base),
-        "backoff_cap": float(backoff_cap), "retry_after_cap": float(retry_after_cap),
-        "pause_interval": float(pause_interval), "max_queue": max_queue,
-        "spool_dir": spool_dir,
-        "spool_max_bytes": spool_max_bytes, "on_error": on_error,
-        "ssl_context": ssl_context, "offline": bool(offline), "use_async": bool(use_async),
-        "offline_file": _pick(offline_file, None, ini, "offline_file",
-                              "./isstreamer_out.csv"),
-        "debug_level": debug_level, "durable": bool(durable) and not offline,
-        "sync_interval": float(sync_interval), "handle_sigterm": bool(handle_sigterm),
-        "monthly_quota": monthly_quota,
-        "user_agent": "isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
-        "bucket_key": bucket_key, "bucket_name": bucket_name,
-    }
+    return _Settings(
+        access_key=access_key, api_base=api_base, buffer_size=buffer_size,
+        flush_interval=float(flush_interval), timeout=float(timeout),
+        wait_timeout=float(wait_timeout), exit_timeout=float(exit_timeout),
+        max_retries=int(max_retries), backoff_base=float(backoff_base),
+        backoff_cap=float(backoff_cap), retry_after_cap=float(retry_after_cap),
+        pause_interval=float(pause_interval), max_queue=max_queue, spool_dir=spool_dir,
+        spool_max_bytes=spool_max_bytes, on_error=on_error, ssl_context=ssl_context,
+        offline=bool(offline), use_async=bool(use_async),
+        offline_file=_pick(offline_file, None, ini, "offline_file", "./isstreamer_out.csv"),
+        debug_level=debug_level, durable=bool(durable) and not offline,
+        sync_interval=float(sync_interval), handle_sigterm=bool(handle_sigterm),
+        monthly_quota=monthly_quota,
+        user_agent="isstreamer_lite/%s Python/%d.%d" % ((__version__,) + sys.version_info[:2]),
+        bucket_key=bucket_key, bucket_name=bucket_name)
 
 
 # --- Event validation and encoding -------------------------------------------
@@ -687,6 +704,159 @@ class _Response(object):
         return self.body[:limit].decode("utf-8", "replace")
 
 
+_MAX_HEAD_LINE = 65536          # http.client's limits for one line and for the headers
+_MAX_HEADERS = 100
+
+
+def _read_reply(sock, limit):
+    """Read one HTTP/1.x answer from ``sock``: (status, headers, body, reusable).
+
+    ``headers`` are lower-cased (the last of a repeated name wins); at most
+    ``limit`` bytes of the body are read. ``reusable`` is False when the
+    connection must not carry another request: the server closes it, the body
+    was longer than ``limit`` or had no length, or bytes already read follow
+    it. 100 Continue is skipped; another 1xx is returned, never reusable (the
+    caller refuses it).
+    Raises RemoteDisconnected if the connection closed before a status line,
+    other HTTPExceptions for what is not HTTP, OSError from the socket.
+    """
+    import http.client
+    reader = _SocketLines(sock)
+    while True:
+        line = reader.line()
+        if not line:
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+        parts = line.decode("latin-1").rstrip("\r\n").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit() \
+                or len(parts[1]) != 3:
+            raise http.client.BadStatusLine(line[:80].decode("latin-1"))
+        status, version = int(parts[1]), parts[0]
+        headers = reader.headers()
+        if status != 100:
+            break
+    connection = headers.get("connection", "").lower()
+    reusable = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+    if status < 200:                    # an interim answer where the final one belongs
+        return status, headers, b"", False
+    if status in (204, 304):
+        return status, headers, b"", reusable and not reader.buffered()
+    if headers.get("transfer-encoding", "").lower().rsplit(",", 1)[-1].strip() == "chunked":
+        body, complete = reader.chunked(limit)
+    else:
+        length = headers.get("content-length", "").strip()
+        if length.isdigit():
+            body = reader.read(min(int(length), limit))
+            complete = len(body) == int(length)
+        else:                           # no length: the body ends when the connection does
+            body, complete = reader.read(limit), False
+    return status, headers, body, reusable and complete and not reader.buffered()
+
+
+class _SocketLines(object):
+    """Lines and bytes from a socket, read in large pieces; the parser of _read_reply.
+
+    ``data[pos:]`` is what was received and not yet parsed.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = b""
+        self.pos = 0
+        self.eof = False
+
+    def _more(self):
+        piece = b"" if self.eof else self.sock.recv(65536)
+        self.eof = not piece
+        self.data, self.pos = self.data[self.pos:] + piece, 0
+        return bool(piece)
+
+    def line(self):
+        """The next line with its end (b"" at the end of the stream)."""
+        while True:
+            pos = self.pos
+            end = self.data.find(b"\n", pos, pos + _MAX_HEAD_LINE + 1)
+            if end >= 0:
+                self.pos = end + 1
+                return self.data[pos:end + 1]
+            if len(self.data) - pos > _MAX_HEAD_LINE:
+                import http.client
+                raise http.client.LineTooLong("header line")
+            if not self._more():
+                line, self.data, self.pos = self.data[self.pos:], b"", 0
+                return line
+
+    def headers(self):
+        """The header block after a status line, as a dict of lower-cased names."""
+        import http.client
+        found, name = {}, None
+        lines = self._block()
+        for _ in range(_MAX_HEADERS + 1):
+            line = self.line() if lines is None else lines.pop() if lines else b""
+            if line in (b"\r\n", b"\n", b""):
+                return found
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t") and name is not None:     # a folded line
+                found[name] += " " + text.strip()
+                continue
+            name, colon, value = text.partition(":")
+            if not colon:
+                raise http.client.HTTPException("malformed header line %r" % text[:80])
+            name = name.strip().lower()
+            found[name] = value.strip()
+        raise http.client.HTTPException("got more than %d headers" % _MAX_HEADERS)
+
+    def _block(self):
+        """The usual case, at one split: a whole, small header block already received
+        and ended by CRLF CRLF; its lines, last first (None: read line by line)."""
+        data, pos = self.data, self.pos
+        if data.startswith(b"\r\n", pos):
+            self.pos = pos + 2
+            return []
+        end = data.find(b"\r\n\r\n", pos, pos + _MAX_HEAD_LINE)
+        if end < 0:
+            return None
+        block = data[pos:end]
+        if block.startswith(b"\n") or b"\n\n" in block or b"\n\r\n" in block \
+                or block.count(b"\n") >= _MAX_HEADERS:
+            return None                 # an earlier empty line ends it, or too many lines
+        self.pos = end + 4
+        return block.split(b"\n")[::-1]
+
+    def read(self, count):
+        """Up to ``count`` bytes (fewer only at the end of the stream)."""
+        while len(self.data) - self.pos < count and self._more():
+            pass
+        body = self.data[self.pos:self.pos + count]
+        self.pos += len(body)
+        return body
+
+    def chunked(self, limit):
+        """A chunked body, at most ``limit`` bytes: (body, whether it ended)."""
+        import http.client
+        pieces, size = [], 0
+        while True:
+            line = self.line()
+            try:
+                length = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise http.client.HTTPException("bad chunk size line %r" % line[:80])
+            if length == 0:
+                self.headers()                  # trailers, dropped
+                return b"".join(pieces), True
+            if size + length > limit:
+                pieces.append(self.read(limit - size))
+                return b"".join(pieces), False
+            piece = self.read(length)
+            pieces.append(piece)
+            size += len(piece)
+            if len(piece) < length or self.line() not in (b"\r\n", b"\n"):
+                return b"".join(pieces), False
+
+    def buffered(self):
+        """Whether bytes came after the answer (a connection that cannot be trusted)."""
+        return self.pos < len(self.data)
+
+
 def _is_loopback(host):
     """Whether ``host`` is this machine: "localhost" or a loopback address."""
     if host.lower() == "localhost":
@@ -715,6 +885,7 @@ class _HTTPTransport(object):
         self._conn = None
         self._proxy = None
         self._proxy_resolved = False
+        self._last_head = (None, b"")   # ((path, headers, proxy), head without length)
 
     def _resolve_proxy(self):
         """(host, port, auth header or None) of the proxy to use, or None.
@@ -783,9 +954,11 @@ class _HTTPTransport(object):
     def post(self, path, body, headers, deadline=None):
         """POST ``body`` before ``deadline`` (monotonic); a _Response, or raise.
 
-        Raises OSError or HTTPException. At most _MAX_REPLY_BYTES of the
-        answer are read; a connection with more, or that answered with an
-        interim 1xx, is not reused.
+        Raises OSError or HTTPException. The request is written and the answer
+        read here (_read_reply), not by http.client, whose header parser costs
+        more than the rest of a call; http.client still opens the connection
+        (TLS, proxy tunnel). At most _MAX_REPLY_BYTES of the answer are read; a
+        connection with more, or that answered with an interim 1xx, is not reused.
         """
         import http.client
         if deadline is None:
@@ -797,25 +970,20 @@ class _HTTPTransport(object):
             reused = self._conn is not None
             if self._conn is None:
                 self._conn = self._connect(self._time_left(deadline))
-            conn = self._conn
+            sock = self._conn.sock
             try:
-                conn.putrequest("POST", self._target(path))
-                for name, value in headers.items():
-                    conn.putheader(name, value)
-                conn.putheader("Content-Length", str(len(body)))
-                self._settimeout(conn, deadline)
-                conn.endheaders(body[:_SEND_CHUNK])     # one packet for a small request
-                for start in range(_SEND_CHUNK, len(body), _SEND_CHUNK):
-                    self._settimeout(conn, deadline)
-                    conn.send(body[start:start + _SEND_CHUNK])
-                self._settimeout(conn, deadline)
-                response = conn.getresponse()
-                if response.status < 200:
+                # One packet for a small request: the head and the first piece together.
+                pieces = [self._head(path, headers, len(body)) + body[:_SEND_CHUNK]]
+                pieces.extend(body[start:start + _SEND_CHUNK]
+                              for start in range(_SEND_CHUNK, len(body), _SEND_CHUNK))
+                for piece in pieces:
+                    sock.settimeout(self._time_left(deadline))
+                    sock.sendall(piece)
+                sock.settimeout(self._time_left(deadline))
+                status, answer, data, reusable = _read_reply(sock, _MAX_REPLY_BYTES)
+                if status < 200:
                     raise http.client.HTTPException(
-                        "the server sent an interim %d answer as final" % response.status)
-                data = response.read(_MAX_REPLY_BYTES)
-                if not response.isclosed():
-                    self.close()            # more than we read: never reuse it
+                        "the server sent an interim %d answer as final" % status)
             except (http.client.RemoteDisconnected, ConnectionResetError,
                     ConnectionAbortedError, BrokenPipeError, http.client.BadStatusLine):
                 self.close(reset=True)
@@ -826,11 +994,27 @@ class _HTTPTransport(object):
             except BaseException:
                 self.close(reset=True)
                 raise
-            if response.will_close:
-                self.close()
-            return _Response(response.status,
-                             {k.lower(): v for k, v in response.getheaders()}, data)
+            if not reusable:
+                self.close()            # it closes, or more came than we read: never reuse it
+            return _Response(status, answer, data)
         raise AssertionError("unreachable")
+
+    def _head(self, path, headers, length):
+        """The request line and headers, as http.client would write them.
+
+        All but Content-Length are the same call after call: kept for the last
+        (path, headers) seen.
+        """
+        key = (path, tuple(headers.items()), self._proxy)
+        if self._last_head[0] != key:
+            host = self.host if ":" not in self.host else "[%s]" % self.host
+            if self.port != (443 if self.scheme == "https" else 80):
+                host = "%s:%d" % (host, self.port)
+            lines = ["POST %s HTTP/1.1" % self._target(path), "Host: " + host,
+                     "Accept-Encoding: identity"]
+            lines.extend("%s: %s" % item for item in headers.items())
+            self._last_head = (key, ("\r\n".join(lines) + "\r\n").encode("latin-1"))
+        return self._last_head[1] + b"Content-Length: %d\r\n\r\n" % length
 
     def _time_left(self, deadline):
         """Seconds a blocking step may take: ``timeout`` of silence, within the deadline."""
@@ -838,11 +1022,6 @@ class _HTTPTransport(object):
         if left <= 0:
             raise TimeoutError("no answer before the request's deadline")
         return left
-
-    def _settimeout(self, conn, deadline):
-        """Each send and receive may wait ``timeout`` for progress (an inactivity limit)."""
-        if conn.sock is not None:
-            conn.sock.settimeout(self._time_left(deadline))
 
     def abort(self):
         """Break a request running in another thread (its deadline passed).
@@ -1207,18 +1386,36 @@ def _budget_for(api_base, access_key, folder=None):
         return budget
 
 
+def _civil(wall):
+    """(year, month, seconds since the month began) of Unix time ``wall``, UTC.
+
+    Integer calendar arithmetic (the proleptic Gregorian calendar, days counted
+    from 0000-03-01), so the month tally needs no clock module.
+    """
+    days, seconds = divmod(wall, 86400)
+    z = int(days) + 719468
+    era = z // 146097
+    doe = z - era * 146097                                      # day of the 400-year era
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)             # day of the March year
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day * 86400 + seconds
+
+
 def _month_of(wall):
     """The calendar month (UTC) of Unix time ``wall``: "2026-12"."""
-    return time.strftime("%Y-%m", time.gmtime(wall))
+    year, month, _ = _civil(wall)
+    return "%04d-%02d" % (year, month)
 
 
 def _month_left(wall):
     """Seconds from ``wall`` to the end of its calendar month (UTC)."""
-    g = time.gmtime(wall)
-    leap = g.tm_year % 4 == 0 and (g.tm_year % 100 != 0 or g.tm_year % 400 == 0)
-    days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[g.tm_mon - 1]
-    done = (g.tm_mday - 1) * 86400 + g.tm_hour * 3600 + g.tm_min * 60 + g.tm_sec
-    return max(0.0, days * 86400 - done - (wall % 1))
+    year, month, done = _civil(wall)
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[month - 1]
+    return max(0.0, days * 86400 - done)
 
 
 class _MonthTally(object):
@@ -1233,26 +1430,42 @@ class _MonthTally(object):
         self.months = dict((k, v) for k, v in (months or {}).items()
                            if isinstance(k, str) and isinstance(v, int))
         self.unsaved = {}
-        self.recent = collections.deque()       # (wall, events)
+        self.recent = collections.deque()       # (wall, events), oldest first
+        self.in_recent = 0                      # the events of ``recent``, summed
+        self.span = (0.0, 0.0, "")              # (start, end, name) of the last month seen
+
+    def month_of(self, wall):
+        """_month_of(wall), computed once a month (a call is counted every few ms)."""
+        start, end, name = self.span
+        if not start <= wall < end:
+            name = _month_of(wall)
+            self.span = (wall - _civil(wall)[2], wall + _month_left(wall), name)
+        return name
 
     def add(self, count, wall):
-        month = _month_of(wall)
+        month = self.month_of(wall)
         self.months[month] = self.months.get(month, 0) + count
         self.unsaved[month] = self.unsaved.get(month, 0) + count
         self.recent.append((wall, count))
-        while self.recent and self.recent[0][0] <= wall - _RATE_WINDOW:
-            self.recent.popleft()
+        self.in_recent += count
+        self._forget_before(wall - _RATE_WINDOW)
+
+    def _forget_before(self, start):
+        """Drop the deliveries at or before ``start`` (O(1) a delivery, not a scan)."""
+        recent = self.recent
+        while recent and recent[0][0] <= start:
+            self.in_recent -= recent.popleft()[1]
 
     def rate(self, wall):
         """Events a second over the last hour, spread over at least _RATE_MIN_SPAN."""
-        recent = [(t, n) for t, n in self.recent if t > wall - _RATE_WINDOW]
-        if not recent:
+        self._forget_before(wall - _RATE_WINDOW)
+        if not self.recent:
             return 0.0
-        return sum(n for _, n in recent) / max(_RATE_MIN_SPAN, wall - recent[0][0])
+        return self.in_recent / max(_RATE_MIN_SPAN, wall - self.recent[0][0])
 
     def projected(self, wall):
         """This month's total if the recent rate goes on to its end."""
-        return int(self.months.get(_month_of(wall), 0) + self.rate(wall) * _month_left(wall))
+        return int(self.months.get(self.month_of(wall), 0) + self.rate(wall) * _month_left(wall))
 
     def merged(self, saved):
         """The months of ``saved`` (a state file's) plus what this process added since."""
@@ -1777,6 +1990,10 @@ class _SpoolReader(object):
         return sum(ref.count for segment in self.held for ref in segment.lines
                    if not own or ref.seq is not None)
 
+    def any_waiting(self):
+        """Whether a held line has an event not handed out: waiting() > 0, without the sum."""
+        return any(ref.count for segment in self.held for ref in segment.lines)
+
     def oldest_seq(self):
         """The lowest sequence number of this Streamer's undelivered lines, or None."""
         found = None
@@ -2013,6 +2230,117 @@ class _SpoolReader(object):
             os.close(fd)
 
 
+# --- Delivery core -----------------------------------------------------------
+#
+# Rule 1: the worker's decisions live here, as functions of plain values: when
+# memory's events are due, how long one call may take, what a failed call means
+# for the next attempt, which flush()/close() waiters are answered, how close()
+# requests combine, when the runner wakes next. The worker feeds them what it
+# holds and carries out what they return; it decides nothing of its own there.
+#
+# Rule 2: nothing here does I/O, reads a clock, takes a lock, logs or starts a
+# thread; the time is an argument (monotonic seconds). PurityTest makes `time`,
+# `threading`, `socket` and `os` raise while these run. _decide, _RateBudget
+# and _MonthTally (above) follow the same rules.
+#
+# Theory of operation: the runner takes the inbox, then asks, in this order:
+# is memory due (_memory_due; else it waits for more, up to flush_interval)?
+# may a call start (retry time, rate budget)? by when must it end
+# (_call_deadline: `timeout` of silence plus the body at the slowest link,
+# never past close()'s or the caller's deadline)? When a call fails, _after_failure
+# gives the retry time, the failure count, what the runner publishes as its
+# wait, and whether the batch is set aside (spooled) after max_retries. After
+# every step, _answerable says which flush() waiters are answered True (all
+# they asked for is delivered and nothing else is pending); close() waiters are
+# answered when the worker halts. _next_wake is the earliest of what is due.
+
+_Retry = collections.namedtuple("_Retry", "retry_at failures waiting attempts set_aside")
+
+
+def _memory_due(now, oldest, count, runs, closing, asked_upto, buffer_size, flush_interval):
+    """Whether memory's oldest events go now rather than wait for more.
+
+    ``oldest``: (sequence number, time it reached memory) or None; ``runs``:
+    how many buckets' runs memory holds; ``asked_upto``: the highest sequence
+    number a flush() or close() waits for (-1: none).
+    """
+    if oldest is None:
+        return False
+    seq, since = oldest
+    return (count >= buffer_size or runs > 1 or closing or asked_upto >= seq
+            or now - since >= flush_interval)
+
+
+def _call_deadline(now, size, timeout, limits=()):
+    """When a call of ``size`` bytes started at ``now`` is given up on.
+
+    ``timeout`` bounds each silence (the transport's job); the whole call may
+    take longer the bigger its body, as on the slowest link assumed. Never past
+    a limit in ``limits`` (None: no limit), but always a moment to try.
+    """
+    end = now + timeout + size / float(_SLOWEST_LINK)
+    for limit in limits:
+        if limit is not None:
+            end = min(end, max(now + 0.05, limit))
+    return end
+
+
+def _after_failure(now, decision, failures, attempts, max_retries):
+    """What a call that did not go through means: a _Retry.
+
+    ``attempts``: the batch's failed attempts so far (None for a bucket
+    creation). A 429 (_WAIT) or a pause does not count against the batch;
+    anything else does, and after ``max_retries`` the batch is set aside.
+    """
+    retry_at = now + decision.delay
+    if decision.action == _WAIT:
+        return _Retry(retry_at, failures + 1, "rate limited (429)", attempts, None)
+    if decision.action == _PAUSE:
+        return _Retry(retry_at, failures, "paused: %s" % decision.reason, attempts,
+                      "delivery paused (%s)" % decision.reason)
+    aside = None
+    if attempts is not None:
+        attempts += 1
+        if attempts >= max_retries:
+            aside = "%d attempts failed" % attempts
+    return _Retry(retry_at, failures + 1, "backing off after %s" % decision.reason,
+                  attempts, aside)
+
+
+def _answerable(waits, oldest_seq, backlog):
+    """(flush() waiters answered True now, the others), in order.
+
+    A waiter is answered once nothing up to its sequence number is pending
+    (``oldest_seq``: the oldest pending, or None) and no backlog remains;
+    close() waiters (close_at set) are answered by the halt instead.
+    """
+    done, keep = [], []
+    for wait in waits:
+        if (oldest_seq is None or oldest_seq > wait.upto) and not backlog \
+                and wait.close_at is None:
+            done.append(wait)
+        else:
+            keep.append(wait)
+    return done, keep
+
+
+def _close_plan(close_at, close_idle, asked_at, asked_idle):
+    """(close_at, close_idle) once another close() asks to end by ``asked_at``.
+
+    ``idle`` (None: a hard deadline) is how far each call that goes through
+    pushes the end; the earliest end wins, and a hard deadline wins over idle.
+    """
+    if close_at is None:
+        return asked_at, asked_idle
+    return min(close_at, asked_at), (None if asked_idle is None else close_idle)
+
+
+def _next_wake(dues):
+    """Seconds until the earliest of ``dues`` (None entries: nothing due), or None."""
+    dues = [d for d in dues if d is not None]
+    return max(0.0, min(dues)) if dues else None
+
+
 # --- Worker ------------------------------------------------------------------
 
 class _BucketSwitch(object):
@@ -2097,15 +2425,46 @@ class _Batch(object):
         return self._body
 
     def add(self, event, part):
-        self.events.append(event)
-        self.parts.append(part)
-        self.size += len(part) + 1
+        self.extend((event,), (part,), len(part) + 1)
+
+    def extend(self, events, parts, size):
+        """Append ``events`` and their ``parts``, ``size`` bytes with the commas."""
+        self.events.extend(events)
+        self.parts.extend(parts)
+        self.size += size
         self._body = None
 
 
 def _encode_event(event):
-    """One event's JSON bytes; ValueError/TypeError/OverflowError if impossible."""
-    return _encode_json({"key": event[0], "value": event[1], "epoch": event[2]}).encode("utf-8")
+    """One event's JSON bytes; ValueError/TypeError/OverflowError if impossible.
+
+    The values log() lets through (str key; str, bool, int or finite float
+    value; int or finite float epoch) are formatted here, as the encoder
+    would (same quoting function, same number repr): a third of the CPU of
+    the generic encoder per event. Anything else goes to _encode_json.
+    """
+    key, value, epoch = event
+    kind, when = type(value), type(epoch)
+    if type(key) is str and (when is float and epoch - epoch == 0.0 or when is int):
+        if kind is str:
+            text = _quote_json(value)
+        elif kind is float and value - value == 0.0 or kind is int:
+            text = repr(value)
+        elif kind is bool:
+            text = "true" if value else "false"
+        else:
+            text = None
+        if text is not None:
+            return ('{"key":%s,"value":%s,"epoch":%r}' % (_quote_json(key), text, epoch)
+                    ).encode("ascii")
+    return _encode_json({"key": key, "value": value, "epoch": epoch}).encode("utf-8")
+
+
+def _quote_json(text):
+    """``text`` as a JSON string in ASCII (json's own C function); replaces itself on first use."""
+    global _quote_json
+    from json.encoder import encode_basestring_ascii as _quote_json
+    return _quote_json(text)
 
 
 class _Run(object):
@@ -2133,13 +2492,14 @@ class _Memory(object):
         self.next_seq = 0
         self.bucket = bucket
 
-    def add(self, event, now):
+    def extend(self, events, now):
+        """Take ``events`` (a list, oldest first) for the current bucket."""
         runs = self.runs
         if not runs or runs[-1].bucket != self.bucket:
             runs.append(_Run(self.bucket, self.next_seq, now))
-        runs[-1].events.append(event)
-        self.count += 1
-        self.next_seq += 1
+        runs[-1].events.extend(events)
+        self.count += len(events)
+        self.next_seq += len(events)
 
     def oldest(self):
         """(seq, since) of the oldest event, or None."""
@@ -2154,13 +2514,34 @@ class _Memory(object):
 
         Returns the events that cannot be encoded as [(event, exception, bucket key)].
         """
-        rejected = []
+        import itertools
+        rejected, whole = [], True
+        room = most - len(batch.parts)
         while self.runs:
             run = self.runs[0]
             if run.bucket != batch.bucket:
                 break
             events = run.events
             while events:
+                if room <= 0:
+                    return rejected             # full: the next event is not encoded yet
+                if whole:
+                    # The usual case: the next `room` events all encode and fit; taken at once.
+                    chunk = list(itertools.islice(events, room))
+                    try:
+                        parts = [_encode_event(event) for event in chunk]
+                        size = sum(map(len, parts)) + len(parts)
+                    except (ValueError, TypeError, OverflowError):
+                        size = _NEVER
+                    if batch.size + size <= limit:
+                        batch.extend(chunk, parts, size)
+                        for _ in chunk:
+                            events.popleft()
+                        room -= len(chunk)
+                        run.seq += len(chunk)
+                        self.count -= len(chunk)
+                        continue
+                    whole = False               # event by event from here
                 try:
                     part = _encode_event(events[0])
                 except (ValueError, TypeError, OverflowError) as exc:
@@ -2168,10 +2549,10 @@ class _Memory(object):
                     run.seq += 1
                     self.count -= 1
                     continue
-                if batch.parts and (batch.size + len(part) + 1 > limit
-                                    or len(batch.parts) >= most):
+                if batch.parts and batch.size + len(part) + 1 > limit:
                     return rejected
                 batch.add(events.popleft(), part)
+                room -= 1
                 run.seq += 1
                 self.count -= 1
             self.runs.popleft()
@@ -2210,10 +2591,10 @@ class _Sender(object):
         self.transport = transport
         self._base_headers = {"Content-Type": "application/json",
                               "Accept-Version": _ACCEPT_VERSION,
-                              "User-Agent": settings["user_agent"],
-                              "X-IS-AccessKey": settings["access_key"]}
-        self.debug = settings["debug_level"] >= 3
-        self.secret = settings["access_key"]
+                              "User-Agent": settings.user_agent,
+                              "X-IS-AccessKey": settings.access_key}
+        self.debug = settings.debug_level >= 3
+        self.secret = settings.access_key
 
     def post(self, job):
         """Make one request; return (response or None, error or None)."""
@@ -2255,14 +2636,49 @@ def _start_thread(thread):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+class _Doorbell(object):
+    """threading.Event's set/clear/wait/is_set on one plain lock: unlocked means set.
+
+    A fraction of an Event's cost (a Condition, a new lock for every wait):
+    the worker and the courier ring each other on every call. Any thread may
+    set or clear it; a lock that was already in the asked state is left so.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()            # not set
+
+    def set(self):
+        try:
+            self._lock.release()
+        except RuntimeError:            # already set
+            pass
+
+    def clear(self):
+        self._lock.acquire(False)
+
+    def is_set(self):
+        return not self._lock.locked()
+
+    def wait(self, timeout):
+        """Block until set or ``timeout`` seconds passed; whether it is set. Leaves it set."""
+        if not self._lock.acquire(True, max(0.0, timeout)):
+            return False
+        self.set()
+        return True
+
+
 class _Courier(object):
     """Makes one request at a time on a daemon thread of its own.
 
     The worker hands it a job and goes on journalling, spilling and
     closing: it never waits on the network. ``_lock`` guards ``_job``,
     ``_result``, ``_stop`` and ``_posting``; the request itself runs
-    outside it. ``abandon()`` breaks a request the worker stopped waiting
-    for; its late answer is dropped.
+    outside it. ``_signal`` (a _Doorbell) tells the thread that something
+    changed. ``abandon()`` breaks a request the worker stopped waiting for;
+    its late answer is dropped.
     """
 
     def __init__(self, sender, wake, name):
@@ -2271,7 +2687,7 @@ class _Courier(object):
         self.name = name
         self.busy = False               # worker's view: a job is out
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._signal = _Doorbell()
         self.job = None                 # the job out, as the worker sees it
         self._job = None                # the job for the thread to take
         self._result = None
@@ -2288,7 +2704,7 @@ class _Courier(object):
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=self.name + "-courier")
                 _start_thread(self._thread)
-            self._cond.notify()
+        self._signal.set()
 
     def poll(self):
         """(job, (response, error)) once the request ended, else None."""
@@ -2313,20 +2729,22 @@ class _Courier(object):
         """
         with self._lock:
             self._stop = True
-            self._cond.notify()
             idle = not self._posting
+        self._signal.set()
         if idle and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(_JOIN_WAIT)
 
     def _run(self):
         while True:
             with self._lock:
-                while self._job is None and not self._stop:
-                    self._cond.wait(_IDLE_WAIT)
                 if self._stop:
                     return
                 job, self._job = self._job, None
-                self._posting = True
+                self._posting = job is not None
+            if job is None:
+                self._signal.wait(_IDLE_WAIT)
+                self._signal.clear()            # the state is read again before waiting
+                continue
             outcome = None
             try:
                 outcome = self.sender.post(job)
@@ -2495,10 +2913,10 @@ class _Stash(object):
         self.writer = writer
         self.reader = reader
         self.ledger = ledger
-        self.half = settings["sync_interval"] / 2.0
-        self.nowhere = "offline_file_unwritable" if settings["offline"] else "no_spool"
+        self.half = settings.sync_interval / 2.0
+        self.nowhere = "offline_file_unwritable" if settings.offline else "no_spool"
         self.sync_due = None
-        self.most = settings["buffer_size"]     # events a spool line holds at most
+        self.most = settings.buffer_size     # events a spool line holds at most
 
     def write(self, bucket, parts, seq, why, journal=False, drop=True):
         """Write events as one spool line; True if they are there.
@@ -2765,7 +3183,7 @@ class _Worker(object):
         self.wall = wall
         self.courier = None                 # set by its owner: _Courier or _InlineCourier
         self.inbox = collections.deque()
-        self.wake = threading.Event()
+        self.wake = _Doorbell()
         self.stopped = threading.Event()
         self.state = _RUNNING
         self.wake_at = 1
@@ -2800,7 +3218,7 @@ class _Worker(object):
         self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
         self.quota_warned = False
         self.reports = []                   # (exception, events) for on_error
-        self.creates_buckets = not settings["offline"]
+        self.creates_buckets = not settings.offline
         if bucket is not None and self.creates_buckets:
             self.to_create.append(bucket)
         if bucket is not None and reader is not None:
@@ -2852,11 +3270,11 @@ class _Worker(object):
 
     def arm(self):
         """Set wake_at: how long the inbox may grow before log() must wake us."""
-        size, count = self.settings["buffer_size"], self.memory.count
+        size, count = self.settings.buffer_size, self.memory.count
         if self.courier.busy or self.clock() < self.retry_at:
             self.wake_at = 1 if count == 0 and self.writer is not None and \
-                self.settings["durable"] else \
-                max(1, self.settings["max_queue"] - self.pending.count + 1)
+                self.settings.durable else \
+                max(1, self.settings.max_queue - self.pending.count + 1)
         elif count == 0:
             self.wake_at = 1                    # the first event starts flush_interval
         else:
@@ -2864,7 +3282,7 @@ class _Worker(object):
 
     def call_back(self):
         reports, self.reports = self.reports, []
-        _run_reports(self.settings["on_error"], reports, self)
+        _run_reports(self.settings.on_error, reports, self)
 
     def step(self, deadline=None):
         """Do what is due; return seconds until the next thing is, or None if idle."""
@@ -2876,7 +3294,7 @@ class _Worker(object):
             self.halt("close() deadline reached")
             return None
         due = []
-        if self.settings["durable"] and self.writer is not None:
+        if self.settings.durable and self.writer is not None:
             journal_due, refused = self.stash.journal(self.memory, now)
             self.pending.hold(refused)
             due.append(journal_due)
@@ -2901,8 +3319,7 @@ class _Worker(object):
             self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
         if self.reader is not None:
             self.answer_status(now)
-        due = [d for d in due if d is not None]
-        return max(0.0, min(due)) if due else None
+        return _next_wake(due)
 
     def save_state(self, running=True):
         """Keep what ``status`` shows beside the spool, if it changed; True if written.
@@ -2910,13 +3327,13 @@ class _Worker(object):
         Merged into what the file says (other runs, other processes of the key).
         """
         stats = self.stats
-        state = {"version": 1, "key": _mask(self.settings["access_key"]),
+        state = {"version": 1, "key": _mask(self.settings.access_key),
                  "last_success": stats["last_success"], "last_error": stats["last_error"],
                  "paused": stats["paused"], "waiting": self.waiting[1] if
                  self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
-                 "spool_dir": self.settings["spool_dir"],
+                 "spool_dir": self.settings.spool_dir,
                  "rate_limit": self.budget.learned() if self.budget is not None else None,
                  "month": self.month_view[:2]}
         if self.reader is None or (state == self.saved_state and running) or not (
@@ -2966,16 +3383,19 @@ class _Worker(object):
 
     def absorb(self, now):
         inbox, memory = self.inbox, self.memory
-        taken = 0
+        taken, fresh = 0, []            # events go to memory together, before any other item
         while True:
             try:
                 item = inbox.popleft()
             except IndexError:
                 break
             if type(item) is tuple:
-                memory.add(item, now)
-                taken += 1
-            elif type(item) is _BucketSwitch:
+                fresh.append(item)
+                continue
+            if fresh:
+                memory.extend(fresh, now)
+                taken, fresh = taken + len(fresh), []
+            if type(item) is _BucketSwitch:
                 memory.bucket = item.bucket
                 if self.reader is not None:
                     self.reader.know(item.bucket)
@@ -2987,12 +3407,11 @@ class _Worker(object):
                 self.waits.append(item)
                 if item.close_at is not None:
                     self.state = _CLOSING
-                    if self.close_at is None:
-                        self.close_at, self.close_idle = item.close_at, item.idle
-                    else:
-                        self.close_at = min(self.close_at, item.close_at)
-                        if item.idle is None:
-                            self.close_idle = None      # a hard deadline wins
+                    self.close_at, self.close_idle = _close_plan(
+                        self.close_at, self.close_idle, item.close_at, item.idle)
+        if fresh:
+            memory.extend(fresh, now)
+            taken += len(fresh)
         if taken:
             self.stats["logged"] += taken
 
@@ -3001,27 +3420,23 @@ class _Worker(object):
     def ready(self, now):
         """Whether memory's oldest events should go now rather than wait for more."""
         memory = self.memory
-        oldest = memory.oldest()
-        if oldest is None:
-            return False
-        return (memory.count >= self.settings["buffer_size"] or len(memory.runs) > 1
-                or self.state is _CLOSING
-                or any(w.upto >= oldest[0] for w in self.waits)
-                or now - oldest[1] >= self.settings["flush_interval"])
+        return _memory_due(now, memory.oldest(), memory.count, len(memory.runs),
+                           self.state is _CLOSING, max([w.upto for w in self.waits] or [-1]),
+                           self.settings.buffer_size, self.settings.flush_interval)
 
     def next_batch(self, now):
         """The batch to send next, left at the head of ``batches``; or None.
 
         A batch never holds more than buffer_size events (nor 1 MB).
         """
-        most = self.settings["buffer_size"]
+        most = self.settings.buffer_size
         if self.pending.batches:
             head = self.pending.batches[0]
             if head.refs is None and not head.fixed:
                 # It fell behind: grow it, up to buffer_size.
                 self.ledger.unencodable(self.memory.fill(head, most=most))
             elif head.refs is not None and self.ready(now) and not (
-                    self.settings["durable"] and self.writer is not None):
+                    self.settings.durable and self.writer is not None):
                 # The backlog waited (for the window, or a retry): live events go first.
                 batch, rejected = self.memory.take(most=most)
                 self.ledger.unencodable(rejected)
@@ -3029,7 +3444,7 @@ class _Worker(object):
                 return self.pending.batches[0]
             return head
         if self.ready(now):
-            if self.settings["durable"] and self.writer is not None:
+            if self.settings.durable and self.writer is not None:
                 batch = self.stash.journal_all(self.memory)     # then sent from disk
             else:
                 batch, rejected = self.memory.take(most=most)
@@ -3081,12 +3496,7 @@ class _Worker(object):
             job = _Job("/api/buckets", _json_bytes(fields), bucket, None, 0.0, batch)
         else:
             job = _Job("/api/events", batch.body, batch.bucket, batch, 0.0)
-        # `timeout` bounds each silence (the transport); the whole request may take
-        # longer the bigger its body, as on a slow link.
-        end = now + self.settings["timeout"] + len(job.body) / float(_SLOWEST_LINK)
-        for limit in (self.close_at, deadline):
-            if limit is not None:
-                end = min(end, max(now + 0.05, limit))
+        end = _call_deadline(now, len(job.body), self.settings.timeout, (self.close_at, deadline))
         job.deadline = end
         self.stats["requests"] += 1
         self.job_deadline, self.job_started = end, now
@@ -3110,7 +3520,7 @@ class _Worker(object):
         oldest = self.memory.oldest()
         if oldest is None:
             return None
-        return max(0.0, oldest[1] + self.settings["flush_interval"] - now)
+        return max(0.0, oldest[1] + self.settings.flush_interval - now)
 
     def collect(self, now):
         """Take a finished request's outcome, or give up on it at its deadline."""
@@ -3139,8 +3549,8 @@ class _Worker(object):
                 pass
         decision = _decide(response.status if response is not None else None,
                            response.headers if response is not None else None, error,
-                           self.failures, s["backoff_base"], s["backoff_cap"],
-                           s["retry_after_cap"], s["pause_interval"], now=self.wall())
+                           self.failures, s.backoff_base, s.backoff_cap,
+                           s.retry_after_cap, s.pause_interval, now=self.wall())
         batch = job.batch
         if batch is None:
             self.bucket_outcome(job, decision, response, error, now)
@@ -3150,7 +3560,7 @@ class _Worker(object):
             if not self.pending.split(batch):
                 self.reject(batch, response)
         elif decision.action == _REFUSE:
-            self.reject(batch, None, _scrub(decision.reason, self.settings["access_key"]))
+            self.reject(batch, None, _scrub(decision.reason, self.settings.access_key))
         else:
             self.failed(batch, decision, response, error, now)
             if decision.reason == "timeout" and batch in self.pending.batches \
@@ -3165,7 +3575,7 @@ class _Worker(object):
                              "anyway", bucket[0], _scrub(decision.reason if response is None
                                                          else "%d %s" % (response.status,
                                                                          self.reply(response)),
-                                                         self.settings["access_key"]))
+                                                         self.settings.access_key))
             else:
                 self.stats["buckets_created"] += 1
                 self.failures = 0
@@ -3205,8 +3615,9 @@ class _Worker(object):
         """Count delivered events in their month; warn once if the month would pass the quota."""
         self.month.add(count, wall)
         projected = self.month.projected(wall)
-        self.month_view = (_month_of(wall), self.month.months[_month_of(wall)], projected)
-        quota = self.settings["monthly_quota"]
+        month = self.month.month_of(wall)
+        self.month_view = (month, self.month.months[month], projected)
+        quota = self.settings.monthly_quota
         if quota and projected > quota and not self.enterprise and not self.quota_warned:
             self.quota_warned = True
             _log.warning(
@@ -3215,7 +3626,7 @@ class _Worker(object):
                 "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
                 "past which the server refuses events with 402 until the next billing "
                 "month). Log less often, or set monthly_quota=0 on a plan without a cap.",
-                _mask(self.settings["access_key"]), "{:,}".format(projected),
+                _mask(self.settings.access_key), "{:,}".format(projected),
                 "{:,}".format(self.month_view[1]), "{:,}".format(quota))
 
     def failed(self, batch, decision, response, error, now, creating=None):
@@ -3228,45 +3639,44 @@ class _Worker(object):
             "sending %s to bucket %r" % (_count(batch.count, "event"), bucket[0])
         detail = ("%d %s" % (response.status, self.reply(response, 120))) \
             if response is not None else "%s: %s" % (type(error).__name__, error)
-        detail = _scrub(detail, self.settings["access_key"])
+        detail = _scrub(detail, self.settings.access_key)
         self.stats["last_error"] = "%s: %s" % (what, detail)
         if self.failing_since is None:
             self.failing_since = (self.wall(), response is not None)
-        self.retry_at = now + decision.delay
-        if decision.action == _WAIT:
+        plan = _after_failure(now, decision, self.failures,
+                              batch.attempts if batch is not None else None,
+                              self.settings.max_retries)
+        self.retry_at, self.failures = plan.retry_at, plan.failures
+        self.waiting = (plan.retry_at, plan.waiting)
+        if batch is not None:
+            batch.attempts = plan.attempts
+        if decision.action == _WAIT:        # a 429 in a row waits longer, however told
             self.stats["rate_limited"] += 1
-            self.failures += 1              # a 429 in a row waits longer, however told
-            self.waiting = (self.retry_at, "rate limited (429)")
             _log.info("rate limited while %s; retrying in %.1f s", what, decision.delay)
             return
         if decision.action == _PAUSE:
             self.pause(decision, detail)
             if batch is not None:
-                self.pending.set_aside(batch, "delivery paused (%s)" % decision.reason)
+                self.pending.set_aside(batch, plan.set_aside)
             return
-        self.failures += 1
         self.stats["retried"] += 1
-        self.waiting = (self.retry_at, "backing off after %s" % decision.reason)
         _log.info("%s failed (%s); retrying in %.2f s", what, detail, decision.delay)
         self.reports.append((DeliveryError("%s failed: %s" % (what, detail),
                                            response.status if response is not None else None,
                                            decision.reason, bucket[0]),
                              self.events_of(batch)))
-        if batch is not None:
-            batch.attempts += 1
-            if batch.attempts >= self.settings["max_retries"]:
-                self.pending.set_aside(batch, "%d attempts failed" % batch.attempts)
+        if plan.set_aside is not None:
+            self.pending.set_aside(batch, plan.set_aside)
 
     def pause(self, decision, detail):
         if self.stats["paused"] != decision.reason:
             advice = _PAUSE_ADVICE.get(decision.reason, "the server answered %s; check "
                                        "api_base and the account" % detail)
             if "%s" in advice:
-                advice = advice % _mask(self.settings["access_key"])
+                advice = advice % _mask(self.settings.access_key)
             _log.error("isstreamer_lite: %s. Sending is paused; events are spooled and "
                        "retried every %.0f s.", advice, decision.delay)
         self.stats["paused"] = decision.reason
-        self.waiting = (self.retry_at, "paused: %s" % decision.reason)
         self.reports.append((DeliveryError(detail, None, decision.reason), []))
 
     def reject(self, batch, response, why=None):
@@ -3286,7 +3696,7 @@ class _Worker(object):
 
     def events_of(self, batch):
         """The (key, value, epoch) tuples of a batch, for on_error."""
-        if batch is None or self.settings["on_error"] is None:
+        if batch is None or self.settings.on_error is None:
             return []
         if batch.refs is None:
             return list(batch.events)
@@ -3296,21 +3706,21 @@ class _Worker(object):
             return []
 
     def reply(self, response, limit=300):
-        return _scrub(response.text(limit), self.settings["access_key"])
+        return _scrub(response.text(limit), self.settings.access_key)
 
     # the disk
 
     def spill_over_max_queue(self):
         """Beyond max_queue events in memory, the oldest go to disk (or are dropped)."""
-        limit, pending = self.settings["max_queue"], self.pending
-        if pending.count > limit and self.settings["durable"] and self.writer is not None:
+        limit, pending = self.settings.max_queue, self.pending
+        if pending.count > limit and self.settings.durable and self.writer is not None:
             pending.hold(self.stash.journal_all(self.memory))
         while pending.count > limit:
             batch = next((b for b in pending.batches if b.refs is None
                           and b is not self.in_flight()), None)
             if batch is None:
                 batch, rejected = self.memory.take(most=min(pending.count - limit,
-                                                            self.settings["buffer_size"]))
+                                                            self.settings.buffer_size))
                 self.ledger.unencodable(rejected)
                 if batch is None:
                     return
@@ -3327,23 +3737,18 @@ class _Worker(object):
         """Anything in memory, in a batch, or held on disk (read-only)."""
         if self.memory.count or self.pending.batches or self.inbox or self.to_create:
             return True
-        return self.reader is not None and (self.reader.waiting() > 0
+        return self.reader is not None and (self.reader.any_waiting()
                                             or self.reader.claimable(self.clock()))
 
     def settle(self, now):
         if not self.waits:
             return
-        oldest = self.pending.oldest_seq()
-        backlog = bool(self.to_create) or self.reader is not None and (
-            self.pending.others_in_flight() or self.reader.waiting()
+        backlog = bool(self.to_create) or self.reader is not None and bool(
+            self.pending.others_in_flight() or self.reader.any_waiting()
             or self.reader.claimable(now))
-        keep = []
-        for wait in self.waits:
-            if (oldest is None or oldest > wait.upto) and not backlog and wait.close_at is None:
-                self.answer(wait, True)
-            else:
-                keep.append(wait)
-        self.waits = keep
+        done, self.waits = _answerable(self.waits, self.pending.oldest_seq(), backlog)
+        for wait in done:
+            self.answer(wait, True)
 
     def answer(self, wait, delivered):
         wait.ok = delivered and self.ledger.lost == wait.lost
@@ -3370,7 +3775,7 @@ class _Worker(object):
         for batch in list(self.pending.batches):
             self.pending.set_aside(batch, why, drop=True)
         while self.memory.count:
-            batch, rejected = self.memory.take(most=self.settings["buffer_size"])
+            batch, rejected = self.memory.take(most=self.settings.buffer_size)
             self.ledger.unencodable(rejected)
             if batch is not None:
                 self.stash.write(batch.bucket, batch.parts, batch.seq, why)
@@ -3399,7 +3804,7 @@ class _Worker(object):
     def left_behind(self, why):
         """The one warning of a run that ends with events undelivered: how many, why,
         where they wait and what sends them."""
-        stats, key = self.stats, _mask(self.settings["access_key"])
+        stats, key = self.stats, _mask(self.settings.access_key)
         if stats["paused"] == "key_rejected":
             cause = "the server rejected the access key %s (check access_key / " \
                     "IS_ACCESS_KEY)" % key
@@ -3534,7 +3939,7 @@ def _close_all_at_exit():
         streamers = list(_open_streamers)
     if not streamers:
         return
-    deadline = _monotonic() + max(s._settings["exit_timeout"] for s in streamers)
+    deadline = _monotonic() + max(s._settings.exit_timeout for s in streamers)
     closing = []                        # those this hook closes (or waits for)
     try:
         for streamer in streamers:
@@ -3574,7 +3979,7 @@ def _preload(settings):
     import socket       # noqa: F401  (first imported at exit, it turns Ctrl-C's -2 into 1)
     _log.name           # logging too: the exit hook may need to warn
     _encode_json(None)
-    if settings["offline"]:
+    if settings.offline:
         import csv      # noqa: F401
         import io       # noqa: F401
         return
@@ -3585,12 +3990,12 @@ def _preload(settings):
     # imports encodings.idna (stringprep, unicodedata) at the first request: a fork
     # meanwhile left the child that import's lock, held for good.
     "localhost".encode("idna")
-    if settings["api_base"].strip().lower().startswith("https:"):
+    if settings.api_base.strip().lower().startswith("https:"):
         try:
             import ssl  # noqa: F401
         except ImportError:
             raise ConfigError("api_base %s is https:// but this Python was built without "
-                              "the ssl module" % settings["api_base"])
+                              "the ssl module" % settings.api_base)
 
 
 def _attributes(obj):
@@ -3643,18 +4048,18 @@ def _flatten(prefix, obj, depth=0, seen=None):
 
 def _new_worker(settings, bucket, stats=None, only=None):
     """A worker with its sender, spool and rate budget (no thread yet)."""
-    transport = _HTTPTransport(settings["api_base"], settings["timeout"],
-                               settings["ssl_context"], settings["user_agent"])
+    transport = _HTTPTransport(settings.api_base, settings.timeout,
+                               settings.ssl_context, settings.user_agent)
     sender = _Sender(settings, transport)
     writer = reader = budget = None
-    if not settings["offline"]:
-        folder = os.path.join(settings["spool_dir"], _fingerprint(settings["access_key"]))
-        reader = _SpoolReader(folder, settings["durable"], only)
-        writer = _SpoolWriter(folder, reader, settings["spool_max_bytes"],
-                              settings["durable"])
-        budget = _budget_for(settings["api_base"], settings["access_key"], folder)
-    if settings["offline"]:
-        sender = _CsvSender(settings["offline_file"])
+    if not settings.offline:
+        folder = os.path.join(settings.spool_dir, _fingerprint(settings.access_key))
+        reader = _SpoolReader(folder, settings.durable, only)
+        writer = _SpoolWriter(folder, reader, settings.spool_max_bytes,
+                              settings.durable)
+        budget = _budget_for(settings.api_base, settings.access_key, folder)
+    if settings.offline:
+        sender = _CsvSender(settings.offline_file)
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
     if stats is not None:
         worker.stats = worker.ledger.stats = stats
@@ -3689,7 +4094,7 @@ class Streamer(object):
             handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
         _preload(settings)
         self._settings = settings
-        bucket_key, bucket_name = settings.pop("bucket_key"), settings.pop("bucket_name")
+        bucket_key, bucket_name = settings.bucket_key, settings.bucket_name
         self._strict = debug_level >= 2
         self._echo = debug_level >= 1
         self._bucket = (bucket_key, bucket_name)
@@ -3710,16 +4115,16 @@ class Streamer(object):
         self._start(None)
         _install_process_hooks()
         _flush_at_multiprocessing_exit()
-        handlers = settings["handle_sigterm"] and _exit_on_signals()
+        handlers = settings.handle_sigterm and _exit_on_signals()
         if self._echo:
             _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
-                      bucket_key, bucket_name, "offline file " + settings["offline_file"]
-                      if settings["offline"] else settings["api_base"],
-                      _mask(settings["access_key"]),
-                      "" if settings["offline"] else ", spool %s" % settings["spool_dir"],
-                      "" if settings["use_async"] else " (synchronous)",
-                      " (durable)" if settings["durable"] else "",
-                      "" if handlers or not settings["handle_sigterm"] else
+                      bucket_key, bucket_name, "offline file " + settings.offline_file
+                      if settings.offline else settings.api_base,
+                      _mask(settings.access_key),
+                      "" if settings.offline else ", spool %s" % settings.spool_dir,
+                      "" if settings.use_async else " (synchronous)",
+                      " (durable)" if settings.durable else "",
+                      "" if handlers or not settings.handle_sigterm else
                       " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
 
     def _start(self, stats):
@@ -3732,7 +4137,7 @@ class Streamer(object):
         self._worker = worker
         self._queue = worker.inbox
         self._thread = None
-        if s["use_async"]:
+        if s.use_async:
             name = "isstreamer_lite[%s]" % self._bucket[0][:32]
             worker.courier = _Courier(worker.sender, worker.wake, name)
             try:
@@ -3743,7 +4148,7 @@ class Streamer(object):
                 _log.info("no worker thread here (%s): events are sent from the threads "
                           "that log them, as with use_async=False", exc)
         if self._thread is None:
-            worker.courier = _InlineCourier(worker.sender, watchdog=not s["offline"])
+            worker.courier = _InlineCourier(worker.sender, watchdog=not s.offline)
         with _hooks_lock:
             _open_streamers.add(self)
 
@@ -3862,14 +4267,14 @@ class Streamer(object):
         if self._thread is not None:
             worker.wake_at = _NEVER         # one signal per wake-up is enough
             worker.wake.set()
-        elif len(worker.inbox) + worker.memory.count >= self._settings["buffer_size"]:
+        elif len(worker.inbox) + worker.memory.count >= self._settings.buffer_size:
             # A signal handler's log() must never wait for the baton it interrupted.
             if self._baton.acquire(False):
                 try:
-                    reports = worker.pump(_monotonic() + self._settings["timeout"])
+                    reports = worker.pump(_monotonic() + self._settings.timeout)
                 finally:
                     self._baton.release()
-                _run_reports(self._settings["on_error"], reports, worker)
+                _run_reports(self._settings.on_error, reports, worker)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -3930,7 +4335,7 @@ class Streamer(object):
         did. What is not delivered by then stays queued or spooled and goes
         later. After ``close()`` it reopens the Streamer, as ``log()`` does.
         """
-        idle = self._settings["wait_timeout"] if timeout is None else None
+        idle = self._settings.wait_timeout if timeout is None else None
         deadline = _monotonic() + (idle if timeout is None else timeout)
         if self._closed:
             self._reopen()
@@ -3957,7 +4362,7 @@ class Streamer(object):
         after ``wait_timeout`` seconds in which none did, as ISStreamer's
         blocking close() sent everything.
         """
-        idle = self._settings["wait_timeout"] if timeout is None else None
+        idle = self._settings.wait_timeout if timeout is None else None
         deadline = _monotonic() + (idle if timeout is None else timeout)
         begun = self._begin_close(deadline, idle=idle)
         if begun is None:
@@ -4062,7 +4467,7 @@ class Streamer(object):
             reports = worker.pump(deadline, until)
         finally:
             self._baton.release()
-        _run_reports(self._settings["on_error"], reports, worker)
+        _run_reports(self._settings.on_error, reports, worker)
 
     def _close_now(self):
         """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once.
@@ -4117,14 +4522,14 @@ class Streamer(object):
         until, why = worker.waiting
         counters["waiting"] = why if until > _monotonic() else ""
         month, delivered, projected = worker.month_view
-        quota = self._settings["monthly_quota"]
+        quota = self._settings.monthly_quota
         counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
                              "quota": None if worker.enterprise or not quota else quota}
         return counters
 
     def __repr__(self):
         return "<Streamer bucket=%r key=%s %s>" % (
-            self._bucket[0], _mask(self._settings["access_key"]),
+            self._bucket[0], _mask(self._settings.access_key),
             "closed" if self._closed else "open")
 
 
@@ -4588,7 +4993,7 @@ def _undelivered(streamer, started, timeout, err):
                                                                              timeout)
     err.write("not delivered after %.2f s (--timeout %g): %s\n" % (elapsed, timeout, why))
     if stats["paused"] == "key_rejected":
-        err.write("%s\n" % _key_hint(streamer._settings["access_key"]))
+        err.write("%s\n" % _key_hint(streamer._settings.access_key))
     dropped = sum(stats["dropped"].values())
     if stats["spooled"]:
         err.write("%s spooled; the next run with this access key (or replay) sends the "
@@ -4833,7 +5238,7 @@ def _ago(when, now):
 def _cmd_status(args, out, err):
     options = _cli_options(args, bucket_key="status")
     settings = _resolve_settings(**dict(options, offline=True))
-    spool_dir, quota = settings["spool_dir"], settings["monthly_quota"]
+    spool_dir, quota = settings.spool_dir, settings.monthly_quota
     keys = sorted(d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
                   if os.path.isdir(os.path.join(spool_dir, d)))
     now = _time()
@@ -4897,11 +5302,11 @@ def _cmd_discard(args, out, err):
         raise _UsageError("discard needs --bucket-key KEY (its backlog) or --dead-letters")
     options = _cli_options(args, bucket_key=args.bucket_key or "discard")
     settings = _resolve_settings(**options)
-    folder = os.path.join(settings["spool_dir"], _fingerprint(settings["access_key"]))
+    folder = os.path.join(settings.spool_dir, _fingerprint(settings.access_key))
     doomed, what = [], []
     if args.bucket_key:
         bucket = os.path.join(folder, _fingerprint(args.bucket_key))
-        rows = [r for r in _spool_summary(settings["spool_dir"], settings["access_key"])
+        rows = [r for r in _spool_summary(settings.spool_dir, settings.access_key)
                 if r["folder"] == bucket]
         doomed += [os.path.join(bucket, n) for n in sorted(os.listdir(bucket))
                    if n.endswith(_SPOOL_SUFFIX)] if os.path.isdir(bucket) else []
@@ -4954,14 +5359,14 @@ def _replay_spool(settings, paths, timeout):
     deadline = _monotonic() + timeout
     worker.inbox.append(_Wait(0, deadline))
     while not worker.stopped.is_set() and _monotonic() < deadline:
-        _run_reports(settings["on_error"], worker.pump(deadline, worker.stopped), worker)
+        _run_reports(settings.on_error, worker.pump(deadline, worker.stopped), worker)
     if not worker.stopped.is_set():
         worker.halt("replay deadline reached")
     if paths is not None:
         pending = sum(len(_pending_bodies(path)) for path in paths)
     else:
-        pending = sum(row["lines"] for row in _spool_summary(settings["spool_dir"],
-                                                             settings["access_key"]))
+        pending = sum(row["lines"] for row in _spool_summary(settings.spool_dir,
+                                                             settings.access_key))
     return worker.stats, pending
 
 
@@ -4998,10 +5403,10 @@ def _cmd_replay(args, out, err):
             raise _UsageError("no such file: %s" % path)
     options = _cli_options(args, bucket_key="replay")
     if args.dry_run:
-        spool_dir = _resolve_settings(**dict(options, offline=True))["spool_dir"]
+        spool_dir = _resolve_settings(**dict(options, offline=True)).spool_dir
         key = None
         try:
-            key = _resolve_settings(**options)["access_key"]
+            key = _resolve_settings(**options).access_key
         except ConfigError:
             pass
         rows = _spool_summary(spool_dir, key)
@@ -5089,22 +5494,22 @@ def _cmd_selftest(args, out, err):
                                                 _LIVE_BUCKET[0],
                                                 bucket_name=args.bucket_name or _LIVE_BUCKET[1]))
     _preload(settings)
-    sender = _Sender(settings, _HTTPTransport(settings["api_base"], settings["timeout"], None,
-                                              settings["user_agent"]))
-    bucket = (settings["bucket_key"], settings["bucket_name"])
+    sender = _Sender(settings, _HTTPTransport(settings.api_base, settings.timeout, None,
+                                              settings.user_agent))
+    bucket = (settings.bucket_key, settings.bucket_name)
     now = _time()
     events = [("selftest_number", 1), ("selftest_text", "hello from isstreamer_lite"),
               ("selftest_flag", True)]
     out.write("live selftest against %s with access key %s: creates (or reuses) a bucket "
               "named \"%s\" (key %s) and sends it %d test events\n" % (
-                  settings["api_base"], _mask(settings["access_key"]), settings["bucket_name"],
-                  settings["bucket_key"], len(events)))
+                  settings.api_base, _mask(settings.access_key), settings.bucket_name,
+                  settings.bucket_key, len(events)))
     failed = key_rejected = False
-    for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings["bucket_key"],
-                                                     "bucketName": settings["bucket_name"]})),
+    for path, body in (("/api/buckets", _json_bytes({"bucketKey": settings.bucket_key,
+                                                     "bucketName": settings.bucket_name})),
                        ("/api/events", _encode_events([e + (now,) for e in events]))):
         response, error = sender.post(_Job(path, body, bucket, None,
-                                           _monotonic() + settings["timeout"]))
+                                           _monotonic() + settings.timeout))
         if error is not None:
             out.write("  POST %s: %s: %s\n" % (path, type(error).__name__, error))
             failed = True
@@ -5119,7 +5524,7 @@ def _cmd_selftest(args, out, err):
         key_rejected = key_rejected or _decide(response.status).reason == "key_rejected"
     sender.transport.close()
     if key_rejected:
-        out.write("  FAILED: %s\n" % _key_hint(settings["access_key"]))
+        out.write("  FAILED: %s\n" % _key_hint(settings.access_key))
     else:
         out.write("  %s\n" % ("FAILED" if failed else "OK: the account accepted %d test events"
                                % len(events)))

@@ -272,43 +272,52 @@ class ConfigurationTest(LiteTestCase):
                                   "default_bucket = ini name\n"
                                   "[isstreamer.api_config]\nstream_api_base = http://127.0.0.1:9\n")
         s = self.make(offline=True)
-        self.assertEqual(s._settings["access_key"], "ini_key")
+        self.assertEqual(s._settings.access_key, "ini_key")
         self.assertEqual(s.bucket_name, "ini name")
-        self.assertEqual(s._settings["api_base"], "http://127.0.0.1:9")
+        self.assertEqual(s._settings.api_base, "http://127.0.0.1:9")
         os.environ["IS_ACCESS_KEY"] = "env_key"
         os.environ["IS_BUCKET_NAME"] = "env name"
         os.environ["IS_BUCKET_KEY"] = "env-bucket"
         os.environ["IS_API_BASE"] = "http://127.0.0.1:10"
         s = self.make(offline=True)
-        self.assertEqual((s._settings["access_key"], s.bucket_name, s.bucket_key,
-                          s._settings["api_base"]),
+        self.assertEqual((s._settings.access_key, s.bucket_name, s.bucket_key,
+                          s._settings.api_base),
                          ("env_key", "env name", "env-bucket", "http://127.0.0.1:10"))
         s = self.make(access_key="arg_key", bucket_name="arg name", bucket_key="arg-bucket",
                       api_base="http://127.0.0.1:11", offline=True)
-        self.assertEqual((s._settings["access_key"], s.bucket_name, s.bucket_key,
-                          s._settings["api_base"]),
+        self.assertEqual((s._settings.access_key, s.bucket_name, s.bucket_key,
+                          s._settings.api_base),
                          ("arg_key", "arg name", "arg-bucket", "http://127.0.0.1:11"))
 
     def test_default_api_base(self):
         """Configuration: with nothing set the base is https://groker.init.st."""
         s = self.make(access_key="k", offline=True)
-        self.assertEqual(s._settings["api_base"], "https://groker.init.st")
+        self.assertEqual(s._settings.api_base, "https://groker.init.st")
 
     def test_api_config_read_without_client_config(self):
         """Configuration: [isstreamer.api_config] counts even alone (ISStreamer ignored it)."""
         self.write_ini(self.home, "[isstreamer.api_config]\nstream_api_base = http://127.0.0.1:12\n")
         s = self.make(access_key="k", offline=True)
-        self.assertEqual(s._settings["api_base"], "http://127.0.0.1:12")
+        self.assertEqual(s._settings.api_base, "http://127.0.0.1:12")
 
     def test_ini_search_order(self):
         """Configuration: ini_file_location, else ~/isstreamer.ini, else ./isstreamer.ini."""
         self.write_ini(self.cwd, "[isstreamer.client_config]\naccess_key = cwd_key\n")
-        self.assertEqual(self.make(offline=True)._settings["access_key"], "cwd_key")
+        self.assertEqual(self.make(offline=True)._settings.access_key, "cwd_key")
         self.write_ini(self.home, "[isstreamer.client_config]\naccess_key = home_key\n")
-        self.assertEqual(self.make(offline=True)._settings["access_key"], "home_key")
+        self.assertEqual(self.make(offline=True)._settings.access_key, "home_key")
         other = self.write_ini(self.tempdir(), "[isstreamer.client_config]\naccess_key = own\n")
         self.assertEqual(self.make(offline=True, ini_file_location=other)
-                         ._settings["access_key"], "own")
+                         ._settings.access_key, "own")
+
+    def test_settings_are_one_immutable_object_that_masks_the_key(self):
+        """Configuration: settings are built once, cannot change, and repr() hides the key."""
+        s = self.make(access_key="secret-key-1234", offline=True)
+        with self.assertRaises(AttributeError):
+            s._settings.buffer_size = 99
+        self.assertEqual(s._settings.buffer_size, 10)
+        self.assertNotIn("secret-key", repr(s._settings))
+        self.assertIn("...1234", repr(s._settings))
 
     def test_missing_ini_location_is_an_error(self):
         """Configuration: a given ini_file_location that does not exist is a ConfigError."""
@@ -320,8 +329,8 @@ class ConfigurationTest(LiteTestCase):
         self.write_ini(self.home, "[isstreamer.client_config]\noffline_mode = true\n"
                                   "offline_file = out.csv\n")
         s = self.make()
-        self.assertTrue(s._settings["offline"])
-        self.assertEqual(s._settings["offline_file"], "out.csv")
+        self.assertTrue(s._settings.offline)
+        self.assertEqual(s._settings.offline_file, "out.csv")
 
     def test_missing_access_key_is_an_error(self):
         """Configuration: no access key anywhere (and not offline) fails at construction."""
@@ -386,6 +395,24 @@ class WireTest(LiteTestCase):
         self.assertTrue(headers["User-Agent"].startswith("isstreamer_lite/%s Python/"
                                                          % lite.__version__))
         self.assertEqual(self.received(sink), [("k%d" % i, i) for i in range(5)])
+
+    def test_event_encoding_matches_the_json_encoder(self):
+        """Wire: the fast event encoding is byte for byte the JSON encoder's, or refuses alike."""
+        class Str(str):
+            pass
+        values = ["", "plain", "qu\"ote\\", "caf\u00e9 \u2603 \U0001f600", "\n\t\x00",
+                  "\ud800", Str("sub"), True, False, 0, -1, 2 ** 63 - 1, -2 ** 63, 1.5, -0.0,
+                  1e-300, 1.7976931348623157e308, 0.1 + 0.2, None, [1], {"a": 1}]
+        for key in ("k", "cl\u00e9 \"q\"", Str("k")):
+            for value in values:
+                for epoch in (1700000000.123456, 1700000000, 0.0):
+                    generic = lite._encode_json({"key": key, "value": value, "epoch": epoch})
+                    self.assertEqual(lite._encode_event((key, value, epoch)),
+                                     generic.encode("utf-8"), (key, value, epoch))
+        for event in (("k", float("nan"), 1.0), ("k", float("inf"), 1.0),
+                      ("k", 1, float("nan")), ("k", object(), 1.0)):
+            with self.assertRaises((ValueError, TypeError)):
+                lite._encode_event(event)
 
     def test_epoch_on_every_event(self):
         """Wire: each event carries the epoch taken at log() time."""
@@ -1106,6 +1133,91 @@ class TransportTest(LiteTestCase):
         with self.assertLogs("isstreamer_lite", "WARNING") as logs:
             self.streamer(sink)
         self.assertIn("travels in clear text", logs.output[0])
+
+
+class PiecesSocket(object):
+    """A socket that answers recv() with the given pieces, then b"" (the stream's end)."""
+
+    def __init__(self, data, size):
+        self.pieces = [data[i:i + size] for i in range(0, len(data), size)]
+
+    def recv(self, count):
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+class ReplyReaderTest(IsolatedCase):
+    """_read_reply: the bounded HTTP/1.x answer reader, from plain bytes in any pieces."""
+
+    # (answer bytes, limit) -> (status, headers picked, body, reusable)
+    TABLE = [
+        (b"HTTP/1.1 204 No Content\r\nX-RateLimit-Remaining: 7\r\n\r\n", 100,
+         (204, {"x-ratelimit-remaining": "7"}, b"", True)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 100,
+         (200, {"content-length": "5"}, b"hello", True)),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", 100, (200, {}, b"ok", True)),
+        (b"HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\nretry-after: 4\r\n"
+         b"Content-Length: 0\r\n\r\n", 100, (429, {"retry-after": "4"}, b"", True)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789", 4,
+         (200, {}, b"0123", False)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", 100, (200, {}, b"short", False)),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", 100,
+         (200, {}, b"ok", False)),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 100, (200, {}, b"ok", False)),
+        (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok", 100,
+         (200, {}, b"ok", True)),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", 100, (200, {}, b"until the end", False)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n", 100,
+         (200, {}, b"hello world", True)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+         4, (200, {}, b"0123", False)),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+         100, (201, {}, b"", True)),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 500 Oops\r\n\r\n", 100,
+         (103, {"link": "</x>"}, b"", False)),
+        (b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\r\nContent-Length: 0\r\n\r\n", 100,
+         (200, {"x-long": "a b"}, b"", True)),
+        (b"HTTP/1.1 200 OK\nContent-Length: 6\n\nab\r\n\r\n", 100,      # bare LF, CRLFs in body
+         (200, {"content-length": "6"}, b"ab\r\n\r\n", True)),
+        (b"HTTP/1.1 200 OK\r\n\nX: 1\r\n\r\n", 100, (200, {}, b"X: 1\r\n\r\n", False)),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 100, (204, {}, b"", True)),
+        (b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\n\r\nC: 3\r\n\r\n", 100,
+         (200, {"a": "1", "b": "2"}, b"C: 3\r\n\r\n", False)),
+    ]
+
+    def test_bytes_after_the_answer_forbid_reuse(self):
+        """Transport: bytes already read past the answer mean the connection is not reused."""
+        got = lite._read_reply(PiecesSocket(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+                                            b"okEXTRA", 65536), 100)
+        self.assertEqual((got[0], got[2], got[3]), (200, b"ok", False))
+
+    def test_answers_in_any_pieces(self):
+        """Transport: status, headers, body and reuse read alike whatever the recv() sizes."""
+        for answer, limit, (status, picked, body, reusable) in self.TABLE:
+            for size in (1, 3, 7, 65536):
+                with self.subTest(answer=answer[:40], size=size):
+                    got = lite._read_reply(PiecesSocket(answer, size), limit)
+                    self.assertEqual((got[0], got[2], got[3]), (status, body, reusable))
+                    for name, value in picked.items():
+                        self.assertEqual(got[1][name], value)
+
+    def test_what_is_not_an_answer_is_refused(self):
+        """Transport: no status line, garbage, an endless line or too many headers raise."""
+        import http.client
+        cases = [(b"", http.client.RemoteDisconnected),
+                 (b"SSH-2.0-OpenSSH\r\n\r\n", http.client.BadStatusLine),
+                 (b"HTTP/1.1 2000 OK\r\n\r\n", http.client.BadStatusLine),
+                 (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+                  http.client.HTTPException),
+                 (b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
+                  http.client.HTTPException),
+                 (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", http.client.HTTPException),
+                 (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                  http.client.HTTPException)]
+        for answer, error in cases:
+            with self.subTest(answer=answer[:40]):
+                with self.assertRaises(error):
+                    lite._read_reply(PiecesSocket(answer, 4096), 100)
 
 
 STREAMING_CHILD = r'''
@@ -3878,6 +3990,255 @@ class WindowTransport(FakeTransport):
         return lite._Response(204, answer, b"")
 
 
+class Waiter(object):
+    """A flush() or close() waiter as the core sees it: what it waits for, and how."""
+
+    def __init__(self, upto, close_at=None):
+        self.upto, self.close_at = upto, close_at
+
+    def __repr__(self):
+        return "Waiter(%r, %r)" % (self.upto, self.close_at)
+
+
+class CoreTest(IsolatedCase):
+    """The delivery core's decisions from tables: time and inputs in, decisions out."""
+
+    def test_memory_due(self):
+        """Core: memory's events go at buffer_size, a bucket change, close, a flush or age."""
+        # (now, oldest (seq, since), count, runs, closing, asked_upto) -> due
+        # with buffer_size 10 and flush_interval 1.0
+        table = [
+            (5.0, None, 0, 0, True, 99, False),        # nothing to send
+            (5.0, (0, 4.5), 9, 1, False, -1, False),     # young, not full: wait for more
+            (5.0, (0, 4.5), 10, 1, False, -1, True),     # a full call (the per-call cap)
+            (5.0, (0, 4.5), 2, 2, False, -1, True),      # two buckets: the first run goes
+            (5.0, (0, 4.5), 2, 1, True, -1, True),       # closing
+            (5.0, (3, 4.5), 2, 1, False, 3, True),       # a flush() waits for it
+            (5.0, (3, 4.5), 2, 1, False, 2, False),      # a flush() of what went already
+            (5.5, (0, 4.5), 1, 1, False, -1, True),      # flush_interval reached
+        ]
+        for now, oldest, count, runs, closing, upto, due in table:
+            with self.subTest(now=now, oldest=oldest, count=count, runs=runs):
+                self.assertIs(lite._memory_due(now, oldest, count, runs, closing, upto,
+                                               10, 1.0), due)
+
+    def test_call_deadline_grows_with_the_body(self):
+        """Core: a call's deadline is timeout plus the body at 2 KiB/s, within the limits."""
+        table = [
+            (100.0, 0, 10.0, (), 110.0),
+            (100.0, 20480, 10.0, (), 120.0),           # 20 KiB: 10 s more
+            (100.0, 1048576, 10.0, (), 622.0),         # 1 MB: 512 s more
+            (100.0, 20480, 10.0, (None, 105.0), 105.0),  # a close() or flush() deadline
+            (100.0, 0, 10.0, (150.0, 103.0), 103.0),   # the earliest limit wins
+            (100.0, 0, 10.0, (99.0,), 100.05),         # a passed limit: a moment to try
+        ]
+        for now, size, timeout, limits, end in table:
+            with self.subTest(size=size, limits=limits):
+                self.assertAlmostEqual(lite._call_deadline(now, size, timeout, limits), end)
+
+    def test_after_failure(self):
+        """Core: retries back off and count; a 429 waits as told; a pause sets the batch aside."""
+        D = lite._Decision
+        # (decision, failures, attempts, max_retries) -> _Retry
+        table = [
+            (D(lite._RETRY, 0.5, "503"), 0, 0, 5,
+             (10.5, 1, "backing off after 503", 1, None)),
+            (D(lite._RETRY, 4.0, "timeout"), 3, 4, 5,
+             (14.0, 4, "backing off after timeout", 5, "5 attempts failed")),
+            (D(lite._RETRY, 2.0, "connection"), 1, None, 5,          # a bucket creation
+             (12.0, 2, "backing off after connection", None, None)),
+            (D(lite._WAIT, 7.0, "429"), 2, 4, 5,                     # Retry-After: 7
+             (17.0, 3, "rate limited (429)", 4, None)),
+            (D(lite._PAUSE, 60.0, "key_rejected"), 1, 2, 5,
+             (70.0, 1, "paused: key_rejected", 2, "delivery paused (key_rejected)")),
+        ]
+        for decision, failures, attempts, most, expected in table:
+            with self.subTest(decision=decision, attempts=attempts):
+                self.assertEqual(tuple(lite._after_failure(10.0, decision, failures, attempts,
+                                                           most)), expected)
+
+    def test_decisions_feed_the_retry_plan(self):
+        """Core: status and headers in, through _decide and _after_failure, the next try out."""
+        table = [       # (status, headers, error, failures) -> (action, waiting, retry_in)
+            (429, {"retry-after": "3"}, None, 0, (lite._WAIT, "rate limited (429)", 3.0)),
+            (401, {}, None, 0, (lite._PAUSE, "paused: key_rejected", 60.0)),
+            (None, None, ConnectionRefusedError("refused"), 2,       # base * 2 ** failures
+             (lite._RETRY, "backing off after network", 2.0)),
+            (503, {}, None, 0, (lite._RETRY, "backing off after server_error", 0.5)),
+        ]
+        for status, headers, error, failures, (action, waiting, retry_in) in table:
+            with self.subTest(status=status, error=error):
+                decision = lite._decide(status, headers, error, failures, base=0.5, cap=30.0,
+                                        retry_after_cap=120.0, pause=60.0,
+                                        now=1700000000.0, rand=lambda: 1.0)
+                plan = lite._after_failure(10.0, decision, failures, 0, 5)
+                self.assertEqual((decision.action, plan.waiting), (action, waiting))
+                self.assertAlmostEqual(plan.retry_at, 10.0 + retry_in)
+
+    def test_answerable_waiters(self):
+        """Core: flush() is answered once all it asked for is delivered and no backlog is left."""
+        a, b, c = Waiter(4), Waiter(9), Waiter(9, close_at=50.0)
+        table = [       # (oldest pending seq, backlog) -> (answered, still waiting)
+            (None, False, [a, b], [c]),
+            (5, False, [a], [b, c]),
+            (4, False, [], [a, b, c]),
+            (None, True, [], [a, b, c]),        # spool lines or a bucket still to create
+            (10, False, [a, b], [c]),           # close() waiters wait for the halt
+        ]
+        for oldest, backlog, done, keep in table:
+            with self.subTest(oldest=oldest, backlog=backlog):
+                self.assertEqual(lite._answerable([a, b, c], oldest, backlog), (done, keep))
+
+    def test_close_plan(self):
+        """Core: several close() calls: the earliest end wins, a hard deadline beats idle."""
+        table = [       # (close_at, idle, asked_at, asked_idle) -> (close_at, idle)
+            (None, None, 30.0, 10.0, (30.0, 10.0)),
+            (30.0, 10.0, 20.0, 10.0, (20.0, 10.0)),
+            (30.0, 10.0, 40.0, None, (30.0, None)),
+            (30.0, None, 25.0, 10.0, (25.0, None)),
+        ]
+        for close_at, idle, asked_at, asked_idle, expected in table:
+            with self.subTest(close_at=close_at, asked_at=asked_at):
+                self.assertEqual(lite._close_plan(close_at, idle, asked_at, asked_idle),
+                                 expected)
+
+    def test_next_wake(self):
+        """Core: the runner wakes at the earliest thing due, at once if overdue, or never."""
+        for dues, wake in (([], None), ([None, None], None), ([3.0, None, 0.5], 0.5),
+                           ([-2.0, 4.0], 0.0)):
+            with self.subTest(dues=dues):
+                self.assertEqual(lite._next_wake(dues), wake)
+
+
+class CalendarTest(IsolatedCase):
+    """_month_of and _month_left: calendar arithmetic equal to time.gmtime's, without it."""
+
+    def test_months_match_gmtime(self):
+        """Core: month and seconds left agree with time.gmtime over leap years and centuries."""
+        import random
+        rand = random.Random(17)
+        walls = [0.0, 951782399.5, 951782400.0, 4107542399.25, 4107542400.0, 1709251199.999,
+                 253402300799.0] + [rand.uniform(0, 253402300799) for _ in range(2000)]
+        for wall in walls:
+            g = time.gmtime(wall)
+            leap = g.tm_year % 4 == 0 and (g.tm_year % 100 != 0 or g.tm_year % 400 == 0)
+            days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[g.tm_mon - 1]
+            done = (g.tm_mday - 1) * 86400 + g.tm_hour * 3600 + g.tm_min * 60 + g.tm_sec
+            with self.subTest(wall=wall):
+                self.assertEqual(lite._month_of(wall), time.strftime("%Y-%m", g))
+                self.assertAlmostEqual(lite._month_left(wall),
+                                       days * 86400 - done - wall % 1, places=5)
+        tally = lite._MonthTally()          # keeps the last month's span: still the same names
+        for wall in sorted(walls) + walls:
+            self.assertEqual(tally.month_of(wall), time.strftime("%Y-%m", time.gmtime(wall)))
+
+
+class Forbidden(object):
+    """Stands in for a module the core must not touch: any attribute access raises."""
+
+    def __init__(self, name):
+        object.__setattr__(self, "_name", name)
+
+    def __getattribute__(self, attribute):
+        raise AssertionError("the core used %s.%s" % (object.__getattribute__(self, "_name"),
+                                                      attribute))
+
+
+class PurityTest(IsolatedCase):
+    """The delivery core does no I/O: time, threading, socket and os raise while it steps."""
+
+    def test_core_steps_with_time_threading_socket_and_os_forbidden(self):
+        """Core: every decision runs with the module's clocks, threads, sockets and files gone."""
+        budget = lite._RateBudget()     # built by the shell: its lock (Streamers of a key share it)
+        tally = lite._MonthTally()
+        patches = [mock.patch.object(lite, name, Forbidden(name), create=True)
+                   for name in ("time", "threading", "socket", "os")]
+        patches += [mock.patch.object(lite, name, Forbidden(name))
+                    for name in ("_time", "_monotonic")]
+        for patcher in patches:
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        CoreTest("test_memory_due").test_memory_due()
+        CoreTest("test_call_deadline_grows_with_the_body").test_call_deadline_grows_with_the_body()
+        CoreTest("test_after_failure").test_after_failure()
+        CoreTest("test_decisions_feed_the_retry_plan").test_decisions_feed_the_retry_plan()
+        CoreTest("test_answerable_waiters").test_answerable_waiters()
+        CoreTest("test_close_plan").test_close_plan()
+        CoreTest("test_next_wake").test_next_wake()
+        budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
+                       "x-ratelimit-reset": "1700000005"}, 500.0, 1700000000.0)
+        self.assertGreater(budget.reserve(500.0), 0.0)
+        tally.add(10, 1700000000.0)
+        self.assertGreater(tally.projected(1700000060.0), 10)
+        with self.assertRaises(AssertionError):     # the guard itself works
+            lite.time.monotonic()
+
+
+class MemoryTest(IsolatedCase):
+    """_Memory.fill: a batch takes events in order up to buffer_size and 1 MB, refusing the
+    unencodable, whether the events go in at once or one by one."""
+
+    def fill(self, values, most, limit=lite._MAX_BODY_BYTES, bucket=("b", "")):
+        memory = lite._Memory(bucket)
+        memory.extend([("k", v, 1.0) for v in values], 0.0)
+        batch, rejected = memory.take(limit, most)
+        return ([e[1] for e in batch.events] if batch else [], [r[0][1] for r in rejected],
+                memory.count, batch)
+
+    def test_fill_table(self):
+        """Memory: order, the cap, the byte limit and rejections alike on both paths."""
+        nan = float("nan")
+        one = len(lite._encode_event(("k", 0, 1.0))) + 1
+        table = [       # (values, most, limit) -> (taken, rejected, left in memory)
+            (list(range(25)), 10, lite._MAX_BODY_BYTES, (list(range(10)), [], 15)),
+            (list(range(5)), 10, lite._MAX_BODY_BYTES, (list(range(5)), [], 0)),
+            ([0, 1, nan, 3, 4], 10, lite._MAX_BODY_BYTES, ([0, 1, 3, 4], [nan], 0)),
+            ([0, 1, nan, 3, 4, 5], 3, lite._MAX_BODY_BYTES, ([0, 1, 3], [nan], 2)),
+            (list(range(10)), 10, 2 + 4 * one, (list(range(4)), [], 6)),
+            ([0, 1, 2], 10, 2, ([0], [], 2)),           # one event always goes, alone
+        ]
+        for values, most, limit, (taken, rejected, left) in table:
+            with self.subTest(values=values, most=most, limit=limit):
+                got = self.fill(values, most, limit)
+                self.assertEqual(got[0], taken)
+                self.assertEqual(len(got[1]), len(rejected))
+                self.assertEqual(got[2], left)
+                self.assertEqual(got[3].body, lite._encode_events(
+                    [("k", v, 1.0) for v in taken]))
+                self.assertEqual(got[3].size, len(got[3].body) + 1)
+
+
+class DoorbellTest(IsolatedCase):
+    """_Doorbell: an Event's set/clear/wait/is_set on one plain lock."""
+
+    def test_event_semantics(self):
+        """Worker: set twice is set once, wait leaves it set, clear resets, a wait times out."""
+        bell = lite._Doorbell()
+        self.assertFalse(bell.is_set())
+        self.assertFalse(bell.wait(0.0))
+        self.assertFalse(bell.wait(-1.0))
+        bell.set()
+        bell.set()
+        self.assertTrue(bell.is_set())
+        self.assertTrue(bell.wait(0.0))
+        self.assertTrue(bell.wait(5.0))             # still set: returns at once
+        bell.clear()
+        bell.clear()
+        self.assertFalse(bell.is_set())
+        started = time.monotonic()
+        self.assertFalse(bell.wait(0.05))
+        self.assertGreaterEqual(time.monotonic() - started, 0.04)
+
+    def test_set_from_another_thread_wakes_a_waiter(self):
+        """Worker: a set() from another thread ends a wait long before its timeout."""
+        bell, rang = lite._Doorbell(), threading.Event()
+        thread = threading.Thread(target=lambda: (rang.wait(10), bell.set()))
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        rang.set()
+        self.assertTrue(bell.wait(10))
+
+
 class WorkerTest(LiteTestCase):
     """The worker's decisions, stepped by hand: no threads, no sockets, no real time."""
 
@@ -3892,7 +4253,7 @@ class WorkerTest(LiteTestCase):
         settings.update(options)
         budget = settings.pop("budget", None)
         settings = lite._resolve_settings(**settings)
-        bucket = (settings.pop("bucket_key"), settings.pop("bucket_name"))
+        bucket = (settings.bucket_key, settings.bucket_name)
         self.clock = FakeClock()
         self.transport = FakeTransport(*answers)
         sender = lite._Sender(settings, self.transport)
@@ -4650,8 +5011,8 @@ class MonthlyQuotaTest(DeliveryTestCase):
         for env, expected in (({}, 500000), ({"IS_MONTHLY_QUOTA": "0"}, 0)):
             with mock.patch.dict(os.environ, env):
                 s = self.streamer("http://127.0.0.1:9", ini_file_location=ini)
-            self.assertEqual(s._settings["monthly_quota"], expected)
-        self.assertEqual(self.streamer("http://127.0.0.1:9")._settings["monthly_quota"],
+            self.assertEqual(s._settings.monthly_quota, expected)
+        self.assertEqual(self.streamer("http://127.0.0.1:9")._settings.monthly_quota,
                          3000000)
 
 
