@@ -51,6 +51,46 @@ CONFIG_VARS = ("IS_ACCESS_KEY", "IS_BUCKET_KEY", "IS_BUCKET_NAME", "IS_API_BASE"
 _saved_env = {}
 _saved_handlers = {}
 
+# The full matrix runs when ISSTREAMER_LITE_FULL=1, as CPython's expensive
+# resources run under -u: every signal at every moment, repeated SIGKILLs,
+# every fault, every shell, crash states and the slow link at full size.
+# .ci/run asks for it on every Python. The default run (the README's command)
+# covers each of those behaviours once, in seconds.
+FULL_MATRIX = os.environ.get("ISSTREAMER_LITE_FULL") == "1"
+
+
+def full_or(full, default):
+    """``full`` when the full matrix was asked for, else the default run's ``default``."""
+    return full if FULL_MATRIX else default
+
+
+def concurrently(case, cells):
+    """Run matrix cells, ``[(subTest labels, callable), ...]``, each in a thread of its own.
+
+    For cells whose children mostly wait (timers, exit hooks, dead servers):
+    they overlap instead of queueing. Each cell's failure is reported in the
+    test's thread under its subTest labels. The join is a failure guard: each
+    cell bounds its own waits.
+    """
+    errors = [None] * len(cells)
+
+    def run(index):
+        try:
+            cells[index][1]()
+        except BaseException:       # reported in the test's thread, below
+            errors[index] = sys.exc_info()[1]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(cells))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    for (labels, _), thread, error in zip(cells, threads, errors):
+        with case.subTest(**labels):
+            case.assertFalse(thread.is_alive(), "the cell did not end in 300 s")
+            if error is not None:
+                raise error
+
+
 # A self-signed certificate for 127.0.0.1 and localhost, valid until 2126,
 # made for these tests only (openssl req -x509 -newkey rsa:2048 -days 36500).
 _TEST_CERT = """\
@@ -5307,8 +5347,6 @@ class DurableJournalTest(Issue9Case):
 
 # --- 1b. Crash states of durable mode (what a power cut can leave) ----------
 
-FULL_MATRIX = os.environ.get("ISSTREAMER_LITE_FULL") == "1"
-
 
 class _Node(object):
     """A file or folder of the recorded file system: what the disk holds of it, and
@@ -7780,59 +7818,77 @@ class LifecycleCase(LiteTestCase):
 class SignalLifecycleTest(LifecycleCase):
     """Signals, server down: every logged event ends up in the spool, then delivered."""
 
+    def signal_at(self, name, mode, line, status):
+        """One cell: SIGname while the child is at ``mode``; all spooled, then delivered."""
+        spool = self.tempdir()
+        child, count_path = self.lifecycle(mode, dead_url(), spool)
+        self.read_line(child, line)
+        self.still_running(child, 0.3)  # well into close(), idle or logging
+        child.send_signal(getattr(signal, name))
+        status_, err = self.finish(child)
+        expected = list(range(100))
+        if mode == "logging":
+            self.assertTrue(os.path.exists(count_path),
+                            "the loop's finally never ran (exit status %s)" % status_)
+            with open(count_path) as handle:
+                logged = int(handle.read())
+            # The signal may land inside log(), after its append.
+            spooled = len(spooled_events(spool))
+            expected = list(range(spooled if spooled == logged + 1 else logged))
+        self.assertSpooled(spool, expected, status_, err)
+        self.assertEqual(status_, status, err[-600:])
+        self.assertReplayed(spool, expected)
+
     def test_signal_at_each_moment_spools_everything(self):
-        """Signals: SIGTERM, SIGINT, SIGHUP during close(), idle or logging lose nothing."""
-        statuses = dict(SIGNALS, SIGINT=self.plain_sigint_status())
-        for name, _ in SIGNALS:
-            for mode, line in (("close", "closing"), ("idle", "idle"),
-                               ("logging", "logging")):
-                with self.subTest(signal=name, moment=mode):
-                    spool = self.tempdir()
-                    child, count_path = self.lifecycle(mode, dead_url(), spool)
-                    self.read_line(child, line)
-                    self.still_running(child, 0.3)  # well into close(), idle or logging
-                    child.send_signal(getattr(signal, name))
-                    status, err = self.finish(child)
-                    expected = list(range(100))
-                    if mode == "logging":
-                        self.assertTrue(os.path.exists(count_path),
-                                        "the loop's finally never ran (exit status %s)"
-                                        % status)
-                        with open(count_path) as handle:
-                            logged = int(handle.read())
-                        # The signal may land inside log(), after its append.
-                        spooled = len(spooled_events(spool))
-                        expected = list(range(spooled if spooled == logged + 1 else logged))
-                    self.assertSpooled(spool, expected, status, err)
-                    self.assertEqual(status, statuses[name], err[-600:])
-                    self.assertReplayed(spool, expected)
+        """Signals: SIGTERM while logging loses nothing; full matrix: each signal at each moment."""
+        moments = (("close", "closing"), ("idle", "idle"), ("logging", "logging"))
+        cells = full_or([(name, moment) for name, _ in SIGNALS for moment in moments],
+                        [("SIGTERM", ("logging", "logging"))])
+        statuses = dict(SIGNALS)
+        if any(name == "SIGINT" for name, _ in cells):
+            statuses["SIGINT"] = self.plain_sigint_status()
+        self.script(LIFECYCLE_CHILD)        # written once, before the cells start
+        concurrently(self, [
+            (dict(signal=name, moment=mode),
+             lambda name=name, mode=mode, line=line: self.signal_at(
+                 name, mode, line, statuses[name]))
+            for name, (mode, line) in cells])
+
+    def second_signal(self, name, mode, status):
+        """One cell: SIGname as the exit hook starts or waits, maybe twice; nothing lost."""
+        sig = getattr(signal, name)
+        spool = self.tempdir()
+        child, _ = self.lifecycle(mode, dead_url(), spool, exit_timeout=30.0)
+        self.read_line(child, "exiting")
+        sent = 0
+        if mode == "exit-idle":
+            child.send_signal(sig)          # ends the script: the exit hook runs
+            sent = 1
+        while sent < 2:
+            try:
+                child.wait(0.5)             # exited already: nothing to interrupt
+                break
+            except subprocess.TimeoutExpired:
+                child.send_signal(sig)      # the exit hook is still waiting
+                sent += 1
+        status_, err = self.finish(child)
+        self.assertSpooled(spool, list(range(100)), status_, err)
+        if mode == "exit-idle":
+            self.assertEqual(status_, status, err[-600:])
+        self.assertReplayed(spool, list(range(100)))
 
     def test_second_signal_during_exit_hook_spools_everything(self):
         """Signals: a signal while the exit hook waits, or a second one, loses nothing."""
-        statuses = dict(SIGNALS, SIGINT=self.plain_sigint_status())
-        for name, mode in (("SIGTERM", "exit-idle"), ("SIGINT", "exit-idle"),
-                           ("SIGTERM", "exit-end")):
-            with self.subTest(signal=name, script=mode):
-                sig = getattr(signal, name)
-                spool = self.tempdir()
-                child, _ = self.lifecycle(mode, dead_url(), spool, exit_timeout=30.0)
-                self.read_line(child, "exiting")
-                sent = 0
-                if mode == "exit-idle":
-                    child.send_signal(sig)          # ends the script: the exit hook runs
-                    sent = 1
-                while sent < 2:
-                    try:
-                        child.wait(0.5)             # exited already: nothing to interrupt
-                        break
-                    except subprocess.TimeoutExpired:
-                        child.send_signal(sig)      # the exit hook is still waiting
-                        sent += 1
-                status, err = self.finish(child)
-                self.assertSpooled(spool, list(range(100)), status, err)
-                if mode == "exit-idle":
-                    self.assertEqual(status, statuses[name], err[-600:])
-                self.assertReplayed(spool, list(range(100)))
+        cells = full_or((("SIGTERM", "exit-idle"), ("SIGINT", "exit-idle"),
+                         ("SIGTERM", "exit-end")), (("SIGTERM", "exit-idle"),))
+        statuses = dict(SIGNALS)
+        if any(name == "SIGINT" for name, _ in cells):
+            statuses["SIGINT"] = self.plain_sigint_status()
+        self.script(LIFECYCLE_CHILD)
+        concurrently(self, [
+            (dict(signal=name, script=mode),
+             lambda name=name, mode=mode: self.second_signal(name, mode, statuses[name]))
+            for name, mode in cells])
 
     def test_exit_hook_warns_once_about_spooled_events(self):
         """Exit hook: events it leaves in the spool are reported in one stderr line."""
