@@ -1199,9 +1199,9 @@ class CrashTest(LiteTestCase):
         with open(self.script, "w") as handle:
             handle.write(STREAMING_CHILD)
 
-    def start_child(self, api_base, start, count, mode):
-        return subprocess.Popen([sys.executable, self.script, api_base, self.spool, str(start),
-                                 str(count), mode], env=child_env(), stdout=subprocess.PIPE,
+    def start_child(self, api_base, start, count, mode, spool=None):
+        return subprocess.Popen([sys.executable, self.script, api_base, spool or self.spool,
+                                 str(start), str(count), mode], env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, universal_newlines=True)
 
     def stream_until(self, child, last):
@@ -1215,14 +1215,14 @@ class CrashTest(LiteTestCase):
                 break
         return seen
 
-    def kill_runs(self, api_base, mode, kills, per_run=1000):
+    def kill_runs(self, api_base, mode, kills, per_run=1000, spool=None):
         """Kill a streaming child with SIGKILL ``kills`` times; return [(start, safe upto)]."""
         import random
         rng = random.Random(1234)
         runs = []
         for k in range(kills):
             start = k * per_run
-            child = self.start_child(api_base, start, per_run, mode)
+            child = self.start_child(api_base, start, per_run, mode, spool)
             seen = self.stream_until(child, start + rng.randrange(50, per_run - 50))
             killed_at = time.monotonic()
             child.kill()
@@ -1234,9 +1234,9 @@ class CrashTest(LiteTestCase):
             runs.append((start, max(safe) if safe else start - 1))
         return runs
 
-    def finish_run(self, api_base, start):
+    def finish_run(self, api_base, start, spool=None):
         """A last run that delivers its own events and every earlier run's backlog."""
-        child = self.start_child(api_base, start, 20, "durable")
+        child = self.start_child(api_base, start, 20, "durable", spool)
         out, err = child.communicate(timeout=60)
         self.assertEqual(child.returncode, 0, err)
         self.assertIn("closed True", out, err)
@@ -1255,25 +1255,26 @@ class CrashTest(LiteTestCase):
         return duplicates
 
     def test_durable_survives_sigkill(self):
-        """Durable: 10 SIGKILLs while streaming lose nothing logged a sync_interval before."""
+        """Durable: SIGKILLs while streaming (2; full matrix 10) lose nothing a sync_interval old."""
         sink = self.sink(RequestSizeSink)
-        runs = self.kill_runs(sink.url, "durable", 10)
+        per_run = full_or(1000, 300)
+        runs = self.kill_runs(sink.url, "durable", full_or(10, 2), per_run=per_run)
         self.finish_run(sink.url, 100000)
-        self.check(sink, runs)
+        self.check(sink, runs, per_run=per_run)
         leftovers = [n for _, _, names in os.walk(self.spool) for n in names
                      if n.endswith(".jsonl")]
         self.assertEqual(leftovers, [])
 
     def test_durable_survives_sigkill_with_server_down(self):
-        """Durable: 10 SIGKILLs while the server is down; all of it arrives once it is up."""
+        """Durable: SIGKILLs (2; full matrix 10) while the server is down; all arrives later."""
         down = dead_url()
-        runs = self.kill_runs(down, "durable", 10, per_run=400)
+        runs = self.kill_runs(down, "durable", full_or(10, 2), per_run=400)
         sink = self.sink(RequestSizeSink)
         self.finish_run(sink.url, 100000)
         self.assertEqual(self.check(sink, runs, per_run=400), 0)
 
     def test_durable_survives_sigkill_under_server_faults(self):
-        """Durable: SIGKILLs while the server hangs, or answers 429, 503 or 401, lose nothing."""
+        """Durable: SIGKILLs while the server hangs (full matrix: or answers 429, 503, 401) lose nothing."""
         faults = {
             "hang": lambda handler, path: ("hang", 30.0) if path == "/api/events" else None,
             "429": lambda handler, path: (429, {"Retry-After": "60"})
@@ -1281,24 +1282,27 @@ class CrashTest(LiteTestCase):
             "503": lambda handler, path: 503 if path == "/api/events" else None,
             "401": lambda handler, path: 401,
         }
-        for name, rule in sorted(faults.items()):
-            with self.subTest(fault=name):
-                self.spool = os.path.join(self.tempdir(), "spool")
-                faulty = self.sink(FaultSink, rule=rule)
-                self.addCleanup(faulty.released.set)
-                runs = self.kill_runs(faulty.url, "durable", 2, per_run=600)
-                faulty.released.set()
-                self.assertEqual(faulty.events, [])
-                healthy = self.sink(RequestSizeSink)
-                self.finish_run(healthy.url, 100000)
-                self.assertEqual(self.check(healthy, runs, per_run=600), 0)
+        def cell(rule):
+            spool = os.path.join(self.tempdir(), "spool")
+            faulty = self.sink(FaultSink, rule=rule)
+            self.addCleanup(faulty.released.set)
+            runs = self.kill_runs(faulty.url, "durable", full_or(2, 1), per_run=600,
+                                  spool=spool)
+            faulty.released.set()
+            self.assertEqual(faulty.events, [])
+            healthy = self.sink(RequestSizeSink)
+            self.finish_run(healthy.url, 100000, spool)
+            self.assertEqual(self.check(healthy, runs, per_run=600), 0)
+        names = full_or(sorted(faults), ["hang"])
+        concurrently(self, [(dict(fault=name), lambda rule=faults[name]: cell(rule))
+                            for name in names])
 
     def test_durable_survives_sigkill_while_paced(self):
         """Durable: SIGKILLs under the rate limit lose nothing and resend at most a request."""
         # 50 calls of 10 a second: the children log faster, the last run's close(10)
         # has time for the three backlogs (at most 1,800 events, 180 calls).
         sink = self.sink(RequestSizeSink, rate_limit=50, window=1.0)
-        runs = self.kill_runs(sink.url, "durable", 3, per_run=600)
+        runs = self.kill_runs(sink.url, "durable", full_or(3, 1), per_run=600)
         self.finish_run(sink.url, 100000)
         self.check(sink, runs, per_run=600)
 
