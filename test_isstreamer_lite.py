@@ -205,59 +205,79 @@ def guarded_popen(case, argv, cwd, env, guard_seconds):
 
 
 class IsolatedCase(unittest.TestCase):
-    """The base of every test: nothing a test leaves in the module's globals reaches the next.
+    """The base of every test, with the shared fixtures, each undone at cleanup.
 
-    Rate budgets are kept per (api_base, key) for the whole process, and a
-    sink's port is often handed out again later in a run: a budget learnt
-    from one test's rate-limited sink would otherwise pace a later test
-    whose sink got the same port.
+    tempdir(), sink() (a ``sink_class``: lite._Sink here, FaultSink for the
+    delivery tests), streamer() (fast test settings, closed at cleanup),
+    received(); child processes get child_env().
+
+    Nothing a test leaves in the module's globals reaches the next. Rate
+    budgets are kept per (api_base, key) for the whole process, and a sink's
+    port is often handed out again later in a run: a budget learnt from one
+    test's rate-limited sink would otherwise pace a later test whose sink
+    got the same port.
     """
+
+    sink_class = lite._Sink             # what sink() starts unless told
+    bucket_key = "test-bucket"          # streamer()'s bucket unless told
+    temp_prefix = "isl-test-"
 
     def setUp(self):
         with lite._budgets_lock:
             lite._budgets.clear()
 
-
-class LiteTestCase(IsolatedCase):
-    """Helpers: a sink per test, a temp spool, Streamers closed at cleanup."""
-
-    def setUp(self):
-        IsolatedCase.setUp(self)
-        logger = logging.getLogger("isstreamer_lite")
-        state = (logger.level, list(logger.handlers))
-
-        def restore():
-            logger.setLevel(state[0])
-            logger.handlers[:] = state[1]
-        self.addCleanup(restore)
-        # A handler of our own keeps debug_level >= 1 from adding a console one.
-        logger.addHandler(logging.NullHandler())
-
-    def sink(self, cls=lite._Sink, **kwargs):
-        sink = cls(**kwargs).start()
-        self.addCleanup(sink.stop)
-        return sink
-
     def tempdir(self):
-        path = tempfile.mkdtemp(prefix="isl-test-")
+        """A new temporary folder, removed at cleanup."""
+        path = tempfile.mkdtemp(prefix=self.temp_prefix)
         self.addCleanup(shutil.rmtree, path, True)
         return path
 
-    def streamer(self, sink=None, **kwargs):
-        options = dict(bucket_key="test-bucket", access_key=KEY, ini_file_location=False,
-                       spool_dir=self.tempdir(), flush_interval=0.05, backoff_base=0.01,
-                       backoff_cap=0.05)
-        if sink is not None:
-            options["api_base"] = sink.url
+    def sink(self, cls=None, **kwargs):
+        """A started sink (``cls``, else ``sink_class``) on 127.0.0.1, stopped at cleanup."""
+        sink = (cls or self.sink_class)(**kwargs).start()
+        self.addCleanup(sink.stop)
+        if isinstance(sink, FaultSink):
+            self.addCleanup(sink.released.set)  # runs before stop: no hang outlives a test
+        return sink
+
+    def streamer(self, target=None, **kwargs):
+        """A Streamer to ``target`` (a sink or an API base URL) in a temp spool, closed at cleanup."""
+        options = dict(bucket_key=self.bucket_key, access_key=KEY, ini_file_location=False,
+                       flush_interval=0.05, backoff_base=0.01, backoff_cap=0.05)
+        if target is not None:
+            options["api_base"] = getattr(target, "url", target)
         options.update(kwargs)
+        if "spool_dir" not in options:
+            options["spool_dir"] = self.tempdir()
         streamer = lite.Streamer(**options)
         self.addCleanup(streamer.close, 0.5)     # only spools what is left
         return streamer
 
     def received(self, sink, bucket=None):
+        """(key, value) of the events ``sink`` (or an Outage) received, of ``bucket`` if given."""
+        if isinstance(sink, Outage):
+            return sink.received(bucket)
         with sink.changed:
             return [(e["key"], e["value"]) for b, e in sink.events
                     if bucket is None or b == bucket]
+
+
+class LiteTestCase(IsolatedCase):
+    """The shared fixtures, with the library's logger quiet and restored at cleanup."""
+
+    def setUp(self):
+        IsolatedCase.setUp(self)
+        logger = logging.getLogger("isstreamer_lite")
+        state = (logger.level, list(logger.handlers), logger.propagate)
+
+        def restore():
+            logger.setLevel(state[0])
+            logger.handlers[:] = state[1]
+            logger.propagate = state[2]
+        self.addCleanup(restore)
+        # A handler of our own keeps debug_level >= 1 from adding a console one,
+        # and keeps lastResort's noise off stderr.
+        logger.addHandler(logging.NullHandler())
 
 
 class RecordingSink(lite._Sink):
@@ -2030,7 +2050,9 @@ def cli_env(home, **extra):
 
 
 class CliTestCase(IsolatedCase):
-    """Helpers: temp dirs, sinks, main() with captured output, child processes."""
+    """Helpers: main() with captured output, child processes; the environment kept clean."""
+
+    temp_prefix = "isl-cli-"
 
     def setUp(self):
         IsolatedCase.setUp(self)
@@ -2056,16 +2078,6 @@ class CliTestCase(IsolatedCase):
         self.ini = os.path.join(self.home, "empty.ini")
         with open(self.ini, "w"):
             pass
-
-    def tempdir(self):
-        path = tempfile.mkdtemp(prefix="isl-cli-")
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
-
-    def sink(self, **kwargs):
-        sink = lite._Sink(**kwargs).start()
-        self.addCleanup(sink.stop)
-        return sink
 
     def common(self, api_base):
         """The flags that keep an in-process main() off the developer's config."""
@@ -2099,11 +2111,6 @@ class CliTestCase(IsolatedCase):
     def popen(self, argv, **env):
         """Start a child with pipes; killed at cleanup and by a 60 s failure guard."""
         return guarded_popen(self, argv, self.home, self.env(**env), 60.0)
-
-    def received(self, sink, bucket=None):
-        with sink.changed:
-            return [(e["key"], e["value"]) for b, e in sink.events
-                    if bucket is None or b == bucket]
 
     def spool_events(self, api_base, buckets):
         """Spool events with a Streamer that cannot reach ``api_base``.
@@ -3406,49 +3413,12 @@ class _Watch(logging.Handler):
             self.hit.set()
 
 
-class DeliveryTestCase(IsolatedCase):
-    """Helpers: servers and Streamers stopped at cleanup, temp spools, quiet logger."""
+class DeliveryTestCase(LiteTestCase):
+    """LiteTestCase with scriptable FaultSinks by default; waits on stats, exactly-once checks."""
 
-    def setUp(self):
-        IsolatedCase.setUp(self)
-        logger = logging.getLogger("isstreamer_lite")
-        state = (logger.level, list(logger.handlers), logger.propagate)
-        logger.addHandler(logging.NullHandler())    # no lastResort noise on stderr
-
-        def restore():
-            logger.setLevel(state[0])
-            logger.handlers[:] = state[1]
-            logger.propagate = state[2]
-        self.addCleanup(restore)
-
-    def sink(self, cls=FaultSink, **kwargs):
-        sink = cls(**kwargs).start()
-        self.addCleanup(sink.stop)
-        self.addCleanup(sink.released.set)      # runs before stop: no hang outlives a test
-        return sink
-
-    def tempdir(self):
-        path = tempfile.mkdtemp(prefix="isl-delivery-")
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
-
-    def streamer(self, api_base, **kwargs):
-        options = dict(bucket_key="delivery-bucket", access_key=KEY, ini_file_location=False,
-                       api_base=api_base, flush_interval=0.05, backoff_base=0.01,
-                       backoff_cap=0.05)
-        options.update(kwargs)
-        if "spool_dir" not in options:
-            options["spool_dir"] = self.tempdir()
-        streamer = lite.Streamer(**options)
-        self.addCleanup(streamer.close, 0.5)     # only spools what is left
-        return streamer
-
-    def received(self, sink, bucket=None):
-        if isinstance(sink, Outage):
-            return sink.received(bucket)
-        with sink.changed:
-            return [(e["key"], e["value"]) for b, e in sink.events
-                    if bucket is None or b == bucket]
+    sink_class = FaultSink              # scriptable faults; lite._Sink where a test says so
+    bucket_key = "delivery-bucket"
+    temp_prefix = "isl-delivery-"
 
     def wait_stats(self, streamer, predicate, timeout=10.0):
         """Wait until predicate(streamer.stats()) holds, checked at each log record."""
@@ -4999,7 +4969,11 @@ class ForkTest(DeliveryTestCase):
                 code = 0 if ok and stats["logged"] <= len(child) else 3
             finally:
                 os._exit(code)
+        guard = threading.Timer(60, os.kill, (pid, signal.SIGKILL))  # a failure guard:
+        guard.daemon = True                 # a child stuck at a lock ignores its alarm
+        guard.start()
         _, status = os.waitpid(pid, 0)
+        guard.cancel()
         self.assertEqual(os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status, 0)
         self.assertTrue(s.close(10))
         self.assertExactlyOnce(self.received(sink), parent + child)
@@ -6839,7 +6813,7 @@ class SlowLinkTest(DeliveryTestCase):
         s = self.streamer("http://127.0.0.1:9", spool_dir=spool, bucket_key="slow")
         for i in range(count):
             s.log("n", i)
-        self.assertFalse(s.close(1))
+        self.assertFalse(s.close(0.2))          # the server is down: all of it spooled
         self.assertTrue(bounded_poll(lambda: len(disk_values(spool)) == count, 10))
         return spool
 
