@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -57,6 +58,12 @@ _saved_handlers = {}
 # .ci/run asks for it on every Python. The default run (the README's command)
 # covers each of those behaviours once, in seconds.
 FULL_MATRIX = os.environ.get("ISSTREAMER_LITE_FULL") == "1"
+
+
+# Where PyPy itself is at fault, its tests are skipped with the reason (README, Tests).
+PYPY = platform.python_implementation() == "PyPy"
+PYPY_NO_ATEXIT_ON_SIGINT = ("PyPy 7.3.11 runs no atexit hook when a KeyboardInterrupt "
+                            "ends the script: it dies of SIGINT at once")
 
 
 def full_or(full, default):
@@ -4949,6 +4956,8 @@ class OnErrorTest(DeliveryTestCase):
 class ForkTest(DeliveryTestCase):
     """A forked child starts afresh: parent events are sent once, by the parent."""
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: a child forked from a process whose threads are "
+                           "running can stop forever at an internal lock")
     def test_child_gets_fresh_queue(self):
         """fork: parent logs N, child logs M, both close: the server gets N + M, once each."""
         sink = self.sink()
@@ -4961,7 +4970,6 @@ class ForkTest(DeliveryTestCase):
         if pid == 0:                        # the child: never return into unittest
             code = 1
             try:
-                import signal
                 signal.alarm(20)            # never outlive a stuck test
                 log_all(s, child)
                 stats = s.stats()
@@ -6125,6 +6133,8 @@ s.close(5)                              # also replays what the child spooled
 class ForkDuringImportTest(Issue9Case):
     """fork() right after construction, while the worker imports what it needs."""
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: a child forked while the new Streamer's threads "
+                           "start dies of SIGSEGV in one run of two")
     def test_fork_right_after_construction(self):
         """fork: a child forked at once delivers (or spools) its events; close() tells which."""
         sink = self.sink()
@@ -6540,6 +6550,8 @@ class HostileInputTest(LiteTestCase):
         self.assertEqual([int(r[2]) for r in rows], list(range(205)))
         self.assertEqual(s.stats()["rejected"], {"not_utf8": 2})
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: str.__str__(x) of a str subclass whose __len__ lies "
+                           "is an exact str that keeps the lie (len() 3 for 300 characters)")
     def test_lying_str_subclass_cannot_poison_the_key_cache(self):
         """Validation: a str whose __len__ lies is checked as the str it is."""
         class Liar(str):
@@ -7441,6 +7453,8 @@ sys.exit(0 if streamer.close(10) else 1)
 class NohupTest(LiteTestCase):
     """Under nohup SIGHUP stays ignored: the script outlives the session that started it."""
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: signal.getsignal(SIGHUP) says SIG_DFL under nohup, "
+                           "where SIGHUP is ignored, so the library takes it over")
     def test_sighup_under_nohup_is_left_ignored(self):
         """Signals: under nohup a SIGHUP neither stops the script nor loses an event."""
         nohup = shutil.which("nohup")
@@ -7803,6 +7817,8 @@ class SignalLifecycleTest(LifecycleCase):
 
     def signal_at(self, name, mode, line, status):
         """One cell: SIGname while the child is at ``mode``; all spooled, then delivered."""
+        if PYPY and name == "SIGINT":
+            self.skipTest(PYPY_NO_ATEXIT_ON_SIGINT)
         spool = self.tempdir()
         child, count_path = self.lifecycle(mode, dead_url(), spool)
         self.read_line(child, line)
@@ -7839,6 +7855,8 @@ class SignalLifecycleTest(LifecycleCase):
 
     def second_signal(self, name, mode, status):
         """One cell: SIGname as the exit hook starts or waits, maybe twice; nothing lost."""
+        if PYPY and name == "SIGINT":
+            self.skipTest(PYPY_NO_ATEXIT_ON_SIGINT)
         sig = getattr(signal, name)
         spool = self.tempdir()
         child, _ = self.lifecycle(mode, dead_url(), spool, exit_timeout=30.0)
