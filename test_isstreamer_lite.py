@@ -5631,11 +5631,10 @@ class CrashStateTest(DeliveryTestCase):
         # unsent, and up; segments small enough to finish mid-run.
         faults = itertools.cycle(["reset"] * 4 + [None] * 2 + [503] * 4 + [None] * 3)
         sink.rule = lambda handler, path: next(faults) if path == "/api/events" else None
-        patches = (mock.patch.object(lite, "os", recorder),
-                   mock.patch.object(lite, "_SEGMENT_BYTES", 700))
-        for patch in patches:
-            patch.start()
-            self.addCleanup(patch.stop)
+        patches = contextlib.ExitStack()    # undone after the run, or at cleanup
+        self.addCleanup(patches.close)      # (a second close does nothing; a second stop raises)
+        patches.enter_context(mock.patch.object(lite, "os", recorder))
+        patches.enter_context(mock.patch.object(lite, "_SEGMENT_BYTES", 700))
         s = self.streamer(sink.url, spool_dir=spool, durable=True, sync_interval=0.02,
                           max_retries=2, bucket_key="crash-a")
         for i in range(events):
@@ -5645,8 +5644,7 @@ class CrashStateTest(DeliveryTestCase):
             if i % 10 == 9:
                 s.flush(0.05)           # let the worker journal, send and retire
         self.assertTrue(s.close(30), "the recorded run did not deliver everything")
-        for patch in reversed(patches):
-            patch.stop()
+        patches.close()
         with recorder.lock:
             recorder.note_states("at the end")
         return recorder, sink
