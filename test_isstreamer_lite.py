@@ -5577,22 +5577,37 @@ class CrashRecorder(object):
         return [v for v, at in self.durable_at.items() if at <= ops]
 
 
+class _StoredEvents(list):
+    """A sink's ``events`` that notes the recorder's op count as each request's events are stored."""
+
+    def __init__(self, sink):
+        list.__init__(self)
+        self.sink = sink
+
+    def extend(self, items):
+        items = list(items)
+        list.extend(self, items)
+        sink = self.sink
+        ops = sink.recorder.ops if sink.recorder is not None else 0
+        sink.stored_at.extend((ops, e["value"]) for _, e in items)
+        sink.sizes.append(len(items))
+
+
 class OrderSink(FaultSink):
-    """A FaultSink that notes, for each value it stores, the recorder's op count then."""
+    """A FaultSink that notes, for each value it stores, the recorder's op count then.
+
+    Noted as the events are stored, before the answer leaves: once it has, the
+    client may acknowledge and delete them, and a count read after that would
+    say they were stored later than they were (crash states in between then
+    looked as though they had lost them).
+    """
 
     def __init__(self, recorder=None, **kwargs):
         FaultSink.__init__(self, **kwargs)
         self.recorder = recorder
         self.stored_at = []                 # (op count, value)
         self.sizes = []                     # events per request stored
-
-    def _add_events(self, handler, data):
-        before = len(self.events)
-        lite._Sink._add_events(self, handler, data)
-        with self.changed:
-            ops = self.recorder.ops if self.recorder is not None else 0
-            self.stored_at.extend((ops, e["value"]) for _, e in self.events[before:])
-            self.sizes.append(len(self.events) - before)
+        self.events = _StoredEvents(self)
 
 
 def replay_settings(api_base, spool_dir):
