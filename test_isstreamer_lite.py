@@ -71,29 +71,33 @@ def full_or(full, default):
     return full if FULL_MATRIX else default
 
 
-def concurrently(case, cells):
-    """Run matrix cells, ``[(subTest labels, callable), ...]``, each in a thread of its own.
+def concurrently(case, cells, width=3):
+    """Run matrix cells, ``[(subTest labels, callable), ...]``, ``width`` at a time.
 
     For cells whose children mostly wait (timers, exit hooks, dead servers):
-    they overlap instead of queueing. Each cell's failure is reported in the
-    test's thread under its subTest labels. The join is a failure guard: each
-    cell bounds its own waits.
+    they overlap instead of queueing, but no more than ``width`` at once, so
+    that on a loaded 2-core machine no child is starved past its own
+    deadlines. Each cell's failure is reported in the test's thread under its
+    subTest labels. The join is a failure guard: each cell bounds its own
+    waits.
     """
     errors = [None] * len(cells)
+    slots = threading.BoundedSemaphore(width)
 
     def run(index):
         try:
-            cells[index][1]()
+            with slots:
+                cells[index][1]()
         except BaseException:       # reported in the test's thread, below
             errors[index] = sys.exc_info()[1]
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(cells))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(300)
+        thread.join(600)
     for (labels, _), thread, error in zip(cells, threads, errors):
         with case.subTest(**labels):
-            case.assertFalse(thread.is_alive(), "the cell did not end in 300 s")
+            case.assertFalse(thread.is_alive(), "the cell did not end in 600 s")
             if error is not None:
                 raise error
 
