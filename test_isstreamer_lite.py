@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -50,6 +51,56 @@ CONFIG_VARS = ("IS_ACCESS_KEY", "IS_BUCKET_KEY", "IS_BUCKET_NAME", "IS_API_BASE"
                "IS_SPOOL_DIR", "IS_DURABLE")
 _saved_env = {}
 _saved_handlers = {}
+
+# The full matrix runs when ISSTREAMER_LITE_FULL=1, as CPython's expensive
+# resources run under -u: every signal at every moment, repeated SIGKILLs,
+# every fault, every shell, crash states and the slow link at full size.
+# .ci/run asks for it on every Python. The default run (the README's command)
+# covers each of those behaviours once, in seconds.
+FULL_MATRIX = os.environ.get("ISSTREAMER_LITE_FULL") == "1"
+
+
+# Where PyPy itself is at fault, its tests are skipped with the reason (README, Tests).
+PYPY = platform.python_implementation() == "PyPy"
+PYPY_NO_ATEXIT_ON_SIGINT = ("PyPy 7.3.11 runs no atexit hook when a KeyboardInterrupt "
+                            "ends the script: it dies of SIGINT at once")
+
+
+def full_or(full, default):
+    """``full`` when the full matrix was asked for, else the default run's ``default``."""
+    return full if FULL_MATRIX else default
+
+
+def concurrently(case, cells, width=3):
+    """Run matrix cells, ``[(subTest labels, callable), ...]``, ``width`` at a time.
+
+    For cells whose children mostly wait (timers, exit hooks, dead servers):
+    they overlap instead of queueing, but no more than ``width`` at once, so
+    that on a loaded 2-core machine no child is starved past its own
+    deadlines. Each cell's failure is reported in the test's thread under its
+    subTest labels. The join is a failure guard: each cell bounds its own
+    waits.
+    """
+    errors = [None] * len(cells)
+    slots = threading.BoundedSemaphore(width)
+
+    def run(index):
+        try:
+            with slots:
+                cells[index][1]()
+        except BaseException:       # reported in the test's thread, below
+            errors[index] = sys.exc_info()[1]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(cells))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    for (labels, _), thread, error in zip(cells, threads, errors):
+        with case.subTest(**labels):
+            case.assertFalse(thread.is_alive(), "the cell did not end in 600 s")
+            if error is not None:
+                raise error
+
 
 # A self-signed certificate for 127.0.0.1 and localhost, valid until 2126,
 # made for these tests only (openssl req -x509 -newkey rsa:2048 -days 36500).
@@ -165,59 +216,79 @@ def guarded_popen(case, argv, cwd, env, guard_seconds):
 
 
 class IsolatedCase(unittest.TestCase):
-    """The base of every test: nothing a test leaves in the module's globals reaches the next.
+    """The base of every test, with the shared fixtures, each undone at cleanup.
 
-    Rate budgets are kept per (api_base, key) for the whole process, and a
-    sink's port is often handed out again later in a run: a budget learnt
-    from one test's rate-limited sink would otherwise pace a later test
-    whose sink got the same port.
+    tempdir(), sink() (a ``sink_class``: lite._Sink here, FaultSink for the
+    delivery tests), streamer() (fast test settings, closed at cleanup),
+    received(); child processes get child_env().
+
+    Nothing a test leaves in the module's globals reaches the next. Rate
+    budgets are kept per (api_base, key) for the whole process, and a sink's
+    port is often handed out again later in a run: a budget learnt from one
+    test's rate-limited sink would otherwise pace a later test whose sink
+    got the same port.
     """
+
+    sink_class = lite._Sink             # what sink() starts unless told
+    bucket_key = "test-bucket"          # streamer()'s bucket unless told
+    temp_prefix = "isl-test-"
 
     def setUp(self):
         with lite._budgets_lock:
             lite._budgets.clear()
 
-
-class LiteTestCase(IsolatedCase):
-    """Helpers: a sink per test, a temp spool, Streamers closed at cleanup."""
-
-    def setUp(self):
-        IsolatedCase.setUp(self)
-        logger = logging.getLogger("isstreamer_lite")
-        state = (logger.level, list(logger.handlers))
-
-        def restore():
-            logger.setLevel(state[0])
-            logger.handlers[:] = state[1]
-        self.addCleanup(restore)
-        # A handler of our own keeps debug_level >= 1 from adding a console one.
-        logger.addHandler(logging.NullHandler())
-
-    def sink(self, cls=lite._Sink, **kwargs):
-        sink = cls(**kwargs).start()
-        self.addCleanup(sink.stop)
-        return sink
-
     def tempdir(self):
-        path = tempfile.mkdtemp(prefix="isl-test-")
+        """A new temporary folder, removed at cleanup."""
+        path = tempfile.mkdtemp(prefix=self.temp_prefix)
         self.addCleanup(shutil.rmtree, path, True)
         return path
 
-    def streamer(self, sink=None, **kwargs):
-        options = dict(bucket_key="test-bucket", access_key=KEY, ini_file_location=False,
-                       spool_dir=self.tempdir(), flush_interval=0.05, backoff_base=0.01,
-                       backoff_cap=0.05)
-        if sink is not None:
-            options["api_base"] = sink.url
+    def sink(self, cls=None, **kwargs):
+        """A started sink (``cls``, else ``sink_class``) on 127.0.0.1, stopped at cleanup."""
+        sink = (cls or self.sink_class)(**kwargs).start()
+        self.addCleanup(sink.stop)
+        if isinstance(sink, FaultSink):
+            self.addCleanup(sink.released.set)  # runs before stop: no hang outlives a test
+        return sink
+
+    def streamer(self, target=None, **kwargs):
+        """A Streamer to ``target`` (a sink or an API base URL) in a temp spool, closed at cleanup."""
+        options = dict(bucket_key=self.bucket_key, access_key=KEY, ini_file_location=False,
+                       flush_interval=0.05, backoff_base=0.01, backoff_cap=0.05)
+        if target is not None:
+            options["api_base"] = getattr(target, "url", target)
         options.update(kwargs)
+        if "spool_dir" not in options:
+            options["spool_dir"] = self.tempdir()
         streamer = lite.Streamer(**options)
         self.addCleanup(streamer.close, 0.5)     # only spools what is left
         return streamer
 
     def received(self, sink, bucket=None):
+        """(key, value) of the events ``sink`` (or an Outage) received, of ``bucket`` if given."""
+        if isinstance(sink, Outage):
+            return sink.received(bucket)
         with sink.changed:
             return [(e["key"], e["value"]) for b, e in sink.events
                     if bucket is None or b == bucket]
+
+
+class LiteTestCase(IsolatedCase):
+    """The shared fixtures, with the library's logger quiet and restored at cleanup."""
+
+    def setUp(self):
+        IsolatedCase.setUp(self)
+        logger = logging.getLogger("isstreamer_lite")
+        state = (logger.level, list(logger.handlers), logger.propagate)
+
+        def restore():
+            logger.setLevel(state[0])
+            logger.handlers[:] = state[1]
+            logger.propagate = state[2]
+        self.addCleanup(restore)
+        # A handler of our own keeps debug_level >= 1 from adding a console one,
+        # and keeps lastResort's noise off stderr.
+        logger.addHandler(logging.NullHandler())
 
 
 class RecordingSink(lite._Sink):
@@ -1271,9 +1342,9 @@ class CrashTest(LiteTestCase):
         with open(self.script, "w") as handle:
             handle.write(STREAMING_CHILD)
 
-    def start_child(self, api_base, start, count, mode):
-        return subprocess.Popen([sys.executable, self.script, api_base, self.spool, str(start),
-                                 str(count), mode], env=child_env(), stdout=subprocess.PIPE,
+    def start_child(self, api_base, start, count, mode, spool=None):
+        return subprocess.Popen([sys.executable, self.script, api_base, spool or self.spool,
+                                 str(start), str(count), mode], env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, universal_newlines=True)
 
     def stream_until(self, child, last):
@@ -1287,14 +1358,14 @@ class CrashTest(LiteTestCase):
                 break
         return seen
 
-    def kill_runs(self, api_base, mode, kills, per_run=1000):
+    def kill_runs(self, api_base, mode, kills, per_run=1000, spool=None):
         """Kill a streaming child with SIGKILL ``kills`` times; return [(start, safe upto)]."""
         import random
         rng = random.Random(1234)
         runs = []
         for k in range(kills):
             start = k * per_run
-            child = self.start_child(api_base, start, per_run, mode)
+            child = self.start_child(api_base, start, per_run, mode, spool)
             seen = self.stream_until(child, start + rng.randrange(50, per_run - 50))
             killed_at = time.monotonic()
             child.kill()
@@ -1306,9 +1377,9 @@ class CrashTest(LiteTestCase):
             runs.append((start, max(safe) if safe else start - 1))
         return runs
 
-    def finish_run(self, api_base, start):
+    def finish_run(self, api_base, start, spool=None):
         """A last run that delivers its own events and every earlier run's backlog."""
-        child = self.start_child(api_base, start, 20, "durable")
+        child = self.start_child(api_base, start, 20, "durable", spool)
         out, err = child.communicate(timeout=60)
         self.assertEqual(child.returncode, 0, err)
         self.assertIn("closed True", out, err)
@@ -1327,25 +1398,26 @@ class CrashTest(LiteTestCase):
         return duplicates
 
     def test_durable_survives_sigkill(self):
-        """Durable: 10 SIGKILLs while streaming lose nothing logged a sync_interval before."""
+        """Durable: SIGKILLs while streaming (2; full matrix 10) lose nothing a sync_interval old."""
         sink = self.sink(RequestSizeSink)
-        runs = self.kill_runs(sink.url, "durable", 10)
+        per_run = full_or(1000, 300)
+        runs = self.kill_runs(sink.url, "durable", full_or(10, 2), per_run=per_run)
         self.finish_run(sink.url, 100000)
-        self.check(sink, runs)
+        self.check(sink, runs, per_run=per_run)
         leftovers = [n for _, _, names in os.walk(self.spool) for n in names
                      if n.endswith(".jsonl")]
         self.assertEqual(leftovers, [])
 
     def test_durable_survives_sigkill_with_server_down(self):
-        """Durable: 10 SIGKILLs while the server is down; all of it arrives once it is up."""
+        """Durable: SIGKILLs (2; full matrix 10) while the server is down; all arrives later."""
         down = dead_url()
-        runs = self.kill_runs(down, "durable", 10, per_run=400)
+        runs = self.kill_runs(down, "durable", full_or(10, 2), per_run=400)
         sink = self.sink(RequestSizeSink)
         self.finish_run(sink.url, 100000)
         self.assertEqual(self.check(sink, runs, per_run=400), 0)
 
     def test_durable_survives_sigkill_under_server_faults(self):
-        """Durable: SIGKILLs while the server hangs, or answers 429, 503 or 401, lose nothing."""
+        """Durable: SIGKILLs while the server hangs (full matrix: or answers 429, 503, 401) lose nothing."""
         faults = {
             "hang": lambda handler, path: ("hang", 30.0) if path == "/api/events" else None,
             "429": lambda handler, path: (429, {"Retry-After": "60"})
@@ -1353,24 +1425,27 @@ class CrashTest(LiteTestCase):
             "503": lambda handler, path: 503 if path == "/api/events" else None,
             "401": lambda handler, path: 401,
         }
-        for name, rule in sorted(faults.items()):
-            with self.subTest(fault=name):
-                self.spool = os.path.join(self.tempdir(), "spool")
-                faulty = self.sink(FaultSink, rule=rule)
-                self.addCleanup(faulty.released.set)
-                runs = self.kill_runs(faulty.url, "durable", 2, per_run=600)
-                faulty.released.set()
-                self.assertEqual(faulty.events, [])
-                healthy = self.sink(RequestSizeSink)
-                self.finish_run(healthy.url, 100000)
-                self.assertEqual(self.check(healthy, runs, per_run=600), 0)
+        def cell(rule):
+            spool = os.path.join(self.tempdir(), "spool")
+            faulty = self.sink(FaultSink, rule=rule)
+            self.addCleanup(faulty.released.set)
+            runs = self.kill_runs(faulty.url, "durable", full_or(2, 1), per_run=600,
+                                  spool=spool)
+            faulty.released.set()
+            self.assertEqual(faulty.events, [])
+            healthy = self.sink(RequestSizeSink)
+            self.finish_run(healthy.url, 100000, spool)
+            self.assertEqual(self.check(healthy, runs, per_run=600), 0)
+        names = full_or(sorted(faults), ["hang"])
+        concurrently(self, [(dict(fault=name), lambda rule=faults[name]: cell(rule))
+                            for name in names])
 
     def test_durable_survives_sigkill_while_paced(self):
         """Durable: SIGKILLs under the rate limit lose nothing and resend at most a request."""
         # 50 calls of 10 a second: the children log faster, the last run's close(10)
         # has time for the three backlogs (at most 1,800 events, 180 calls).
         sink = self.sink(RequestSizeSink, rate_limit=50, window=1.0)
-        runs = self.kill_runs(sink.url, "durable", 3, per_run=600)
+        runs = self.kill_runs(sink.url, "durable", full_or(3, 1), per_run=600)
         self.finish_run(sink.url, 100000)
         self.check(sink, runs, per_run=600)
 
@@ -1518,7 +1593,7 @@ class InstallScriptTest(LiteTestCase):
 
     def test_target_installs_for_oldest_and_newest_python(self):
         """install.sh: --target creates the folder, copies the module, runs the smoke test."""
-        for python in sorted({self.oldest, self.newest}):
+        for python in full_or(sorted({self.oldest, self.newest}), [self.newest]):
             with self.subTest(python=python):
                 target = os.path.join(self.tempdir(), "vendor", "lib")
                 result = self.install("--python", python, "--target", target)
@@ -2098,7 +2173,9 @@ def cli_env(home, **extra):
 
 
 class CliTestCase(IsolatedCase):
-    """Helpers: temp dirs, sinks, main() with captured output, child processes."""
+    """Helpers: main() with captured output, child processes; the environment kept clean."""
+
+    temp_prefix = "isl-cli-"
 
     def setUp(self):
         IsolatedCase.setUp(self)
@@ -2124,16 +2201,6 @@ class CliTestCase(IsolatedCase):
         self.ini = os.path.join(self.home, "empty.ini")
         with open(self.ini, "w"):
             pass
-
-    def tempdir(self):
-        path = tempfile.mkdtemp(prefix="isl-cli-")
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
-
-    def sink(self, **kwargs):
-        sink = lite._Sink(**kwargs).start()
-        self.addCleanup(sink.stop)
-        return sink
 
     def common(self, api_base):
         """The flags that keep an in-process main() off the developer's config."""
@@ -2167,11 +2234,6 @@ class CliTestCase(IsolatedCase):
     def popen(self, argv, **env):
         """Start a child with pipes; killed at cleanup and by a 60 s failure guard."""
         return guarded_popen(self, argv, self.home, self.env(**env), 60.0)
-
-    def received(self, sink, bucket=None):
-        with sink.changed:
-            return [(e["key"], e["value"]) for b, e in sink.events
-                    if bucket is None or b == bucket]
 
     def spool_events(self, api_base, buckets):
         """Spool events with a Streamer that cannot reach ``api_base``.
@@ -3474,49 +3536,12 @@ class _Watch(logging.Handler):
             self.hit.set()
 
 
-class DeliveryTestCase(IsolatedCase):
-    """Helpers: servers and Streamers stopped at cleanup, temp spools, quiet logger."""
+class DeliveryTestCase(LiteTestCase):
+    """LiteTestCase with scriptable FaultSinks by default; waits on stats, exactly-once checks."""
 
-    def setUp(self):
-        IsolatedCase.setUp(self)
-        logger = logging.getLogger("isstreamer_lite")
-        state = (logger.level, list(logger.handlers), logger.propagate)
-        logger.addHandler(logging.NullHandler())    # no lastResort noise on stderr
-
-        def restore():
-            logger.setLevel(state[0])
-            logger.handlers[:] = state[1]
-            logger.propagate = state[2]
-        self.addCleanup(restore)
-
-    def sink(self, cls=FaultSink, **kwargs):
-        sink = cls(**kwargs).start()
-        self.addCleanup(sink.stop)
-        self.addCleanup(sink.released.set)      # runs before stop: no hang outlives a test
-        return sink
-
-    def tempdir(self):
-        path = tempfile.mkdtemp(prefix="isl-delivery-")
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
-
-    def streamer(self, api_base, **kwargs):
-        options = dict(bucket_key="delivery-bucket", access_key=KEY, ini_file_location=False,
-                       api_base=api_base, flush_interval=0.05, backoff_base=0.01,
-                       backoff_cap=0.05)
-        options.update(kwargs)
-        if "spool_dir" not in options:
-            options["spool_dir"] = self.tempdir()
-        streamer = lite.Streamer(**options)
-        self.addCleanup(streamer.close, 0.5)     # only spools what is left
-        return streamer
-
-    def received(self, sink, bucket=None):
-        if isinstance(sink, Outage):
-            return sink.received(bucket)
-        with sink.changed:
-            return [(e["key"], e["value"]) for b, e in sink.events
-                    if bucket is None or b == bucket]
+    sink_class = FaultSink              # scriptable faults; lite._Sink where a test says so
+    bucket_key = "delivery-bucket"
+    temp_prefix = "isl-delivery-"
 
     def wait_stats(self, streamer, predicate, timeout=10.0):
         """Wait until predicate(streamer.stats()) holds, checked at each log record."""
@@ -4711,11 +4736,12 @@ class RateLimitedTest(DeliveryTestCase):
         sink = self.sink(rate_limit=20, window=1.0)
         s = self.streamer(sink.url, access_key="ist_unbounded_%d" % os.getpid(),
                           wait_timeout=1.0, buffer_size=10)
-        log_all(s, events("f", 400))            # 40 calls at 20 a second
+        count = full_or(400, 150)               # 40 calls (15) at 20 a second
+        log_all(s, events("f", count))
         self.assertTrue(s.flush(), s.stats())
-        log_all(s, events("c", 400))
+        log_all(s, events("c", count))
         self.assertTrue(s.close(), s.stats())
-        self.assertExactlyOnce(self.received(sink), events("f", 400) + events("c", 400))
+        self.assertExactlyOnce(self.received(sink), events("f", count) + events("c", count))
         self.assertEqual(sink.rate_limited, 0)
 
     def test_retry_after_http_date_honoured(self):
@@ -5295,6 +5321,8 @@ class OnErrorTest(DeliveryTestCase):
 class ForkTest(DeliveryTestCase):
     """A forked child starts afresh: parent events are sent once, by the parent."""
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: a child forked from a process whose threads are "
+                           "running can stop forever at an internal lock")
     def test_child_gets_fresh_queue(self):
         """fork: parent logs N, child logs M, both close: the server gets N + M, once each."""
         sink = self.sink()
@@ -5307,7 +5335,6 @@ class ForkTest(DeliveryTestCase):
         if pid == 0:                        # the child: never return into unittest
             code = 1
             try:
-                import signal
                 signal.alarm(20)            # never outlive a stuck test
                 log_all(s, child)
                 stats = s.stats()
@@ -5315,7 +5342,11 @@ class ForkTest(DeliveryTestCase):
                 code = 0 if ok and stats["logged"] <= len(child) else 3
             finally:
                 os._exit(code)
+        guard = threading.Timer(60, os.kill, (pid, signal.SIGKILL))  # a failure guard:
+        guard.daemon = True                 # a child stuck at a lock ignores its alarm
+        guard.start()
         _, status = os.waitpid(pid, 0)
+        guard.cancel()
         self.assertEqual(os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status, 0)
         self.assertTrue(s.close(10))
         self.assertExactlyOnce(self.received(sink), parent + child)
@@ -5346,16 +5377,17 @@ class DoneWhenTest(DeliveryTestCase):
     """The issue's three acceptance scenarios, with their figures printed."""
 
     def test_outage_of_5s_loses_nothing_and_log_stays_fast(self):
-        """Done when 1: a 5 s outage amid 400 events 10 ms apart: 0 lost, log() < 50 ms."""
+        """Done when 1: a 5 s outage (1 s by default) amid events 10 ms apart: 0 lost, log() < 50 ms."""
         outage = Outage(self)
         s = self.streamer(outage.url, flush_interval=1.0)
-        expected = events("o", 400)
+        seconds = full_or(5.0, 1.0)
+        expected = events("o", 100 + int(seconds * 100) + 50)   # 0.5 s before, 1.5 s after
         durations = []
         thread = None
         started = time.perf_counter()
         for i, (key, value) in enumerate(expected):
             if i == 50:
-                thread = outage.later(True, 5.0)        # down now, up in 5 s
+                thread = outage.later(True, seconds)    # down now, up in 5 s (or 1 s)
             before = time.perf_counter()
             s.log(key, value)
             durations.append(time.perf_counter() - before)
@@ -5381,7 +5413,8 @@ class DoneWhenTest(DeliveryTestCase):
         outage = Outage(self, up=False)
         spool_dir = self.tempdir()
         s = lite.Streamer(bucket_key="dw2-bucket", access_key=KEY, ini_file_location=False,
-                          api_base=outage.url, spool_dir=spool_dir, wait_timeout=3.0)
+                          api_base=outage.url, spool_dir=spool_dir,
+                          wait_timeout=full_or(3.0, 1.0))
         self.addCleanup(s.close, 1.0)
         expected = events("d", 300)
         log_all(s, expected)
@@ -5420,8 +5453,8 @@ class DoneWhenTest(DeliveryTestCase):
         self.assertEqual(spool_segments(spool_dir), [])
 
     def test_burst_of_900_paced_under_rate_limit(self):
-        """Done when 3: 900 events against 30 requests/1 s window: calls of 10, 0 lost, <= one 429."""
-        limit, window, buffer_size, count = 30, 1.0, 10, 900
+        """Done when 3: 900 events (300 by default) against 30 requests/1 s: calls of 10, 0 lost, <= one 429."""
+        limit, window, buffer_size, count = 30, 1.0, 10, full_or(900, 300)
         sink = self.sink(SizedFaultSink, rate_limit=limit, window=window)
         s = self.streamer(sink.url, access_key="ist_done_when_3_%d" % os.getpid(),
                           buffer_size=buffer_size, flush_interval=1.0)
@@ -5655,20 +5688,17 @@ class DurableJournalTest(Issue9Case):
                          % (len(missing), len(safe), sync_interval + slack, missing[:3]))
 
     def test_journal_kept_while_request_hangs_or_server_refuses(self):
-        """Durable: SIGKILL during a hung request, 503s or a 429 loses nothing journalled."""
+        """Durable: SIGKILL during a hung request (full matrix: 503s, a 429) loses nothing journalled."""
         if not hasattr(signal, "SIGKILL"):
             self.skipTest("needs POSIX signals")
-        for name, rule in (("never answers", hang_forever),
-                           ("503 always", lambda handler, path: 503),
-                           ("429 Retry-After 60",
-                            lambda handler, path: (429, {"Retry-After": "60"}))):
-            with self.subTest(server=name):
-                self.kill_while_logging(rule)
+        servers = (("never answers", hang_forever),
+                   ("503 always", lambda handler, path: 503),
+                   ("429 Retry-After 60", lambda handler, path: (429, {"Retry-After": "60"})))
+        concurrently(self, [(dict(server=name), lambda rule=rule: self.kill_while_logging(rule))
+                            for name, rule in full_or(servers, servers[:1])])
 
 
 # --- 1b. Crash states of durable mode (what a power cut can leave) ----------
-
-FULL_MATRIX = os.environ.get("ISSTREAMER_LITE_FULL") == "1"
 
 
 class _Node(object):
@@ -5912,12 +5942,29 @@ class CrashRecorder(object):
         return [v for v, at in self.durable_at.items() if at <= ops]
 
 
+class _StoredEvents(list):
+    """A sink's ``events`` that notes the recorder's op count as each request's events are stored."""
+
+    def __init__(self, sink):
+        list.__init__(self)
+        self.sink = sink
+
+    def extend(self, items):
+        items = list(items)
+        list.extend(self, items)
+        sink = self.sink
+        ops = sink.recorder.ops if sink.recorder is not None else 0
+        sink.stored_at.extend((ops, e["value"]) for _, e in items)
+        sink.sizes.append(len(items))
+
+
 class OrderSink(FaultSink):
     """A FaultSink that notes, for each value it stores, the recorder's op count then.
 
-    The count is read as the request arrives: the client acts on the answer
-    (acks, deletes) only after it, so a state noted later counts the events
-    as stored, and one noted while the request is out counts them in flight.
+    Noted as the events are stored, before the answer leaves: once it has, the
+    client may acknowledge and delete them, and a count read after that would
+    say they were stored later than they were (crash states in between then
+    looked as though they had lost them).
     """
 
     def __init__(self, recorder=None, **kwargs):
@@ -5925,15 +5972,7 @@ class OrderSink(FaultSink):
         self.recorder = recorder
         self.stored_at = []                 # (op count, value)
         self.sizes = []                     # events per request stored
-
-    def _add_events(self, handler, data):
-        ops = self.recorder.ops if self.recorder is not None else 0
-        with self.changed:
-            before = len(self.events)
-        lite._Sink._add_events(self, handler, data)
-        with self.changed:
-            self.stored_at.extend((ops, e["value"]) for _, e in self.events[before:])
-            self.sizes.append(len(self.events) - before)
+        self.events = _StoredEvents(self)
 
 
 def replay_settings(api_base, spool_dir):
@@ -6469,6 +6508,8 @@ s.close(5)                              # also replays what the child spooled
 class ForkDuringImportTest(Issue9Case):
     """fork() right after construction, while the worker imports what it needs."""
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: a child forked while the new Streamer's threads "
+                           "start dies of SIGSEGV in one run of two")
     def test_fork_right_after_construction(self):
         """fork: a child forked at once delivers (or spools) its events; close() tells which."""
         sink = self.sink()
@@ -6555,7 +6596,7 @@ for i in range(count):
     sum(range(3000))                    # a busy application holds the GIL...
     if i % 100 == 99:
         time.sleep(0.03)                # ...in bursts: idle gaps let the writer seal segments
-sys.stdout.write("closed %s\n" % s.close(3))
+sys.stdout.write("closed %s\n" % s.close(1))      # the server is down: spool the rest
 '''
 
 
@@ -6575,7 +6616,7 @@ class ConcurrentReplayTest(Issue9Case):
         spool, ini = os.path.join(folder, "spool"), os.path.join(folder, "empty.ini")
         with open(ini, "w"):
             pass
-        count = 3000
+        count = full_or(3000, 1000)
         writer = self.child(WRITER_CHILD, dead_url(), spool, count)
         runs = 0
         while writer.poll() is None and runs < 40:
@@ -6705,17 +6746,20 @@ class HostileServerTest(DeliveryTestCase):
     def test_retry_after_zero_cannot_make_it_spin(self):
         """429: Retry-After 0, negative or past waits longer each time; a few requests a second."""
         now = email.utils.formatdate(time.time() - 60, usegmt=True)
-        for value in ("0", "-3", now):
-            with self.subTest(retry_after=value):
-                sink = self.sink(rule=lambda handler, path, v=value: (
-                    (429, {"Retry-After": v}) if path == "/api/events" else None))
-                s = self.streamer(sink.url, backoff_base=0.1, backoff_cap=30.0)
-                log_all(s, events("z", 5))
-                self.assertFalse(s.flush(1.0))
-                with sink.changed:
-                    requests = sum(1 for _, path, _ in sink.seen if path == "/api/events")
-                self.assertLessEqual(requests, 8)       # 0.05, 0.1, 0.2, 0.4 s ... apart
-                self.assertGreaterEqual(requests, 2)
+
+        def cell(value):
+            sink = self.sink(rule=lambda handler, path: (
+                (429, {"Retry-After": value}) if path == "/api/events" else None))
+            s = self.streamer(sink.url, backoff_base=0.1, backoff_cap=30.0)
+            log_all(s, events("z", 5))
+            self.assertFalse(s.flush(1.0))
+            with sink.changed:
+                requests = sum(1 for _, path, _ in sink.seen if path == "/api/events")
+            self.assertLessEqual(requests, 8)       # 0.05, 0.1, 0.2, 0.4 s ... apart
+            self.assertGreaterEqual(requests, 2)
+        # Each cell waits out its flush(1.0): the three overlap.
+        concurrently(self, [(dict(retry_after=value), lambda value=value: cell(value))
+                            for value in ("0", "-3", now)])
 
     def test_nonsense_rate_limit_headers_never_stall(self):
         """Pacing: a reset in ms, inf, nan or 1e12 with nothing left waits one window at most."""
@@ -6881,6 +6925,8 @@ class HostileInputTest(LiteTestCase):
         self.assertEqual([int(r[2]) for r in rows], list(range(205)))
         self.assertEqual(s.stats()["rejected"], {"not_utf8": 2})
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: str.__str__(x) of a str subclass whose __len__ lies "
+                           "is an exact str that keeps the lie (len() 3 for 300 characters)")
     def test_lying_str_subclass_cannot_poison_the_key_cache(self):
         """Validation: a str whose __len__ lies is checked as the str it is."""
         class Liar(str):
@@ -7158,7 +7204,7 @@ class SlowLinkTest(DeliveryTestCase):
         s = self.streamer("http://127.0.0.1:9", spool_dir=spool, bucket_key="slow")
         for i in range(count):
             s.log("n", i)
-        self.assertFalse(s.close(1))
+        self.assertFalse(s.close(0.2))          # the server is down: all of it spooled
         self.assertTrue(bounded_poll(lambda: len(disk_values(spool)) == count, 10))
         return spool
 
@@ -7448,13 +7494,13 @@ def posix_shells():
 
 
 class InstallShellsTest(LiteTestCase):
-    """install.sh under dash and busybox sh: bytecode, venv refusal, what a re-run says."""
+    """install.sh under dash or busybox sh (full matrix: both): bytecode, venv refusal, re-runs."""
 
     @classmethod
     def setUpClass(cls):
         # As InstallScriptTest: the script, the oldest and the newest Python.
         InstallScriptTest.setUpClass.__func__(cls)
-        cls.shells = posix_shells()
+        cls.shells = full_or(posix_shells(), posix_shells()[:1])     # every shell, or one
         if not cls.shells:
             raise unittest.SkipTest("neither dash nor busybox is installed")
         cls.version = lite.__version__
@@ -7483,7 +7529,7 @@ class InstallShellsTest(LiteTestCase):
     def test_install_precompiles_for_the_pythons_cache_tag(self):
         """install.sh: the .pyc of the chosen Python's cache tag is written and used as is."""
         for label, shell in self.shells:
-            for python in sorted({self.oldest, self.newest}):
+            for python in full_or(sorted({self.oldest, self.newest}), [self.newest]):
                 with self.subTest(shell=label, python=python):
                     target = os.path.realpath(self.tempdir())
                     result = self.run_install(shell, "--python", python, "--target", target)
@@ -7786,6 +7832,8 @@ sys.exit(0 if streamer.close(10) else 1)
 class NohupTest(LiteTestCase):
     """Under nohup SIGHUP stays ignored: the script outlives the session that started it."""
 
+    @unittest.skipIf(PYPY, "PyPy 7.3.11: signal.getsignal(SIGHUP) says SIG_DFL under nohup, "
+                           "where SIGHUP is ignored, so the library takes it over")
     def test_sighup_under_nohup_is_left_ignored(self):
         """Signals: under nohup a SIGHUP neither stops the script nor loses an event."""
         nohup = shutil.which("nohup")
@@ -8146,59 +8194,81 @@ class LifecycleCase(LiteTestCase):
 class SignalLifecycleTest(LifecycleCase):
     """Signals, server down: every logged event ends up in the spool, then delivered."""
 
+    def signal_at(self, name, mode, line, status):
+        """One cell: SIGname while the child is at ``mode``; all spooled, then delivered."""
+        if PYPY and name == "SIGINT":
+            self.skipTest(PYPY_NO_ATEXIT_ON_SIGINT)
+        spool = self.tempdir()
+        child, count_path = self.lifecycle(mode, dead_url(), spool)
+        self.read_line(child, line)
+        self.still_running(child, 0.3)  # well into close(), idle or logging
+        child.send_signal(getattr(signal, name))
+        status_, err = self.finish(child)
+        expected = list(range(100))
+        if mode == "logging":
+            self.assertTrue(os.path.exists(count_path),
+                            "the loop's finally never ran (exit status %s)" % status_)
+            with open(count_path) as handle:
+                logged = int(handle.read())
+            # The signal may land inside log(), after its append.
+            spooled = len(spooled_events(spool))
+            expected = list(range(spooled if spooled == logged + 1 else logged))
+        self.assertSpooled(spool, expected, status_, err)
+        self.assertEqual(status_, status, err[-600:])
+        self.assertReplayed(spool, expected)
+
     def test_signal_at_each_moment_spools_everything(self):
-        """Signals: SIGTERM, SIGINT, SIGHUP during close(), idle or logging lose nothing."""
-        statuses = dict(SIGNALS, SIGINT=self.plain_sigint_status())
-        for name, _ in SIGNALS:
-            for mode, line in (("close", "closing"), ("idle", "idle"),
-                               ("logging", "logging")):
-                with self.subTest(signal=name, moment=mode):
-                    spool = self.tempdir()
-                    child, count_path = self.lifecycle(mode, dead_url(), spool)
-                    self.read_line(child, line)
-                    self.still_running(child, 0.3)  # well into close(), idle or logging
-                    child.send_signal(getattr(signal, name))
-                    status, err = self.finish(child)
-                    expected = list(range(100))
-                    if mode == "logging":
-                        self.assertTrue(os.path.exists(count_path),
-                                        "the loop's finally never ran (exit status %s)"
-                                        % status)
-                        with open(count_path) as handle:
-                            logged = int(handle.read())
-                        # The signal may land inside log(), after its append.
-                        spooled = len(spooled_events(spool))
-                        expected = list(range(spooled if spooled == logged + 1 else logged))
-                    self.assertSpooled(spool, expected, status, err)
-                    self.assertEqual(status, statuses[name], err[-600:])
-                    self.assertReplayed(spool, expected)
+        """Signals: SIGTERM while logging loses nothing; full matrix: each signal at each moment."""
+        moments = (("close", "closing"), ("idle", "idle"), ("logging", "logging"))
+        cells = full_or([(name, moment) for name, _ in SIGNALS for moment in moments],
+                        [("SIGTERM", ("logging", "logging"))])
+        statuses = dict(SIGNALS)
+        if any(name == "SIGINT" for name, _ in cells):
+            statuses["SIGINT"] = self.plain_sigint_status()
+        self.script(LIFECYCLE_CHILD)        # written once, before the cells start
+        concurrently(self, [
+            (dict(signal=name, moment=mode),
+             lambda name=name, mode=mode, line=line: self.signal_at(
+                 name, mode, line, statuses[name]))
+            for name, (mode, line) in cells])
+
+    def second_signal(self, name, mode, status):
+        """One cell: SIGname as the exit hook starts or waits, maybe twice; nothing lost."""
+        if PYPY and name == "SIGINT":
+            self.skipTest(PYPY_NO_ATEXIT_ON_SIGINT)
+        sig = getattr(signal, name)
+        spool = self.tempdir()
+        child, _ = self.lifecycle(mode, dead_url(), spool, exit_timeout=30.0)
+        self.read_line(child, "exiting")
+        sent = 0
+        if mode == "exit-idle":
+            child.send_signal(sig)          # ends the script: the exit hook runs
+            sent = 1
+        while sent < 2:
+            try:
+                child.wait(0.5)             # exited already: nothing to interrupt
+                break
+            except subprocess.TimeoutExpired:
+                child.send_signal(sig)      # the exit hook is still waiting
+                sent += 1
+        status_, err = self.finish(child)
+        self.assertSpooled(spool, list(range(100)), status_, err)
+        if mode == "exit-idle":
+            self.assertEqual(status_, status, err[-600:])
+        self.assertReplayed(spool, list(range(100)))
 
     def test_second_signal_during_exit_hook_spools_everything(self):
         """Signals: a signal while the exit hook waits, or a second one, loses nothing."""
-        statuses = dict(SIGNALS, SIGINT=self.plain_sigint_status())
-        for name, mode in (("SIGTERM", "exit-idle"), ("SIGINT", "exit-idle"),
-                           ("SIGTERM", "exit-end")):
-            with self.subTest(signal=name, script=mode):
-                sig = getattr(signal, name)
-                spool = self.tempdir()
-                child, _ = self.lifecycle(mode, dead_url(), spool, exit_timeout=30.0)
-                self.read_line(child, "exiting")
-                sent = 0
-                if mode == "exit-idle":
-                    child.send_signal(sig)          # ends the script: the exit hook runs
-                    sent = 1
-                while sent < 2:
-                    try:
-                        child.wait(0.5)             # exited already: nothing to interrupt
-                        break
-                    except subprocess.TimeoutExpired:
-                        child.send_signal(sig)      # the exit hook is still waiting
-                        sent += 1
-                status, err = self.finish(child)
-                self.assertSpooled(spool, list(range(100)), status, err)
-                if mode == "exit-idle":
-                    self.assertEqual(status, statuses[name], err[-600:])
-                self.assertReplayed(spool, list(range(100)))
+        cells = full_or((("SIGTERM", "exit-idle"), ("SIGINT", "exit-idle"),
+                         ("SIGTERM", "exit-end")), (("SIGTERM", "exit-idle"),))
+        statuses = dict(SIGNALS)
+        if any(name == "SIGINT" for name, _ in cells):
+            statuses["SIGINT"] = self.plain_sigint_status()
+        self.script(LIFECYCLE_CHILD)
+        concurrently(self, [
+            (dict(signal=name, script=mode),
+             lambda name=name, mode=mode: self.second_signal(name, mode, statuses[name]))
+            for name, mode in cells])
 
     def test_exit_hook_warns_once_about_spooled_events(self):
         """Exit hook: events it leaves in the spool are reported in one stderr line."""
