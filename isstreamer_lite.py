@@ -2700,10 +2700,23 @@ class _Courier(object):
             self.busy, self.job = True, job
             self._job = job
             self._result = None
-            if self._thread is None:
+            begin = self._thread is None
+            if begin:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=self.name + "-courier")
+        if begin:
+            try:
                 _start_thread(self._thread)
+            except RuntimeError:
+                # At interpreter shutdown (the exit hook, 3.12 and later) no thread
+                # starts: the request is made here, bounded by the transport's timeouts.
+                with self._lock:
+                    self._thread = self._job = None
+                outcome = self.sender.post(job)
+                with self._lock:
+                    if job is self.job:
+                        self._result = (job, outcome)
+                return
         self._signal.set()
 
     def poll(self):

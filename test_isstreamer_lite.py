@@ -4264,6 +4264,29 @@ class DoorbellTest(IsolatedCase):
         self.assertTrue(bell.wait(10))
 
 
+class CourierTest(LiteTestCase):
+    """_Courier: one request at a time on its own thread, or here when none can start."""
+
+    def test_no_thread_at_interpreter_shutdown_posts_in_the_caller(self):
+        """Courier: where no thread can start (3.12's exit hook), the request is made inline."""
+        transport = FakeTransport(204)
+        courier = lite._Courier(lite._Sender(lite._resolve_settings(**replay_options()),
+                                             transport), lite._Doorbell(), "test")
+        job = lite._Job("/api/events", b'[{"key": "k", "value": 1}]', ("b", ""), None,
+                        time.monotonic() + 5)
+
+        def refuse(thread):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        with mock.patch.object(lite, "_start_thread", refuse):
+            courier.start(job)
+        outcome = courier.poll()
+        self.assertIsNotNone(outcome, "the request was not made")
+        self.assertIs(outcome[0], job)
+        self.assertEqual(outcome[1][0].status, 204)
+        self.assertEqual(len(transport.posts), 1)
+        courier.stop()                      # no thread to join: it never started
+
+
 class WorkerTest(LiteTestCase):
     """The worker's decisions, stepped by hand: no threads, no sockets, no real time."""
 
@@ -5975,14 +5998,19 @@ class OrderSink(FaultSink):
         self.events = _StoredEvents(self)
 
 
-def replay_settings(api_base, spool_dir):
-    """Settings for lite._replay_spool, as the command line's replay makes them."""
+def replay_options(api_base="http://127.0.0.1:9", spool_dir=None):
+    """Keyword arguments of lite._resolve_settings, as the command line's replay makes them."""
     import inspect
     options = {name: p.default for name, p in
                inspect.signature(lite.Streamer.__init__).parameters.items() if name != "self"}
     options.update(bucket_key="replay", access_key=KEY, ini_file_location=False,
                    api_base=api_base, spool_dir=spool_dir)
-    return lite._resolve_settings(**options)
+    return options
+
+
+def replay_settings(api_base, spool_dir):
+    """Settings for lite._replay_spool, as the command line's replay makes them."""
+    return lite._resolve_settings(**replay_options(api_base, spool_dir))
 
 
 def write_tree(folder, tree):
