@@ -1940,9 +1940,9 @@ class _SpoolReader(object):
     fsynced when it is created and its records as they are written, and a
     finished segment goes first (its removal fsynced), then its ``.ack``:
     no order of the disk's writes brings a segment back without the record
-    of what was delivered from it. A torn ``.ack`` tail is cut before the next
-    record; an empty ``bucket.json`` is rewritten by a Streamer that knows the
-    bucket.
+    of what was delivered from it. A record after a torn ``.ack`` tail starts
+    on a line of its own; an empty ``bucket.json`` is rewritten by a Streamer
+    that knows the bucket.
     """
 
     def __init__(self, folder, durable, only=None):
