@@ -105,6 +105,270 @@ def concurrently(case, cells, width=3):
                 raise error
 
 
+# --- Running the suite in worker processes ------------------------------------
+#
+# Most of the suite's time is waiting: for child processes, timers, servers
+# that hang. The README's command runs the test classes in a few forked
+# worker processes (ISSTREAMER_LITE_JOBS, default 3; 1 runs them here, one by
+# one), each taking the next class from a shared queue and reporting each
+# test's outcome back; this process replays the outcomes to unittest's result
+# as they arrive, so -v, -f and the summary read as usual. A worker is a
+# process of its own: environment, signal handlers, logging and patched
+# module attributes stay within it, as in a serial run.
+
+def _jobs():
+    text = os.environ.get("ISSTREAMER_LITE_JOBS", "")
+    if not text:
+        return 3
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise SystemExit("ISSTREAMER_LITE_JOBS=%r: give a whole number of worker processes "
+                         "(1 runs the tests in this process)" % text)
+
+
+class _Remote(Exception):
+    """A failure, error or skip as a worker process formatted it."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+class _RemoteFailure(_Remote, AssertionError):
+    pass
+
+
+class _ReportingResult(unittest.TestResult):
+    """A worker's result: each test's outcomes go to the parent as one JSON line."""
+
+    def __init__(self, out):
+        unittest.TestResult.__init__(self)
+        self.out = out
+        self.outcomes = []
+
+    def _note(self, test, kind, text=""):
+        if not isinstance(test, unittest.TestCase):      # a class or module fixture
+            self._send(str(test), [(kind, text)], fixture=True)
+        else:
+            self.outcomes.append((kind, text))
+
+    def _send(self, name, outcomes, fixture=False):
+        line = json.dumps({"test": name, "outcomes": outcomes, "fixture": fixture})
+        os.write(self.out, (line + "\n").encode("utf-8"))  # a broken pipe ends the worker
+
+    def startTest(self, test):
+        unittest.TestResult.startTest(self, test)
+        self.outcomes = []
+        os.write(self.out, (json.dumps({"start": test.id()}) + "\n").encode("utf-8"))
+
+    def stopTest(self, test):
+        unittest.TestResult.stopTest(self, test)
+        self._send(test.id(), self.outcomes)
+
+    def addError(self, test, err):
+        self._note(test, "error", self._exc_info_to_string(err, test))
+
+    def addFailure(self, test, err):
+        self._note(test, "failure", self._exc_info_to_string(err, test))
+
+    def addSkip(self, test, reason):
+        self._note(test, "skip", reason)
+
+    def addExpectedFailure(self, test, err):
+        self._note(test, "xfail", self._exc_info_to_string(err, test))
+
+    def addUnexpectedSuccess(self, test):
+        self._note(test, "xpass")
+
+    def addSubTest(self, test, subtest, err):
+        if err is not None:
+            kind = "failure" if issubclass(err[0], test.failureException) else "error"
+            self.outcomes.append((kind, "%s\n%s" % (subtest, self._exc_info_to_string(
+                err, test))))
+
+
+class _QueueSuite(unittest.TestSuite):
+    """A worker's tests: the classes it takes, one by one, from the shared queue."""
+
+    _cleanup = False
+
+    def __init__(self, classes, queue):
+        unittest.TestSuite.__init__(self)
+        self.classes = classes
+        self.queue = queue
+
+    def __iter__(self):
+        while True:
+            record = os.read(self.queue, 4)     # the parent wrote them all at once
+            if len(record) < 4:
+                return
+            for test in self.classes[struct.unpack(">I", record)[0]]:
+                yield test
+
+
+class _ForkingSuite(unittest.TestSuite):
+    """The module's tests, run by ``jobs`` forked workers (see above)."""
+
+    def __init__(self, tests, jobs):
+        unittest.TestSuite.__init__(self, tests)
+        self.jobs = jobs
+
+    def _classes(self):
+        """The tests grouped by class, in the order loaded."""
+        groups = collections.OrderedDict()
+        pending = list(self._tests)
+        while pending:
+            test = pending.pop(0)
+            if isinstance(test, unittest.TestSuite):
+                pending[:0] = list(test)
+            else:
+                groups.setdefault(type(test), []).append(test)
+        return list(groups.values())
+
+    def run(self, result, debug=False):
+        classes = self._classes()
+        by_id = {t.id(): t for tests in classes for t in tests}
+        child_path()                            # compiled once, before the fork
+        queue_r, queue_w = os.pipe()
+        os.write(queue_w, b"".join(struct.pack(">I", i) for i in range(len(classes))))
+        os.close(queue_w)
+        workers = {}
+        for _ in range(min(self.jobs, len(classes))):
+            out_r, out_w = os.pipe()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:                        # the worker
+                status = 1
+                try:
+                    os.close(out_r)
+                    for other in workers:
+                        os.close(other)
+                    _QueueSuite(classes, queue_r).run(_ReportingResult(out_w))
+                    status = 0
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(status)            # the parent's atexit hooks are its own
+            os.close(out_w)
+            workers[out_r] = (pid, b"")
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminated)
+        try:
+            self._collect(workers, by_id, result)
+        finally:
+            if previous is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, previous)
+            for fd, (pid, _) in workers.items():
+                os.close(fd)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            for fd, (pid, _) in workers.items():
+                os.waitpid(pid, 0)
+            os.set_blocking(queue_r, False)
+            try:
+                left = os.read(queue_r, 65536)
+            except BlockingIOError:
+                left = b""
+            os.close(queue_r)
+        if left and not result.shouldStop:
+            names = [classes[i][0].__class__.__name__ for (i,) in struct.iter_unpack(">I", left)]
+            self._report_lost(result, "no worker was left to run %s" % ", ".join(names))
+        return result
+
+    def _collect(self, workers, by_id, result):
+        """Replay each worker's reports to ``result`` until every worker is done."""
+        import selectors
+        selector = selectors.DefaultSelector()
+        for fd in workers:
+            selector.register(fd, selectors.EVENT_READ)
+        open_fds = set(workers)
+        running = {}                            # worker's fd: the test it started last
+        while open_fds and not result.shouldStop:
+            for key, _ in selector.select(600):     # a failure guard: tests bound their waits
+                fd = key.fd
+                chunk = os.read(fd, 65536)
+                pid, buffered = workers[fd]
+                if not chunk:
+                    selector.unregister(fd)
+                    open_fds.discard(fd)
+                    _, status = os.waitpid(pid, 0)
+                    workers[fd] = (pid, b"")
+                    if status or fd in running:
+                        self._report_lost(result, "a worker process ended (%s) during %s" % (
+                            _wait_status(status), running.get(fd, "its fixtures")))
+                    continue
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                workers[fd] = (pid, buffered)
+                for line in lines:
+                    report = json.loads(line.decode("utf-8"))
+                    if "start" in report:
+                        running[fd] = report["start"]
+                        continue
+                    running.pop(fd, None)
+                    self._replay(report, by_id, result)
+        selector.close()
+        for fd in list(workers):
+            if fd not in open_fds:
+                pid, _ = workers.pop(fd)
+                os.close(fd)
+
+    @staticmethod
+    def _replay(report, by_id, result):
+        test = by_id.get(report["test"]) if not report["fixture"] else None
+        if test is None:
+            test = unittest.suite._ErrorHolder(report["test"])
+            for kind, text in report["outcomes"]:
+                if kind == "skip":
+                    result.addSkip(test, text)
+                else:
+                    result.addError(test, (_Remote, _Remote(text), None))
+            return
+        result.startTest(test)
+        if not report["outcomes"]:
+            result.addSuccess(test)
+        for kind, text in report["outcomes"]:
+            if kind == "failure":
+                result.addFailure(test, (_RemoteFailure, _RemoteFailure(text), None))
+            elif kind == "error":
+                result.addError(test, (_Remote, _Remote(text), None))
+            elif kind == "skip":
+                result.addSkip(test, text)
+            elif kind == "xfail":
+                result.addExpectedFailure(test, (_Remote, _Remote(text), None))
+            else:
+                result.addUnexpectedSuccess(test)
+        result.stopTest(test)
+
+    @staticmethod
+    def _report_lost(result, why):
+        holder = unittest.suite._ErrorHolder("worker process")
+        result.addError(holder, (_Remote, _Remote(why), None))
+
+
+def _wait_status(status):
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exit status %d" % os.WEXITSTATUS(status)
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)      # the workers are killed on the way out
+
+
+def load_tests(loader, tests, pattern):
+    """The README's command: the classes in worker processes where fork is there."""
+    jobs = _jobs()
+    if jobs == 1 or not hasattr(os, "fork") or threading.active_count() > 1:
+        return tests
+    return _ForkingSuite([tests], jobs)
+
+
 # A self-signed certificate for 127.0.0.1 and localhost, valid until 2126,
 # made for these tests only (openssl req -x509 -newkey rsa:2048 -days 36500).
 _TEST_CERT = """\
