@@ -152,18 +152,20 @@ class _ReportingResult(unittest.TestResult):
         else:
             self.outcomes.append((kind, text))
 
-    def _send(self, name, outcomes, fixture=False):
-        line = json.dumps({"test": name, "outcomes": outcomes, "fixture": fixture})
+    def _send(self, name, outcomes, fixture=False, seconds=0.0):
+        line = json.dumps({"test": name, "outcomes": outcomes, "fixture": fixture,
+                           "seconds": seconds})
         os.write(self.out, (line + "\n").encode("utf-8"))  # a broken pipe ends the worker
 
     def startTest(self, test):
         unittest.TestResult.startTest(self, test)
         self.outcomes = []
+        self.started = time.monotonic()
         os.write(self.out, (json.dumps({"start": test.id()}) + "\n").encode("utf-8"))
 
     def stopTest(self, test):
         unittest.TestResult.stopTest(self, test)
-        self._send(test.id(), self.outcomes)
+        self._send(test.id(), self.outcomes, seconds=time.monotonic() - self.started)
 
     def addError(self, test, err):
         self._note(test, "error", self._exc_info_to_string(err, test))
@@ -206,12 +208,22 @@ class _QueueSuite(unittest.TestSuite):
                 yield test
 
 
+# The classes that take longest (ISSTREAMER_LITE_TIMES=1 prints each class's
+# time), queued first so that no worker starts one of them last. Only the
+# queue's order: a stale entry costs seconds, never a result.
+_LONGEST_FIRST = ("CrashTest", "DoneWhenTest", "InstallShellsTest", "CrashStateTest",
+                  "InstallScriptTest", "RateLimitedTest", "CliReplayTest",
+                  "SignalLifecycleTest", "DeadlineTest", "StatusTest", "ConcurrentReplayTest",
+                  "StatusTruthTest", "CliSendTest")
+
+
 class _ForkingSuite(unittest.TestSuite):
     """The module's tests, run by ``jobs`` forked workers (see above)."""
 
     def __init__(self, tests, jobs):
         unittest.TestSuite.__init__(self, tests)
         self.jobs = jobs
+        self.seconds = collections.Counter()    # per class, for ISSTREAMER_LITE_TIMES=1
 
     def _classes(self):
         """The tests grouped by class, in the order loaded."""
@@ -223,7 +235,9 @@ class _ForkingSuite(unittest.TestSuite):
                 pending[:0] = list(test)
             else:
                 groups.setdefault(type(test), []).append(test)
-        return list(groups.values())
+        rank = {name: n for n, name in enumerate(_LONGEST_FIRST)}
+        return sorted(groups.values(), key=lambda tests: rank.get(type(tests[0]).__name__,
+                                                                  len(rank)))
 
     def run(self, result, debug=False):
         classes = self._classes()
@@ -275,6 +289,9 @@ class _ForkingSuite(unittest.TestSuite):
             except BlockingIOError:
                 left = b""
             os.close(queue_r)
+        if os.environ.get("ISSTREAMER_LITE_TIMES") == "1":
+            sys.stderr.write("".join("%7.2f s  %s\n" % (seconds, name) for name, seconds
+                                     in self.seconds.most_common()))
         if left and not result.shouldStop:
             names = [classes[i][0].__class__.__name__ for (i,) in struct.iter_unpack(">I", left)]
             self._report_lost(result, "no worker was left to run %s" % ", ".join(names))
@@ -311,6 +328,7 @@ class _ForkingSuite(unittest.TestSuite):
                         running[fd] = report["start"]
                         continue
                     running.pop(fd, None)
+                    self.seconds[report["test"].rsplit(".", 1)[0]] += report["seconds"]
                     self._replay(report, by_id, result)
         selector.close()
         for fd in list(workers):
