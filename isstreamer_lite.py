@@ -616,7 +616,7 @@ def _check_key(key):
     if not isinstance(key, str):
         raise _invalid(TypeError, "key_type", "key %r is of type %s; keys must be str"
                         % (key, type(key).__name__))
-    key = str.__str__(key)                  # a subclass's __len__ or __eq__ may lie
+    key = "".join((key,))                   # an exact str: a subclass's __len__ may lie
     if not key:
         raise _invalid(ValueError, "key_empty", "key is empty; keys must be 1 to %d characters" % _MAX_KEY_CHARS)
     if len(key) > _MAX_KEY_CHARS:
@@ -3920,6 +3920,22 @@ def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _ignored_by_kernel(number):
+    """Whether the kernel has signal ``number`` ignored (as nohup leaves SIGHUP).
+
+    CPython's getsignal() says SIG_IGN then; PyPy's says SIG_DFL, so the
+    kernel's own mask is read where there is one (Linux).
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (number - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _exit_on_signals():
     """Make SIGTERM and SIGHUP a normal exit (so the exit hook flushes).
 
@@ -3933,7 +3949,8 @@ def _exit_on_signals():
             return False
         for name in ("SIGTERM", "SIGHUP"):
             number = getattr(signal, name, None)
-            if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+            if number is not None and signal.getsignal(number) is signal.SIG_DFL \
+                    and not _ignored_by_kernel(number):
                 signal.signal(number, _on_sigterm)
     except (ValueError, OSError, RuntimeError) as exc:
         _log.debug("signal handlers not installed (%s): SIGTERM and SIGHUP end the process "
