@@ -1681,6 +1681,16 @@ def _remove_segment(path, durable):
         pass
 
 
+def _sweep_ack(path):
+    """Delete an ack log whose segment is gone: a power cut kept the segment's
+    removal but not the log's (segment names are never used twice)."""
+    if not os.path.lexists(path[:-len(_ACK_SUFFIX)]):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def _count_events(bodies):
     """Events in spool line bodies; unreadable ones count none."""
     count = 0
@@ -1979,6 +1989,9 @@ class _SpoolReader(object):
                 continue
             found.extend(os.path.join(folder, n) for n in names
                          if n.endswith(_SPOOL_SUFFIX) and not n.startswith("."))
+            for name in names:
+                if name.endswith(_SPOOL_SUFFIX + _ACK_SUFFIX):
+                    _sweep_ack(os.path.join(folder, name))
         found.sort(key=os.path.basename)
         return found
 

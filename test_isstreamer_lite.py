@@ -6452,6 +6452,18 @@ class SpoolRepairTest(DeliveryTestCase):
         meta = os.path.join(os.path.dirname(path), "bucket.json")
         self.assertEqual(lite._read_bucket_meta(os.path.dirname(meta)), ("lost-meta", ""))
 
+    def test_ack_log_without_its_segment_is_swept(self):
+        """Spool: an .ack left by a power cut after its segment's removal is deleted."""
+        spool, path = self.old_spool("orphan", [1])
+        orphan = os.path.join(os.path.dirname(path), "00000000000000000-1-0000beef.jsonl.ack")
+        with open(orphan, "wb") as handle:
+            handle.write(b"0 10\n")
+        sink = self.sink()
+        s = self.streamer(sink.url, spool_dir=spool, bucket_key="orphan")
+        self.assertTrue(bounded_poll(lambda: not os.path.exists(path), 10))
+        self.assertTrue(s.close(5))
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["bucket.json"])
+
     def test_writer_rewrites_an_empty_bucket_json(self):
         """Spool: a new segment in a folder whose bucket.json is empty rewrites it first."""
         spool, path = self.old_spool("torn-meta", [])
