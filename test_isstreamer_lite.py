@@ -69,6 +69,13 @@ PYPY_NO_ATEXIT_ON_SIGINT = ("PyPy 7.3.11 runs no atexit hook when a KeyboardInte
                             "ends the script: it dies of SIGINT at once")
 
 
+def full_matrix_only(covered):
+    """Skip the test unless the full matrix was asked for; ``covered``: what the
+    default run checks instead."""
+    return unittest.skipUnless(FULL_MATRIX, "full matrix only (ISSTREAMER_LITE_FULL=1); "
+                                            "the default run: " + covered)
+
+
 def full_or(full, default):
     """``full`` when the full matrix was asked for, else the default run's ``default``."""
     return full if FULL_MATRIX else default
@@ -1872,6 +1879,9 @@ def installed_pythons():
     return found
 
 
+ONE_INSTALL = "one install.sh run, into the user site-packages and back out"
+
+
 class InstallScriptTest(LiteTestCase):
     """install.sh, run with sh into temporary folders (never the real home)."""
 
@@ -1909,6 +1919,7 @@ class InstallScriptTest(LiteTestCase):
         self.assertIn("selftest on Python", result.stdout, output)
         self.assertIn("OK", result.stdout, output)
 
+    @full_matrix_only(ONE_INSTALL)
     def test_target_installs_for_oldest_and_newest_python(self):
         """install.sh: --target creates the folder, copies the module, runs the smoke test."""
         for python in full_or(sorted({self.oldest, self.newest}), [self.newest]):
@@ -1919,12 +1930,14 @@ class InstallScriptTest(LiteTestCase):
                 self.assertIn("PYTHONPATH", result.stdout)
                 self.assertIn("from isstreamer_lite import Streamer", result.stdout)
 
+    @full_matrix_only(ONE_INSTALL)
     def test_second_run_is_idempotent(self):
         """install.sh: a second run into the same folder succeeds with the same result."""
         target = self.tempdir()
         self.assertInstalled(self.install("--python", self.newest, "--target", target), target)
         self.assertInstalled(self.install("--python", self.newest, "--target", target), target)
 
+    @full_matrix_only(ONE_INSTALL)
     def test_uninstall_removes_target_copy(self):
         """install.sh: --uninstall --target removes the module, then finds nothing."""
         target = self.tempdir()
@@ -2037,6 +2050,7 @@ class InstallScriptTest(LiteTestCase):
                         result.stdout + result.stderr)
         return result, old
 
+    @full_matrix_only(ONE_INSTALL)
     def test_warns_of_a_copy_in_the_sudo_users_site(self):
         """install.sh: sudo --system names the copy in the user's site that would shadow it."""
         result, old = self.shadowed_system_install(SUDO_USER="pi")
@@ -2047,6 +2061,7 @@ class InstallScriptTest(LiteTestCase):
         result, old = self.shadowed_system_install(SUDO_USER="someone_else")
         self.assertNotIn("for someone_else", result.stderr)
 
+    @full_matrix_only(ONE_INSTALL)
     def test_warns_of_a_copy_earlier_on_sys_path(self):
         """install.sh: a copy earlier on the installing user's sys.path is named."""
         result, old = self.shadowed_system_install()
@@ -7849,14 +7864,15 @@ def posix_shells():
     return shells
 
 
+@full_matrix_only(ONE_INSTALL)
 class InstallShellsTest(LiteTestCase):
-    """install.sh under dash or busybox sh (full matrix: both): bytecode, venv refusal, re-runs."""
+    """install.sh under dash and busybox sh: bytecode, venv refusal, re-runs."""
 
     @classmethod
     def setUpClass(cls):
         # As InstallScriptTest: the script, the oldest and the newest Python.
         InstallScriptTest.setUpClass.__func__(cls)
-        cls.shells = full_or(posix_shells(), posix_shells()[:1])     # every shell, or one
+        cls.shells = posix_shells()
         if not cls.shells:
             raise unittest.SkipTest("neither dash nor busybox is installed")
         cls.version = lite.__version__
