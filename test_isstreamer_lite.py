@@ -116,8 +116,8 @@ def concurrently(case, cells, width=3):
 #
 # Most of the suite's time is waiting: for child processes, timers, servers
 # that hang. The README's command runs the test classes in a few forked
-# worker processes (ISSTREAMER_LITE_JOBS, default 3; 1 runs them here, one by
-# one), each taking the next class from a shared queue and reporting each
+# worker processes (ISSTREAMER_LITE_JOBS, default three a core, at most
+# eight; 1 runs them here, one by one), each taking the next class from a shared queue and reporting each
 # test's outcome back; this process replays the outcomes to unittest's result
 # as they arrive, so -v, -f and the summary read as usual. A worker is a
 # process of its own: environment, signal handlers, logging and patched
@@ -125,8 +125,8 @@ def concurrently(case, cells, width=3):
 
 def _jobs():
     text = os.environ.get("ISSTREAMER_LITE_JOBS", "")
-    if not text:
-        return 3
+    if not text:        # mostly waiting: three workers a core (six here), at most eight
+        return max(2, min(8, 3 * (os.cpu_count() or 1)))
     try:
         return max(1, int(text))
     except ValueError:
@@ -218,10 +218,10 @@ class _QueueSuite(unittest.TestSuite):
 # The classes that take longest (ISSTREAMER_LITE_TIMES=1 prints each class's
 # time), queued first so that no worker starts one of them last. Only the
 # queue's order: a stale entry costs seconds, never a result.
-_LONGEST_FIRST = ("CrashTest", "DoneWhenTest", "InstallShellsTest", "CrashStateTest",
-                  "InstallScriptTest", "RateLimitedTest", "CliReplayTest",
-                  "SignalLifecycleTest", "DeadlineTest", "StatusTest", "ConcurrentReplayTest",
-                  "StatusTruthTest", "CliSendTest")
+_LONGEST_FIRST = ("SlowLinkTest", "CrashTest", "DoneWhenTest", "InstallShellsTest",
+                  "CrashStateTest", "InstallScriptTest", "RateLimitedTest", "SignalLifecycleTest",
+                  "CliReplayTest", "StatusTest", "DeadlineTest", "StatusTruthTest",
+                  "ConcurrentReplayTest", "CliSendTest")
 
 
 class _ForkingSuite(unittest.TestSuite):
@@ -231,6 +231,7 @@ class _ForkingSuite(unittest.TestSuite):
         unittest.TestSuite.__init__(self, tests)
         self.jobs = jobs
         self.seconds = collections.Counter()    # per class, for ISSTREAMER_LITE_TIMES=1
+        self.started, self.ended = time.monotonic(), []     # when each worker ended
 
     def _classes(self):
         """The tests grouped by class, in the order loaded."""
@@ -247,6 +248,7 @@ class _ForkingSuite(unittest.TestSuite):
                                                                   len(rank)))
 
     def run(self, result, debug=False):
+        self.started = time.monotonic()
         classes = self._classes()
         by_id = {t.id(): t for tests in classes for t in tests}
         child_path()                            # compiled once, before the fork
@@ -299,6 +301,8 @@ class _ForkingSuite(unittest.TestSuite):
         if os.environ.get("ISSTREAMER_LITE_TIMES") == "1":
             sys.stderr.write("".join("%7.2f s  %s\n" % (seconds, name) for name, seconds
                                      in self.seconds.most_common()))
+            sys.stderr.write("workers ended after %s s\n" % ", ".join(
+                "%.1f" % t for t in sorted(self.ended)))
         if left and not result.shouldStop:
             names = [classes[i][0].__class__.__name__ for (i,) in struct.iter_unpack(">I", left)]
             self._report_lost(result, "no worker was left to run %s" % ", ".join(names))
@@ -320,6 +324,7 @@ class _ForkingSuite(unittest.TestSuite):
                 if not chunk:
                     selector.unregister(fd)
                     open_fds.discard(fd)
+                    self.ended.append(time.monotonic() - self.started)
                     _, status = os.waitpid(pid, 0)
                     workers[fd] = (pid, b"")
                     if status or fd in running:
