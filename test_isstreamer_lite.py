@@ -115,13 +115,13 @@ def concurrently(case, cells, width=3):
 # --- Running the suite in worker processes ------------------------------------
 #
 # Most of the suite's time is waiting: for child processes, timers, servers
-# that hang. The README's command runs the test classes in a few forked
-# worker processes (ISSTREAMER_LITE_JOBS, default three a core, at most
-# eight; 1 runs them here, one by one), each taking the next class from a shared queue and reporting each
-# test's outcome back; this process replays the outcomes to unittest's result
-# as they arrive, so -v, -f and the summary read as usual. A worker is a
-# process of its own: environment, signal handlers, logging and patched
-# module attributes stay within it, as in a serial run.
+# that hang. The README's command runs the test classes in forked worker
+# processes (ISSTREAMER_LITE_JOBS, default three a core, at most eight; 1 runs
+# them here, one by one), each taking the next class from a shared queue and
+# reporting each test's outcome back; this process replays the outcomes to
+# unittest's result as they arrive, so -v, -f and the summary read as usual.
+# A worker is a process of its own: environment, signal handlers, logging and
+# patched module attributes stay within it, as in a serial run.
 
 def _jobs():
     text = os.environ.get("ISSTREAMER_LITE_JOBS", "")
