@@ -126,9 +126,11 @@ _SLOWEST_LINK = 2 * 1024
 _MONTHLY_QUOTA = 3000000
 _ENTERPRISE_LIMIT = 60
 # The month's total is projected from the events delivered in the last hour,
-# spread over at least ten minutes, so the first burst of a run is no alarm.
+# spread over the whole hour even when they came in its last minute: a burst
+# (a script's first thousands of events, a backlog sent after an outage) is
+# no alarm unless it is an hour's worth at a rate past the quota.
 _RATE_WINDOW = 3600.0
-_RATE_MIN_SPAN = 600.0
+_RATE_MIN_SPAN = 3600.0
 # Months kept in state.json, newest first.
 _MONTHS_KEPT = 13
 # The status file beside the spool is rewritten at most this often (flash wear).

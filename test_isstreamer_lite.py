@@ -5292,20 +5292,24 @@ class MonthTallyTest(IsolatedCase):
                 self.assertEqual(lite._month_left(utc(when)), left)
                 self.assertEqual(lite._month_of(utc(when)), when[:7])
 
-    def test_projection_from_the_last_hour_spread_over_ten_minutes_at_least(self):
-        """Month: a first burst is spread over 10 min; an hour of steady rate projects it."""
+    def test_projection_from_the_last_hour_spread_over_the_hour(self):
+        """Month: a first burst is spread over the hour; an hour of steady rate projects it."""
         t0 = utc("2026-12-06T12:00:00")
         tally = lite._MonthTally({"2026-12": 1000, "2026-11": 7})
-        tally.add(600, t0)
+        tally.add(3600, t0)
         left = lite._month_left(t0)
-        self.assertEqual(tally.projected(t0), int(1600 + 1.0 * left))     # 600 over 600 s
+        self.assertEqual(tally.projected(t0), int(4600 + 1.0 * left))   # 3,600 over 3,600 s
+        # A burst of 4,000 at once: about 2.3 million by the month's end, under the cap.
+        burst = lite._MonthTally()
+        burst.add(4000, t0)
+        self.assertLess(burst.projected(t0), lite._MONTHLY_QUOTA)
         for minute in range(1, 61):
             tally.add(600, t0 + 60 * minute)                     # 10 a second for an hour
         now = t0 + 3600
-        self.assertAlmostEqual(tally.rate(now), 600 * 60 / 3540.0, places=6)
-        self.assertEqual(tally.months["2026-12"], 1000 + 600 * 61)
+        self.assertAlmostEqual(tally.rate(now), 600 * 60 / 3600.0, places=6)
+        self.assertEqual(tally.months["2026-12"], 1000 + 3600 + 600 * 60)
         self.assertEqual(tally.rate(now + 2 * 3600), 0.0)       # nothing lately: no rate
-        self.assertEqual(tally.projected(now + 2 * 3600), 1000 + 600 * 61)
+        self.assertEqual(tally.projected(now + 2 * 3600), 1000 + 3600 + 600 * 60)
 
     def test_months_split_at_midnight_utc_and_merge_with_the_file(self):
         """Month: events count in their UTC month; a save adds only what is new."""
