@@ -4015,6 +4015,24 @@ class WindowTransport(FakeTransport):
         return lite._Response(204, answer, b"")
 
 
+class SilentCourier(object):
+    """A courier whose request never answers (until the core gives up on it)."""
+
+    job = None
+
+    def start(self, job):
+        self.job = job
+
+    def poll(self):
+        return None
+
+    def abandon(self):
+        self.job = None
+
+    def stop(self):
+        pass
+
+
 class Waiter(object):
     """A flush() or close() waiter as the core sees it: what it waits for, and how."""
 
@@ -4344,7 +4362,7 @@ class WorkerTest(LiteTestCase):
         value = 0
         for count in counts:
             parts = [lite._encode_event(("k", value + i, 1700000000.0)) for i in range(count)]
-            old.writer.append(old.memory.bucket, parts)
+            old.writer.append(old.core.memory.bucket, parts)
             value += count
         old.halt("test over")                   # the lines stay on disk, unlocked
         self.assertEqual(len(spooled_events(folder)), value)
@@ -4368,7 +4386,7 @@ class WorkerTest(LiteTestCase):
         delay = self.run_until_idle(worker, steps=100)
         self.assertEqual(self.transport.events(), [10, 10])        # the second failed
         self.assertEqual(len(spooled_events(folder)), 25)          # not retired yet
-        self.assertEqual(sum(b.count for b in worker.pending.batches), 15)
+        self.assertEqual(sum(b.count for b in worker.core.batches.queue), 15)
         # A crash now: another process claims the line and sends all of it again.
         worker.reader.forget_after_fork()
         again = self.worker(spool_dir=folder, buffer_size=10)
@@ -4391,14 +4409,14 @@ class WorkerTest(LiteTestCase):
         self.spool_lines(folder, 10, 10)
         budget = lite._RateBudget()
         worker = self.worker(spool_dir=folder, buffer_size=10, budget=budget)
-        worker.created.add("fake")
-        worker.to_create = []
+        worker.core.created.add("fake")
+        worker.core.to_create = []
         budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
                        "x-ratelimit-reset": "%.3f" % (time.time() + 5.0)},
                       self.clock(), time.time())
         delay = self.run_until_idle(worker)
         self.assertEqual(self.transport.posts, [])
-        self.assertIsNotNone(worker.pending.batches[0].refs)   # the backlog, waiting
+        self.assertIsNotNone(worker.core.batches.queue[0].refs)   # the backlog, waiting
         self.log(worker, 10, key="live")
         self.clock.now += delay
         for _ in range(10):
@@ -4567,8 +4585,8 @@ class WorkerTest(LiteTestCase):
         for deadline, sent in ((5.0, [10]), (2.0, [])):
             budget = lite._RateBudget()
             worker = self.worker(buffer_size=100, budget=budget)
-            worker.created.add("fake")
-            worker.to_create = []
+            worker.core.created.add("fake")
+            worker.core.to_create = []
             wall = time.time()                  # one reading: the reset is 3 s after it
             budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
                            "x-ratelimit-reset": "%.3f" % (wall + 3.0)},
@@ -4633,10 +4651,10 @@ class WorkerTest(LiteTestCase):
         worker = self.worker()
         writes = []
         worker.reader.save_state = lambda state: writes.append(dict(state))
-        worker.ledger.drop(3, "spool_full", None)
+        worker.core.drop(3, "spool_full", None)
         worker.step()
         self.clock.now += 61.0
-        worker.ledger.drop(2, "spool_full", None)
+        worker.core.drop(2, "spool_full", None)
         worker.step()
         self.assertEqual([w["dropped"] for w in writes],
                          [{"spool_full": 3}, {"spool_full": 5}])
@@ -4644,12 +4662,11 @@ class WorkerTest(LiteTestCase):
     def test_max_queue_spills_only_the_excess_while_a_request_is_out(self):
         """Worker: past max_queue the oldest excess goes to disk, nothing is dropped."""
         worker = self.worker(buffer_size=10, max_queue=100)
-        worker.courier.busy = True          # a request that has not answered
-        worker.courier.job = None
+        worker.courier = SilentCourier()    # a request that does not answer
+        worker.step()                       # the bucket's creation goes out
         self.log(worker, 250)
-        worker.absorb(self.clock())
-        worker.spill_over_max_queue()
-        self.assertEqual(worker.memory.count, 100)
+        worker.step()
+        self.assertEqual(worker.core.memory.count, 100)
         self.assertEqual(worker.stats["spooled"], 150)
         self.assertEqual(worker.stats["dropped"], {})
 
