@@ -4153,6 +4153,304 @@ class CoreTest(IsolatedCase):
                 self.assertEqual(lite._next_wake(dues), wake)
 
 
+_CORE_SETTINGS = []
+
+
+def core_settings(**changes):
+    """Settings for a _Core (built once, then only replaced: no file, no clock)."""
+    if not _CORE_SETTINGS:
+        folder = tempfile.mkdtemp(prefix="isl-core-")
+        options = replay_options(spool_dir=folder)
+        options.update(bucket_key="b", buffer_size=10, flush_interval=1.0, backoff_base=0.5,
+                       backoff_cap=4.0, max_retries=3, pause_interval=60.0, max_queue=100)
+        _CORE_SETTINGS.append(lite._resolve_settings(**options))
+        shutil.rmtree(folder, True)
+    return _CORE_SETTINGS[0]._replace(**changes)
+
+
+def core_events(count, start=0, key="k"):
+    return [(key, start + i, 1700000000.0 + i) for i in range(count)]
+
+
+def disk_batch(values, seq=None):
+    """A batch of one spool line as the shell's _Read offers it (a ref, no file)."""
+    line = lite._encode_events([("k", v, 1700000000.0) for v in values]) + b"\n"
+    ref = lite._Ref(None, 0, len(line), len(values), seq)
+    return lite._Batch(("b", ""), None, None, [ref], lite._join_arrays([line]), lines=[line])
+
+
+class PlainWait(object):
+    """A flush() or close() as the core takes it from the inbox (no threading.Event)."""
+
+    def __init__(self, lost=0, close_at=None, idle=None):
+        self.lost, self.close_at, self.idle, self.upto = lost, close_at, idle, None
+
+
+class Shell(object):
+    """A runner for a _Core made of plain values: the inbox, a script of answers, spool
+    batches to offer; it records every action the core asks for.
+
+    An answer is a status, (status, headers), an exception, None (the call stays
+    out) or ("defer", seconds) (the rate budget has no call before then).
+    """
+
+    def __init__(self, core, answers=(), disk=()):
+        self.core = core
+        self.answers = list(answers)
+        self.disk = list(disk)
+        self.actions = []
+        self.calls = []                 # the event count of each call, when it was made
+
+    def turn(self, now, inbox=(), view=None, deadline=None):
+        """One turn at ``now``: take ``inbox``, carry out actions; the sleep asked for."""
+        core, wall = self.core, 1700000000.0 + now
+        core.take(collections.deque(inbox), now, wall)
+        while True:
+            action = core.next_action(now, deadline, view or lite._NO_DISK)
+            if type(action) is lite._Sleep:
+                return action.due
+            self.actions.append(action)
+            if type(action) is lite._Post:
+                if action.job.batch is not None:
+                    self.calls.append(action.job.batch.count)
+                answer = self.answers.pop(0) if self.answers else 204
+                if answer is None:
+                    continue
+                if type(answer) is tuple and answer[0] == "defer":
+                    core.defer(action.job, now + answer[1], "rate limit window")
+                elif isinstance(answer, BaseException):
+                    core.outcome(action.job, None, answer, now, wall)
+                else:
+                    status, headers = answer if type(answer) is tuple else (answer, {})
+                    core.outcome(action.job, lite._Response(status, headers, b"{}"), None,
+                                 now, wall)
+            elif type(action) is lite._Write:
+                core.written(action, True)
+            elif type(action) is lite._Read:
+                core.offer(self.disk.pop(0) if self.disk else None)
+
+    def run(self, now, inbox=(), view=None, turns=100):
+        """Turns at ``now`` while the core asks for one at once; the sleep it asks for then."""
+        for _ in range(turns):
+            due = self.turn(now, inbox, view)
+            inbox = ()
+            if due is None or due > 0:
+                return due
+        raise AssertionError("the core never settled")
+
+    def of(self, kind):
+        return [a for a in self.actions if type(a) is kind]
+
+    def sent(self):
+        """The event counts of the calls made, in order."""
+        return self.calls
+
+
+class CoreStepTest(IsolatedCase):
+    """The _Core from tables: time and inputs in, actions out; no thread, file or clock."""
+
+    def core(self, spool=True, **changes):
+        core = lite._Core(core_settings(**changes), ("b", ""), spool, 1700000000.0)
+        core.created.add("b")                   # the bucket exists
+        core.to_create = []
+        return core
+
+    def test_calls_carry_at_most_buffer_size_events(self):
+        """Core: never more than buffer_size events a call; the rest waits flush_interval."""
+        table = [       # (buffer_size, events) -> (sent at once, sleep, sent after it)
+            (10, 25, [10, 10], 1.0, [5]),
+            (10, 9, [], 1.0, [9]),
+            (3, 7, [3, 3], 1.0, [1]),
+            (200, 1000, [200] * 5, None, []),
+        ]
+        for size, count, first, sleep, then in table:
+            with self.subTest(size=size, count=count):
+                shell = Shell(self.core(buffer_size=size, max_queue=10000))
+                self.assertEqual(shell.run(5.0, core_events(count)), sleep)
+                self.assertEqual(shell.sent(), first)
+                shell.run(5.0 + (sleep or 0.0))
+                self.assertEqual(shell.sent(), first + then)
+                values = [e["value"] for a in shell.of(lite._Post)
+                          for e in json.loads(a.job.body.decode())]
+                self.assertEqual(values, list(range(count)))
+
+    def test_retries_back_off_and_429_waits_as_told(self):
+        """Core: 503 backs off (jitter under base * 2^n); 429 waits Retry-After; after
+        max_retries the batch is set aside on disk."""
+        table = [       # (answers) -> (sleep at most, at least, waiting, set aside)
+            ([503], 0.5, 0.0, "backing off after server_error", None),
+            ([(429, {"retry-after": "3"})], 3.0, 3.0, "rate limited (429)", None),
+            ([503, 503, 503], 4.0, 0.0, "backing off after server_error",
+             "3 attempts failed"),
+        ]
+        for answers, most, least, waiting, aside in table:
+            with self.subTest(answers=answers):
+                shell = Shell(self.core(), answers)
+                due = shell.run(10.0, core_events(10))
+                now = 10.0
+                for _ in answers[1:]:
+                    now += due
+                    due = shell.run(now)
+                self.assertLessEqual(due, most)
+                self.assertGreaterEqual(due, least)
+                self.assertAlmostEqual(shell.core.waiting[0], now + due)
+                self.assertEqual(shell.core.waiting[1], waiting)
+                self.assertEqual(len(shell.of(lite._Post)), len(answers))
+                if due > 0.05:
+                    shell.run(now + due - 0.05)         # not before the time told
+                    self.assertEqual(len(shell.of(lite._Post)), len(answers))
+                writes = shell.of(lite._Write)
+                self.assertEqual([w.why for w in writes], [aside] if aside else [])
+                if aside is None:
+                    shell.run(now + due)
+                    self.assertEqual(shell.sent(), [10] * (len(answers) + 1))
+                    self.assertEqual(shell.core.stats["delivered"], 10)
+
+    def test_live_events_go_before_a_backlog_batch_that_waits(self):
+        """Core: a spooled batch waiting for the window lets live events go first."""
+        shell = Shell(self.core(), [("defer", 5.0)], disk=[disk_batch(range(100, 110))])
+        self.assertEqual(shell.run(1.0), 5.0)               # the backlog waits for the window
+        self.assertEqual(shell.sent(), [10])                # (asked for, deferred)
+        shell.run(2.0, core_events(10))                     # live, while it waits
+        self.assertEqual(shell.run(6.0), None)
+        calls = [json.loads(a.job.body.decode())[0]["value"] for a in shell.of(lite._Post)]
+        self.assertEqual(calls, [100, 0, 100])
+        self.assertEqual(shell.core.stats["replayed"], 10)
+        self.assertEqual(len(shell.of(lite._Ack)), 1)
+
+    def test_413_halves_and_400_narrows_down_to_the_refused_event(self):
+        """Core: 413 sends each half; 400 bisects to the refused event, which is
+        dead-lettered; a spool line halved is acked once both halves are delivered."""
+        table = [       # (answers, from disk) -> (sent, dead letters, acks)
+            ([413, 204, 204], False, [8, 4, 4], 0, 0),
+            ([400, 204, 400, 204, 400, 204, 400], False, [8, 4, 4, 2, 2, 1, 1], 1, 0),
+            ([413, 204, 204], True, [8, 4, 4], 0, 1),
+        ]
+        for answers, spooled, sent, dead, acks in table:
+            with self.subTest(answers=answers, spooled=spooled):
+                disk = [disk_batch(range(8))] if spooled else []
+                shell = Shell(self.core(buffer_size=8), answers, disk)
+                shell.run(1.0, [] if spooled else core_events(8))
+                self.assertEqual(shell.sent(), sent)
+                self.assertEqual(len(shell.of(lite._DeadLetter)), dead)
+                self.assertEqual(shell.core.lost, dead)
+                self.assertEqual([len(a.refs) for a in shell.of(lite._Ack)], [1] * acks)
+                if acks:        # after the last half, not before
+                    kinds = [type(a) for a in shell.actions]
+                    self.assertGreater(kinds.index(lite._Ack),
+                                       len(kinds) - 1 - kinds[::-1].index(lite._Post))
+                self.assertEqual(shell.core.stats["delivered" if not spooled else "replayed"],
+                                 8 - dead)
+
+    def test_401_pauses_sets_aside_and_probes_after_pause_interval(self):
+        """Core: 401 sets the batch aside, tells on_error and the log, probes after the pause."""
+        shell = Shell(self.core(), [401, 204])
+        self.assertEqual(shell.run(1.0, core_events(10)), 60.0)
+        self.assertEqual([w.why for w in shell.of(lite._Write)],
+                         ["delivery paused (key_rejected)"])
+        self.assertEqual(shell.core.stats["paused"], "key_rejected")
+        self.assertEqual([r.error.reason for r in shell.of(lite._Report)], ["key_rejected"])
+        self.assertIn(lite._ERROR, [a.level for a in shell.of(lite._Log)])
+        shell.run(60.9)
+        self.assertEqual(len(shell.of(lite._Post)), 1)
+        shell.run(61.0, core_events(10))
+        self.assertEqual(len(shell.of(lite._Post)), 2)      # the probe
+        self.assertEqual(shell.core.stats["paused"], "")
+
+    def test_close_plan(self):
+        """Core: close() waits for a window that opens before its deadline, halts at once
+        if it opens later; without a timeout it goes on while calls go through."""
+        # (window opens in, close in, idle, events) -> (halts at once, sent, ok, spooled)
+        table = [
+            (3.0, 5.0, None, 10, False, [10, 10], True, 0),
+            (3.0, 2.0, None, 10, True, [10], False, 10),     # the window opens too late
+            (0.0, 2.0, None, 50, True, [10] * 5, True, 0),
+            (0.0, 0.0, 10.0, 10, True, [], False, 10),      # the deadline is now: no call
+        ]
+        for opens, ends, idle, count, at_once, sent, ok, spooled in table:
+            with self.subTest(opens=opens, ends=ends, idle=idle):
+                answers = [("defer", opens)] if opens else []
+                shell = Shell(self.core(), answers)
+                wait = PlainWait(0, 1.0 + ends, idle)
+                due = shell.run(1.0, core_events(count) + [wait])
+                self.assertEqual(due is None, at_once)
+                if due is not None:
+                    due = shell.run(1.0 + due)
+                self.assertIsNone(due)
+                self.assertEqual(shell.core.state, "stopped")
+                self.assertEqual(shell.sent(), sent)
+                self.assertEqual([(a.wait, a.ok) for a in shell.of(lite._Answer)], [(wait, ok)])
+                self.assertEqual(sum(w.batch.count for w in shell.of(lite._Write)), spooled)
+                kinds = [type(a) for a in shell.actions]
+                self.assertLess(kinds.index(lite._Halted), kinds.index(lite._Answer))
+
+    def test_close_without_timeout_ends_idle_seconds_after_the_last_success(self):
+        """Core: each call that goes through moves close()'s end idle seconds later."""
+        shell = Shell(self.core(max_retries=100), [204] + [503] * 100)
+        wait = PlainWait(0, 3.0, 10.0)         # close(2) with idle 10
+        now = 1.0
+        due = shell.run(now, core_events(30) + [wait])
+        while due is not None:
+            now += due
+            due = shell.run(now)
+        self.assertEqual(shell.sent()[0], 10)
+        self.assertGreater(now, 9.0)            # moved by the success at 1.0 ...
+        self.assertLessEqual(now, 11.0)         # ... to 10 s after it, no later
+        self.assertEqual([a.ok for a in shell.of(lite._Answer)], [False])
+
+    def test_max_queue_sets_aside_the_oldest_excess(self):
+        """Core: past max_queue the oldest excess goes to disk (no spool: dropped, counted)."""
+        table = [       # (spool) -> (written, dropped)
+            (True, 160, {}),
+            (False, 0, {"no_spool": 160}),
+        ]
+        for spool, written, dropped in table:
+            with self.subTest(spool=spool):
+                shell = Shell(self.core(spool=spool), [None])   # a call that stays out
+                shell.run(1.0, core_events(10))
+                shell.run(1.5, core_events(250, 10))
+                self.assertEqual(shell.core.count, 100)
+                writes = shell.of(lite._Write)
+                self.assertEqual(sum(w.batch.count for w in writes), written)
+                self.assertTrue(all(w.drop for w in writes))
+                self.assertEqual(shell.core.stats["dropped"], dropped)
+                self.assertEqual(shell.core.lost, sum(dropped.values()))
+                self.assertEqual(shell.core.memory.oldest()[0], 170)    # the newest stay
+
+    def test_flush_answers_are_truthful(self):
+        """Core: flush() is answered True once all it asked for is delivered and nothing
+        was lost since the last answer; False once, after a loss; not while a backlog waits."""
+        nan = float("nan")
+        table = [       # (events, disk view) -> answers
+            (core_events(5), None, [True]),
+            (core_events(2) + [("k", nan, 1.0)], None, [False]),
+            (core_events(5), lite._Disk(True, None), []),      # spool lines still wait
+            (core_events(5), lite._Disk(False, 3), []),        # our own, on disk
+        ]
+        for logged, view, answers in table:
+            with self.subTest(logged=len(logged), view=view):
+                shell = Shell(self.core())
+                wait = PlainWait(shell.core.lost)
+                shell.run(1.0, logged + [wait], view=view)
+                self.assertEqual([a.ok for a in shell.of(lite._Answer)], answers)
+                if answers:
+                    again = PlainWait(shell.core.lost)
+                    shell.run(2.0, [again])
+                    self.assertEqual([a.ok for a in shell.of(lite._Answer)], answers + [True])
+
+    def test_count_follows_a_batch_that_grows_on_retry(self):
+        """Core: a failed batch that grows on its retry is counted once (it was not)."""
+        shell = Shell(self.core(), [(429, {"retry-after": "2"}), None])
+        self.assertEqual(shell.run(1.0, core_events(3) + [PlainWait()]), 2.0)
+        shell.run(2.0, core_events(7, 3))
+        self.assertEqual(shell.core.count, 10)
+        shell.run(3.0)                          # the retry, grown to 10, stays out
+        self.assertEqual(shell.sent(), [3, 10])
+        self.assertEqual(shell.core.count, 10)
+        shell.core.outcome(shell.core.out, lite._Response(204, {}, b""), None, 2.0, 0.0)
+        self.assertEqual(shell.core.count, 0)
+
+
 class CalendarTest(IsolatedCase):
     """_month_of and _month_left: calendar arithmetic equal to time.gmtime's, without it."""
 
@@ -4190,10 +4488,8 @@ class Forbidden(object):
 class PurityTest(IsolatedCase):
     """The delivery core does no I/O: time, threading, socket and os raise while it steps."""
 
-    def test_core_steps_with_time_threading_socket_and_os_forbidden(self):
-        """Core: every decision runs with the module's clocks, threads, sockets and files gone."""
-        budget = lite._RateBudget()     # built by the shell: its lock (Streamers of a key share it)
-        tally = lite._MonthTally()
+    def forbid(self):
+        """Make the module's time, threading, socket and os (and its clocks) raise."""
         patches = [mock.patch.object(lite, name, Forbidden(name), create=True)
                    for name in ("time", "threading", "socket", "os")]
         patches += [mock.patch.object(lite, name, Forbidden(name))
@@ -4201,6 +4497,12 @@ class PurityTest(IsolatedCase):
         for patcher in patches:
             patcher.start()
             self.addCleanup(patcher.stop)
+
+    def test_core_steps_with_time_threading_socket_and_os_forbidden(self):
+        """Core: every decision runs with the module's clocks, threads, sockets and files gone."""
+        budget = lite._RateBudget()     # built by the shell: its lock (Streamers of a key share it)
+        tally = lite._MonthTally()
+        self.forbid()
         CoreTest("test_memory_due").test_memory_due()
         CoreTest("test_call_deadline_grows_with_the_body").test_call_deadline_grows_with_the_body()
         CoreTest("test_after_failure").test_after_failure()
@@ -4215,6 +4517,18 @@ class PurityTest(IsolatedCase):
         self.assertGreater(tally.projected(1700000060.0), 10)
         with self.assertRaises(AssertionError):     # the guard itself works
             lite.time.monotonic()
+
+    def test_core_object_steps_with_time_threading_socket_and_os_forbidden(self):
+        """Core: the _Core's table tests pass with the module's clocks, threads, sockets
+        and files gone."""
+        core_settings()                 # built by the shell beforehand: it checks the folder
+        self.forbid()
+        tests = sorted(name for name in dir(CoreStepTest) if name.startswith("test_"))
+        self.assertGreaterEqual(len(tests), 10)
+        for name in tests:
+            getattr(CoreStepTest(name), name)()
+        with self.assertRaises(AssertionError):     # the guard itself works
+            lite.os.getpid()
 
 
 class MemoryTest(IsolatedCase):
