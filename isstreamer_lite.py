@@ -2754,6 +2754,105 @@ def _chunks(body, most, limit):
     return chunks
 
 
+class _Book(object):
+    """What became of the events the core took: the counts, the losses and what an
+    answer told of them, the month's deliveries.
+
+    Pure, like the core that owns it: the dead letters and warnings it decides
+    go to the core's ``todo``, in order with the core's own actions. ``stats``
+    (ints and a dict of ints), ``lost`` (dropped plus dead-lettered, ever),
+    ``told`` (of those, what a flush()/close() answer told of) and
+    ``month_view`` are read by other threads.
+    """
+
+    def __init__(self, settings, spool, todo, wall, stats=None, months=None):
+        self.settings = settings
+        self.spool = spool
+        self.todo = todo
+        self.nowhere = "offline_file_unwritable" if settings.offline else "no_spool"
+        self.now = 0.0
+        self.lost = self.told = 0
+        self.last_warning = -1e9
+        self.stats = stats if stats is not None else {
+            "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
+            "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
+            "buckets_created": 0, "last_error": None, "last_success": None,
+            "paused": "", "journalled": 0, "journal_errors": 0,
+        }
+        self.month = _MonthTally(months)
+        month = _month_of(wall)
+        self.month_view = (month, self.month.months.get(month, 0),
+                           self.month.months.get(month, 0))    # (month, delivered, projected)
+        self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
+        self.quota_warned = False
+
+    def learn(self, headers):
+        """An answer's X-RateLimit-Limit tells whether the plan has a monthly cap."""
+        if not self.enterprise:
+            try:
+                self.enterprise = int(headers.get("x-ratelimit-limit", 0)) >= _ENTERPRISE_LIMIT
+            except (TypeError, ValueError):
+                pass
+
+    def delivered(self, count, wall):
+        """Count delivered events in their month; warn once if the month would pass the quota."""
+        self.month.add(count, wall)
+        projected = self.month.projected(wall)
+        month = self.month.month_of(wall)
+        self.month_view = (month, self.month.months[month], projected)
+        quota = self.settings.monthly_quota
+        if quota and projected > quota and not self.enterprise and not self.quota_warned:
+            self.quota_warned = True
+            self.log(_WARNING, (
+                "isstreamer_lite: at the rate of the last hour, access key %s would deliver "
+                "about %s events this month (%s so far, from this device), more than the "
+                "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
+                "past which the server refuses events with 402 until the next billing "
+                "month). Log less often, or set monthly_quota=0 on a plan without a cap.") % (
+                    _mask(self.settings.access_key), "{:,}".format(projected),
+                    "{:,}".format(self.month_view[1]), "{:,}".format(quota)))
+
+    def answer(self, wait, delivered):
+        """Settle a waiter: True only if all was delivered and nothing lost since the last
+        answer told of it."""
+        self.todo.append(_Answer(wait, delivered and self.lost == wait.lost))
+        self.told = self.lost
+
+    def unencodable(self, rejected):
+        """Events the JSON encoder refused: dead letters, each with its reason."""
+        for event, exc, bucket_key in rejected:
+            why = "cannot be encoded as JSON: %s" % exc
+            self.log(_WARNING, "event %r of bucket %r %s; it was moved to the dead-letter file"
+                     % (event[0], bucket_key, why))
+            self.dead_letter(bucket_key, _json_bytes({"key": event[0], "epoch": event[2],
+                                                      "value": repr(event[1])[:200]}),
+                             None, why)
+
+    def dead_letter(self, bucket_key, body, status, reply, count=1):
+        """Count events the server refuses (or that cannot be sent) and keep them."""
+        self.stats["dead_lettered"] += count
+        self.lost += count
+        if self.spool:
+            self.todo.append(_DeadLetter(bucket_key, body, status, reply))
+
+    def drop(self, count, reason, exc):
+        dropped = self.stats["dropped"]
+        dropped[reason] = dropped.get(reason, 0) + count
+        self.lost += count
+        self.stats["last_error"] = "%s: %s" % (reason, exc)
+        self.warn("dropped %s (%s: %s); dropped so far: %s" % (_count(count, "event"), reason,
+                                                               exc, dropped))
+
+    def warn(self, message):
+        """A warning, at most once every _DROP_WARN_EVERY seconds."""
+        if self.now - self.last_warning >= _DROP_WARN_EVERY:
+            self.last_warning = self.now
+            self.log(_WARNING, message)
+
+    def log(self, level, message):
+        self.todo.append(_Log(level, message))
+
+
 class _Core(object):
     """The delivery core: events and outcomes in, actions out (see the section's opening).
 
@@ -2769,7 +2868,6 @@ class _Core(object):
         self.settings = settings
         self.spool = spool                  # a spool to write to and read from
         self.journal = spool and settings.durable
-        self.nowhere = "offline_file_unwritable" if settings.offline else "no_spool"
         self.creates_buckets = not settings.offline
         self.memory = _Memory(bucket)
         self.batches = _Batches()
@@ -2788,21 +2886,8 @@ class _Core(object):
         self.started = 0.0
         self.progress = 0                   # calls that went through
         self.now, self.wall = 0.0, wall
-        self.lost = self.told = 0
-        self.last_warning = -1e9
-        self.stats = stats if stats is not None else {
-            "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
-            "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
-            "buckets_created": 0, "last_error": None, "last_success": None,
-            "paused": "", "journalled": 0, "journal_errors": 0,
-        }
-        self.month = _MonthTally(months)
-        month = _month_of(wall)
-        self.month_view = (month, self.month.months.get(month, 0),
-                           self.month.months.get(month, 0))    # (month, delivered, projected)
-        self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
-        self.quota_warned = False
         self._todo = collections.deque()    # actions decided, not yet handed out
+        self.book = _Book(settings, spool, self._todo, wall, stats, months)
         self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
         self._journaling = False
         self._stop_told = False
@@ -2817,7 +2902,8 @@ class _Core(object):
 
     def take(self, inbox, now, wall):
         """A new turn at ``now`` (monotonic; ``wall`` Unix): take everything in ``inbox``."""
-        self.now, self.wall = now, wall
+        self.now = self.book.now = now
+        self.wall = wall
         self._turn = [False, False, False]
         memory, fresh, taken = self.memory, [], 0
         while True:
@@ -2837,7 +2923,7 @@ class _Core(object):
                     self.to_create.append(item.bucket)
                 continue
             item.upto = memory.next_seq - 1
-            item.lost = min(item.lost, self.told)       # losses no answer told of
+            item.lost = min(item.lost, self.book.told)       # losses no answer told of
             self.waits.append(item)
             if item.close_at is not None and not self.halting \
                     and self.state is not _STOPPED:
@@ -2848,13 +2934,13 @@ class _Core(object):
             memory.extend(fresh, now)
             taken += len(fresh)
         if taken:
-            self.stats["logged"] += taken
+            self.book.stats["logged"] += taken
 
     def offer(self, batch, unreadable=()):
         """The shell's answer to _Read: the next spooled batch or None, and the lines it
         found unreadable as (bucket, body, why)."""
         for bucket, body, why in unreadable:
-            self.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
+            self.book.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
         if batch is None:
             self._turn[1] = True            # nothing more on disk this turn
             return
@@ -2866,40 +2952,40 @@ class _Core(object):
         """The shell's answer to _Write; ``evicted``: (events, error) of segments the full
         spool lost to make room."""
         for count, exc in evicted:
-            self.drop(count, "spool_full", exc)
-        batch, stats = action.batch, self.stats
+            self.book.drop(count, "spool_full", exc)
+        batch, stats = action.batch, self.book.stats
         if ok:
             if action.journal:
                 stats["journalled"] += batch.count
                 return
             stats["spooled"] += batch.count
             if action.why:
-                self.log(_INFO, "spooled %s of bucket %r: %s" % (
+                self.book.log(_INFO, "spooled %s of bucket %r: %s" % (
                     _count(batch.count, "event"), batch.bucket[0], action.why))
             self.batches.remove(batch)
             return
         stats["last_error"] = "writing the spool: %s" % error
         if action.journal:
             stats["journal_errors"] += 1
-            self.warn("cannot write the durable journal (%s); events are kept in memory "
+            self.book.warn("cannot write the durable journal (%s); events are kept in memory "
                       "until it works again" % stats["last_error"])
             self.batches.hold(batch)        # sent from memory
             self._journaling, self._turn[2] = False, True
         elif action.drop:
             import errno
             full = isinstance(error, _SpoolFull) or getattr(error, "errno", None) == errno.ENOSPC
-            self.drop(batch.count, "spool_full" if full else "spool_unwritable", error)
+            self.book.drop(batch.count, "spool_full" if full else "spool_unwritable", error)
 
     def defer(self, job, until, why):
         """The shell's rate budget has no call for ``job`` before ``until``."""
         self.out = None
-        self.stats["requests"] -= 1
+        self.book.stats["requests"] -= 1
         self._turn[0] = False
         self.retry_at, self.waiting = until, (until, why)
 
     def dropped(self, count, reason, error):
         """Events the shell lost (a dead letter it could not write: 0 events)."""
-        self.drop(count, reason, error)
+        self.book.drop(count, reason, error)
 
     # the next thing to do
 
@@ -2972,7 +3058,7 @@ class _Core(object):
             if batch is None:
                 batch, rejected = self.memory.take(most=min(self.count - limit,
                                                             self.settings.buffer_size))
-                self.unencodable(rejected)
+                self.book.unencodable(rejected)
                 if batch is None:
                     break
                 self.batches.hold(batch)
@@ -2985,7 +3071,7 @@ class _Core(object):
         """The next memory batch as a journal line, or None once memory is empty."""
         while self.memory.count:
             batch, rejected = self.memory.take(most=self.settings.buffer_size)
-            self.unencodable(rejected)
+            self.book.unencodable(rejected)
             if batch is not None:
                 return _Write(batch, None, True, False)
         return None
@@ -3009,12 +3095,12 @@ class _Core(object):
             if head.refs is None and not head.fixed:
                 # It fell behind: grow it, up to buffer_size.
                 before = head.count
-                self.unencodable(self.memory.fill(head, most=most))
+                self.book.unencodable(self.memory.fill(head, most=most))
                 self.batches.in_memory += head.count - before
             elif head.refs is not None and not self.journal and self._ready(now):
                 # The backlog waited (for the window, or a retry): live events go first.
                 batch, rejected = self.memory.take(most=most)
-                self.unencodable(rejected)
+                self.book.unencodable(rejected)
                 self.batches.hold(batch, first=True)
                 return queue[0]
             return head
@@ -3026,7 +3112,7 @@ class _Core(object):
                     return action
             else:
                 batch, rejected = self.memory.take(most=most)
-                self.unencodable(rejected)
+                self.book.unencodable(rejected)
                 if batch is not None:
                     self.batches.hold(batch)
                     return batch
@@ -3066,7 +3152,7 @@ class _Core(object):
             job = _Job("/api/events", batch.body, batch.bucket, batch, 0.0)
         job.deadline = _call_deadline(now, len(job.body), self.settings.timeout,
                                       (self.close_at, deadline))
-        self.stats["requests"] += 1
+        self.book.stats["requests"] += 1
         self.out, self.started, self._turn[0] = job, now, True
         return _Post(job)
 
@@ -3084,12 +3170,8 @@ class _Core(object):
         """What one call's answer (a _Response, or the error instead) means."""
         self.out = None
         s = self.settings
-        if response is not None and not self.enterprise:
-            try:
-                self.enterprise = int(response.headers.get("x-ratelimit-limit", 0)) >= \
-                    _ENTERPRISE_LIMIT
-            except (TypeError, ValueError):
-                pass
+        if response is not None:
+            self.book.learn(response.headers)
         decision = _decide(response.status if response is not None else None,
                            response.headers if response is not None else None, error,
                            self.failures, s.backoff_base, s.backoff_cap,
@@ -3114,13 +3196,13 @@ class _Core(object):
         bucket = job.bucket
         if decision.action in (_DELIVERED, _SPLIT, _BISECT, _REFUSE):
             if decision.action != _DELIVERED:
-                self.log(_WARNING, "creating bucket %r was refused (%s); sending its events "
+                self.book.log(_WARNING, "creating bucket %r was refused (%s); sending its events "
                          "anyway" % (bucket[0], _scrub(
                              decision.reason if response is None else "%d %s" % (
                                  response.status, self._reply(response)),
                              self.settings.access_key)))
             else:
-                self.stats["buckets_created"] += 1
+                self.book.stats["buckets_created"] += 1
                 self.failures = 0
                 self._progressed(now)
             self.created.add(bucket[0])
@@ -3136,7 +3218,7 @@ class _Core(object):
             self.close_at = max(self.close_at, now + self.close_idle)
 
     def _delivered(self, batch, now, wall):
-        stats = self.stats
+        stats = self.book.stats
         self._progressed(now)
         self.failures = 0
         self.failing_since = None
@@ -3144,7 +3226,7 @@ class _Core(object):
         stats["last_success"] = wall
         stats["paused"] = ""
         self.batches.remove(batch)
-        self._count_month(batch.count, wall)
+        self.book.delivered(batch.count, wall)
         if batch.refs is None:
             stats["delivered"] += batch.count
             return
@@ -3154,24 +3236,6 @@ class _Core(object):
         stats["replayed"] += batch.count - journal
         if self.batches.finished(batch):
             self._todo.append(_Ack(batch.refs))
-
-    def _count_month(self, count, wall):
-        """Count delivered events in their month; warn once if the month would pass the quota."""
-        self.month.add(count, wall)
-        projected = self.month.projected(wall)
-        month = self.month.month_of(wall)
-        self.month_view = (month, self.month.months[month], projected)
-        quota = self.settings.monthly_quota
-        if quota and projected > quota and not self.enterprise and not self.quota_warned:
-            self.quota_warned = True
-            self.log(_WARNING, (
-                "isstreamer_lite: at the rate of the last hour, access key %s would deliver "
-                "about %s events this month (%s so far, from this device), more than the "
-                "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
-                "past which the server refuses events with 402 until the next billing "
-                "month). Log less often, or set monthly_quota=0 on a plan without a cap.") % (
-                    _mask(self.settings.access_key), "{:,}".format(projected),
-                    "{:,}".format(self.month_view[1]), "{:,}".format(quota)))
 
     def _failed(self, batch, decision, response, error, now, wall, creating=None):
         """A call did not go through: wait, back off, or pause and set the batch aside.
@@ -3184,7 +3248,7 @@ class _Core(object):
         detail = ("%d %s" % (response.status, self._reply(response, 120))) \
             if response is not None else "%s: %s" % (type(error).__name__, error)
         detail = _scrub(detail, self.settings.access_key)
-        self.stats["last_error"] = "%s: %s" % (what, detail)
+        self.book.stats["last_error"] = "%s: %s" % (what, detail)
         if self.failing_since is None:
             self.failing_since = (wall, response is not None)
         plan = _after_failure(now, decision, self.failures,
@@ -3195,16 +3259,16 @@ class _Core(object):
         if batch is not None:
             batch.attempts = plan.attempts
         if decision.action == _WAIT:        # a 429 in a row waits longer, however told
-            self.stats["rate_limited"] += 1
-            self.log(_INFO, "rate limited while %s; retrying in %.1f s" % (what, decision.delay))
+            self.book.stats["rate_limited"] += 1
+            self.book.log(_INFO, "rate limited while %s; retrying in %.1f s" % (what, decision.delay))
             return
         if decision.action == _PAUSE:
             self._pause(decision, detail)
             if batch is not None:
                 self._then(self.set_aside(batch, plan.set_aside))
             return
-        self.stats["retried"] += 1
-        self.log(_INFO, "%s failed (%s); retrying in %.2f s" % (what, detail, decision.delay))
+        self.book.stats["retried"] += 1
+        self.book.log(_INFO, "%s failed (%s); retrying in %.2f s" % (what, detail, decision.delay))
         self._todo.append(_Report(DeliveryError(
             "%s failed: %s" % (what, detail), response.status if response is not None
             else None, decision.reason, bucket[0]), self._events_of(batch)))
@@ -3212,14 +3276,14 @@ class _Core(object):
             self._then(self.set_aside(batch, plan.set_aside))
 
     def _pause(self, decision, detail):
-        if self.stats["paused"] != decision.reason:
+        if self.book.stats["paused"] != decision.reason:
             advice = _PAUSE_ADVICE.get(decision.reason, "the server answered %s; check "
                                        "api_base and the account" % detail)
             if "%s" in advice:
                 advice = advice % _mask(self.settings.access_key)
-            self.log(_ERROR, "isstreamer_lite: %s. Sending is paused; events are spooled and "
+            self.book.log(_ERROR, "isstreamer_lite: %s. Sending is paused; events are spooled and "
                      "retried every %.0f s." % (advice, decision.delay))
-        self.stats["paused"] = decision.reason
+        self.book.stats["paused"] = decision.reason
         self._todo.append(_Report(DeliveryError(detail, None, decision.reason), []))
 
     def _reject(self, batch, response, now, why=None):
@@ -3228,9 +3292,9 @@ class _Core(object):
         self.batches.remove(batch)
         status = response.status if response is not None else None
         reply = why or (self._reply(response, 2000) if response is not None else "")
-        self.log(_WARNING, "the server rejected an event of bucket %r (%s %s); it was moved to "
+        self.book.log(_WARNING, "the server rejected an event of bucket %r (%s %s); it was moved to "
                  "the dead-letter file" % (batch.bucket[0], status, reply[:200]))
-        self.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
+        self.book.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
         if batch.refs is not None and self.batches.finished(batch):
             self._todo.append(_Ack(batch.refs))
         self._todo.append(_Report(DeliveryError("event rejected by the server: %s"
@@ -3264,43 +3328,9 @@ class _Core(object):
             self.batches.remove(batch)
         if not self.spool:
             if drop:
-                self.drop(batch.count, self.nowhere, None)
+                self.book.drop(batch.count, self.book.nowhere, None)
             return None
         return _Write(batch, why, False, drop)
-
-    def unencodable(self, rejected):
-        """Events the JSON encoder refused: dead letters, each with its reason."""
-        for event, exc, bucket_key in rejected:
-            why = "cannot be encoded as JSON: %s" % exc
-            self.log(_WARNING, "event %r of bucket %r %s; it was moved to the dead-letter file"
-                     % (event[0], bucket_key, why))
-            self.dead_letter(bucket_key, _json_bytes({"key": event[0], "epoch": event[2],
-                                                      "value": repr(event[1])[:200]}),
-                             None, why)
-
-    def dead_letter(self, bucket_key, body, status, reply, count=1):
-        """Count events the server refuses (or that cannot be sent) and keep them."""
-        self.stats["dead_lettered"] += count
-        self.lost += count
-        if self.spool:
-            self._todo.append(_DeadLetter(bucket_key, body, status, reply))
-
-    def drop(self, count, reason, exc):
-        dropped = self.stats["dropped"]
-        dropped[reason] = dropped.get(reason, 0) + count
-        self.lost += count
-        self.stats["last_error"] = "%s: %s" % (reason, exc)
-        self.warn("dropped %s (%s: %s); dropped so far: %s" % (_count(count, "event"), reason,
-                                                               exc, dropped))
-
-    def warn(self, message):
-        """A warning, at most once every _DROP_WARN_EVERY seconds."""
-        if self.now - self.last_warning >= _DROP_WARN_EVERY:
-            self.last_warning = self.now
-            self.log(_WARNING, message)
-
-    def log(self, level, message):
-        self._todo.append(_Log(level, message))
 
     def _then(self, action):
         """Hand out ``action`` (None: nothing) after the ones decided before it."""
@@ -3324,7 +3354,7 @@ class _Core(object):
     def settled(self, disk):
         """Everything taken is delivered and every loss told of (flush() from on_error)."""
         return not self.pending_any(disk) and self.oldest_seq(disk) is None \
-            and self.lost == self.told
+            and self.book.lost == self.book.told
 
     def _settle(self, disk):
         if not self.waits:
@@ -3333,11 +3363,7 @@ class _Core(object):
             self.batches.others_in_flight() or disk.waiting)
         done, self.waits = _answerable(self.waits, self.oldest_seq(disk), backlog)
         for wait in done:
-            self._answer(wait, True)
-
-    def _answer(self, wait, delivered):
-        self._todo.append(_Answer(wait, delivered and self.lost == wait.lost))
-        self.told = self.lost
+            self.book.answer(wait, True)
 
     def halt(self, why, disk):
         """Stop: the call out is abandoned, what is undelivered set aside, the waiters
@@ -3358,7 +3384,7 @@ class _Core(object):
                 return action
         while self.memory.count:
             batch, rejected = self.memory.take(most=self.settings.buffer_size)
-            self.unencodable(rejected)
+            self.book.unencodable(rejected)
             if batch is not None:
                 action = self.set_aside(batch, why, drop=True)
                 if action is not None:
@@ -3370,7 +3396,7 @@ class _Core(object):
             return _Halted(why)
         waits, self.waits = self.waits, []
         for wait in waits:
-            self._answer(wait, self._all_delivered)
+            self.book.answer(wait, self._all_delivered)
         self.state = _STOPPED
         return self._todo.popleft() if self._todo else _Sleep(None)
 
@@ -3732,6 +3758,7 @@ class _Worker(object):
         self.wake_at = 1
         self.core = _Core(settings, bucket, writer is not None, wall(), months=_read_json_file(
             os.path.join(reader.folder, _STATE_FILE)).get("months") if reader else None)
+        self.book = self.core.book          # the counts: read by the Streamer
         self.stash = _Stash(settings, writer, reader)
         self.left = 0                       # own events left on disk when it stopped
         self.backlog = 0                    # events of spooled lines, each second
@@ -3753,7 +3780,7 @@ class _Worker(object):
     state = property(lambda self: self.core.state)
     waiting = property(lambda self: self.core.waiting)
     progress = property(lambda self: self.core.progress)
-    stats = property(lambda self: self.core.stats)
+    stats = property(lambda self: self.core.book.stats)
 
     # the loop
 
@@ -3953,7 +3980,7 @@ class _Worker(object):
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
                  "spool_dir": self.settings.spool_dir,
                  "rate_limit": self.budget.learned() if self.budget is not None else None,
-                 "month": self.core.month_view[:2]}
+                 "month": self.book.month_view[:2]}
         if self.reader is None or (state == self.saved_state and running) or not (
                 state["last_success"] or state["last_error"] or state["dropped"]
                 or state["dead_lettered"]):
@@ -3961,16 +3988,16 @@ class _Worker(object):
         self.saved_state = dict(state)
         del state["month"]                  # compared only: the file keeps "months"
         wall = self.wall()
-        state.update(updated=wall, pid=os.getpid(), rate=self.core.month.rate(wall),
-                     enterprise=self.core.enterprise)
+        state.update(updated=wall, pid=os.getpid(), rate=self.book.month.rate(wall),
+                     enterprise=self.book.enterprise)
         old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
-        state["months"] = self.core.month.merged(old.get("months"))
+        state["months"] = self.book.month.merged(old.get("months"))
         try:
             self.reader.save_state(_merge_state(old, state, os.getpid(), running))
         except OSError as exc:
             _log.debug("cannot write the status file: %s", exc)
         else:
-            self.core.month.saved(state["months"])
+            self.book.month.saved(state["months"])
         return True
 
     def answer_status(self, now):
@@ -4258,7 +4285,7 @@ def _new_worker(settings, bucket, stats=None, only=None):
         sender = _CsvSender(settings.offline_file)
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
     if stats is not None:
-        worker.core.stats = stats
+        worker.book.stats = stats
     return worker
 
 
@@ -4356,8 +4383,8 @@ class Streamer(object):
             old = self._worker
             self._closed = False
             self._start(old.stats)
-            self._worker.core.lost = old.core.lost
-            self._worker.core.told = old.core.told
+            self._worker.book.lost = old.book.lost
+            self._worker.book.told = old.book.told
             while old.inbox:                # logged while it was stopping
                 self._queue.append(old.inbox.popleft())
 
@@ -4538,7 +4565,7 @@ class Streamer(object):
         worker = self._worker
         if _in_callback(worker):
             return self._settled_now(worker)
-        wait = _Wait(worker.core.lost)
+        wait = _Wait(worker.book.lost)
         worker.inbox.append(wait)
         try:
             worker.wake.set()
@@ -4588,7 +4615,7 @@ class Streamer(object):
             worker = self._worker
             # Keep a little time to spool what is left once the deadline passes.
             margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
-            wait = self._close_wait = _Wait(worker.core.lost, deadline - margin,
+            wait = self._close_wait = _Wait(worker.book.lost, deadline - margin,
                                             None if idle is None else idle - margin)
             worker.inbox.append(wait)
         worker.wake.set()
@@ -4673,7 +4700,7 @@ class Streamer(object):
         with self._lock:
             self._closed = True
             self._keys = frozenset()
-        worker.inbox.append(_Wait(worker.core.lost, _monotonic()))
+        worker.inbox.append(_Wait(worker.book.lost, _monotonic()))
         worker.wake.set()
         give_up = _monotonic() + _URGENT_WAIT
         while not worker.stopped.is_set() and _monotonic() < give_up:
@@ -4716,10 +4743,10 @@ class Streamer(object):
         counters["state"] = worker.state
         until, why = worker.waiting
         counters["waiting"] = why if until > _monotonic() else ""
-        month, delivered, projected = worker.core.month_view
+        month, delivered, projected = worker.book.month_view
         quota = self._settings.monthly_quota
         counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
-                             "quota": None if worker.core.enterprise or not quota else quota}
+                             "quota": None if worker.book.enterprise or not quota else quota}
         return counters
 
     def __repr__(self):

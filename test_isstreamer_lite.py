@@ -4304,7 +4304,7 @@ class CoreStepTest(IsolatedCase):
                 if aside is None:
                     shell.run(now + due)
                     self.assertEqual(shell.sent(), [10] * (len(answers) + 1))
-                    self.assertEqual(shell.core.stats["delivered"], 10)
+                    self.assertEqual(shell.core.book.stats["delivered"], 10)
 
     def test_live_events_go_before_a_backlog_batch_that_waits(self):
         """Core: a spooled batch waiting for the window lets live events go first."""
@@ -4315,7 +4315,7 @@ class CoreStepTest(IsolatedCase):
         self.assertEqual(shell.run(6.0), None)
         calls = [json.loads(a.job.body.decode())[0]["value"] for a in shell.of(lite._Post)]
         self.assertEqual(calls, [100, 0, 100])
-        self.assertEqual(shell.core.stats["replayed"], 10)
+        self.assertEqual(shell.core.book.stats["replayed"], 10)
         self.assertEqual(len(shell.of(lite._Ack)), 1)
 
     def test_413_halves_and_400_narrows_down_to_the_refused_event(self):
@@ -4333,14 +4333,14 @@ class CoreStepTest(IsolatedCase):
                 shell.run(1.0, [] if spooled else core_events(8))
                 self.assertEqual(shell.sent(), sent)
                 self.assertEqual(len(shell.of(lite._DeadLetter)), dead)
-                self.assertEqual(shell.core.lost, dead)
+                self.assertEqual(shell.core.book.lost, dead)
                 self.assertEqual([len(a.refs) for a in shell.of(lite._Ack)], [1] * acks)
                 if acks:        # after the last half, not before
                     kinds = [type(a) for a in shell.actions]
                     self.assertGreater(kinds.index(lite._Ack),
                                        len(kinds) - 1 - kinds[::-1].index(lite._Post))
-                self.assertEqual(shell.core.stats["delivered" if not spooled else "replayed"],
-                                 8 - dead)
+                stats = shell.core.book.stats
+                self.assertEqual(stats["replayed" if spooled else "delivered"], 8 - dead)
 
     def test_401_pauses_sets_aside_and_probes_after_pause_interval(self):
         """Core: 401 sets the batch aside, tells on_error and the log, probes after the pause."""
@@ -4348,14 +4348,14 @@ class CoreStepTest(IsolatedCase):
         self.assertEqual(shell.run(1.0, core_events(10)), 60.0)
         self.assertEqual([w.why for w in shell.of(lite._Write)],
                          ["delivery paused (key_rejected)"])
-        self.assertEqual(shell.core.stats["paused"], "key_rejected")
+        self.assertEqual(shell.core.book.stats["paused"], "key_rejected")
         self.assertEqual([r.error.reason for r in shell.of(lite._Report)], ["key_rejected"])
         self.assertIn(lite._ERROR, [a.level for a in shell.of(lite._Log)])
         shell.run(60.9)
         self.assertEqual(len(shell.of(lite._Post)), 1)
         shell.run(61.0, core_events(10))
         self.assertEqual(len(shell.of(lite._Post)), 2)      # the probe
-        self.assertEqual(shell.core.stats["paused"], "")
+        self.assertEqual(shell.core.book.stats["paused"], "")
 
     def test_close_plan(self):
         """Core: close() waits for a window that opens before its deadline, halts at once
@@ -4394,8 +4394,10 @@ class CoreStepTest(IsolatedCase):
             now += due
             due = shell.run(now)
         self.assertEqual(shell.sent()[0], 10)
-        self.assertGreater(now, 9.0)            # moved by the success at 1.0 ...
-        self.assertLessEqual(now, 11.0)         # ... to 10 s after it, no later
+        self.assertEqual(shell.core.close_at, 11.0)     # moved: 10 s after the success at 1.0
+        self.assertGreater(now, 3.0)                    # retried past the first end ...
+        self.assertLessEqual(now, 11.0)                 # ... and never past the moved one
+        self.assertIn("close() deadline", shell.of(lite._Halted)[0].why)
         self.assertEqual([a.ok for a in shell.of(lite._Answer)], [False])
 
     def test_max_queue_sets_aside_the_oldest_excess(self):
@@ -4413,8 +4415,8 @@ class CoreStepTest(IsolatedCase):
                 writes = shell.of(lite._Write)
                 self.assertEqual(sum(w.batch.count for w in writes), written)
                 self.assertTrue(all(w.drop for w in writes))
-                self.assertEqual(shell.core.stats["dropped"], dropped)
-                self.assertEqual(shell.core.lost, sum(dropped.values()))
+                self.assertEqual(shell.core.book.stats["dropped"], dropped)
+                self.assertEqual(shell.core.book.lost, sum(dropped.values()))
                 self.assertEqual(shell.core.memory.oldest()[0], 170)    # the newest stay
 
     def test_flush_answers_are_truthful(self):
@@ -4430,11 +4432,11 @@ class CoreStepTest(IsolatedCase):
         for logged, view, answers in table:
             with self.subTest(logged=len(logged), view=view):
                 shell = Shell(self.core())
-                wait = PlainWait(shell.core.lost)
+                wait = PlainWait(shell.core.book.lost)
                 shell.run(1.0, logged + [wait], view=view)
                 self.assertEqual([a.ok for a in shell.of(lite._Answer)], answers)
                 if answers:
-                    again = PlainWait(shell.core.lost)
+                    again = PlainWait(shell.core.book.lost)
                     shell.run(2.0, [again])
                     self.assertEqual([a.ok for a in shell.of(lite._Answer)], answers + [True])
 
@@ -4965,10 +4967,10 @@ class WorkerTest(LiteTestCase):
         worker = self.worker()
         writes = []
         worker.reader.save_state = lambda state: writes.append(dict(state))
-        worker.core.drop(3, "spool_full", None)
+        worker.core.book.drop(3, "spool_full", None)
         worker.step()
         self.clock.now += 61.0
-        worker.core.drop(2, "spool_full", None)
+        worker.core.book.drop(2, "spool_full", None)
         worker.step()
         self.assertEqual([w["dropped"] for w in writes],
                          [{"spool_full": 3}, {"spool_full": 5}])
