@@ -2250,13 +2250,16 @@ class _SpoolReader(object):
 # inbox (core.take: events, bucket switches, flush()/close() waits) and the
 # time, then asks core.next_action() again and again, carrying out each answer,
 # until it answers _Sleep(seconds). The answers are plain values: _Post a
-# request (the outcome comes back through core.outcome), _Read the next spooled
-# batch (core.offer), _Write a batch as a spool line (core.written), _Ack or
-# _GiveBack spool lines, _DeadLetter, _Answer a waiter, _Report to on_error,
-# _Log, _Abandon the call out, _Halted. The core holds the events taken from the
-# inbox (_Memory) and the batches formed from them or read from the spool
-# (_Batches); the spool keeps the lines not handed out yet, and the shell
-# describes them to the core as a _Disk (anything waiting, the oldest of ours).
+# request (the outcome comes back through core.outcome; core.defer if the rate
+# budget, which the shell keeps with its shared file, has no call yet), _Read
+# the next spooled batch (core.offer), _Write a batch as a spool line
+# (core.written), _Ack or _GiveBack spool lines, _DeadLetter, _Answer a waiter,
+# _Report to on_error, _Log, _Abandon the call out, _Halted (let go of files
+# and sockets). The core holds the events taken from the inbox (_Memory) and
+# the batches formed from them or read from the spool (_Batches); its _Book
+# keeps the counts and losses. The spool keeps the lines not handed out yet,
+# and the shell describes them to the core as a _Disk (whether any wait, the
+# oldest of ours); durable mode's fsync schedule is the shell's too.
 # Inside next_action, in this order: a call past its deadline is abandoned;
 # close()'s deadline halts; durable mode journals memory; past max_queue the
 # oldest excess is set aside; then, one call a turn at most: is a retry or the
@@ -2857,11 +2860,10 @@ class _Core(object):
     """The delivery core: events and outcomes in, actions out (see the section's opening).
 
     Owns every event it took until it is delivered, set aside on disk,
-    dead-lettered or dropped, and every count about them: ``stats``, ``lost``
-    (dropped plus dead-lettered, ever) and ``told`` (of those, what a
-    flush()/close() answer told of). Driven by one thread at a time; other
-    threads read ``state``, ``waiting``, ``progress``, ``lost``, ``count``
-    and ``stats`` (ints, tuples and a dict of ints) and write nothing here.
+    dead-lettered or dropped; its ``book`` (a _Book) keeps the counts. Driven
+    by one thread at a time; other threads read ``state``, ``waiting``,
+    ``progress``, ``count`` and the book's counts (ints, tuples and a dict of
+    ints) and write nothing here.
     """
 
     def __init__(self, settings, bucket, spool, wall, stats=None, months=None):
@@ -2923,7 +2925,7 @@ class _Core(object):
                     self.to_create.append(item.bucket)
                 continue
             item.upto = memory.next_seq - 1
-            item.lost = min(item.lost, self.book.told)       # losses no answer told of
+            item.lost = min(item.lost, self.book.told)  # losses no answer told of
             self.waits.append(item)
             if item.close_at is not None and not self.halting \
                     and self.state is not _STOPPED:
@@ -2967,8 +2969,8 @@ class _Core(object):
         stats["last_error"] = "writing the spool: %s" % error
         if action.journal:
             stats["journal_errors"] += 1
-            self.book.warn("cannot write the durable journal (%s); events are kept in memory "
-                      "until it works again" % stats["last_error"])
+            self.book.warn("cannot write the durable journal (%s); events are kept in "
+                           "memory until it works again" % stats["last_error"])
             self.batches.hold(batch)        # sent from memory
             self._journaling, self._turn[2] = False, True
         elif action.drop:
@@ -3196,11 +3198,10 @@ class _Core(object):
         bucket = job.bucket
         if decision.action in (_DELIVERED, _SPLIT, _BISECT, _REFUSE):
             if decision.action != _DELIVERED:
-                self.book.log(_WARNING, "creating bucket %r was refused (%s); sending its events "
-                         "anyway" % (bucket[0], _scrub(
-                             decision.reason if response is None else "%d %s" % (
-                                 response.status, self._reply(response)),
-                             self.settings.access_key)))
+                why = decision.reason if response is None else "%d %s" % (
+                    response.status, self._reply(response))
+                self.book.log(_WARNING, "creating bucket %r was refused (%s); sending its "
+                              "events anyway" % (bucket[0], _scrub(why, self.settings.access_key)))
             else:
                 self.book.stats["buckets_created"] += 1
                 self.failures = 0
@@ -3260,7 +3261,8 @@ class _Core(object):
             batch.attempts = plan.attempts
         if decision.action == _WAIT:        # a 429 in a row waits longer, however told
             self.book.stats["rate_limited"] += 1
-            self.book.log(_INFO, "rate limited while %s; retrying in %.1f s" % (what, decision.delay))
+            self.book.log(_INFO, "rate limited while %s; retrying in %.1f s"
+                          % (what, decision.delay))
             return
         if decision.action == _PAUSE:
             self._pause(decision, detail)
@@ -3268,7 +3270,8 @@ class _Core(object):
                 self._then(self.set_aside(batch, plan.set_aside))
             return
         self.book.stats["retried"] += 1
-        self.book.log(_INFO, "%s failed (%s); retrying in %.2f s" % (what, detail, decision.delay))
+        self.book.log(_INFO, "%s failed (%s); retrying in %.2f s"
+                      % (what, detail, decision.delay))
         self._todo.append(_Report(DeliveryError(
             "%s failed: %s" % (what, detail), response.status if response is not None
             else None, decision.reason, bucket[0]), self._events_of(batch)))
@@ -3281,8 +3284,8 @@ class _Core(object):
                                        "api_base and the account" % detail)
             if "%s" in advice:
                 advice = advice % _mask(self.settings.access_key)
-            self.book.log(_ERROR, "isstreamer_lite: %s. Sending is paused; events are spooled and "
-                     "retried every %.0f s." % (advice, decision.delay))
+            self.book.log(_ERROR, "isstreamer_lite: %s. Sending is paused; events are spooled "
+                          "and retried every %.0f s." % (advice, decision.delay))
         self.book.stats["paused"] = decision.reason
         self._todo.append(_Report(DeliveryError(detail, None, decision.reason), []))
 
@@ -3292,8 +3295,8 @@ class _Core(object):
         self.batches.remove(batch)
         status = response.status if response is not None else None
         reply = why or (self._reply(response, 2000) if response is not None else "")
-        self.book.log(_WARNING, "the server rejected an event of bucket %r (%s %s); it was moved to "
-                 "the dead-letter file" % (batch.bucket[0], status, reply[:200]))
+        self.book.log(_WARNING, "the server rejected an event of bucket %r (%s %s); it was "
+                      "moved to the dead-letter file" % (batch.bucket[0], status, reply[:200]))
         self.book.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
         if batch.refs is not None and self.batches.finished(batch):
             self._todo.append(_Ack(batch.refs))
@@ -3729,6 +3732,98 @@ class _Stash(object):
         return None
 
 
+class _StatusBoard(object):
+    """What ``status`` shows of this process, in files beside the spool: state.json
+    (merged with other runs' and processes') and, when status.ask asks, live-<pid>.json.
+    Used by the runner's thread only.
+    """
+
+    def __init__(self, settings, reader, book, budget, wall):
+        self.settings = settings
+        self.reader = reader
+        self.book = book
+        self.budget = budget
+        self.wall = wall
+        self.due = 0.0                      # when state.json may be written again
+        self.saved_state = None
+        self.ask_due = 0.0                  # when status.ask is looked at again
+        self.asked = None                   # the status question last answered
+
+    def tick(self, now, waiting, held):
+        """Answer a status question; write state.json on the first news, then once a minute."""
+        if self.reader is not None:
+            self.answer(now, held)
+        if now >= self.due and self.save(waiting, now):
+            self.due = now + _STATE_EVERY   # the first news at once, then slowly
+
+    def save(self, waiting, now, running=True):
+        """Keep what ``status`` shows beside the spool, if it changed; True if written.
+
+        Merged into what the file says (other runs, other processes of the key).
+        """
+        book = self.book
+        stats = book.stats
+        state = {"version": 1, "key": _mask(self.settings.access_key),
+                 "last_success": stats["last_success"], "last_error": stats["last_error"],
+                 "paused": stats["paused"], "waiting": waiting[1] if
+                 waiting[0] > now else "", "dropped": dict(stats["dropped"]),
+                 "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
+                 "replayed": stats["replayed"], "spooled": stats["spooled"],
+                 "spool_dir": self.settings.spool_dir,
+                 "rate_limit": self.budget.learned() if self.budget is not None else None,
+                 "month": book.month_view[:2]}
+        if self.reader is None or (state == self.saved_state and running) or not (
+                state["last_success"] or state["last_error"] or state["dropped"]
+                or state["dead_lettered"]):
+            return False                    # unchanged, or nothing to tell yet
+        self.saved_state = dict(state)
+        del state["month"]                  # compared only: the file keeps "months"
+        wall = self.wall()
+        state.update(updated=wall, pid=os.getpid(), rate=book.month.rate(wall),
+                     enterprise=book.enterprise)
+        old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
+        state["months"] = book.month.merged(old.get("months"))
+        try:
+            self.reader.save_state(_merge_state(old, state, os.getpid(), running))
+        except OSError as exc:
+            _log.debug("cannot write the status file: %s", exc)
+        else:
+            book.month.saved(state["months"])
+        return True
+
+    def answer(self, now, held):
+        """Tell a ``status`` command that asked what this process holds in memory.
+
+        The question (the mtime of status.ask) is looked at once a second at
+        most; while events are held here the worker thread wakes for it (see
+        ``_Worker.run``), so the answer comes within about a second.
+        """
+        if now >= self.ask_due:
+            self.ask_due = now + _ASK_EVERY
+            try:
+                st = os.lstat(os.path.join(self.reader.folder, _ASK_FILE))
+                asked = st.st_mtime if stat.S_ISREG(st.st_mode) else None
+            except OSError:
+                asked = None
+            if asked is not None and asked != self.asked:
+                self.asked = asked
+                try:
+                    self.reader.save_state({"pid": os.getpid(), "asked": asked,
+                                            "events": held, "updated": self.wall()},
+                                           _LIVE_FILE % os.getpid())
+                except OSError as exc:
+                    _log.debug("cannot answer status: %s", exc)
+
+
+    def forget(self):
+        """Stopped: remove live-<pid>.json, if a status question made it."""
+        if self.asked is not None:
+            try:
+                os.unlink(os.path.join(self.reader.folder, _LIVE_FILE % os.getpid()))
+            except OSError:
+                pass
+
+
 class _Worker(object):
     """The shell around a _Core: takes the inbox, steps the core, carries out its actions
     with the courier, the spool and the budget, and waits until the next wake.
@@ -3736,8 +3831,8 @@ class _Worker(object):
     One thread drives it: the Streamer's worker thread, or with
     ``use_async=False`` the caller holding the pump baton. Other threads
     only append to ``inbox``, set ``wake`` and read the published fields
-    (``state``, ``stopped``, ``wake_at``, ``waiting``, ``progress`` and the
-    core's ``lost``, ``count`` and ``stats``); the one write from outside is
+    (``state``, ``stopped``, ``wake_at``, ``waiting``, ``progress``, the
+    core's ``count`` and the ``book``'s counts); the one write from outside is
     a caller setting ``wake_at`` to _NEVER right after it set ``wake`` (one
     signal per wake-up; the runner sets it again before it sleeps).
     """
@@ -3763,10 +3858,7 @@ class _Worker(object):
         self.left = 0                       # own events left on disk when it stopped
         self.backlog = 0                    # events of spooled lines, each second
         self.backlog_due = 0.0
-        self.state_due = 0.0                # when state.json may be written again
-        self.saved_state = None
-        self.ask_due = 0.0                  # when status.ask is looked at again
-        self.asked = None                   # the status question last answered
+        self.status = _StatusBoard(settings, reader, self.book, budget, wall)
         self.reports = []                   # (exception, events) for on_error
         self.carry_out = {_Post: self.post, _Read: self.read, _Write: self.spool,
                           _Ack: self.ack, _GiveBack: self.give_back,
@@ -3858,9 +3950,7 @@ class _Worker(object):
             if now >= self.backlog_due:
                 self.backlog = self.reader.waiting() + core.batches.on_disk()
                 self.backlog_due = now + 1.0
-            self.answer_status(now)
-        if now >= self.state_due and self.save_state():
-            self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
+        self.status.tick(now, core.waiting, len(self.inbox) + core.count)
         return _next_wake(due)
 
     def disk(self, now):
@@ -3952,12 +4042,8 @@ class _Worker(object):
             self.left = self.reader.waiting(own=True)
         if self.left:
             _log.warning("%s", self.left_behind(action.why))
-        self.save_state(running=False)
-        if self.asked is not None:
-            try:
-                os.unlink(os.path.join(self.reader.folder, _LIVE_FILE % os.getpid()))
-            except OSError:
-                pass
+        self.status.save(self.core.waiting, self.clock(), running=False)
+        self.status.forget()
         if self.writer is not None:
             self.writer.close()
         if self.reader is not None:
@@ -3965,64 +4051,6 @@ class _Worker(object):
         if self.courier is not None:
             self.courier.stop()
         self.sender.transport.close()
-
-    def save_state(self, running=True):
-        """Keep what ``status`` shows beside the spool, if it changed; True if written.
-
-        Merged into what the file says (other runs, other processes of the key).
-        """
-        stats = self.stats
-        state = {"version": 1, "key": _mask(self.settings.access_key),
-                 "last_success": stats["last_success"], "last_error": stats["last_error"],
-                 "paused": stats["paused"], "waiting": self.waiting[1] if
-                 self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
-                 "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
-                 "replayed": stats["replayed"], "spooled": stats["spooled"],
-                 "spool_dir": self.settings.spool_dir,
-                 "rate_limit": self.budget.learned() if self.budget is not None else None,
-                 "month": self.book.month_view[:2]}
-        if self.reader is None or (state == self.saved_state and running) or not (
-                state["last_success"] or state["last_error"] or state["dropped"]
-                or state["dead_lettered"]):
-            return False                    # unchanged, or nothing to tell yet
-        self.saved_state = dict(state)
-        del state["month"]                  # compared only: the file keeps "months"
-        wall = self.wall()
-        state.update(updated=wall, pid=os.getpid(), rate=self.book.month.rate(wall),
-                     enterprise=self.book.enterprise)
-        old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
-        state["months"] = self.book.month.merged(old.get("months"))
-        try:
-            self.reader.save_state(_merge_state(old, state, os.getpid(), running))
-        except OSError as exc:
-            _log.debug("cannot write the status file: %s", exc)
-        else:
-            self.book.month.saved(state["months"])
-        return True
-
-    def answer_status(self, now):
-        """Tell a ``status`` command that asked what this process holds in memory.
-
-        The question (the mtime of status.ask) is looked at once a second at
-        most; while events are held here the worker thread wakes for it (see
-        ``run``), so the answer comes within about a second.
-        """
-        held = len(self.inbox) + self.core.count
-        if now >= self.ask_due:
-            self.ask_due = now + _ASK_EVERY
-            try:
-                st = os.lstat(os.path.join(self.reader.folder, _ASK_FILE))
-                asked = st.st_mtime if stat.S_ISREG(st.st_mode) else None
-            except OSError:
-                asked = None
-            if asked is not None and asked != self.asked:
-                self.asked = asked
-                try:
-                    self.reader.save_state({"pid": os.getpid(), "asked": asked,
-                                            "events": held, "updated": self.wall()},
-                                           _LIVE_FILE % os.getpid())
-                except OSError as exc:
-                    _log.debug("cannot answer status: %s", exc)
 
     def left_behind(self, why):
         """The one warning of a run that ends with events undelivered: how many, why,

@@ -4191,29 +4191,39 @@ class Shell(object):
     batches to offer; it records every action the core asks for.
 
     An answer is a status, (status, headers), an exception, None (the call stays
-    out) or ("defer", seconds) (the rate budget has no call before then).
+    out) or ("defer", seconds) (the rate budget has no call before then). With
+    ``budget`` (a _RateBudget) and ``window`` (calls per 10 s), calls are paced
+    as the runner does and answered as a server counting fixed windows would.
     """
 
-    def __init__(self, core, answers=(), disk=()):
+    def __init__(self, core, answers=(), disk=(), budget=None, window=None):
         self.core = core
         self.answers = list(answers)
         self.disk = list(disk)
+        self.budget, self.window = budget, window
+        self.used = collections.Counter()   # calls the server counted in each window
         self.actions = []
         self.calls = []                 # the event count of each call, when it was made
+        self.times = []                 # when each call was made
 
     def turn(self, now, inbox=(), view=None, deadline=None):
         """One turn at ``now``: take ``inbox``, carry out actions; the sleep asked for."""
         core, wall = self.core, 1700000000.0 + now
         core.take(collections.deque(inbox), now, wall)
-        while True:
+        for _ in range(10000):
             action = core.next_action(now, deadline, view or lite._NO_DISK)
             if type(action) is lite._Sleep:
                 return action.due
             self.actions.append(action)
             if type(action) is lite._Post:
+                wait = self.budget.reserve(now) if self.budget is not None else 0.0
+                if wait > 0:
+                    core.defer(action.job, now + wait, "rate limit window")
+                    continue
                 if action.job.batch is not None:
                     self.calls.append(action.job.batch.count)
-                answer = self.answers.pop(0) if self.answers else 204
+                    self.times.append(now)
+                answer = self.answers.pop(0) if self.answers else self.server(now, wall)
                 if answer is None:
                     continue
                 if type(answer) is tuple and answer[0] == "defer":
@@ -4228,6 +4238,20 @@ class Shell(object):
                 core.written(action, True)
             elif type(action) is lite._Read:
                 core.offer(self.disk.pop(0) if self.disk else None)
+        raise AssertionError("the core never asked to sleep")
+
+    def server(self, now, wall):
+        """204, or 429 past ``window`` calls in a 10 s window; with the X-RateLimit headers."""
+        if self.window is None:
+            return 204
+        index = int(now // 10.0)
+        self.used[index] += 1
+        headers = {"x-ratelimit-limit": str(self.window),
+                   "x-ratelimit-remaining": str(max(0, self.window - self.used[index])),
+                   "x-ratelimit-reset": "%.3f" % (wall - now + (index + 1) * 10.0)}
+        if self.budget is not None:
+            self.budget.update(headers, now, wall)
+        return (429 if self.used[index] > self.window else 204), headers
 
     def run(self, now, inbox=(), view=None, turns=100):
         """Turns at ``now`` while the core asks for one at once; the sleep it asks for then."""
@@ -4341,6 +4365,33 @@ class CoreStepTest(IsolatedCase):
                                        len(kinds) - 1 - kinds[::-1].index(lite._Post))
                 stats = shell.core.book.stats
                 self.assertEqual(stats["replayed" if spooled else "delivered"], 8 - dead)
+
+    new_budget = lite._RateBudget       # the shell's (PurityTest hands out ones built before)
+
+    def test_calls_are_paced_over_the_window_the_server_tells(self):
+        """Core: through the shell's budget, calls spread over the window the server tells,
+        never past its limit (no 429), and go on in the next; the window is used whole."""
+        table = [       # (calls a window, events) -> (windows it takes)
+            (3, 100, 4),
+            (10, 300, 3),
+            (30, 300, 1),
+        ]
+        for limit, count, windows in table:
+            with self.subTest(limit=limit, count=count):
+                shell = Shell(self.core(max_queue=10000), budget=self.new_budget(),
+                              window=limit)
+                now, due = 0.0, shell.run(0.0, core_events(count))
+                while due is not None:
+                    now += max(due, 0.001)
+                    due = shell.run(now)
+                self.assertEqual(sum(shell.calls), count)
+                self.assertEqual(max(shell.calls), 10)
+                per_window = collections.Counter(int(t // 10.0) for t in shell.times)
+                self.assertEqual(max(per_window.values()), limit)     # all of it, no more
+                self.assertEqual(len(per_window), windows)
+                self.assertEqual(shell.core.book.stats["rate_limited"], 0)
+                gaps = [b - a for a, b in zip(shell.times[1:], shell.times[2:])]
+                self.assertGreaterEqual(min(gaps), 10.0 / limit / 2)     # spread, not bursts
 
     def test_401_pauses_sets_aside_and_probes_after_pause_interval(self):
         """Core: 401 sets the batch aside, tells on_error and the log, probes after the pause."""
@@ -4524,6 +4575,9 @@ class PurityTest(IsolatedCase):
         """Core: the _Core's table tests pass with the module's clocks, threads, sockets
         and files gone."""
         core_settings()                 # built by the shell beforehand: it checks the folder
+        budgets = [lite._RateBudget() for _ in range(10)]       # each makes a lock
+        self.addCleanup(setattr, CoreStepTest, "new_budget", CoreStepTest.new_budget)
+        CoreStepTest.new_budget = budgets.pop
         self.forbid()
         tests = sorted(name for name in dir(CoreStepTest) if name.startswith("test_"))
         self.assertGreaterEqual(len(tests), 10)
