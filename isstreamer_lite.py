@@ -2620,24 +2620,38 @@ _INFO, _WARNING, _ERROR = 20, 30, 40                # logging's levels
 _RUNNING, _CLOSING, _STOPPED = "running", "closing", "stopped"
 
 
+def _chunks(body, most, limit):
+    """A spool line's events re-encoded in runs of ``most`` events and ``limit`` bytes at
+    most; None if the line is not a JSON array of events."""
+    try:
+        parts = [_encode_event(e) for e in _decode_body(body)]
+    except (ValueError, TypeError, OverflowError):
+        return None
+    chunks, size = [[]], 2
+    for part in parts:
+        if chunks[-1] and (len(chunks[-1]) >= most or size + len(part) + 1 > limit):
+            chunks.append([])
+            size = 2
+        chunks[-1].append(part)
+        size += len(part) + 1
+    return chunks
+
+
 class _Batches(object):
     """The batches formed and not yet delivered, head first: from memory (events and
     their encoded parts) or from the spool (refs to its lines).
 
     The one place a batch is held, halved or sliced; nothing here reads or writes
-    a file (a spool line is halved by slicing it, as a long one is). ``in_memory``
-    counts the events of the memory batches. Owned by the core.
+    a file (a spool line is halved by slicing it, as a long one is). Owned by
+    the core.
     """
 
     def __init__(self):
         self.queue = collections.deque()
-        self.in_memory = 0
 
     def hold(self, batch, first=False):
         """A batch waits at the tail, or ``first`` at the head (None: nothing to hold)."""
         if batch is not None:
-            if batch.refs is None:
-                self.in_memory += batch.count
             if first:
                 self.queue.appendleft(batch)
             else:
@@ -2648,8 +2662,6 @@ class _Batches(object):
         if batch not in self.queue:
             return False
         self.queue.remove(batch)
-        if batch.refs is None:
-            self.in_memory -= batch.count
         return True
 
     def take_back(self, batch):
@@ -2735,26 +2747,13 @@ class _Batches(object):
         """Whether a batch of an earlier run's lines is held."""
         return any(b.refs is not None and b.refs[0].seq is None for b in self.queue)
 
+    def in_memory(self):
+        """Events of the memory batches (counted from them: a batch may grow)."""
+        return sum(b.count for b in self.queue if b.refs is None)
+
     def on_disk(self):
         """Events of the spooled lines held here (a line sliced counts once a slice)."""
         return sum(b.count for b in self.queue if b.refs is not None)
-
-
-def _chunks(body, most, limit):
-    """A spool line's events re-encoded in runs of ``most`` events and ``limit`` bytes at
-    most; None if the line is not a JSON array of events."""
-    try:
-        parts = [_encode_event(e) for e in _decode_body(body)]
-    except (ValueError, TypeError, OverflowError):
-        return None
-    chunks, size = [[]], 2
-    for part in parts:
-        if chunks[-1] and (len(chunks[-1]) >= most or size + len(part) + 1 > limit):
-            chunks.append([])
-            size = 2
-        chunks[-1].append(part)
-        size += len(part) + 1
-    return chunks
 
 
 class _Book(object):
@@ -2898,7 +2897,7 @@ class _Core(object):
     @property
     def count(self):
         """Events in memory, in a batch or not (read by other threads)."""
-        return self.memory.count + self.batches.in_memory
+        return self.memory.count + self.batches.in_memory()
 
     # inputs
 
@@ -3096,9 +3095,7 @@ class _Core(object):
             head = queue[0]
             if head.refs is None and not head.fixed:
                 # It fell behind: grow it, up to buffer_size.
-                before = head.count
                 self.book.unencodable(self.memory.fill(head, most=most))
-                self.batches.in_memory += head.count - before
             elif head.refs is not None and not self.journal and self._ready(now):
                 # The backlog waited (for the window, or a retry): live events go first.
                 batch, rejected = self.memory.take(most=most)
