@@ -2254,19 +2254,21 @@ class _SpoolReader(object):
 # budget, which the shell keeps with its shared file, has no call yet), _Read
 # the next spooled batch (core.offer), _Write a batch as a spool line
 # (core.written), _Ack or _GiveBack spool lines, _DeadLetter, _Answer a waiter,
-# _Report to on_error, _Log, _Abandon the call out, _Halted (let go of files
-# and sockets). The core holds the events taken from the inbox (_Memory) and
-# the batches formed from them or read from the spool (_Batches); its _Book
-# keeps the counts and losses. The spool keeps the lines not handed out yet,
-# and the shell describes them to the core as a _Disk (whether any wait, the
-# oldest of ours); durable mode's fsync schedule is the shell's too.
+# _Report to on_error, _Log, _Abandon the call out, _Sync the spool (durable
+# mode), _Halted (let go of files and sockets). The core holds the events taken
+# from the inbox (_Memory) and the batches formed from them or read from the
+# spool (_Batches); its _Book keeps the counts and losses. The spool keeps the
+# lines not handed out yet, and the shell describes them to the core as a _Disk
+# (whether any wait, the oldest of ours).
 # Inside next_action, in this order: a call past its deadline is abandoned;
-# close()'s deadline halts; durable mode journals memory; past max_queue the
-# oldest excess is set aside; then, one call a turn at most: is a retry or the
-# window waited for (_after_failure; the budget is the shell's), is memory due
-# (_memory_due), live events before a backlog batch, else a spooled batch;
-# by when must the call end (_call_deadline)? Then the waiters (_answerable),
-# close() with nothing left, and the earliest thing due (_next_wake).
+# close()'s deadline halts; durable mode journals memory (and _Syncs what was
+# written half a sync_interval later, whatever the network does); past
+# max_queue the oldest excess is set aside; then, one call a turn at most: is a
+# retry or the window waited for (_after_failure; the budget is the shell's),
+# is memory due (_memory_due), live events before a backlog batch, else a
+# spooled batch; by when must the call end (_call_deadline)? Then the waiters
+# (_answerable), close() with nothing left, and the earliest thing due
+# (_next_wake).
 
 _Retry = collections.namedtuple("_Retry", "retry_at failures waiting attempts set_aside")
 
@@ -2610,6 +2612,7 @@ _Answer = collections.namedtuple("_Answer", "wait ok")     # settle a flush()/cl
 _Report = collections.namedtuple("_Report", "error events")    # for on_error
 _Log = collections.namedtuple("_Log", "level message")
 _Abandon = collections.namedtuple("_Abandon", "job")       # break the call out
+_Sync = collections.namedtuple("_Sync", "")                # fsync the segments written to
 _Halted = collections.namedtuple("_Halted", "why")     # halted: let go of files and sockets
 _Sleep = collections.namedtuple("_Sleep", "due")   # seconds until something is due, or None
 # What the shell knows of the spool's lines not handed out: whether any waits (or
@@ -2891,6 +2894,7 @@ class _Core(object):
         self.book = _Book(settings, spool, self._todo, wall, stats, months)
         self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
         self._journaling = False
+        self.sync_due = None                # durable mode: when lines written must be fsynced
         self._stop_told = False
         self._all_delivered = False         # halting: all was delivered when it began
 
@@ -2956,6 +2960,8 @@ class _Core(object):
             self.book.drop(count, "spool_full", exc)
         batch, stats = action.batch, self.book.stats
         if ok:
+            if self.journal and self.sync_due is None:
+                self.sync_due = self.now + self.settings.sync_interval / 2.0
             if action.journal:
                 stats["journalled"] += batch.count
                 return
@@ -3012,7 +3018,10 @@ class _Core(object):
         action = self._journal_or_spill(now)
         if action is not None:
             return action
-        due = [self._journal_due(now)]
+        if self.sync_due is not None and now >= self.sync_due:
+            self.sync_due = None            # on time, whatever the network does
+            return _Sync()
+        due = [self._journal_due(now), None if self.sync_due is None else self.sync_due - now]
         if self.out is None:
             if self._turn[0]:
                 due.append(0.0)             # one call a turn: the next, at once
@@ -3681,52 +3690,25 @@ class _CsvSender(object):
         pass
 
 
-class _Stash(object):
-    """Writes the core's batches as spool lines, and fsyncs durable mode's on time.
-
-    A full spool loses its oldest segment first (what it held is reported to
-    the core as evicted). Used by the runner's thread only; ``sync_due`` is
-    when durable mode's next fsync is due.
-    """
-
-    def __init__(self, settings, writer, reader):
-        self.writer = writer
-        self.reader = reader
-        self.durable = settings.durable
-        self.half = settings.sync_interval / 2.0
-        self.sync_due = None
-
-    def write(self, batch, journal):
-        """Append ``batch`` as one line: (True, None, evicted) or (False, error, evicted),
-        ``evicted`` the (events, error) of segments deleted to make room."""
-        evicted = []
-        for attempt in (1, 2, 3):
-            try:
-                self.writer.append(batch.bucket, batch.parts, batch.seq, journal)
-            except OSError as exc:
-                import errno
-                full = isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC
-                dropped = self.reader.evict_oldest() if full and attempt < 3 else None
-                if dropped is None:
-                    return False, exc, evicted
-                evicted.append((dropped, exc))
-                self.writer.measure_again()         # the eviction freed room
-                continue
-            return True, None, evicted
-        return False, None, evicted
-
-    def sync(self, now):
-        """Durable mode: fsync what was written half a sync_interval ago; seconds until
-        the next fsync is due, or None."""
-        if not self.durable or self.writer is None or not self.writer.unsynced:
-            return None
-        if self.sync_due is None:
-            self.sync_due = now + self.half
-        if now < self.sync_due:
-            return self.sync_due - now
-        self.writer.sync()
-        self.sync_due = None
-        return None
+def _append_line(writer, reader, batch, journal):
+    """Append ``batch`` as one spool line: (True, None, evicted) or (False, error, evicted),
+    ``evicted`` the (events, error) of segments deleted to make room: a full spool loses
+    its oldest segment first."""
+    evicted = []
+    for attempt in (1, 2, 3):
+        try:
+            writer.append(batch.bucket, batch.parts, batch.seq, journal)
+        except OSError as exc:
+            import errno
+            full = isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC
+            dropped = reader.evict_oldest() if full and attempt < 3 else None
+            if dropped is None:
+                return False, exc, evicted
+            evicted.append((dropped, exc))
+            writer.measure_again()          # the eviction freed room
+            continue
+        return True, None, evicted
+    return False, None, evicted
 
 
 class _StatusBoard(object):
@@ -3851,7 +3833,6 @@ class _Worker(object):
         self.core = _Core(settings, bucket, writer is not None, wall(), months=_read_json_file(
             os.path.join(reader.folder, _STATE_FILE)).get("months") if reader else None)
         self.book = self.core.book          # the counts: read by the Streamer
-        self.stash = _Stash(settings, writer, reader)
         self.left = 0                       # own events left on disk when it stopped
         self.backlog = 0                    # events of spooled lines, each second
         self.backlog_due = 0.0
@@ -3861,7 +3842,7 @@ class _Worker(object):
                           _Ack: self.ack, _GiveBack: self.give_back,
                           _DeadLetter: self.dead_letter, _Answer: self.answer,
                           _Report: self.reports.append, _Log: self.log,
-                          _Abandon: self.abandon, _Halted: self.let_go}
+                          _Abandon: self.abandon, _Sync: self.sync, _Halted: self.let_go}
         if bucket is not None and reader is not None:
             reader.know(bucket)
 
@@ -3940,7 +3921,7 @@ class _Worker(object):
         if core.state is _STOPPED:
             self.stopped.set()
             return None
-        due = [action.due, self.stash.sync(now)]
+        due = [action.due]
         if self.reader is not None:
             if core.state is _CLOSING and self.reader.probed:
                 due.append(self.reader.probe_due - now)     # is that backlog still there?
@@ -3993,7 +3974,11 @@ class _Worker(object):
         self.core.offer(batch, unreadable)
 
     def spool(self, action):
-        self.core.written(action, *self.stash.write(action.batch, action.journal))
+        self.core.written(action, *_append_line(self.writer, self.reader, action.batch,
+                                                action.journal))
+
+    def sync(self, action):
+        self.writer.sync()
 
     def ack(self, action):
         self.reader.ack(action.refs)

@@ -4203,6 +4203,7 @@ class Shell(object):
         self.budget, self.window = budget, window
         self.used = collections.Counter()   # calls the server counted in each window
         self.actions = []
+        self.when = []                  # the time of each action
         self.calls = []                 # the event count of each call, when it was made
         self.times = []                 # when each call was made
 
@@ -4215,6 +4216,7 @@ class Shell(object):
             if type(action) is lite._Sleep:
                 return action.due
             self.actions.append(action)
+            self.when.append(now)
             if type(action) is lite._Post:
                 wait = self.budget.reserve(now) if self.budget is not None else 0.0
                 if wait > 0:
@@ -4264,6 +4266,10 @@ class Shell(object):
 
     def of(self, kind):
         return [a for a in self.actions if type(a) is kind]
+
+    def times_of(self, *kinds):
+        """(time, action) of the actions of these kinds, in order."""
+        return [(t, a) for t, a in zip(self.when, self.actions) if type(a) in kinds]
 
     def sent(self):
         """The event counts of the calls made, in order."""
@@ -4392,6 +4398,30 @@ class CoreStepTest(IsolatedCase):
                 self.assertEqual(shell.core.book.stats["rate_limited"], 0)
                 gaps = [b - a for a, b in zip(shell.times[1:], shell.times[2:])]
                 self.assertGreaterEqual(min(gaps), 10.0 / limit / 2)     # spread, not bursts
+
+    def test_durable_mode_journals_memory_and_fsyncs_on_time(self):
+        """Core: durable mode writes memory half a sync_interval old as journal lines and
+        asks for an fsync half a sync_interval after a write, a call out or not."""
+        table = [       # (a call out) -> [(time, what the core asks for)]
+            (False, [(0.5, "journal 3"), (1.0, "sync")]),
+            (True, [(0.0, "post"), (0.5, "journal 3"), (1.0, "sync")]),
+        ]
+        names = {lite._Post: "post", lite._Sync: "sync", lite._Write: "journal"}
+        for call_out, expected in table:
+            with self.subTest(call_out=call_out):
+                core = lite._Core(core_settings(durable=True, sync_interval=1.0), ("b", ""),
+                                  True, 1700000000.0)
+                if not call_out:
+                    core.to_create = []             # else: creating it goes out, stays out
+                shell = Shell(core, [None])
+                now, due = 0.0, shell.run(0.0, core_events(3))
+                while due is not None and now < 5.0:
+                    now += due
+                    due = shell.run(now)
+                asked = [(when, names[type(a)] + (" %d" % a.batch.count if type(a) is
+                                                  lite._Write else ""))
+                         for when, a in shell.times_of(lite._Post, lite._Sync, lite._Write)]
+                self.assertEqual(asked, expected)
 
     def test_401_pauses_sets_aside_and_probes_after_pause_interval(self):
         """Core: 401 sets the batch aside, tells on_error and the log, probes after the pause."""
