@@ -2040,7 +2040,7 @@ class _SpoolReader(object):
                 self.give_back(refs)
                 _log.warning("cannot read spool segment %s: %s", segment.path, exc)
                 return None
-            return _Batch(segment.bucket, None, None, refs, _join_arrays(lines))
+            return _Batch(segment.bucket, None, None, refs, _join_arrays(lines), lines=lines)
         return None
 
     def give_back(self, refs):
@@ -2247,27 +2247,43 @@ class _SpoolReader(object):
 
 # --- Delivery core -----------------------------------------------------------
 #
-# Rule 1: the worker's decisions live here, as functions of plain values: when
-# memory's events are due, how long one call may take, what a failed call means
-# for the next attempt, which flush()/close() waiters are answered, how close()
-# requests combine, when the runner wakes next. The worker feeds them what it
-# holds and carries out what they return; it decides nothing of its own there.
+# Rule 1: every decision about an undelivered event lives here: when memory's
+# events go, in what batches (never more than buffer_size events, nor 1 MB), in
+# what order (live before backlog), by when a call must end, what a failed call
+# means for the next attempt, what is set aside on disk, dropped or
+# dead-lettered, which flush()/close() waiters are answered and how, when
+# close() stops. The shell (the worker section below) carries out what the core
+# asks and reports what happened; it decides nothing of its own there.
 #
 # Rule 2: nothing here does I/O, reads a clock, takes a lock, logs or starts a
-# thread; the time is an argument (monotonic seconds). PurityTest makes `time`,
-# `threading`, `socket` and `os` raise while these run. _decide, _RateBudget
-# and _MonthTally (above) follow the same rules.
+# thread; the time is an argument (monotonic seconds, and Unix seconds where the
+# server's dates are read). PurityTest steps the core with `time`, `threading`,
+# `socket` and `os` made to raise. _decide, _RateBudget and _MonthTally (above)
+# follow the same rules.
 #
-# Theory of operation: the runner takes the inbox, then asks, in this order:
-# is memory due (_memory_due; else it waits for more, up to flush_interval)?
-# may a call start (retry time, rate budget)? by when must it end
-# (_call_deadline: `timeout` of silence plus the body at the slowest link,
-# never past close()'s or the caller's deadline)? When a call fails, _after_failure
-# gives the retry time, the failure count, what the runner publishes as its
-# wait, and whether the batch is set aside (spooled) after max_retries. After
-# every step, _answerable says which flush() waiters are answered True (all
-# they asked for is delivered and nothing else is pending); close() waiters are
-# answered when the worker halts. _next_wake is the earliest of what is due.
+# Theory of operation, as h11 drives HTTP/1.1: the runner gives the core the
+# inbox (core.take: events, bucket switches, flush()/close() waits) and the
+# time, then asks core.next_action() again and again, carrying out each answer,
+# until it answers _Sleep(seconds). The answers are plain values: _Post a
+# request (the outcome comes back through core.outcome; core.defer if the rate
+# budget, which the shell keeps with its shared file, has no call yet), _Read
+# the next spooled batch (core.offer), _Write a batch as a spool line
+# (core.written), _Ack or _GiveBack spool lines, _DeadLetter, _Answer a waiter,
+# _Report to on_error, _Log, _Abandon the call out, _Sync the spool (durable
+# mode), _Halted (let go of files and sockets). The core holds the events taken
+# from the inbox (_Memory) and the batches formed from them or read from the
+# spool (_Batches); its _Book keeps the counts and losses. The spool keeps the
+# lines not handed out yet, and the shell describes them to the core as a _Disk
+# (whether any wait, the oldest of ours).
+# Inside next_action, in this order: a call past its deadline is abandoned;
+# close()'s deadline halts; durable mode journals memory (and _Syncs what was
+# written half a sync_interval later, whatever the network does); past
+# max_queue the oldest excess is set aside; then, one call a turn at most: is a
+# retry or the window waited for (_after_failure; the budget is the shell's),
+# is memory due (_memory_due), live events before a backlog batch, else a
+# spooled batch; by when must the call end (_call_deadline)? Then the waiters
+# (_answerable), close() with nothing left, and the earliest thing due
+# (_next_wake).
 
 _Retry = collections.namedtuple("_Retry", "retry_at failures waiting attempts set_aside")
 
@@ -2356,8 +2372,6 @@ def _next_wake(dues):
     return max(0.0, min(dues)) if dues else None
 
 
-# --- Worker ------------------------------------------------------------------
-
 class _BucketSwitch(object):
     """Inbox marker: events after it belong to another bucket."""
 
@@ -2370,11 +2384,11 @@ class _BucketSwitch(object):
 class _Wait(object):
     """Inbox marker of flush() and close(): ``done`` is set once it is settled.
 
-    ``lost`` is the worker's count of lost events that an earlier answer
-    already told of (the worker sets it when it takes the wait); ``ok``
+    ``lost`` is the core's count of lost events that an earlier answer
+    already told of (the core sets it when it takes the wait); ``ok``
     becomes True only if everything logged before the call was delivered
     and nothing was lost since an answer last said so. ``close_at``
-    (monotonic) asks the worker to stop by then; with ``idle``, by ``idle``
+    (monotonic) asks the core to stop by then; with ``idle``, by ``idle``
     seconds after the last call that went through, if that is later.
     """
 
@@ -2390,7 +2404,8 @@ class _Wait(object):
 
 
 class _Line(object):
-    """A spool line longer than buffer_size, sent in slices: ``left`` of them undelivered.
+    """A spool line sent in slices (longer than buffer_size, or halved after 413 or 400):
+    ``left`` of them undelivered.
 
     The line is retired when ``left`` reaches 0; until then it is out, so a
     crash sends all of it again (at least once, never lost).
@@ -2407,15 +2422,16 @@ class _Batch(object):
 
     From memory: ``events`` (key, value, epoch) and their encoded ``parts``,
     ``seq`` the first event's sequence number. From disk: ``refs`` to spool
-    lines and their joined ``body``; a slice of one long line has its ``parts``
-    and the ``line`` it belongs to. A ``fixed`` batch (a half after 413 or
+    lines, each ``lines`` as read, and their joined ``body``; a slice of one
+    line has its ``parts`` and the ``line`` it belongs to. A ``fixed`` batch (a half after 413 or
     400) never grows.
     """
 
     __slots__ = ("bucket", "events", "parts", "refs", "_body", "seq", "attempts", "fixed",
-                 "size", "line")
+                 "size", "line", "lines")
 
-    def __init__(self, bucket, events, parts, refs=None, body=None, seq=None, line=None):
+    def __init__(self, bucket, events, parts, refs=None, body=None, seq=None, line=None,
+                 lines=None):
         self.bucket = bucket
         self.events = events
         self.parts = parts
@@ -2426,6 +2442,7 @@ class _Batch(object):
         self.fixed = False
         self.size = 2 + sum(len(p) + 1 for p in parts) if parts else 2
         self.line = line
+        self.lines = lines              # from disk: each ref's line, as read
 
     @property
     def count(self):
@@ -2483,7 +2500,7 @@ def _quote_json(text):
 
 
 class _Run(object):
-    """Consecutive events of one bucket in the worker's memory."""
+    """Consecutive events of one bucket in the core's memory."""
 
     __slots__ = ("bucket", "events", "seq", "since")
 
@@ -2497,8 +2514,8 @@ class _Run(object):
 class _Memory(object):
     """Events taken from the inbox and not yet in a batch or on disk, in order.
 
-    Every event gets a sequence number: how many events this worker took
-    before it. Owned by the worker.
+    Every event gets a sequence number: how many events this core took
+    before it. Owned by the core.
     """
 
     def __init__(self, bucket):
@@ -2586,7 +2603,7 @@ class _Memory(object):
 
 
 class _Job(object):
-    """One request the worker wants made: path, body, bucket and overall deadline."""
+    """One request the core wants made: path, body, bucket and overall deadline."""
 
     __slots__ = ("path", "body", "bucket", "batch", "deadline", "waiting")
 
@@ -2598,6 +2615,827 @@ class _Job(object):
         self.deadline = deadline
         self.waiting = waiting          # creating a bucket: the batch that waits for it
 
+
+# What the core asks the shell to do: plain values, carried out in the order given.
+_Post = collections.namedtuple("_Post", "job")     # start it; then core.outcome()
+_Read = collections.namedtuple("_Read", "most claim")   # core.offer() the next spooled batch
+_Write = collections.namedtuple("_Write", "batch why journal drop")    # core.written()
+_Ack = collections.namedtuple("_Ack", "refs")              # these lines are delivered
+_GiveBack = collections.namedtuple("_GiveBack", "refs")    # first in line on disk again
+_DeadLetter = collections.namedtuple("_DeadLetter", "bucket_key body status reply")
+_Answer = collections.namedtuple("_Answer", "wait ok")     # settle a flush()/close()
+_Report = collections.namedtuple("_Report", "error events")    # for on_error
+_Log = collections.namedtuple("_Log", "level message")
+_Abandon = collections.namedtuple("_Abandon", "job")       # break the call out
+_Sync = collections.namedtuple("_Sync", "")                # fsync the segments written to
+_Halted = collections.namedtuple("_Halted", "why")     # halted: let go of files and sockets
+_Sleep = collections.namedtuple("_Sleep", "due")   # seconds until something is due, or None
+# What the shell knows of the spool's lines not handed out: whether any waits (or
+# a segment left by another run could be claimed), the oldest sequence number of ours.
+_Disk = collections.namedtuple("_Disk", "waiting oldest_seq")
+_NO_DISK = _Disk(False, None)
+_INFO, _WARNING, _ERROR = 20, 30, 40                # logging's levels
+_RUNNING, _CLOSING, _STOPPED = "running", "closing", "stopped"
+
+
+def _chunks(body, most, limit):
+    """A spool line's events re-encoded in runs of ``most`` events and ``limit`` bytes at
+    most; None if the line is not a JSON array of events."""
+    try:
+        parts = [_encode_event(e) for e in _decode_body(body)]
+    except (ValueError, TypeError, OverflowError):
+        return None
+    chunks, size = [[]], 2
+    for part in parts:
+        if chunks[-1] and (len(chunks[-1]) >= most or size + len(part) + 1 > limit):
+            chunks.append([])
+            size = 2
+        chunks[-1].append(part)
+        size += len(part) + 1
+    return chunks
+
+
+class _Batches(object):
+    """The batches formed and not yet delivered, head first: from memory (events and
+    their encoded parts) or from the spool (refs to its lines).
+
+    The one place a batch is held, halved or sliced; nothing here reads or writes
+    a file (a spool line is halved by slicing it, as a long one is). Owned by
+    the core.
+    """
+
+    def __init__(self):
+        self.queue = collections.deque()
+
+    def hold(self, batch, first=False):
+        """A batch waits at the tail, or ``first`` at the head (None: nothing to hold)."""
+        if batch is not None:
+            if first:
+                self.queue.appendleft(batch)
+            else:
+                self.queue.append(batch)
+
+    def remove(self, batch):
+        """A batch is done with (delivered, dead-lettered or set aside); False if not held."""
+        if batch not in self.queue:
+            return False
+        self.queue.remove(batch)
+        return True
+
+    def take_back(self, batch):
+        """A disk batch goes back to the spool: its refs, or None if it is not held. A
+        slice takes its whole line with it (the line is resent whole)."""
+        if batch not in self.queue:
+            return None
+        for other in [b for b in self.queue if b is batch
+                      or batch.line is not None and b.line is batch.line]:
+            self.queue.remove(other)
+        return batch.refs
+
+    def split(self, batch):
+        """413 or 400: put both halves where the batch was (halves never grow).
+
+        False if it cannot be halved (one event, or a line that is not JSON):
+        the caller dead-letters it.
+        """
+        halves = self._halves(batch)
+        if halves is None:
+            return False
+        index = self.queue.index(batch)
+        del self.queue[index]
+        for part in reversed(halves):
+            part.fixed = True
+            self.queue.insert(index, part)
+        return True
+
+    def slice(self, batch, most, limit=_MAX_BODY_BYTES):
+        """Put slices of at most ``most`` events (and ``limit`` bytes) where a spool line
+        was; a line that cannot be parsed stays whole (400 then bisects it)."""
+        chunks = _chunks(batch.body, most, limit)
+        if chunks is None:
+            return
+        index = self.queue.index(batch)
+        del self.queue[index]
+        line = _Line(len(chunks))
+        for chunk in reversed(chunks):
+            part = _Batch(batch.bucket, None, chunk, batch.refs, line=line)
+            part.fixed = True
+            self.queue.insert(index, part)
+
+    def finished(self, batch):
+        """A disk batch is done with: whether its lines may be retired now."""
+        if batch.line is None:
+            return True
+        batch.line.left -= 1
+        return batch.line.left == 0
+
+    def _halves(self, batch):
+        if batch.count < 2:
+            return None
+        if batch.refs is None:
+            half = len(batch.parts) // 2
+            return [_Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
+                           seq=None if batch.seq is None else batch.seq + lo)
+                    for lo, hi in ((0, half), (half, len(batch.parts)))]
+        if batch.line is not None:          # a slice: halves of the slice
+            batch.line.left += 1
+            half = len(batch.parts) // 2
+            return [_Batch(batch.bucket, None, parts, batch.refs, line=batch.line)
+                    for parts in (batch.parts[:half], batch.parts[half:])]
+        if len(batch.refs) > 1:
+            half = len(batch.refs) // 2
+            return [_Batch(batch.bucket, None, None, batch.refs[lo:hi],
+                           _join_arrays(batch.lines[lo:hi]), lines=batch.lines[lo:hi])
+                    for lo, hi in ((0, half), (half, len(batch.refs)))]
+        # One line: two slices of it, retired once both are done with.
+        chunks = _chunks(batch.body, _NEVER, _NEVER)
+        if chunks is None or len(chunks[0]) < 2:
+            return None
+        parts, line = chunks[0], _Line(2)
+        return [_Batch(batch.bucket, None, chunk, batch.refs, line=line)
+                for chunk in (parts[:len(parts) // 2], parts[len(parts) // 2:])]
+
+    def oldest_seq(self):
+        """Sequence number of the oldest event of this run held here, or None."""
+        found = [b.seq for b in self.queue if b.seq is not None]
+        found += [r.seq for b in self.queue if b.refs for r in b.refs if r.seq is not None]
+        return min(found) if found else None
+
+    def others_in_flight(self):
+        """Whether a batch of an earlier run's lines is held."""
+        return any(b.refs is not None and b.refs[0].seq is None for b in self.queue)
+
+    def in_memory(self):
+        """Events of the memory batches (counted from them: a batch may grow)."""
+        return sum(b.count for b in self.queue if b.refs is None)
+
+    def on_disk(self):
+        """Events of the spooled lines held here (a line sliced counts once a slice)."""
+        return sum(b.count for b in self.queue if b.refs is not None)
+
+
+class _Book(object):
+    """What became of the events the core took: the counts, the losses and what an
+    answer told of them, the month's deliveries.
+
+    Pure, like the core that owns it: the dead letters and warnings it decides
+    go to the core's ``todo``, in order with the core's own actions. ``stats``
+    (ints and a dict of ints), ``lost`` (dropped plus dead-lettered, ever),
+    ``told`` (of those, what a flush()/close() answer told of) and
+    ``month_view`` are read by other threads.
+    """
+
+    def __init__(self, settings, spool, todo, wall, stats=None, months=None):
+        self.settings = settings
+        self.spool = spool
+        self.todo = todo
+        self.nowhere = "offline_file_unwritable" if settings.offline else "no_spool"
+        self.now = 0.0
+        self.lost = self.told = 0
+        self.last_warning = -1e9
+        self.stats = stats if stats is not None else {
+            "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
+            "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
+            "buckets_created": 0, "last_error": None, "last_success": None,
+            "paused": "", "journalled": 0, "journal_errors": 0,
+        }
+        self.month = _MonthTally(months)
+        month = _month_of(wall)
+        self.month_view = (month, self.month.months.get(month, 0),
+                           self.month.months.get(month, 0))    # (month, delivered, projected)
+        self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
+        self.quota_warned = False
+
+    def learn(self, headers):
+        """An answer's X-RateLimit-Limit tells whether the plan has a monthly cap."""
+        if not self.enterprise:
+            try:
+                self.enterprise = int(headers.get("x-ratelimit-limit", 0)) >= _ENTERPRISE_LIMIT
+            except (TypeError, ValueError):
+                pass
+
+    def delivered(self, count, wall):
+        """Count delivered events in their month; warn once if the month would pass the quota."""
+        self.month.add(count, wall)
+        projected = self.month.projected(wall)
+        month = self.month.month_of(wall)
+        self.month_view = (month, self.month.months[month], projected)
+        quota = self.settings.monthly_quota
+        if quota and projected > quota and not self.enterprise and not self.quota_warned:
+            self.quota_warned = True
+            self.log(_WARNING, (
+                "isstreamer_lite: at the rate of the last hour, access key %s would deliver "
+                "about %s events this month (%s so far, from this device), more than the "
+                "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
+                "past which the server refuses events with 402 until the next billing "
+                "month). Log less often, or set monthly_quota=0 on a plan without a cap.") % (
+                    _mask(self.settings.access_key), "{:,}".format(projected),
+                    "{:,}".format(self.month_view[1]), "{:,}".format(quota)))
+
+    def answer(self, wait, delivered):
+        """Settle a waiter: True only if all was delivered and nothing lost since the last
+        answer told of it."""
+        self.todo.append(_Answer(wait, delivered and self.lost == wait.lost))
+        self.told = self.lost
+
+    def unencodable(self, rejected):
+        """Events the JSON encoder refused: dead letters, each with its reason."""
+        for event, exc, bucket_key in rejected:
+            why = "cannot be encoded as JSON: %s" % exc
+            self.log(_WARNING, "event %r of bucket %r %s; it was moved to the dead-letter file"
+                     % (event[0], bucket_key, why))
+            self.dead_letter(bucket_key, _json_bytes({"key": event[0], "epoch": event[2],
+                                                      "value": repr(event[1])[:200]}),
+                             None, why)
+
+    def dead_letter(self, bucket_key, body, status, reply, count=1):
+        """Count events the server refuses (or that cannot be sent) and keep them."""
+        self.stats["dead_lettered"] += count
+        self.lost += count
+        if self.spool:
+            self.todo.append(_DeadLetter(bucket_key, body, status, reply))
+
+    def drop(self, count, reason, exc):
+        dropped = self.stats["dropped"]
+        dropped[reason] = dropped.get(reason, 0) + count
+        self.lost += count
+        self.stats["last_error"] = "%s: %s" % (reason, exc)
+        self.warn("dropped %s (%s: %s); dropped so far: %s" % (_count(count, "event"), reason,
+                                                               exc, dropped))
+
+    def warn(self, message):
+        """A warning, at most once every _DROP_WARN_EVERY seconds."""
+        if self.now - self.last_warning >= _DROP_WARN_EVERY:
+            self.last_warning = self.now
+            self.log(_WARNING, message)
+
+    def log(self, level, message):
+        self.todo.append(_Log(level, message))
+
+
+class _Core(object):
+    """The delivery core: events and outcomes in, actions out (see the section's opening).
+
+    Owns every event it took until it is delivered, set aside on disk,
+    dead-lettered or dropped; its ``book`` (a _Book) keeps the counts. Driven
+    by one thread at a time; other threads read ``state``, ``waiting``,
+    ``progress``, ``count`` and the book's counts (ints, tuples and a dict of
+    ints) and write nothing here.
+    """
+
+    def __init__(self, settings, bucket, spool, wall, stats=None, months=None):
+        self.settings = settings
+        self.spool = spool                  # a spool to write to and read from
+        self.journal = spool and settings.durable
+        self.creates_buckets = not settings.offline
+        self.memory = _Memory(bucket)
+        self.batches = _Batches()
+        self.waits = []
+        self.state = _RUNNING
+        self.halting = False                # a halt began (why: halt_why)
+        self.halt_why = None
+        self.close_at = self.close_idle = None
+        self.retry_at = 0.0
+        self.failures = 0
+        self.failing_since = None           # (wall time, answered) of the first failure in a row
+        self.waiting = (0.0, "")            # nothing is sent before [0], because of [1]
+        self.created = set()
+        self.to_create = [bucket] if bucket is not None and self.creates_buckets else []
+        self.out = None                     # the job of the call out
+        self.started = 0.0
+        self.progress = 0                   # calls that went through
+        self.now, self.wall = 0.0, wall
+        self._todo = collections.deque()    # actions decided, not yet handed out
+        self.book = _Book(settings, spool, self._todo, wall, stats, months)
+        self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
+        self._journaling = False
+        self.sync_due = None                # durable mode: when lines written must be fsynced
+        self._stop_told = False
+        self._all_delivered = False         # halting: all was delivered when it began
+
+    @property
+    def count(self):
+        """Events in memory, in a batch or not (read by other threads)."""
+        return self.memory.count + self.batches.in_memory()
+
+    # inputs
+
+    def take(self, inbox, now, wall):
+        """A new turn at ``now`` (monotonic; ``wall`` Unix): take everything in ``inbox``."""
+        self.now = self.book.now = now
+        self.wall = wall
+        self._turn = [False, False, False]
+        memory, fresh, taken = self.memory, [], 0
+        while True:
+            try:
+                item = inbox.popleft()
+            except IndexError:
+                break
+            if type(item) is tuple:
+                fresh.append(item)
+                continue
+            if fresh:                       # events go to memory together, before the item
+                memory.extend(fresh, now)
+                taken, fresh = taken + len(fresh), []
+            if type(item) is _BucketSwitch:
+                memory.bucket = item.bucket
+                if item.bucket[0] not in self.created and self.creates_buckets:
+                    self.to_create.append(item.bucket)
+                continue
+            item.upto = memory.next_seq - 1
+            item.lost = min(item.lost, self.book.told)  # losses no answer told of
+            self.waits.append(item)
+            if item.close_at is not None and not self.halting \
+                    and self.state is not _STOPPED:
+                self.state = _CLOSING
+                self.close_at, self.close_idle = _close_plan(
+                    self.close_at, self.close_idle, item.close_at, item.idle)
+        if fresh:
+            memory.extend(fresh, now)
+            taken += len(fresh)
+        if taken:
+            self.book.stats["logged"] += taken
+
+    def offer(self, batch, unreadable=()):
+        """The shell's answer to _Read: the next spooled batch or None, and the lines it
+        found unreadable as (bucket, body, why)."""
+        for bucket, body, why in unreadable:
+            self.book.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
+        if batch is None:
+            self._turn[1] = True            # nothing more on disk this turn
+            return
+        self.batches.hold(batch)
+        if batch.count > self.settings.buffer_size:
+            self.batches.slice(batch, self.settings.buffer_size)
+
+    def written(self, action, ok, error=None, evicted=()):
+        """The shell's answer to _Write; ``evicted``: (events, error) of segments the full
+        spool lost to make room."""
+        for count, exc in evicted:
+            self.book.drop(count, "spool_full", exc)
+        batch, stats = action.batch, self.book.stats
+        if ok:
+            if self.journal and self.sync_due is None:
+                self.sync_due = self.now + self.settings.sync_interval / 2.0
+            if action.journal:
+                stats["journalled"] += batch.count
+                return
+            stats["spooled"] += batch.count
+            if action.why:
+                self.book.log(_INFO, "spooled %s of bucket %r: %s" % (
+                    _count(batch.count, "event"), batch.bucket[0], action.why))
+            self.batches.remove(batch)
+            return
+        stats["last_error"] = "writing the spool: %s" % error
+        if action.journal:
+            stats["journal_errors"] += 1
+            self.book.warn("cannot write the durable journal (%s); events are kept in "
+                           "memory until it works again" % stats["last_error"])
+            self.batches.hold(batch)        # sent from memory
+            self._journaling, self._turn[2] = False, True
+        elif action.drop:
+            import errno
+            full = isinstance(error, _SpoolFull) or getattr(error, "errno", None) == errno.ENOSPC
+            self.book.drop(batch.count, "spool_full" if full else "spool_unwritable", error)
+
+    def defer(self, job, until, why):
+        """The shell's rate budget has no call for ``job`` before ``until``."""
+        self.out = None
+        self.book.stats["requests"] -= 1
+        self._turn[0] = False
+        self.retry_at, self.waiting = until, (until, why)
+
+    def dropped(self, count, reason, error):
+        """Events the shell lost (a dead letter it could not write: 0 events)."""
+        self.book.drop(count, reason, error)
+
+    # the next thing to do
+
+    def next_action(self, now, deadline=None, disk=_NO_DISK):
+        """What the shell does next; _Sleep(seconds or None) when nothing more is due now.
+
+        ``deadline``: a caller's (use_async=False); ``disk``: a _Disk, needed while
+        waiters wait or close() runs (``needs_disk``).
+        """
+        if self._todo:
+            return self._todo.popleft()
+        if self.state is _STOPPED:
+            return _Sleep(None)
+        if self.halting:
+            return self._halt_step()
+        out = self.out
+        if out is not None and now >= out.deadline:
+            self.outcome(out, None, TimeoutError("timed out: no answer within %.1f s"
+                                                 % (out.deadline - self.started)), now, self.wall)
+            return _Abandon(out)
+        if self.state is _CLOSING and now >= self.close_at:
+            return self.halt("close() deadline reached", disk)
+        action = self._journal_or_spill(now)
+        if action is not None:
+            return action
+        if self.sync_due is not None and now >= self.sync_due:
+            self.sync_due = None            # on time, whatever the network does
+            return _Sync()
+        due = [self._journal_due(now), None if self.sync_due is None else self.sync_due - now]
+        if self.out is None:
+            if self._turn[0]:
+                due.append(0.0)             # one call a turn: the next, at once
+            else:
+                step = self._dispatch(now, deadline, disk)
+                if type(step) is not float and step is not None:
+                    return step
+                due.append(step)
+        if self.out is not None:
+            due.append(self.out.deadline - now)
+        self._settle(disk)
+        if self._todo:
+            return self._todo.popleft()
+        if self.state is _CLOSING:
+            if self.out is None and not self.pending_any(disk):
+                return self.halt(None, disk)
+            due.append(self.close_at - now)
+        return _Sleep(_next_wake(due))
+
+    @property
+    def needs_disk(self):
+        """Whether next_action needs a _Disk (waiters wait, or close() runs)."""
+        return bool(self.waits) or self.state is not _RUNNING
+
+    def _journal_due(self, now):
+        oldest = self.memory.oldest() if self.journal else None
+        return None if oldest is None else oldest[1] + self.settings.sync_interval / 2.0 - now
+
+    def _journal_or_spill(self, now):
+        """Durable mode: memory half a sync_interval old goes to disk; past max_queue
+        the oldest excess is set aside (dropped where the disk refuses)."""
+        limit = self.settings.max_queue
+        if self.journal and not self._turn[2] and self.memory.count and (
+                self._journaling or self._journal_due(now) <= 0 or self.count > limit):
+            self._journaling = True
+            action = self._journal_next()
+            if action is not None:
+                return action
+        self._journaling = False
+        in_flight = self.out.batch if self.out is not None else None
+        while self.count > limit:
+            batch = next((b for b in self.batches.queue if b.refs is None
+                          and b is not in_flight), None)
+            if batch is None:
+                batch, rejected = self.memory.take(most=min(self.count - limit,
+                                                            self.settings.buffer_size))
+                self.book.unencodable(rejected)
+                if batch is None:
+                    break
+                self.batches.hold(batch)
+            action = self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
+            if action is not None:
+                return action
+        return self._todo.popleft() if self._todo else None
+
+    def _journal_next(self):
+        """The next memory batch as a journal line, or None once memory is empty."""
+        while self.memory.count:
+            batch, rejected = self.memory.take(most=self.settings.buffer_size)
+            self.book.unencodable(rejected)
+            if batch is not None:
+                return _Write(batch, None, True, False)
+        return None
+
+    def _ready(self, now):
+        """Whether memory's oldest events should go now rather than wait for more."""
+        memory = self.memory
+        return _memory_due(now, memory.oldest(), memory.count, len(memory.runs),
+                           self.state is _CLOSING, max([w.upto for w in self.waits] or [-1]),
+                           self.settings.buffer_size, self.settings.flush_interval)
+
+    def _next_batch(self, now):
+        """The batch to send next, left at the head of the queue; an action to get one
+        (a journal line to write, a spooled batch to read); or None.
+
+        A batch never holds more than buffer_size events (nor 1 MB).
+        """
+        most, queue = self.settings.buffer_size, self.batches.queue
+        if queue:
+            head = queue[0]
+            if head.refs is None and not head.fixed:
+                # It fell behind: grow it, up to buffer_size.
+                self.book.unencodable(self.memory.fill(head, most=most))
+            elif head.refs is not None and not self.journal and self._ready(now):
+                # The backlog waited (for the window, or a retry): live events go first.
+                batch, rejected = self.memory.take(most=most)
+                self.book.unencodable(rejected)
+                self.batches.hold(batch, first=True)
+                return queue[0]
+            return head
+        if self._ready(now):
+            if self.journal and not self._turn[2]:
+                action = self._journal_next()       # all of memory, then sent from disk
+                if action is not None:
+                    self._journaling = True
+                    return action
+            else:
+                batch, rejected = self.memory.take(most=most)
+                self.book.unencodable(rejected)
+                if batch is not None:
+                    self.batches.hold(batch)
+                    return batch
+        if not self.spool or self._turn[1]:
+            return None
+        # Another run's backlog is claimed only once the server answers (our bucket is
+        # created) and while requests go through.
+        return _Read(most, self.failures == 0 and not self.to_create)
+
+    def _dispatch(self, now, deadline, disk):
+        """A _Post if a call is due (or an action to get its batch); else the seconds
+        until one may be (None: nothing to send)."""
+        if now < self.retry_at:
+            return self._wait_until(self.retry_at, self.waiting[1], now, disk)
+        batch = self._next_batch(now)
+        if batch is not None and type(batch) is not _Batch:
+            return batch                    # an action that gets the batch
+        if batch is not None and self.creates_buckets and batch.bucket[0] not in self.created:
+            bucket = batch.bucket
+        elif self.to_create:
+            bucket = self.to_create[0]
+            if bucket[0] in self.created:
+                self.to_create.pop(0)
+                return 0.0
+        else:
+            bucket = None
+        if batch is None and bucket is None:
+            oldest = self.memory.oldest()
+            return None if oldest is None else max(
+                0.0, oldest[1] + self.settings.flush_interval - now)
+        if bucket is not None:
+            fields = {"bucketKey": bucket[0]}
+            if bucket[1]:
+                fields["bucketName"] = bucket[1]
+            job = _Job("/api/buckets", _json_bytes(fields), bucket, None, 0.0, batch)
+        else:
+            job = _Job("/api/events", batch.body, batch.bucket, batch, 0.0)
+        job.deadline = _call_deadline(now, len(job.body), self.settings.timeout,
+                                      (self.close_at, deadline))
+        self.book.stats["requests"] += 1
+        self.out, self.started, self._turn[0] = job, now, True
+        return _Post(job)
+
+    def _wait_until(self, when, why, now, disk):
+        """Nothing is sent before ``when``: publish it; close() halts if that is too late."""
+        self.waiting = (when, why)
+        if self.state is _CLOSING and when >= self.close_at:
+            return self.halt("close() deadline comes before %s" % (why or "the next attempt"),
+                             disk)
+        return when - now
+
+    # outcomes of calls
+
+    def outcome(self, job, response, error, now, wall):
+        """What one call's answer (a _Response, or the error instead) means."""
+        self.out = None
+        s = self.settings
+        if response is not None:
+            self.book.learn(response.headers)
+        decision = _decide(response.status if response is not None else None,
+                           response.headers if response is not None else None, error,
+                           self.failures, s.backoff_base, s.backoff_cap,
+                           s.retry_after_cap, s.pause_interval, now=wall)
+        batch = job.batch
+        if batch is None:
+            self._bucket_outcome(job, decision, response, error, now, wall)
+        elif decision.action == _DELIVERED:
+            self._delivered(batch, now, wall)
+        elif decision.action in (_SPLIT, _BISECT):
+            if not self.batches.split(batch):
+                self._reject(batch, response, now)
+        elif decision.action == _REFUSE:
+            self._reject(batch, None, now, _scrub(decision.reason, s.access_key))
+        else:
+            self._failed(batch, decision, response, error, now, wall)
+            if decision.reason == "timeout" and batch in self.batches.queue \
+                    and batch.count > 1:
+                self.batches.split(batch)   # too slow a link for it: retried in halves
+
+    def _bucket_outcome(self, job, decision, response, error, now, wall):
+        bucket = job.bucket
+        if decision.action in (_DELIVERED, _SPLIT, _BISECT, _REFUSE):
+            if decision.action != _DELIVERED:
+                why = decision.reason if response is None else "%d %s" % (
+                    response.status, self._reply(response))
+                self.book.log(_WARNING, "creating bucket %r was refused (%s); sending its "
+                              "events anyway" % (bucket[0], _scrub(why, self.settings.access_key)))
+            else:
+                self.book.stats["buckets_created"] += 1
+                self.failures = 0
+                self._progressed(now)
+            self.created.add(bucket[0])
+            if bucket in self.to_create:
+                self.to_create.remove(bucket)
+            return
+        self._failed(job.waiting, decision, response, error, now, wall, bucket)
+
+    def _progressed(self, now):
+        """A call went through: closing without a timeout waits idle seconds more."""
+        self.progress += 1
+        if self.close_idle is not None and self.state is _CLOSING:
+            self.close_at = max(self.close_at, now + self.close_idle)
+
+    def _delivered(self, batch, now, wall):
+        stats = self.book.stats
+        self._progressed(now)
+        self.failures = 0
+        self.failing_since = None
+        self.waiting = (0.0, "")
+        stats["last_success"] = wall
+        stats["paused"] = ""
+        self.batches.remove(batch)
+        self.book.delivered(batch.count, wall)
+        if batch.refs is None:
+            stats["delivered"] += batch.count
+            return
+        journal = sum(r.count for r in batch.refs if r.journal) if batch.line is None \
+            else batch.count if batch.refs[0].journal else 0
+        stats["delivered"] += journal
+        stats["replayed"] += batch.count - journal
+        if self.batches.finished(batch):
+            self._todo.append(_Ack(batch.refs))
+
+    def _failed(self, batch, decision, response, error, now, wall, creating=None):
+        """A call did not go through: wait, back off, or pause and set the batch aside.
+
+        ``creating``: the bucket whose creation failed (``batch`` waits for it).
+        """
+        bucket = creating or batch.bucket
+        what = ("creating bucket %r" % bucket[0]) if creating is not None else \
+            "sending %s to bucket %r" % (_count(batch.count, "event"), bucket[0])
+        detail = ("%d %s" % (response.status, self._reply(response, 120))) \
+            if response is not None else "%s: %s" % (type(error).__name__, error)
+        detail = _scrub(detail, self.settings.access_key)
+        self.book.stats["last_error"] = "%s: %s" % (what, detail)
+        if self.failing_since is None:
+            self.failing_since = (wall, response is not None)
+        plan = _after_failure(now, decision, self.failures,
+                              batch.attempts if batch is not None else None,
+                              self.settings.max_retries)
+        self.retry_at, self.failures = plan.retry_at, plan.failures
+        self.waiting = (plan.retry_at, plan.waiting)
+        if batch is not None:
+            batch.attempts = plan.attempts
+        if decision.action == _WAIT:        # a 429 in a row waits longer, however told
+            self.book.stats["rate_limited"] += 1
+            self.book.log(_INFO, "rate limited while %s; retrying in %.1f s"
+                          % (what, decision.delay))
+            return
+        if decision.action == _PAUSE:
+            self._pause(decision, detail)
+            if batch is not None:
+                self._then(self.set_aside(batch, plan.set_aside))
+            return
+        self.book.stats["retried"] += 1
+        self.book.log(_INFO, "%s failed (%s); retrying in %.2f s"
+                      % (what, detail, decision.delay))
+        self._todo.append(_Report(DeliveryError(
+            "%s failed: %s" % (what, detail), response.status if response is not None
+            else None, decision.reason, bucket[0]), self._events_of(batch)))
+        if plan.set_aside is not None:
+            self._then(self.set_aside(batch, plan.set_aside))
+
+    def _pause(self, decision, detail):
+        if self.book.stats["paused"] != decision.reason:
+            advice = _PAUSE_ADVICE.get(decision.reason, "the server answered %s; check "
+                                       "api_base and the account" % detail)
+            if "%s" in advice:
+                advice = advice % _mask(self.settings.access_key)
+            self.book.log(_ERROR, "isstreamer_lite: %s. Sending is paused; events are spooled "
+                          "and retried every %.0f s." % (advice, decision.delay))
+        self.book.stats["paused"] = decision.reason
+        self._todo.append(_Report(DeliveryError(detail, None, decision.reason), []))
+
+    def _reject(self, batch, response, now, why=None):
+        """The server refuses this one event: dead-letter it with the reply."""
+        self._progressed(now)
+        self.batches.remove(batch)
+        status = response.status if response is not None else None
+        reply = why or (self._reply(response, 2000) if response is not None else "")
+        self.book.log(_WARNING, "the server rejected an event of bucket %r (%s %s); it was "
+                      "moved to the dead-letter file" % (batch.bucket[0], status, reply[:200]))
+        self.book.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
+        if batch.refs is not None and self.batches.finished(batch):
+            self._todo.append(_Ack(batch.refs))
+        self._todo.append(_Report(DeliveryError("event rejected by the server: %s"
+                                                % reply[:200], status, "rejected",
+                                                batch.bucket[0]), self._events_of(batch)))
+
+    def _events_of(self, batch):
+        """The (key, value, epoch) tuples of a batch, for on_error."""
+        if batch is None or self.settings.on_error is None:
+            return []
+        if batch.refs is None:
+            return list(batch.events)
+        try:
+            return _decode_body(batch.body)
+        except ValueError:
+            return []
+
+    def _reply(self, response, limit=300):
+        return _scrub(response.text(limit), self.settings.access_key)
+
+    # where undelivered events go
+
+    def set_aside(self, batch, why, drop=False):
+        """Stop trying a batch for now: the action that puts a memory batch on disk or a
+        disk one back, or None. Where the disk refuses, a memory batch stays (max_queue
+        then decides what is dropped), unless ``drop`` (stopping, or over max_queue)."""
+        if batch.refs is not None:
+            refs = self.batches.take_back(batch)
+            return None if refs is None else _GiveBack(refs)
+        if drop:
+            self.batches.remove(batch)
+        if not self.spool:
+            if drop:
+                self.book.drop(batch.count, self.book.nowhere, None)
+            return None
+        return _Write(batch, why, False, drop)
+
+    def _then(self, action):
+        """Hand out ``action`` (None: nothing) after the ones decided before it."""
+        if action is not None:
+            self._todo.append(action)
+
+    # flush, close and stop
+
+    def pending_any(self, disk):
+        """Anything in memory, in a batch, to create, or on disk (``disk``: a _Disk)."""
+        return bool(self.memory.count or self.batches.queue or self.to_create or disk.waiting)
+
+    def oldest_seq(self, disk):
+        """The sequence number of the oldest event this core took and holds, or None."""
+        found = [s for s in (self.batches.oldest_seq(), disk.oldest_seq) if s is not None]
+        oldest = self.memory.oldest()
+        if oldest is not None:
+            found.append(oldest[0])
+        return min(found) if found else None
+
+    def settled(self, disk):
+        """Everything taken is delivered and every loss told of (flush() from on_error)."""
+        return not self.pending_any(disk) and self.oldest_seq(disk) is None \
+            and self.book.lost == self.book.told
+
+    def _settle(self, disk):
+        if not self.waits:
+            return
+        backlog = bool(self.to_create) or self.spool and bool(
+            self.batches.others_in_flight() or disk.waiting)
+        done, self.waits = _answerable(self.waits, self.oldest_seq(disk), backlog)
+        for wait in done:
+            self.book.answer(wait, True)
+
+    def halt(self, why, disk):
+        """Stop: the call out is abandoned, what is undelivered set aside, the waiters
+        answered (True if nothing was left when the halt began). Returns the first action."""
+        if not self.halting and self.state is not _STOPPED:
+            self.halting, self.halt_why = True, why
+            self._all_delivered = not self.pending_any(disk) and self.oldest_seq(disk) is None
+            if self.out is not None:
+                self._todo.append(_Abandon(self.out))
+                self.out = None
+        return self.next_action(self.now, None, disk)
+
+    def _halt_step(self):
+        why = self.halt_why
+        while self.batches.queue:
+            action = self.set_aside(self.batches.queue[0], why, drop=True)
+            if action is not None:
+                return action
+        while self.memory.count:
+            batch, rejected = self.memory.take(most=self.settings.buffer_size)
+            self.book.unencodable(rejected)
+            if batch is not None:
+                action = self.set_aside(batch, why, drop=True)
+                if action is not None:
+                    return action
+        if self._todo:
+            return self._todo.popleft()
+        if not self._stop_told:
+            self._stop_told = True
+            return _Halted(why)
+        waits, self.waits = self.waits, []
+        for wait in waits:
+            self.book.answer(wait, self._all_delivered)
+        self.state = _STOPPED
+        return self._todo.popleft() if self._todo else _Sleep(None)
+
+    def inbox_room(self, now):
+        """How many items the inbox may hold before log() must wake the runner."""
+        size, count = self.settings.buffer_size, self.memory.count
+        if self.out is not None or now < self.retry_at:
+            return 1 if count == 0 and self.journal else \
+                max(1, self.settings.max_queue - self.count + 1)
+        if count == 0:
+            return 1                        # the first event starts flush_interval
+        return max(1, size - count)
+
+
+# --- Worker ------------------------------------------------------------------
 
 class _Sender(object):
     """Speaks the events API over a transport; holds no state of its own."""
@@ -2867,503 +3705,67 @@ class _CsvSender(object):
         pass
 
 
-class _Ledger(object):
-    """What became of the events that were not delivered: counters, losses, warnings.
-
-    ``stats`` and ``lost`` are written by the worker only and read by other
-    threads without a lock (ints, and a dict of ints).
-    """
-
-    def __init__(self, reader, clock, stats=None, lost=0):
-        self.reader = reader
-        self.clock = clock
-        self.lost = lost                    # dropped plus dead-lettered, ever
-        self.told = lost                    # of those, what a flush()/close() answer told of
-        self.last_warning = -1e9
-        self.stats = stats if stats is not None else {
-            "logged": 0, "delivered": 0, "retried": 0, "spooled": 0, "replayed": 0,
-            "dead_lettered": 0, "dropped": {}, "requests": 0, "rate_limited": 0,
-            "buckets_created": 0, "last_error": None, "last_success": None,
-            "paused": "", "journalled": 0, "journal_errors": 0,
-        }
-
-    def drop(self, count, reason, exc):
-        dropped = self.stats["dropped"]
-        dropped[reason] = dropped.get(reason, 0) + count
-        self.lost += count
-        self.stats["last_error"] = "%s: %s" % (reason, exc)
-        self.warn("dropped %s (%s: %s); dropped so far: %s" % (_count(count, "event"), reason,
-                                                               exc, dropped))
-
-    def warn(self, message):
-        """A warning, at most once every _DROP_WARN_EVERY seconds."""
-        now = self.clock()
-        if now - self.last_warning >= _DROP_WARN_EVERY:
-            self.last_warning = now
-            _log.warning("%s", message)
-
-    def dead_letter(self, bucket_key, body, status, reply, count=1):
-        """Count events the server refuses (or that cannot be sent) and keep them."""
-        self.stats["dead_lettered"] += count
-        self.lost += count
-        if self.reader is None:
-            return
+def _append_line(writer, reader, batch, journal):
+    """Append ``batch`` as one spool line: (True, None, evicted) or (False, error, evicted),
+    ``evicted`` the (events, error) of segments deleted to make room: a full spool loses
+    its oldest segment first."""
+    evicted = []
+    for attempt in (1, 2, 3):
         try:
-            self.reader.dead_letter(bucket_key, body, status, reply)
+            writer.append(batch.bucket, batch.parts, batch.seq, journal)
         except OSError as exc:
-            self.drop(0, "dead_letter_unwritable", exc)
-
-    def unencodable(self, rejected):
-        """Events the JSON encoder refused: dead letters, each with its reason."""
-        for event, exc, bucket_key in rejected:
-            why = "cannot be encoded as JSON: %s" % exc
-            _log.warning("event %r of bucket %r %s; it was moved to the dead-letter file",
-                         event[0], bucket_key, why)
-            self.dead_letter(bucket_key, _json_bytes({"key": event[0], "epoch": event[2],
-                                                      "value": repr(event[1])[:200]}),
-                             None, why)
-
-    def unreadable(self):
-        """Spool lines the reader could not parse: dead letters, never sent."""
-        while self.reader is not None and self.reader.unreadable:
-            bucket, body, why = self.reader.unreadable.pop(0)
-            self.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
+            import errno
+            full = isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC
+            dropped = reader.evict_oldest() if full and attempt < 3 else None
+            if dropped is None:
+                return False, exc, evicted
+            evicted.append((dropped, exc))
+            writer.measure_again()          # the eviction freed room
+            continue
+        return True, None, evicted
+    return False, None, evicted
 
 
-class _Stash(object):
-    """Puts the worker's events on disk: set aside, spilled, or journalled.
-
-    Used by the worker thread only; ``sync_due`` is when durable mode's
-    next fsync is due.
+class _StatusBoard(object):
+    """What ``status`` shows of this process, in files beside the spool: state.json
+    (merged with other runs' and processes') and, when status.ask asks, live-<pid>.json.
+    Used by the runner's thread only.
     """
 
-    def __init__(self, settings, writer, reader, ledger):
-        self.writer = writer
-        self.reader = reader
-        self.ledger = ledger
-        self.half = settings.sync_interval / 2.0
-        self.nowhere = "offline_file_unwritable" if settings.offline else "no_spool"
-        self.sync_due = None
-        self.most = settings.buffer_size     # events a spool line holds at most
-
-    def write(self, bucket, parts, seq, why, journal=False, drop=True):
-        """Write events as one spool line; True if they are there.
-
-        A full spool loses its oldest segment first. Where the disk refuses
-        them they are dropped (and counted) if ``drop``.
-        """
-        ledger = self.ledger
-        if self.writer is None:
-            if drop:
-                ledger.drop(len(parts), self.nowhere, None)
-            return False
-        for attempt in (1, 2, 3):
-            try:
-                self.writer.append(bucket, parts, seq, journal)
-            except OSError as exc:
-                import errno
-                full = isinstance(exc, _SpoolFull) or exc.errno == errno.ENOSPC
-                evicted = self.reader.evict_oldest() if full and attempt < 3 else None
-                if evicted is not None:
-                    ledger.drop(evicted, "spool_full", exc)
-                    self.writer.measure_again()         # the eviction freed room
-                    continue
-                ledger.stats["last_error"] = "writing the spool: %s" % exc
-                if drop and not journal:
-                    ledger.drop(len(parts), "spool_full" if full else "spool_unwritable", exc)
-                return False
-            if not journal:
-                ledger.stats["spooled"] += len(parts)
-                if why:
-                    _log.info("spooled %s of bucket %r: %s", _count(len(parts), "event"),
-                              bucket[0], why)
-            return True
-        return False
-
-    def journal(self, memory, now):
-        """Durable mode: memory half a sync_interval old goes to disk; fsync on time.
-
-        Returns (seconds until this is due again or None, a batch the disk refused).
-        """
-        oldest = memory.oldest()
-        due = refused = None
-        if oldest is not None:
-            if now - oldest[1] >= self.half:
-                refused = self.journal_all(memory)
-            else:
-                due = oldest[1] + self.half - now
-        if self.writer.unsynced:
-            if self.sync_due is None:
-                self.sync_due = now + self.half
-            if now >= self.sync_due:
-                self.writer.sync()
-                self.sync_due = None
-            else:
-                due = self.sync_due - now if due is None else min(due, self.sync_due - now)
-        return due, refused
-
-    def journal_all(self, memory):
-        """Durable mode: every event in memory becomes a journal line.
-
-        Returns None, or the batch the disk refused (to be sent from memory).
-        """
-        stats = self.ledger.stats
-        while memory.count:
-            batch, rejected = memory.take(most=self.most)
-            self.ledger.unencodable(rejected)
-            if batch is None:
-                continue
-            if not self.write(batch.bucket, batch.parts, batch.seq, None, journal=True):
-                stats["journal_errors"] += 1
-                self.ledger.warn("cannot write the durable journal (%s); events are kept in "
-                                 "memory until it works again" % stats["last_error"])
-                return batch
-            stats["journalled"] += batch.count
-        return None
-
-
-class _Batcher(object):
-    """The worker's undelivered events between the inbox and the disk.
-
-    ``memory`` holds the events not yet in a batch; ``batches`` the batches
-    formed and not yet delivered, head first (from memory, or refs to disk
-    lines); ``in_memory`` counts the events of the memory batches. The one
-    place a batch is held, halved or set aside. Owned by the worker.
-    """
-
-    def __init__(self, memory, stash, reader, writer):
-        self.memory = memory
-        self.stash = stash
-        self.reader = reader
-        self.writer = writer
-        self.batches = collections.deque()
-        self.in_memory = 0
-
-    @property
-    def count(self):
-        """Events in the worker's memory, in a batch or not."""
-        return self.memory.count + self.in_memory
-
-    def hold(self, batch, first=False):
-        """A batch formed from memory waits at the tail, or ``first`` at the head
-        (None: nothing to hold)."""
-        if batch is not None:
-            self.in_memory += batch.count
-            if first:
-                self.batches.appendleft(batch)
-            else:
-                self.batches.append(batch)
-
-    def remove(self, batch):
-        """A batch is done with (delivered, or dead-lettered)."""
-        self.batches.remove(batch)
-        if batch.refs is None:
-            self.in_memory -= batch.count
-
-    def set_aside(self, batch, why, drop=False):
-        """Stop trying a batch for now: a memory batch goes to disk, a disk one back.
-
-        Where the disk refuses, a memory batch stays in memory (max_queue then
-        decides what is dropped), unless ``drop`` (stopping, or over max_queue).
-        """
-        if batch.refs is not None:
-            if batch not in self.batches:
-                return                      # a slice of a line already given back
-            for other in [b for b in self.batches if b is batch
-                          or batch.line is not None and b.line is batch.line]:
-                self.batches.remove(other)  # a line goes back whole: resent whole
-            self.reader.give_back(batch.refs)
-        elif self.stash.write(batch.bucket, batch.parts, batch.seq, why, drop=drop) or drop:
-            self.remove(batch)
-
-    def split(self, batch):
-        """413 or 400: put both halves where the batch was (halves never grow).
-
-        False if it cannot be halved (one event, or a line that is not JSON):
-        the caller dead-letters it.
-        """
-        try:
-            halves = self._halves(batch)
-        except OSError as exc:
-            self.set_aside(batch, "cannot split it now: %s" % exc)
-            return True
-        if halves is None:
-            return False
-        index = self.batches.index(batch)
-        del self.batches[index]
-        for part in reversed(halves):
-            part.fixed = True
-            self.batches.insert(index, part)
-        if batch.refs is not None and len(batch.refs) == 1 and batch.line is None:
-            self.reader.ack(batch.refs)     # its halves are new lines on disk now
-        return True
-
-    def slice(self, batch, most, limit=_MAX_BODY_BYTES):
-        """Put slices of at most ``most`` events (and ``limit`` bytes) where a long spool
-        line was; a line that cannot be parsed stays whole (400 then bisects it)."""
-        try:
-            parts = [_encode_event(e) for e in _decode_body(batch.body)]
-        except (ValueError, TypeError, OverflowError):
-            return
-        chunks, size = [[]], 2
-        for part in parts:
-            if chunks[-1] and (len(chunks[-1]) >= most or size + len(part) + 1 > limit):
-                chunks.append([])
-                size = 2
-            chunks[-1].append(part)
-            size += len(part) + 1
-        line = _Line(len(chunks))
-        index = self.batches.index(batch)
-        del self.batches[index]
-        for chunk in reversed(chunks):
-            part = _Batch(batch.bucket, None, chunk, batch.refs, line=line)
-            part.fixed = True
-            self.batches.insert(index, part)
-
-    def finished(self, batch):
-        """A disk batch is done with: whether its lines may be retired now."""
-        if batch.line is None:
-            return True
-        batch.line.left -= 1
-        return batch.line.left == 0
-
-    def _halves(self, batch):
-        if batch.count < 2:
-            return None
-        if batch.line is not None:          # a slice of a long line: halves of the slice
-            batch.line.left += 1
-            half = len(batch.parts) // 2
-            return [_Batch(batch.bucket, None, parts, batch.refs, line=batch.line)
-                    for parts in (batch.parts[:half], batch.parts[half:])]
-        if batch.refs is None:
-            half = len(batch.parts) // 2
-            return [_Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
-                           seq=None if batch.seq is None else batch.seq + lo)
-                    for lo, hi in ((0, half), (half, len(batch.parts)))]
-        if len(batch.refs) > 1:
-            half = len(batch.refs) // 2
-            return [_Batch(batch.bucket, None, None, refs, _join_arrays(
-                [_read_at(r.segment.fd, r.start, r.end - r.start) for r in refs]))
-                for refs in (batch.refs[:half], batch.refs[half:])]
-        # One line: write its halves as new lines; the caller retires the old one.
-        ref = batch.refs[0]
-        try:
-            parts = [_encode_event(e) for e in _decode_body(batch.body)]
-        except (ValueError, TypeError, OverflowError):
-            return None
-        halves = []
-        try:
-            for chunk in (parts[:len(parts) // 2], parts[len(parts) // 2:]):
-                new = self.writer.append(batch.bucket, chunk, ref.seq, ref.journal)
-                new.segment.lines.pop()         # in this batch, not the reader's queue
-                new.segment.out += 1
-                halves.append(_Batch(batch.bucket, None, None, [new],
-                                     b"[" + b",".join(chunk) + b"]"))
-        except OSError:
-            for done in halves:
-                self.reader.ack(done.refs)      # the old line stays whole on disk
-            raise
-        return halves
-
-    def oldest_seq(self):
-        """Sequence number of the oldest event this worker logged and holds, or None."""
-        found = [b.seq for b in self.batches if b.seq is not None]
-        found += [r.seq for b in self.batches if b.refs for r in b.refs if r.seq is not None]
-        oldest = self.memory.oldest()
-        if oldest is not None:
-            found.append(oldest[0])
-        if self.reader is not None:
-            seq = self.reader.oldest_seq()
-            if seq is not None:
-                found.append(seq)
-        return min(found) if found else None
-
-    def others_in_flight(self):
-        """Whether a batch of an earlier run's lines is out."""
-        return any(b.refs is not None and b.refs[0].seq is None for b in self.batches)
-
-
-_RUNNING, _CLOSING, _STOPPED = "running", "closing", "stopped"
-
-
-class _Worker(object):
-    """Owns every event from the inbox on and decides what happens to it.
-
-    One thread drives it: the Streamer's worker thread, or with
-    ``use_async=False`` the caller holding the pump baton. Other threads
-    only append to ``inbox``, set ``wake`` and read the published fields
-    (``state``, ``stopped``, ``wake_at``, ``ledger.lost``, ``stats``, ``waiting``);
-    the one write from outside is a caller setting ``wake_at`` to _NEVER right
-    after it set ``wake`` (one signal per wake-up; the worker sets it again
-    before it sleeps). Nothing else here is touched from outside. ``state`` is running,
-    closing (with ``close_at``) or stopped; ``waiting`` says until when and
-    why nothing is sent.
-    """
-
-    def __init__(self, settings, sender, writer, reader, budget, bucket, clock=_monotonic,
-                 wall=_time):
+    def __init__(self, settings, reader, book, budget, wall):
         self.settings = settings
-        self.sender = sender
-        self.writer = writer
         self.reader = reader
+        self.book = book
         self.budget = budget
-        self.clock = clock
         self.wall = wall
-        self.courier = None                 # set by its owner: _Courier or _InlineCourier
-        self.inbox = collections.deque()
-        self.wake = _Doorbell()
-        self.stopped = threading.Event()
-        self.state = _RUNNING
-        self.wake_at = 1
-        self.ledger = _Ledger(reader, clock)
-        self.stats = self.ledger.stats
-        self.stash = _Stash(settings, writer, reader, self.ledger)
-        self.left = 0                       # own events left on disk when it stopped
-        self.backlog = 0                    # events of held spool lines, each second
-        self.backlog_due = 0.0
-        self.waiting = (0.0, "")
-        self.memory = _Memory(bucket)
-        self.pending = _Batcher(self.memory, self.stash, reader, writer)
-        self.waits = []
-        self.created = set()
-        self.to_create = []
-        self.retry_at = 0.0
-        self.failures = 0
-        self.failing_since = None           # (wall time, answered) of the first failure in a row
-        self.close_at = None
-        self.close_idle = None              # closing: close_at moves to this after a success
-        self.progress = 0                   # calls that went through (read by waiters)
-        self.job_deadline = self.job_started = 0.0
-        self.state_due = 0.0                # when state.json may be written again
+        self.due = 0.0                      # when state.json may be written again
         self.saved_state = None
         self.ask_due = 0.0                  # when status.ask is looked at again
         self.asked = None                   # the status question last answered
-        self.month = _MonthTally(_read_json_file(os.path.join(
-            reader.folder, _STATE_FILE)).get("months") if reader is not None else None)
-        month = _month_of(wall())
-        self.month_view = (month, self.month.months.get(month, 0),
-                           self.month.months.get(month, 0))    # (month, delivered, projected)
-        self.enterprise = False             # X-RateLimit-Limit says the plan has no cap
-        self.quota_warned = False
-        self.reports = []                   # (exception, events) for on_error
-        self.creates_buckets = not settings.offline
-        if bucket is not None and self.creates_buckets:
-            self.to_create.append(bucket)
-        if bucket is not None and reader is not None:
-            reader.know(bucket)
 
-    # the loop
-
-    def run(self):
-        """The worker thread: step, call back, sleep until woken or something is due."""
-        try:
-            while self.state is not _STOPPED:
-                self.wake.clear()
-                self.wake_at = _NEVER           # awake: log() need not signal us
-                try:
-                    delay = self.step()
-                except Exception:               # never die with events in memory
-                    _log.exception("isstreamer_lite worker error; continuing in 1 s")
-                    delay = 1.0
-                self.call_back()
-                if self.state is _STOPPED:
-                    break
-                self.arm()
-                if len(self.inbox) >= self.wake_at:
-                    continue                    # filled up before wake_at was armed
-                if self.reader is not None and (self.inbox or self.pending.count):
-                    # Holding events: look for a status question once a second.
-                    delay = _ASK_EVERY if delay is None else min(delay, _ASK_EVERY)
-                self.wake.wait(_IDLE_WAIT if delay is None else min(delay, _IDLE_WAIT))
-        finally:
-            if self.state is not _STOPPED:
-                self.halt("the worker stopped unexpectedly")
-
-    def pump(self, deadline, until=None):
-        """use_async=False: step in the caller's thread until idle, ``until`` or deadline.
-
-        Returns the on_error reports to run once the caller let go of the baton.
-        """
-        while self.state is not _STOPPED and self.clock() < deadline:
-            if until is not None and until.is_set():
-                break
-            self.wake.clear()
-            delay = self.step(deadline)
-            if delay is None or (until is None and delay > 0):
-                break
-            if delay > 0:
-                self.wake.wait(min(delay, max(0.0, deadline - self.clock())))
-        reports, self.reports = self.reports, []
-        return reports
-
-    def arm(self):
-        """Set wake_at: how long the inbox may grow before log() must wake us."""
-        size, count = self.settings.buffer_size, self.memory.count
-        if self.courier.busy or self.clock() < self.retry_at:
-            self.wake_at = 1 if count == 0 and self.writer is not None and \
-                self.settings.durable else \
-                max(1, self.settings.max_queue - self.pending.count + 1)
-        elif count == 0:
-            self.wake_at = 1                    # the first event starts flush_interval
-        else:
-            self.wake_at = max(1, size - count)
-
-    def call_back(self):
-        reports, self.reports = self.reports, []
-        _run_reports(self.settings.on_error, reports, self)
-
-    def step(self, deadline=None):
-        """Do what is due; return seconds until the next thing is, or None if idle."""
-        now = self.clock()
-        self.absorb(now)
-        if self.courier.busy:
-            self.collect(now)
-        if self.state is _CLOSING and now >= self.close_at:
-            self.halt("close() deadline reached")
-            return None
-        due = []
-        if self.settings.durable and self.writer is not None:
-            journal_due, refused = self.stash.journal(self.memory, now)
-            self.pending.hold(refused)
-            due.append(journal_due)
-        self.spill_over_max_queue()
-        if not self.courier.busy:
-            due.append(self.dispatch(now, deadline))
-        if self.courier.busy:
-            due.append(self.job_deadline - now)
-        self.settle(now)
-        if self.state is _CLOSING:
-            if not self.courier.busy and not self.pending_any():
-                self.halt(None)
-                return None
-            due.append(self.close_at - now)
-            if self.reader is not None and self.reader.probed:
-                due.append(self.reader.probe_due - now)     # is that backlog still there?
-        if self.reader is not None and now >= self.backlog_due:
-            self.backlog = self.reader.waiting() + sum(
-                b.count for b in self.pending.batches if b.refs is not None)
-            self.backlog_due = now + 1.0
-        if now >= self.state_due and self.save_state():
-            self.state_due = now + _STATE_EVERY     # the first news at once, then slowly
+    def tick(self, now, waiting, held):
+        """Answer a status question; write state.json on the first news, then once a minute."""
         if self.reader is not None:
-            self.answer_status(now)
-        return _next_wake(due)
+            self.answer(now, held)
+        if now >= self.due and self.save(waiting, now):
+            self.due = now + _STATE_EVERY   # the first news at once, then slowly
 
-    def save_state(self, running=True):
+    def save(self, waiting, now, running=True):
         """Keep what ``status`` shows beside the spool, if it changed; True if written.
 
         Merged into what the file says (other runs, other processes of the key).
         """
-        stats = self.stats
+        book = self.book
+        stats = book.stats
         state = {"version": 1, "key": _mask(self.settings.access_key),
                  "last_success": stats["last_success"], "last_error": stats["last_error"],
-                 "paused": stats["paused"], "waiting": self.waiting[1] if
-                 self.waiting[0] > self.clock() else "", "dropped": dict(stats["dropped"]),
+                 "paused": stats["paused"], "waiting": waiting[1] if
+                 waiting[0] > now else "", "dropped": dict(stats["dropped"]),
                  "dead_lettered": stats["dead_lettered"], "delivered": stats["delivered"],
                  "replayed": stats["replayed"], "spooled": stats["spooled"],
                  "spool_dir": self.settings.spool_dir,
                  "rate_limit": self.budget.learned() if self.budget is not None else None,
-                 "month": self.month_view[:2]}
+                 "month": book.month_view[:2]}
         if self.reader is None or (state == self.saved_state and running) or not (
                 state["last_success"] or state["last_error"] or state["dropped"]
                 or state["dead_lettered"]):
@@ -3371,26 +3773,25 @@ class _Worker(object):
         self.saved_state = dict(state)
         del state["month"]                  # compared only: the file keeps "months"
         wall = self.wall()
-        state.update(updated=wall, pid=os.getpid(), rate=self.month.rate(wall),
-                     enterprise=self.enterprise)
+        state.update(updated=wall, pid=os.getpid(), rate=book.month.rate(wall),
+                     enterprise=book.enterprise)
         old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
-        state["months"] = self.month.merged(old.get("months"))
+        state["months"] = book.month.merged(old.get("months"))
         try:
             self.reader.save_state(_merge_state(old, state, os.getpid(), running))
         except OSError as exc:
             _log.debug("cannot write the status file: %s", exc)
         else:
-            self.month.saved(state["months"])
+            book.month.saved(state["months"])
         return True
 
-    def answer_status(self, now):
+    def answer(self, now, held):
         """Tell a ``status`` command that asked what this process holds in memory.
 
         The question (the mtime of status.ask) is looked at once a second at
         most; while events are held here the worker thread wakes for it (see
-        ``run``), so the answer comes within about a second.
+        ``_Worker.run``), so the answer comes within about a second.
         """
-        held = len(self.inbox) + self.pending.count
         if now >= self.ask_due:
             self.ask_due = now + _ASK_EVERY
             try:
@@ -3407,416 +3808,239 @@ class _Worker(object):
                 except OSError as exc:
                     _log.debug("cannot answer status: %s", exc)
 
-    # taking from the inbox
 
-    def absorb(self, now):
-        inbox, memory = self.inbox, self.memory
-        taken, fresh = 0, []            # events go to memory together, before any other item
-        while True:
-            try:
-                item = inbox.popleft()
-            except IndexError:
-                break
-            if type(item) is tuple:
-                fresh.append(item)
-                continue
-            if fresh:
-                memory.extend(fresh, now)
-                taken, fresh = taken + len(fresh), []
-            if type(item) is _BucketSwitch:
-                memory.bucket = item.bucket
-                if self.reader is not None:
-                    self.reader.know(item.bucket)
-                if item.bucket[0] not in self.created and self.creates_buckets:
-                    self.to_create.append(item.bucket)
-            else:
-                item.upto = memory.next_seq - 1
-                item.lost = min(item.lost, self.ledger.told)    # losses no answer told of
-                self.waits.append(item)
-                if item.close_at is not None:
-                    self.state = _CLOSING
-                    self.close_at, self.close_idle = _close_plan(
-                        self.close_at, self.close_idle, item.close_at, item.idle)
-        if fresh:
-            memory.extend(fresh, now)
-            taken += len(fresh)
-        if taken:
-            self.stats["logged"] += taken
-
-    # choosing and making requests
-
-    def ready(self, now):
-        """Whether memory's oldest events should go now rather than wait for more."""
-        memory = self.memory
-        return _memory_due(now, memory.oldest(), memory.count, len(memory.runs),
-                           self.state is _CLOSING, max([w.upto for w in self.waits] or [-1]),
-                           self.settings.buffer_size, self.settings.flush_interval)
-
-    def next_batch(self, now):
-        """The batch to send next, left at the head of ``batches``; or None.
-
-        A batch never holds more than buffer_size events (nor 1 MB).
-        """
-        most = self.settings.buffer_size
-        if self.pending.batches:
-            head = self.pending.batches[0]
-            if head.refs is None and not head.fixed:
-                # It fell behind: grow it, up to buffer_size.
-                self.ledger.unencodable(self.memory.fill(head, most=most))
-            elif head.refs is not None and self.ready(now) and not (
-                    self.settings.durable and self.writer is not None):
-                # The backlog waited (for the window, or a retry): live events go first.
-                batch, rejected = self.memory.take(most=most)
-                self.ledger.unencodable(rejected)
-                self.pending.hold(batch, first=True)
-                return self.pending.batches[0]
-            return head
-        if self.ready(now):
-            if self.settings.durable and self.writer is not None:
-                batch = self.stash.journal_all(self.memory)     # then sent from disk
-            else:
-                batch, rejected = self.memory.take(most=most)
-                self.ledger.unencodable(rejected)
-            if batch is not None:
-                self.pending.hold(batch)
-                return batch
-        if self.reader is None:
-            return None
-        batch = self.reader.take(_MAX_BODY_BYTES, most)
-        # Another run's backlog is claimed only once the server answers (our bucket is
-        # created) and while requests go through.
-        if batch is None and self.failures == 0 and not self.to_create \
-                and self.reader.claim(now):
-            batch = self.reader.take(_MAX_BODY_BYTES, most)
-        self.ledger.unreadable()
-        if batch is not None:
-            self.pending.batches.append(batch)
-            if batch.count > most:
-                self.pending.slice(batch, most)
-                batch = self.pending.batches[0]
-        return batch
-
-    def dispatch(self, now, deadline=None):
-        """Start the next request if one is due; return the delay until one is."""
-        if now < self.retry_at:
-            return self.wait_until(self.retry_at, self.waiting[1])
-        batch = self.next_batch(now)
-        if batch is not None and self.creates_buckets and batch.bucket[0] not in self.created:
-            bucket = batch.bucket
-        elif self.to_create:
-            bucket = self.to_create[0]
-            if bucket[0] in self.created:
-                self.to_create.pop(0)
-                return 0.0
-        else:
-            bucket = None
-        if batch is None and bucket is None:
-            return self.flush_timer(now)
-        if self.budget is not None:
-            wait = self.budget.reserve(now)
-            if wait > 0:
-                self.retry_at = now + wait
-                return self.wait_until(self.retry_at, "rate limit window")
-        if bucket is not None:
-            fields = {"bucketKey": bucket[0]}
-            if bucket[1]:
-                fields["bucketName"] = bucket[1]
-            job = _Job("/api/buckets", _json_bytes(fields), bucket, None, 0.0, batch)
-        else:
-            job = _Job("/api/events", batch.body, batch.bucket, batch, 0.0)
-        end = _call_deadline(now, len(job.body), self.settings.timeout, (self.close_at, deadline))
-        job.deadline = end
-        self.stats["requests"] += 1
-        self.job_deadline, self.job_started = end, now
-        self.courier.start(job)
-        result = self.courier.poll()
-        if result is not None:
-            self.outcome(result[0], result[1][0], result[1][1], self.clock())
-            return 0.0
-        return end - now
-
-    def wait_until(self, when, why):
-        """Publish that nothing is sent before ``when``; plan close() around it."""
-        now = self.clock()
-        self.waiting = (when, why)
-        if self.state is _CLOSING and when >= self.close_at:
-            self.halt("close() deadline comes before %s" % (why or "the next attempt"))
-            return None
-        return when - now
-
-    def flush_timer(self, now):
-        oldest = self.memory.oldest()
-        if oldest is None:
-            return None
-        return max(0.0, oldest[1] + self.settings.flush_interval - now)
-
-    def collect(self, now):
-        """Take a finished request's outcome, or give up on it at its deadline."""
-        result = self.courier.poll()
-        if result is not None:
-            job, (response, error) = result
-            self.outcome(job, response, error, self.clock())
-        elif now >= self.job_deadline:
-            job = self.courier.job
-            self.courier.abandon()
-            if job is None:
-                return
-            self.outcome(job, None, TimeoutError("timed out: no answer within %.1f s"
-                                                 % (self.job_deadline - self.job_started)), now)
-
-    def outcome(self, job, response, error, now):
-        """What one request's answer means for its batch (or bucket)."""
-        s = self.settings
-        if response is not None and self.budget is not None:
-            self.budget.update(response.headers, now, self.wall())
-        if response is not None and not self.enterprise:
-            try:
-                self.enterprise = int(response.headers.get("x-ratelimit-limit", 0)) >= \
-                    _ENTERPRISE_LIMIT
-            except (TypeError, ValueError):
-                pass
-        decision = _decide(response.status if response is not None else None,
-                           response.headers if response is not None else None, error,
-                           self.failures, s.backoff_base, s.backoff_cap,
-                           s.retry_after_cap, s.pause_interval, now=self.wall())
-        batch = job.batch
-        if batch is None:
-            self.bucket_outcome(job, decision, response, error, now)
-        elif decision.action == _DELIVERED:
-            self.delivered(batch)
-        elif decision.action in (_SPLIT, _BISECT):
-            if not self.pending.split(batch):
-                self.reject(batch, response)
-        elif decision.action == _REFUSE:
-            self.reject(batch, None, _scrub(decision.reason, self.settings.access_key))
-        else:
-            self.failed(batch, decision, response, error, now)
-            if decision.reason == "timeout" and batch in self.pending.batches \
-                    and batch.count > 1:
-                self.pending.split(batch)   # too slow a link for it: retried in halves
-
-    def bucket_outcome(self, job, decision, response, error, now):
-        bucket = job.bucket
-        if decision.action in (_DELIVERED, _SPLIT, _BISECT, _REFUSE):
-            if decision.action != _DELIVERED:
-                _log.warning("creating bucket %r was refused (%s); sending its events "
-                             "anyway", bucket[0], _scrub(decision.reason if response is None
-                                                         else "%d %s" % (response.status,
-                                                                         self.reply(response)),
-                                                         self.settings.access_key))
-            else:
-                self.stats["buckets_created"] += 1
-                self.failures = 0
-                self.progressed()
-            self.created.add(bucket[0])
-            if bucket in self.to_create:
-                self.to_create.remove(bucket)
-            return
-        self.failed(job.waiting, decision, response, error, now, bucket)
-
-    def progressed(self):
-        """A call went through: closing without a timeout waits idle seconds more."""
-        self.progress += 1
-        if self.close_idle is not None and self.state is _CLOSING:
-            self.close_at = max(self.close_at, self.clock() + self.close_idle)
-
-    def delivered(self, batch):
-        self.progressed()
-        self.failures = 0
-        self.failing_since = None
-        self.waiting = (0.0, "")
-        self.stats["last_success"] = self.wall()
-        self.stats["paused"] = ""
-        self.pending.remove(batch)
-        self.count_month(batch.count, self.stats["last_success"])
-        if batch.refs is None:
-            self.stats["delivered"] += batch.count
-            return
-        journal = sum(r.count for r in batch.refs if r.journal) if batch.line is None \
-            else batch.count if batch.refs[0].journal else 0
-        self.stats["delivered"] += journal
-        self.stats["replayed"] += batch.count - journal
-        if self.pending.finished(batch):
-            self.reader.ack(batch.refs)
-
-    def count_month(self, count, wall):
-        """Count delivered events in their month; warn once if the month would pass the quota."""
-        self.month.add(count, wall)
-        projected = self.month.projected(wall)
-        month = self.month.month_of(wall)
-        self.month_view = (month, self.month.months[month], projected)
-        quota = self.settings.monthly_quota
-        if quota and projected > quota and not self.enterprise and not self.quota_warned:
-            self.quota_warned = True
-            _log.warning(
-                "isstreamer_lite: at the rate of the last hour, access key %s would deliver "
-                "about %s events this month (%s so far, from this device), more than the "
-                "monthly quota of %s (monthly_quota; the Student and Individual plans' cap, "
-                "past which the server refuses events with 402 until the next billing "
-                "month). Log less often, or set monthly_quota=0 on a plan without a cap.",
-                _mask(self.settings.access_key), "{:,}".format(projected),
-                "{:,}".format(self.month_view[1]), "{:,}".format(quota))
-
-    def failed(self, batch, decision, response, error, now, creating=None):
-        """A request did not go through: wait, back off, or pause and spool.
-
-        ``creating``: the bucket whose creation failed (``batch`` waits for it).
-        """
-        bucket = creating or batch.bucket
-        what = ("creating bucket %r" % bucket[0]) if creating is not None else \
-            "sending %s to bucket %r" % (_count(batch.count, "event"), bucket[0])
-        detail = ("%d %s" % (response.status, self.reply(response, 120))) \
-            if response is not None else "%s: %s" % (type(error).__name__, error)
-        detail = _scrub(detail, self.settings.access_key)
-        self.stats["last_error"] = "%s: %s" % (what, detail)
-        if self.failing_since is None:
-            self.failing_since = (self.wall(), response is not None)
-        plan = _after_failure(now, decision, self.failures,
-                              batch.attempts if batch is not None else None,
-                              self.settings.max_retries)
-        self.retry_at, self.failures = plan.retry_at, plan.failures
-        self.waiting = (plan.retry_at, plan.waiting)
-        if batch is not None:
-            batch.attempts = plan.attempts
-        if decision.action == _WAIT:        # a 429 in a row waits longer, however told
-            self.stats["rate_limited"] += 1
-            _log.info("rate limited while %s; retrying in %.1f s", what, decision.delay)
-            return
-        if decision.action == _PAUSE:
-            self.pause(decision, detail)
-            if batch is not None:
-                self.pending.set_aside(batch, plan.set_aside)
-            return
-        self.stats["retried"] += 1
-        _log.info("%s failed (%s); retrying in %.2f s", what, detail, decision.delay)
-        self.reports.append((DeliveryError("%s failed: %s" % (what, detail),
-                                           response.status if response is not None else None,
-                                           decision.reason, bucket[0]),
-                             self.events_of(batch)))
-        if plan.set_aside is not None:
-            self.pending.set_aside(batch, plan.set_aside)
-
-    def pause(self, decision, detail):
-        if self.stats["paused"] != decision.reason:
-            advice = _PAUSE_ADVICE.get(decision.reason, "the server answered %s; check "
-                                       "api_base and the account" % detail)
-            if "%s" in advice:
-                advice = advice % _mask(self.settings.access_key)
-            _log.error("isstreamer_lite: %s. Sending is paused; events are spooled and "
-                       "retried every %.0f s.", advice, decision.delay)
-        self.stats["paused"] = decision.reason
-        self.reports.append((DeliveryError(detail, None, decision.reason), []))
-
-    def reject(self, batch, response, why=None):
-        """The server refuses this one event: dead-letter it with the reply."""
-        self.progressed()
-        self.pending.remove(batch)
-        status = response.status if response is not None else None
-        reply = why or (self.reply(response, 2000) if response is not None else "")
-        _log.warning("the server rejected an event of bucket %r (%s %s); it was moved to "
-                     "the dead-letter file", batch.bucket[0], status, reply[:200])
-        self.ledger.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
-        if batch.refs is not None and self.pending.finished(batch):
-            self.reader.ack(batch.refs)
-        self.reports.append((DeliveryError("event rejected by the server: %s" % reply[:200],
-                                           status, "rejected", batch.bucket[0]),
-                             self.events_of(batch)))
-
-    def events_of(self, batch):
-        """The (key, value, epoch) tuples of a batch, for on_error."""
-        if batch is None or self.settings.on_error is None:
-            return []
-        if batch.refs is None:
-            return list(batch.events)
-        try:
-            return _decode_body(batch.body)
-        except ValueError:
-            return []
-
-    def reply(self, response, limit=300):
-        return _scrub(response.text(limit), self.settings.access_key)
-
-    # the disk
-
-    def spill_over_max_queue(self):
-        """Beyond max_queue events in memory, the oldest go to disk (or are dropped)."""
-        limit, pending = self.settings.max_queue, self.pending
-        if pending.count > limit and self.settings.durable and self.writer is not None:
-            pending.hold(self.stash.journal_all(self.memory))
-        while pending.count > limit:
-            batch = next((b for b in pending.batches if b.refs is None
-                          and b is not self.in_flight()), None)
-            if batch is None:
-                batch, rejected = self.memory.take(most=min(pending.count - limit,
-                                                            self.settings.buffer_size))
-                self.ledger.unencodable(rejected)
-                if batch is None:
-                    return
-                pending.hold(batch)
-            pending.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
-
-    def in_flight(self):
-        job = self.courier.job
-        return job.batch if job is not None else None
-
-    # flush, close and stop
-
-    def pending_any(self):
-        """Anything in memory, in a batch, or held on disk (read-only)."""
-        if self.memory.count or self.pending.batches or self.inbox or self.to_create:
-            return True
-        return self.reader is not None and (self.reader.any_waiting()
-                                            or self.reader.claimable(self.clock()))
-
-    def settle(self, now):
-        if not self.waits:
-            return
-        backlog = bool(self.to_create) or self.reader is not None and bool(
-            self.pending.others_in_flight() or self.reader.any_waiting()
-            or self.reader.claimable(now))
-        done, self.waits = _answerable(self.waits, self.pending.oldest_seq(), backlog)
-        for wait in done:
-            self.answer(wait, True)
-
-    def answer(self, wait, delivered):
-        wait.ok = delivered and self.ledger.lost == wait.lost
-        self.ledger.told = self.ledger.lost
-        wait.done.set()
-
-    def halt(self, why):
-        """Stop: what is not delivered goes to disk, claims are let go, waits answered."""
-        try:
-            self._halt(why)
-        finally:
-            self.state = _STOPPED
-            waits, self.waits = self.waits, []
-            for wait in waits:
-                wait.done.set()
-            self.stopped.set()
-
-    def _halt(self, why):
-        now = self.clock()
-        self.absorb(now)
-        if self.courier is not None and self.courier.busy:
-            self.courier.abandon()
-        delivered = not self.pending_any() and self.pending.oldest_seq() is None
-        for batch in list(self.pending.batches):
-            self.pending.set_aside(batch, why, drop=True)
-        while self.memory.count:
-            batch, rejected = self.memory.take(most=self.settings.buffer_size)
-            self.ledger.unencodable(rejected)
-            if batch is not None:
-                self.stash.write(batch.bucket, batch.parts, batch.seq, why)
-        if self.reader is not None:
-            self.left = self.reader.waiting(own=True)
-        if self.left:
-            _log.warning("%s", self.left_behind(why))
-        self.save_state(running=False)
+    def forget(self):
+        """Stopped: remove live-<pid>.json, if a status question made it."""
         if self.asked is not None:
             try:
                 os.unlink(os.path.join(self.reader.folder, _LIVE_FILE % os.getpid()))
             except OSError:
                 pass
+
+
+class _Worker(object):
+    """The shell around a _Core: takes the inbox, steps the core, carries out its actions
+    with the courier, the spool and the budget, and waits until the next wake.
+
+    One thread drives it: the Streamer's worker thread, or with
+    ``use_async=False`` the caller holding the pump baton. Other threads
+    only append to ``inbox``, set ``wake`` and read the published fields
+    (``state``, ``stopped``, ``wake_at``, ``waiting``, ``progress``, the
+    core's ``count`` and the ``book``'s counts); the one write from outside is
+    a caller setting ``wake_at`` to _NEVER right after it set ``wake`` (one
+    signal per wake-up; the runner sets it again before it sleeps).
+    """
+
+    def __init__(self, settings, sender, writer, reader, budget, bucket, clock=_monotonic,
+                 wall=_time):
+        self.settings = settings
+        self.sender = sender
+        self.writer = writer
+        self.reader = reader
+        self.budget = budget
+        self.clock = clock
+        self.wall = wall
+        self.courier = None                 # set by its owner: _Courier or _InlineCourier
+        self.inbox = collections.deque()
+        self.wake = _Doorbell()
+        self.stopped = threading.Event()
+        self.wake_at = 1
+        self.core = _Core(settings, bucket, writer is not None, wall(), months=_read_json_file(
+            os.path.join(reader.folder, _STATE_FILE)).get("months") if reader else None)
+        self.book = self.core.book          # the counts: read by the Streamer
+        self.left = 0                       # own events left on disk when it stopped
+        self.backlog = 0                    # events of spooled lines, each second
+        self.backlog_due = 0.0
+        self.status = _StatusBoard(settings, reader, self.book, budget, wall)
+        self.reports = []                   # (exception, events) for on_error
+        self.carry_out = {_Post: self.post, _Read: self.read, _Write: self.spool,
+                          _Ack: self.ack, _GiveBack: self.give_back,
+                          _DeadLetter: self.dead_letter, _Answer: self.answer,
+                          _Report: self.reports.append, _Log: self.log,
+                          _Abandon: self.abandon, _Sync: self.sync, _Halted: self.let_go}
+        if bucket is not None and reader is not None:
+            reader.know(bucket)
+
+    # what others read
+    state = property(lambda self: self.core.state)
+    waiting = property(lambda self: self.core.waiting)
+    progress = property(lambda self: self.core.progress)
+    stats = property(lambda self: self.core.book.stats)
+
+    # the loop
+
+    def run(self):
+        """The worker thread: step, call back, sleep until woken or something is due."""
+        try:
+            while self.core.state is not _STOPPED:
+                self.wake.clear()
+                self.wake_at = _NEVER           # awake: log() need not signal us
+                try:
+                    delay = self.step()
+                except Exception:               # never die with events in memory
+                    _log.exception("isstreamer_lite worker error; continuing in 1 s")
+                    delay = 1.0
+                self.call_back()
+                if self.core.state is _STOPPED:
+                    break
+                self.wake_at = self.core.inbox_room(self.clock())
+                if len(self.inbox) >= self.wake_at:
+                    continue                    # filled up before wake_at was armed
+                if self.reader is not None and (self.inbox or self.core.count):
+                    # Holding events: look for a status question once a second.
+                    delay = _ASK_EVERY if delay is None else min(delay, _ASK_EVERY)
+                self.wake.wait(_IDLE_WAIT if delay is None else min(delay, _IDLE_WAIT))
+        finally:
+            if self.core.state is not _STOPPED:
+                self.halt("the worker stopped unexpectedly")
+
+    def pump(self, deadline, until=None):
+        """use_async=False: step in the caller's thread until idle, ``until`` or deadline.
+
+        Returns the on_error reports to run once the caller let go of the baton.
+        """
+        while self.core.state is not _STOPPED and self.clock() < deadline:
+            if until is not None and until.is_set():
+                break
+            self.wake.clear()
+            delay = self.step(deadline)
+            if delay is None or (until is None and delay > 0):
+                break
+            if delay > 0:
+                self.wake.wait(min(delay, max(0.0, deadline - self.clock())))
+        reports, self.reports[:] = list(self.reports), []
+        return reports
+
+    def call_back(self):
+        reports, self.reports[:] = list(self.reports), []
+        _run_reports(self.settings.on_error, reports, self)
+
+    def step(self, deadline=None, first=None):
+        """One turn: take the inbox, collect the call, carry out what the core asks; the
+        seconds until the next turn is due, or None if idle."""
+        now, core = self.clock(), self.core
+        core.take(self.inbox, now, self.wall())
+        if core.out is not None:
+            result = self.courier.poll()
+            if result is not None:
+                self.collect(result)
+        action = first
+        while True:
+            if action is None:
+                action = core.next_action(now, deadline, self.disk(now) if core.needs_disk
+                                          else _NO_DISK)
+            if type(action) is _Sleep:
+                break
+            self.carry_out[type(action)](action)
+            action = None
+        if core.state is _STOPPED:
+            self.stopped.set()
+            return None
+        due = [action.due]
+        if self.reader is not None:
+            if core.state is _CLOSING and self.reader.probed:
+                due.append(self.reader.probe_due - now)     # is that backlog still there?
+            if now >= self.backlog_due:
+                self.backlog = self.reader.waiting() + core.batches.on_disk()
+                self.backlog_due = now + 1.0
+        self.status.tick(now, core.waiting, len(self.inbox) + core.count)
+        return _next_wake(due)
+
+    def disk(self, now):
+        """What the core needs to know of the spool's lines not handed out: a _Disk."""
+        if self.reader is None:
+            return _NO_DISK
+        return _Disk(self.reader.any_waiting() or self.reader.claimable(now),
+                     self.reader.oldest_seq())
+
+    def settled(self):
+        """Everything logged is delivered and every loss told of (flush() from on_error)."""
+        return not self.inbox and self.core.settled(self.disk(self.clock()))
+
+    # the actions
+
+    def post(self, action):
+        job = action.job
+        wait = self.budget.reserve(self.clock()) if self.budget is not None else 0.0
+        if wait > 0:
+            self.core.defer(job, self.clock() + wait, "rate limit window")
+            return
+        if job.batch is None and self.reader is not None:
+            self.reader.know(job.bucket)    # its folder's bucket.json can be repaired
+        self.courier.start(job)
+        result = self.courier.poll()
+        if result is not None:
+            self.collect(result)
+
+    def collect(self, result):
+        """A call's outcome, to the budget and the core."""
+        job, (response, error) = result
+        now = self.clock()
+        if response is not None and self.budget is not None:
+            self.budget.update(response.headers, now, self.wall())
+        self.core.outcome(job, response, error, now, self.wall())
+
+    def read(self, action):
+        reader, now = self.reader, self.clock()
+        batch = reader.take(_MAX_BODY_BYTES, action.most)
+        if batch is None and action.claim and reader.claim(now):
+            batch = reader.take(_MAX_BODY_BYTES, action.most)
+        unreadable, reader.unreadable = reader.unreadable, []
+        self.core.offer(batch, unreadable)
+
+    def spool(self, action):
+        self.core.written(action, *_append_line(self.writer, self.reader, action.batch,
+                                                action.journal))
+
+    def sync(self, action):
+        self.writer.sync()
+
+    def ack(self, action):
+        self.reader.ack(action.refs)
+
+    def give_back(self, action):
+        self.reader.give_back(action.refs)
+
+    def dead_letter(self, action):
+        try:
+            self.reader.dead_letter(*action)
+        except OSError as exc:
+            self.core.dropped(0, "dead_letter_unwritable", exc)
+
+    def answer(self, action):
+        action.wait.ok = action.ok
+        action.wait.done.set()
+
+    def log(self, action):
+        _log.log(action.level, "%s", action.message)
+
+    def abandon(self, action):
+        self.courier.abandon()
+
+    def halt(self, why):
+        """Stop now (close()'s deadline, a signal): what is undelivered goes to disk,
+        claims are let go, waiters answered."""
+        try:
+            now = self.clock()
+            self.core.take(self.inbox, now, self.wall())
+            if self.core.state is not _STOPPED:
+                self.step(first=self.core.halt(why, self.disk(now)))
+        finally:
+            core = self.core
+            core.state = _STOPPED
+            waits, core.waits = core.waits, []
+            for wait in waits:
+                wait.done.set()
+            self.stopped.set()
+
+    def let_go(self, action):
+        """The core halted: warn of what is left, let go of files, threads and sockets."""
+        if self.reader is not None:
+            self.left = self.reader.waiting(own=True)
+        if self.left:
+            _log.warning("%s", self.left_behind(action.why))
+        self.status.save(self.core.waiting, self.clock(), running=False)
+        self.status.forget()
         if self.writer is not None:
             self.writer.close()
         if self.reader is not None:
@@ -3824,10 +4048,6 @@ class _Worker(object):
         if self.courier is not None:
             self.courier.stop()
         self.sender.transport.close()
-        waits, self.waits = self.waits, []
-        for wait in waits:
-            self.answer(wait, delivered)
-
 
     def left_behind(self, why):
         """The one warning of a run that ends with events undelivered: how many, why,
@@ -3838,10 +4058,10 @@ class _Worker(object):
                     "IS_ACCESS_KEY)" % key
         elif stats["paused"]:
             cause = "sending is paused (%s)" % stats["paused"]
-        elif self.failing_since is not None:
+        elif self.core.failing_since is not None:
             cause = "the server has been %s since %s (%s)" % (
-                "failing" if self.failing_since[1] else "unreachable",
-                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.failing_since[0])),
+                "failing" if self.core.failing_since[1] else "unreachable",
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.core.failing_since[0])),
                 stats["last_error"])
         else:
             cause = why or "the run ended before they were sent"
@@ -4107,7 +4327,7 @@ def _new_worker(settings, bucket, stats=None, only=None):
         sender = _CsvSender(settings.offline_file)
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
     if stats is not None:
-        worker.stats = worker.ledger.stats = stats
+        worker.book.stats = stats
     return worker
 
 
@@ -4205,8 +4425,8 @@ class Streamer(object):
             old = self._worker
             self._closed = False
             self._start(old.stats)
-            self._worker.ledger.lost = old.ledger.lost
-            self._worker.ledger.told = old.ledger.told
+            self._worker.book.lost = old.book.lost
+            self._worker.book.told = old.book.told
             while old.inbox:                # logged while it was stopping
                 self._queue.append(old.inbox.popleft())
 
@@ -4312,7 +4532,7 @@ class Streamer(object):
         if self._thread is not None:
             worker.wake_at = _NEVER         # one signal per wake-up is enough
             worker.wake.set()
-        elif len(worker.inbox) + worker.memory.count >= self._settings.buffer_size:
+        elif len(worker.inbox) + worker.core.memory.count >= self._settings.buffer_size:
             # A signal handler's log() must never wait for the baton it interrupted.
             if self._baton.acquire(False):
                 try:
@@ -4387,7 +4607,7 @@ class Streamer(object):
         worker = self._worker
         if _in_callback(worker):
             return self._settled_now(worker)
-        wait = _Wait(worker.ledger.lost)
+        wait = _Wait(worker.book.lost)
         worker.inbox.append(wait)
         try:
             worker.wake.set()
@@ -4437,7 +4657,7 @@ class Streamer(object):
             worker = self._worker
             # Keep a little time to spool what is left once the deadline passes.
             margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
-            wait = self._close_wait = _Wait(worker.ledger.lost, deadline - margin,
+            wait = self._close_wait = _Wait(worker.book.lost, deadline - margin,
                                             None if idle is None else idle - margin)
             worker.inbox.append(wait)
         worker.wake.set()
@@ -4471,8 +4691,7 @@ class Streamer(object):
         if self._thread is None and not self._baton.acquire(False):
             return False
         try:
-            return not worker.pending_any() and worker.pending.oldest_seq() is None \
-                and worker.ledger.lost == worker.ledger.told
+            return worker.settled()
         finally:
             if self._thread is None:
                 self._baton.release()
@@ -4523,7 +4742,7 @@ class Streamer(object):
         with self._lock:
             self._closed = True
             self._keys = frozenset()
-        worker.inbox.append(_Wait(worker.ledger.lost, _monotonic()))
+        worker.inbox.append(_Wait(worker.book.lost, _monotonic()))
         worker.wake.set()
         give_up = _monotonic() + _URGENT_WAIT
         while not worker.stopped.is_set() and _monotonic() < give_up:
@@ -4554,7 +4773,7 @@ class Streamer(object):
         worker = self._worker
         counters = dict(worker.stats)
         counters["dropped"] = dict(counters["dropped"])
-        counters["queued"] = len(worker.inbox) + worker.pending.count
+        counters["queued"] = len(worker.inbox) + worker.core.count
         counters["backlog"] = worker.backlog
         counters["rate_limit"] = worker.budget.learned() if worker.budget is not None else None
         counters["connections"] = worker.sender.transport.connections
@@ -4566,10 +4785,10 @@ class Streamer(object):
         counters["state"] = worker.state
         until, why = worker.waiting
         counters["waiting"] = why if until > _monotonic() else ""
-        month, delivered, projected = worker.month_view
+        month, delivered, projected = worker.book.month_view
         quota = self._settings.monthly_quota
         counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
-                             "quota": None if worker.enterprise or not quota else quota}
+                             "quota": None if worker.book.enterprise or not quota else quota}
         return counters
 
     def __repr__(self):

@@ -4358,6 +4358,24 @@ class WindowTransport(FakeTransport):
         return lite._Response(204, answer, b"")
 
 
+class SilentCourier(object):
+    """A courier whose request never answers (until the core gives up on it)."""
+
+    job = None
+
+    def start(self, job):
+        self.job = job
+
+    def poll(self):
+        return None
+
+    def abandon(self):
+        self.job = None
+
+    def stop(self):
+        pass
+
+
 class Waiter(object):
     """A flush() or close() waiter as the core sees it: what it waits for, and how."""
 
@@ -4478,6 +4496,387 @@ class CoreTest(IsolatedCase):
                 self.assertEqual(lite._next_wake(dues), wake)
 
 
+_CORE_SETTINGS = []
+
+
+def core_settings(**changes):
+    """Settings for a _Core (built once, then only replaced: no file, no clock)."""
+    if not _CORE_SETTINGS:
+        folder = tempfile.mkdtemp(prefix="isl-core-")
+        options = replay_options(spool_dir=folder)
+        options.update(bucket_key="b", buffer_size=10, flush_interval=1.0, backoff_base=0.5,
+                       backoff_cap=4.0, max_retries=3, pause_interval=60.0, max_queue=100)
+        _CORE_SETTINGS.append(lite._resolve_settings(**options))
+        shutil.rmtree(folder, True)
+    return _CORE_SETTINGS[0]._replace(**changes)
+
+
+def core_events(count, start=0, key="k"):
+    return [(key, start + i, 1700000000.0 + i) for i in range(count)]
+
+
+def disk_batch(values, seq=None):
+    """A batch of one spool line as the shell's _Read offers it (a ref, no file)."""
+    line = lite._encode_events([("k", v, 1700000000.0) for v in values]) + b"\n"
+    ref = lite._Ref(None, 0, len(line), len(values), seq)
+    return lite._Batch(("b", ""), None, None, [ref], lite._join_arrays([line]), lines=[line])
+
+
+class PlainWait(object):
+    """A flush() or close() as the core takes it from the inbox (no threading.Event)."""
+
+    def __init__(self, lost=0, close_at=None, idle=None):
+        self.lost, self.close_at, self.idle, self.upto = lost, close_at, idle, None
+
+
+class Shell(object):
+    """A runner for a _Core made of plain values: the inbox, a script of answers, spool
+    batches to offer; it records every action the core asks for.
+
+    An answer is a status, (status, headers), an exception, None (the call stays
+    out) or ("defer", seconds) (the rate budget has no call before then). With
+    ``budget`` (a _RateBudget) and ``window`` (calls per 10 s), calls are paced
+    as the runner does and answered as a server counting fixed windows would.
+    """
+
+    def __init__(self, core, answers=(), disk=(), budget=None, window=None):
+        self.core = core
+        self.answers = list(answers)
+        self.disk = list(disk)
+        self.budget, self.window = budget, window
+        self.used = collections.Counter()   # calls the server counted in each window
+        self.actions = []
+        self.when = []                  # the time of each action
+        self.calls = []                 # the event count of each call, when it was made
+        self.times = []                 # when each call was made
+
+    def turn(self, now, inbox=(), view=None, deadline=None):
+        """One turn at ``now``: take ``inbox``, carry out actions; the sleep asked for."""
+        core, wall = self.core, 1700000000.0 + now
+        core.take(collections.deque(inbox), now, wall)
+        for _ in range(10000):
+            action = core.next_action(now, deadline, view or lite._NO_DISK)
+            if type(action) is lite._Sleep:
+                return action.due
+            self.actions.append(action)
+            self.when.append(now)
+            if type(action) is lite._Post:
+                wait = self.budget.reserve(now) if self.budget is not None else 0.0
+                if wait > 0:
+                    core.defer(action.job, now + wait, "rate limit window")
+                    continue
+                if action.job.batch is not None:
+                    self.calls.append(action.job.batch.count)
+                    self.times.append(now)
+                answer = self.answers.pop(0) if self.answers else self.server(now, wall)
+                if answer is None:
+                    continue
+                if type(answer) is tuple and answer[0] == "defer":
+                    core.defer(action.job, now + answer[1], "rate limit window")
+                elif isinstance(answer, BaseException):
+                    core.outcome(action.job, None, answer, now, wall)
+                else:
+                    status, headers = answer if type(answer) is tuple else (answer, {})
+                    core.outcome(action.job, lite._Response(status, headers, b"{}"), None,
+                                 now, wall)
+            elif type(action) is lite._Write:
+                core.written(action, True)
+            elif type(action) is lite._Read:
+                core.offer(self.disk.pop(0) if self.disk else None)
+        raise AssertionError("the core never asked to sleep")
+
+    def server(self, now, wall):
+        """204, or 429 past ``window`` calls in a 10 s window; with the X-RateLimit headers."""
+        if self.window is None:
+            return 204
+        index = int(now // 10.0)
+        self.used[index] += 1
+        headers = {"x-ratelimit-limit": str(self.window),
+                   "x-ratelimit-remaining": str(max(0, self.window - self.used[index])),
+                   "x-ratelimit-reset": "%.3f" % (wall - now + (index + 1) * 10.0)}
+        if self.budget is not None:
+            self.budget.update(headers, now, wall)
+        return (429 if self.used[index] > self.window else 204), headers
+
+    def run(self, now, inbox=(), view=None, turns=100):
+        """Turns at ``now`` while the core asks for one at once; the sleep it asks for then."""
+        for _ in range(turns):
+            due = self.turn(now, inbox, view)
+            inbox = ()
+            if due is None or due > 0:
+                return due
+        raise AssertionError("the core never settled")
+
+    def of(self, kind):
+        return [a for a in self.actions if type(a) is kind]
+
+    def times_of(self, *kinds):
+        """(time, action) of the actions of these kinds, in order."""
+        return [(t, a) for t, a in zip(self.when, self.actions) if type(a) in kinds]
+
+    def sent(self):
+        """The event counts of the calls made, in order."""
+        return self.calls
+
+
+class CoreStepTest(IsolatedCase):
+    """The _Core from tables: time and inputs in, actions out; no thread, file or clock."""
+
+    def core(self, spool=True, **changes):
+        core = lite._Core(core_settings(**changes), ("b", ""), spool, 1700000000.0)
+        core.created.add("b")                   # the bucket exists
+        core.to_create = []
+        return core
+
+    def test_calls_carry_at_most_buffer_size_events(self):
+        """Core: never more than buffer_size events a call; the rest waits flush_interval."""
+        table = [       # (buffer_size, events) -> (sent at once, sleep, sent after it)
+            (10, 25, [10, 10], 1.0, [5]),
+            (10, 9, [], 1.0, [9]),
+            (3, 7, [3, 3], 1.0, [1]),
+            (200, 1000, [200] * 5, None, []),
+        ]
+        for size, count, first, sleep, then in table:
+            with self.subTest(size=size, count=count):
+                shell = Shell(self.core(buffer_size=size, max_queue=10000))
+                self.assertEqual(shell.run(5.0, core_events(count)), sleep)
+                self.assertEqual(shell.sent(), first)
+                shell.run(5.0 + (sleep or 0.0))
+                self.assertEqual(shell.sent(), first + then)
+                values = [e["value"] for a in shell.of(lite._Post)
+                          for e in json.loads(a.job.body.decode())]
+                self.assertEqual(values, list(range(count)))
+
+    def test_retries_back_off_and_429_waits_as_told(self):
+        """Core: 503 backs off (jitter under base * 2^n); 429 waits Retry-After; after
+        max_retries the batch is set aside on disk."""
+        table = [       # (answers) -> (sleep at most, at least, waiting, set aside)
+            ([503], 0.5, 0.0, "backing off after server_error", None),
+            ([(429, {"retry-after": "3"})], 3.0, 3.0, "rate limited (429)", None),
+            ([503, 503, 503], 4.0, 0.0, "backing off after server_error",
+             "3 attempts failed"),
+        ]
+        for answers, most, least, waiting, aside in table:
+            with self.subTest(answers=answers):
+                shell = Shell(self.core(), answers)
+                due = shell.run(10.0, core_events(10))
+                now = 10.0
+                for _ in answers[1:]:
+                    now += due
+                    due = shell.run(now)
+                self.assertLessEqual(due, most)
+                self.assertGreaterEqual(due, least)
+                self.assertAlmostEqual(shell.core.waiting[0], now + due)
+                self.assertEqual(shell.core.waiting[1], waiting)
+                self.assertEqual(len(shell.of(lite._Post)), len(answers))
+                if due > 0.05:
+                    shell.run(now + due - 0.05)         # not before the time told
+                    self.assertEqual(len(shell.of(lite._Post)), len(answers))
+                writes = shell.of(lite._Write)
+                self.assertEqual([w.why for w in writes], [aside] if aside else [])
+                if aside is None:
+                    shell.run(now + due)
+                    self.assertEqual(shell.sent(), [10] * (len(answers) + 1))
+                    self.assertEqual(shell.core.book.stats["delivered"], 10)
+
+    def test_live_events_go_before_a_backlog_batch_that_waits(self):
+        """Core: a spooled batch waiting for the window lets live events go first."""
+        shell = Shell(self.core(), [("defer", 5.0)], disk=[disk_batch(range(100, 110))])
+        self.assertEqual(shell.run(1.0), 5.0)               # the backlog waits for the window
+        self.assertEqual(shell.sent(), [10])                # (asked for, deferred)
+        shell.run(2.0, core_events(10))                     # live, while it waits
+        self.assertEqual(shell.run(6.0), None)
+        calls = [json.loads(a.job.body.decode())[0]["value"] for a in shell.of(lite._Post)]
+        self.assertEqual(calls, [100, 0, 100])
+        self.assertEqual(shell.core.book.stats["replayed"], 10)
+        self.assertEqual(len(shell.of(lite._Ack)), 1)
+
+    def test_413_halves_and_400_narrows_down_to_the_refused_event(self):
+        """Core: 413 sends each half; 400 bisects to the refused event, which is
+        dead-lettered; a spool line halved is acked once both halves are delivered."""
+        table = [       # (answers, from disk) -> (sent, dead letters, acks)
+            ([413, 204, 204], False, [8, 4, 4], 0, 0),
+            ([400, 204, 400, 204, 400, 204, 400], False, [8, 4, 4, 2, 2, 1, 1], 1, 0),
+            ([413, 204, 204], True, [8, 4, 4], 0, 1),
+        ]
+        for answers, spooled, sent, dead, acks in table:
+            with self.subTest(answers=answers, spooled=spooled):
+                disk = [disk_batch(range(8))] if spooled else []
+                shell = Shell(self.core(buffer_size=8), answers, disk)
+                shell.run(1.0, [] if spooled else core_events(8))
+                self.assertEqual(shell.sent(), sent)
+                self.assertEqual(len(shell.of(lite._DeadLetter)), dead)
+                self.assertEqual(shell.core.book.lost, dead)
+                self.assertEqual([len(a.refs) for a in shell.of(lite._Ack)], [1] * acks)
+                if acks:        # after the last half, not before
+                    kinds = [type(a) for a in shell.actions]
+                    self.assertGreater(kinds.index(lite._Ack),
+                                       len(kinds) - 1 - kinds[::-1].index(lite._Post))
+                stats = shell.core.book.stats
+                self.assertEqual(stats["replayed" if spooled else "delivered"], 8 - dead)
+
+    new_budget = lite._RateBudget       # the shell's (PurityTest hands out ones built before)
+
+    def test_calls_are_paced_over_the_window_the_server_tells(self):
+        """Core: through the shell's budget, calls spread over the window the server tells,
+        never past its limit (no 429), and go on in the next; the window is used whole."""
+        table = [       # (calls a window, events) -> (windows it takes)
+            (3, 100, 4),
+            (10, 300, 3),
+            (30, 300, 1),
+        ]
+        for limit, count, windows in table:
+            with self.subTest(limit=limit, count=count):
+                shell = Shell(self.core(max_queue=10000), budget=self.new_budget(),
+                              window=limit)
+                now, due = 0.0, shell.run(0.0, core_events(count))
+                while due is not None:
+                    now += max(due, 0.001)
+                    due = shell.run(now)
+                self.assertEqual(sum(shell.calls), count)
+                self.assertEqual(max(shell.calls), 10)
+                per_window = collections.Counter(int(t // 10.0) for t in shell.times)
+                self.assertEqual(max(per_window.values()), limit)     # all of it, no more
+                self.assertEqual(len(per_window), windows)
+                self.assertEqual(shell.core.book.stats["rate_limited"], 0)
+                gaps = [b - a for a, b in zip(shell.times[1:], shell.times[2:])]
+                self.assertGreaterEqual(min(gaps), 10.0 / limit / 2)     # spread, not bursts
+
+    def test_durable_mode_journals_memory_and_fsyncs_on_time(self):
+        """Core: durable mode writes memory half a sync_interval old as journal lines and
+        asks for an fsync half a sync_interval after a write, a call out or not."""
+        table = [       # (a call out) -> [(time, what the core asks for)]
+            (False, [(0.5, "journal 3"), (1.0, "sync")]),
+            (True, [(0.0, "post"), (0.5, "journal 3"), (1.0, "sync")]),
+        ]
+        names = {lite._Post: "post", lite._Sync: "sync", lite._Write: "journal"}
+        for call_out, expected in table:
+            with self.subTest(call_out=call_out):
+                core = lite._Core(core_settings(durable=True, sync_interval=1.0), ("b", ""),
+                                  True, 1700000000.0)
+                if not call_out:
+                    core.to_create = []             # else: creating it goes out, stays out
+                shell = Shell(core, [None])
+                now, due = 0.0, shell.run(0.0, core_events(3))
+                while due is not None and now < 5.0:
+                    now += due
+                    due = shell.run(now)
+                asked = [(when, names[type(a)] + (" %d" % a.batch.count if type(a) is
+                                                  lite._Write else ""))
+                         for when, a in shell.times_of(lite._Post, lite._Sync, lite._Write)]
+                self.assertEqual(asked, expected)
+
+    def test_401_pauses_sets_aside_and_probes_after_pause_interval(self):
+        """Core: 401 sets the batch aside, tells on_error and the log, probes after the pause."""
+        shell = Shell(self.core(), [401, 204])
+        self.assertEqual(shell.run(1.0, core_events(10)), 60.0)
+        self.assertEqual([w.why for w in shell.of(lite._Write)],
+                         ["delivery paused (key_rejected)"])
+        self.assertEqual(shell.core.book.stats["paused"], "key_rejected")
+        self.assertEqual([r.error.reason for r in shell.of(lite._Report)], ["key_rejected"])
+        self.assertIn(lite._ERROR, [a.level for a in shell.of(lite._Log)])
+        shell.run(60.9)
+        self.assertEqual(len(shell.of(lite._Post)), 1)
+        shell.run(61.0, core_events(10))
+        self.assertEqual(len(shell.of(lite._Post)), 2)      # the probe
+        self.assertEqual(shell.core.book.stats["paused"], "")
+
+    def test_close_plan(self):
+        """Core: close() waits for a window that opens before its deadline, halts at once
+        if it opens later; without a timeout it goes on while calls go through."""
+        # (window opens in, close in, idle, events) -> (halts at once, sent, ok, spooled)
+        table = [
+            (3.0, 5.0, None, 10, False, [10, 10], True, 0),
+            (3.0, 2.0, None, 10, True, [10], False, 10),     # the window opens too late
+            (0.0, 2.0, None, 50, True, [10] * 5, True, 0),
+            (0.0, 0.0, 10.0, 10, True, [], False, 10),      # the deadline is now: no call
+        ]
+        for opens, ends, idle, count, at_once, sent, ok, spooled in table:
+            with self.subTest(opens=opens, ends=ends, idle=idle):
+                answers = [("defer", opens)] if opens else []
+                shell = Shell(self.core(), answers)
+                wait = PlainWait(0, 1.0 + ends, idle)
+                due = shell.run(1.0, core_events(count) + [wait])
+                self.assertEqual(due is None, at_once)
+                if due is not None:
+                    due = shell.run(1.0 + due)
+                self.assertIsNone(due)
+                self.assertEqual(shell.core.state, "stopped")
+                self.assertEqual(shell.sent(), sent)
+                self.assertEqual([(a.wait, a.ok) for a in shell.of(lite._Answer)], [(wait, ok)])
+                self.assertEqual(sum(w.batch.count for w in shell.of(lite._Write)), spooled)
+                kinds = [type(a) for a in shell.actions]
+                self.assertLess(kinds.index(lite._Halted), kinds.index(lite._Answer))
+
+    def test_close_without_timeout_ends_idle_seconds_after_the_last_success(self):
+        """Core: each call that goes through moves close()'s end idle seconds later."""
+        shell = Shell(self.core(max_retries=100), [204] + [503] * 100)
+        wait = PlainWait(0, 3.0, 10.0)         # close(2) with idle 10
+        now = 1.0
+        due = shell.run(now, core_events(30) + [wait])
+        while due is not None:
+            now += due
+            due = shell.run(now)
+        self.assertEqual(shell.sent()[0], 10)
+        self.assertEqual(shell.core.close_at, 11.0)     # moved: 10 s after the success at 1.0
+        self.assertGreater(now, 3.0)                    # retried past the first end ...
+        self.assertLessEqual(now, 11.0)                 # ... and never past the moved one
+        self.assertIn("close() deadline", shell.of(lite._Halted)[0].why)
+        self.assertEqual([a.ok for a in shell.of(lite._Answer)], [False])
+
+    def test_max_queue_sets_aside_the_oldest_excess(self):
+        """Core: past max_queue the oldest excess goes to disk (no spool: dropped, counted)."""
+        table = [       # (spool) -> (written, dropped)
+            (True, 160, {}),
+            (False, 0, {"no_spool": 160}),
+        ]
+        for spool, written, dropped in table:
+            with self.subTest(spool=spool):
+                shell = Shell(self.core(spool=spool), [None])   # a call that stays out
+                shell.run(1.0, core_events(10))
+                shell.run(1.5, core_events(250, 10))
+                self.assertEqual(shell.core.count, 100)
+                writes = shell.of(lite._Write)
+                self.assertEqual(sum(w.batch.count for w in writes), written)
+                self.assertTrue(all(w.drop for w in writes))
+                self.assertEqual(shell.core.book.stats["dropped"], dropped)
+                self.assertEqual(shell.core.book.lost, sum(dropped.values()))
+                self.assertEqual(shell.core.memory.oldest()[0], 170)    # the newest stay
+
+    def test_flush_answers_are_truthful(self):
+        """Core: flush() is answered True once all it asked for is delivered and nothing
+        was lost since the last answer; False once, after a loss; not while a backlog waits."""
+        nan = float("nan")
+        table = [       # (events, disk view) -> answers
+            (core_events(5), None, [True]),
+            (core_events(2) + [("k", nan, 1.0)], None, [False]),
+            (core_events(5), lite._Disk(True, None), []),      # spool lines still wait
+            (core_events(5), lite._Disk(False, 3), []),        # our own, on disk
+        ]
+        for logged, view, answers in table:
+            with self.subTest(logged=len(logged), view=view):
+                shell = Shell(self.core())
+                wait = PlainWait(shell.core.book.lost)
+                shell.run(1.0, logged + [wait], view=view)
+                self.assertEqual([a.ok for a in shell.of(lite._Answer)], answers)
+                if answers:
+                    again = PlainWait(shell.core.book.lost)
+                    shell.run(2.0, [again])
+                    self.assertEqual([a.ok for a in shell.of(lite._Answer)], answers + [True])
+
+    def test_count_follows_a_batch_that_grows_on_retry(self):
+        """Core: a failed batch that grows on its retry is counted once (it was not)."""
+        shell = Shell(self.core(), [(429, {"retry-after": "2"}), None])
+        self.assertEqual(shell.run(1.0, core_events(3) + [PlainWait()]), 2.0)
+        shell.run(2.0, core_events(7, 3))
+        self.assertEqual(shell.core.count, 10)
+        shell.run(3.0)                          # the retry, grown to 10, stays out
+        self.assertEqual(shell.sent(), [3, 10])
+        self.assertEqual(shell.core.count, 10)
+        shell.core.outcome(shell.core.out, lite._Response(204, {}, b""), None, 2.0, 0.0)
+        self.assertEqual(shell.core.count, 0)
+
+
 class CalendarTest(IsolatedCase):
     """_month_of and _month_left: calendar arithmetic equal to time.gmtime's, without it."""
 
@@ -4515,10 +4914,8 @@ class Forbidden(object):
 class PurityTest(IsolatedCase):
     """The delivery core does no I/O: time, threading, socket and os raise while it steps."""
 
-    def test_core_steps_with_time_threading_socket_and_os_forbidden(self):
-        """Core: every decision runs with the module's clocks, threads, sockets and files gone."""
-        budget = lite._RateBudget()     # built by the shell: its lock (Streamers of a key share it)
-        tally = lite._MonthTally()
+    def forbid(self):
+        """Make the module's time, threading, socket and os (and its clocks) raise."""
         patches = [mock.patch.object(lite, name, Forbidden(name), create=True)
                    for name in ("time", "threading", "socket", "os")]
         patches += [mock.patch.object(lite, name, Forbidden(name))
@@ -4526,6 +4923,12 @@ class PurityTest(IsolatedCase):
         for patcher in patches:
             patcher.start()
             self.addCleanup(patcher.stop)
+
+    def test_core_steps_with_time_threading_socket_and_os_forbidden(self):
+        """Core: every decision runs with the module's clocks, threads, sockets and files gone."""
+        budget = lite._RateBudget()     # built by the shell: its lock (Streamers of a key share it)
+        tally = lite._MonthTally()
+        self.forbid()
         CoreTest("test_memory_due").test_memory_due()
         CoreTest("test_call_deadline_grows_with_the_body").test_call_deadline_grows_with_the_body()
         CoreTest("test_after_failure").test_after_failure()
@@ -4540,6 +4943,21 @@ class PurityTest(IsolatedCase):
         self.assertGreater(tally.projected(1700000060.0), 10)
         with self.assertRaises(AssertionError):     # the guard itself works
             lite.time.monotonic()
+
+    def test_core_object_steps_with_time_threading_socket_and_os_forbidden(self):
+        """Core: the _Core's table tests pass with the module's clocks, threads, sockets
+        and files gone."""
+        core_settings()                 # built by the shell beforehand: it checks the folder
+        budgets = [lite._RateBudget() for _ in range(10)]       # each makes a lock
+        self.addCleanup(setattr, CoreStepTest, "new_budget", CoreStepTest.new_budget)
+        CoreStepTest.new_budget = budgets.pop
+        self.forbid()
+        tests = sorted(name for name in dir(CoreStepTest) if name.startswith("test_"))
+        self.assertGreaterEqual(len(tests), 10)
+        for name in tests:
+            getattr(CoreStepTest(name), name)()
+        with self.assertRaises(AssertionError):     # the guard itself works
+            lite.os.getpid()
 
 
 class MemoryTest(IsolatedCase):
@@ -4687,7 +5105,7 @@ class WorkerTest(LiteTestCase):
         value = 0
         for count in counts:
             parts = [lite._encode_event(("k", value + i, 1700000000.0)) for i in range(count)]
-            old.writer.append(old.memory.bucket, parts)
+            old.writer.append(old.core.memory.bucket, parts)
             value += count
         old.halt("test over")                   # the lines stay on disk, unlocked
         self.assertEqual(len(spooled_events(folder)), value)
@@ -4711,7 +5129,7 @@ class WorkerTest(LiteTestCase):
         delay = self.run_until_idle(worker, steps=100)
         self.assertEqual(self.transport.events(), [10, 10])        # the second failed
         self.assertEqual(len(spooled_events(folder)), 25)          # not retired yet
-        self.assertEqual(sum(b.count for b in worker.pending.batches), 15)
+        self.assertEqual(sum(b.count for b in worker.core.batches.queue), 15)
         # A crash now: another process claims the line and sends all of it again.
         worker.reader.forget_after_fork()
         again = self.worker(spool_dir=folder, buffer_size=10)
@@ -4734,14 +5152,14 @@ class WorkerTest(LiteTestCase):
         self.spool_lines(folder, 10, 10)
         budget = lite._RateBudget()
         worker = self.worker(spool_dir=folder, buffer_size=10, budget=budget)
-        worker.created.add("fake")
-        worker.to_create = []
+        worker.core.created.add("fake")
+        worker.core.to_create = []
         budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
                        "x-ratelimit-reset": "%.3f" % (time.time() + 5.0)},
                       self.clock(), time.time())
         delay = self.run_until_idle(worker)
         self.assertEqual(self.transport.posts, [])
-        self.assertIsNotNone(worker.pending.batches[0].refs)   # the backlog, waiting
+        self.assertIsNotNone(worker.core.batches.queue[0].refs)   # the backlog, waiting
         self.log(worker, 10, key="live")
         self.clock.now += delay
         for _ in range(10):
@@ -4910,8 +5328,8 @@ class WorkerTest(LiteTestCase):
         for deadline, sent in ((5.0, [10]), (2.0, [])):
             budget = lite._RateBudget()
             worker = self.worker(buffer_size=100, budget=budget)
-            worker.created.add("fake")
-            worker.to_create = []
+            worker.core.created.add("fake")
+            worker.core.to_create = []
             wall = time.time()                  # one reading: the reset is 3 s after it
             budget.update({"x-ratelimit-limit": "30", "x-ratelimit-remaining": "0",
                            "x-ratelimit-reset": "%.3f" % (wall + 3.0)},
@@ -4976,10 +5394,10 @@ class WorkerTest(LiteTestCase):
         worker = self.worker()
         writes = []
         worker.reader.save_state = lambda state: writes.append(dict(state))
-        worker.ledger.drop(3, "spool_full", None)
+        worker.core.book.drop(3, "spool_full", None)
         worker.step()
         self.clock.now += 61.0
-        worker.ledger.drop(2, "spool_full", None)
+        worker.core.book.drop(2, "spool_full", None)
         worker.step()
         self.assertEqual([w["dropped"] for w in writes],
                          [{"spool_full": 3}, {"spool_full": 5}])
@@ -4987,12 +5405,11 @@ class WorkerTest(LiteTestCase):
     def test_max_queue_spills_only_the_excess_while_a_request_is_out(self):
         """Worker: past max_queue the oldest excess goes to disk, nothing is dropped."""
         worker = self.worker(buffer_size=10, max_queue=100)
-        worker.courier.busy = True          # a request that has not answered
-        worker.courier.job = None
+        worker.courier = SilentCourier()    # a request that does not answer
+        worker.step()                       # the bucket's creation goes out
         self.log(worker, 250)
-        worker.absorb(self.clock())
-        worker.spill_over_max_queue()
-        self.assertEqual(worker.memory.count, 100)
+        worker.step()
+        self.assertEqual(worker.core.memory.count, 100)
         self.assertEqual(worker.stats["spooled"], 150)
         self.assertEqual(worker.stats["dropped"], {})
 
