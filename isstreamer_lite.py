@@ -3826,9 +3826,9 @@ class _Worker(object):
     ``use_async=False`` the caller holding the pump baton. Other threads
     only append to ``inbox``, set ``wake`` and read the published fields
     (``state``, ``stopped``, ``wake_at``, ``waiting``, ``progress``, the
-    core's ``count`` and the ``book``'s counts); the one write from outside is
-    a caller setting ``wake_at`` to _NEVER right after it set ``wake`` (one
-    signal per wake-up; the runner sets it again before it sleeps).
+    core's ``count`` and the ``book``'s counts): they never write its fields.
+    ``wake_at`` is the inbox length at which a caller rings ``wake``; the
+    runner sets it to _NEVER while awake.
     """
 
     def __init__(self, settings, sender, writer, reader, budget, bucket, clock=_monotonic,
@@ -4208,11 +4208,11 @@ def _close_all_at_exit():
     closing = []                        # those this hook closes (or waits for)
     try:
         for streamer in streamers:
-            begun = streamer._begin_close(deadline, again=True)
-            if begun is not None:
-                closing.append(streamer)
-        for streamer in closing:
-            streamer._finish_close(streamer._worker, streamer._close_wait, deadline)
+            session = streamer._begin_close(deadline, again=True)
+            if session is not None:
+                closing.append((streamer, session))
+        for streamer, session in closing:
+            streamer._finish_close(session, deadline)
     except BaseException:
         for streamer in streamers:
             streamer._close_now()
@@ -4311,8 +4311,9 @@ def _flatten(prefix, obj, depth=0, seen=None):
     seen.discard(id(obj))
 
 
-def _new_worker(settings, bucket, stats=None, only=None):
-    """A worker with its sender, spool and rate budget (no thread yet)."""
+def _new_worker(settings, bucket, book=None, only=None):
+    """A worker with its sender, spool and rate budget (no thread yet); ``book``: the
+    previous run's, whose counts go on."""
     transport = _HTTPTransport(settings.api_base, settings.timeout,
                                settings.ssl_context, settings.user_agent)
     sender = _Sender(settings, transport)
@@ -4326,9 +4327,159 @@ def _new_worker(settings, bucket, stats=None, only=None):
     if settings.offline:
         sender = _CsvSender(settings.offline_file)
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
-    if stats is not None:
-        worker.book.stats = stats
+    if book is not None:
+        worker.book.stats, worker.book.lost, worker.book.told = book.stats, book.lost, book.told
     return worker
+
+
+class _Session(object):
+    """One run of a Streamer: a worker and what drives it, from its start to its stop.
+
+    The worker's own thread drives it; with use_async=False (or where no
+    thread may start) a caller holding ``baton`` pumps it in the caller's
+    thread. A session is made, and its worker started, before the Streamer
+    publishes it, and is never reused once stopped. The Streamer writes
+    ``keys`` and ``close_wait`` under its lock; nothing else here changes
+    after the start. Callers' threads append to the inbox, ring ``wake`` and
+    read what the worker publishes: they never write the worker's fields.
+    """
+
+    def __init__(self, settings, bucket, book=None):
+        self.settings = settings
+        self.worker = worker = _new_worker(settings, bucket, book)
+        self.inbox = worker.inbox
+        self.keys = set()               # validated keys: log()'s fast path (see Streamer)
+        self.close_wait = None          # what close() asked of this run
+        self.baton = threading.Lock()   # use_async=False: whoever holds it runs the worker
+        self.thread = None
+        name = "isstreamer_lite[%s]" % bucket[0][:32]
+        if settings.use_async:
+            worker.courier = _Courier(worker.sender, worker.wake, name)
+            try:
+                thread = threading.Thread(target=worker.run, daemon=True, name=name)
+                _start_thread(thread)
+                self.thread = thread
+            except RuntimeError as exc:     # an isolated sub-interpreter: no daemon threads
+                _log.info("no worker thread here (%s): events are sent from the threads "
+                          "that log them, as with use_async=False", exc)
+        if self.thread is None:
+            worker.courier = _InlineCourier(worker.sender, watchdog=not settings.offline)
+
+    def ring(self):
+        """The inbox reached the worker's threshold: wake its thread, or pump it here."""
+        worker = self.worker
+        if self.thread is not None:
+            if not worker.wake.is_set():    # one signal per wake-up is enough
+                worker.wake.set()
+        elif len(worker.inbox) + worker.core.memory.count >= self.settings.buffer_size:
+            # A signal handler's log() must never wait for the baton it interrupted.
+            self.pump(_monotonic() + self.settings.timeout, block=False)
+
+    def pump(self, deadline, until=None, block=True):
+        """Without a thread: run the worker here until idle, ``until`` or ``deadline``
+        holding the baton (if it can be had), then its on_error calls, outside it."""
+        baton = self.baton
+        if not (baton.acquire(True, max(0.0, deadline - _monotonic())) if block
+                else baton.acquire(False)):
+            return
+        try:
+            reports = self.worker.pump(deadline, until)
+        finally:
+            baton.release()
+        _run_reports(self.settings.on_error, reports, self.worker)
+
+    def halt(self, why):
+        """Without a thread: stop the worker now, unless a caller is pumping it."""
+        if self.baton.acquire(False):
+            try:
+                self.worker.halt(why)
+            finally:
+                self.baton.release()
+
+    def wait_for(self, until, deadline, idle=None):
+        """Wait until ``until`` is set or ``deadline``; with ``idle``, the deadline moves
+        to ``idle`` seconds after each call that goes through. Returns the deadline.
+
+        Inside the worker's on_error nothing is waited for: the worker is below us.
+        """
+        worker = self.worker
+        if _in_callback(worker):
+            return deadline
+        while not until.is_set():
+            now = _monotonic()
+            if now >= deadline:
+                break
+            seen = worker.progress
+            # With idle, look again each second: a call that went through moves the deadline.
+            end = deadline if idle is None else min(deadline, now + 1.0)
+            if self.thread is not None:
+                until.wait(max(0.0, end - now))
+            else:
+                self.pump(deadline, until)
+            if idle is not None and worker.progress != seen:
+                deadline = max(deadline, _monotonic() + idle)
+            elif self.thread is None:
+                break                   # the pump ran to the deadline, or cannot run
+        return deadline
+
+    def settled_now(self):
+        """flush() from on_error: whether everything is delivered, from the state, at once.
+
+        The callback cannot wait for the worker that called it, nor pump it again.
+        """
+        if self.thread is not None:
+            return self.worker.settled()
+        if not self.baton.acquire(False):
+            return False
+        try:
+            return self.worker.settled()
+        finally:
+            self.baton.release()
+
+    def stop(self, deadline, idle=None):
+        """close(): wait for the worker to stop, then for its thread to end; whether it did.
+
+        Without a thread, a worker not stopped by the deadline is halted here.
+        """
+        worker = self.worker
+        deadline = self.wait_for(worker.stopped, deadline, idle)
+        if self.thread is None:
+            if not worker.stopped.is_set():
+                self.halt("close() deadline reached")
+        elif worker.stopped.is_set() and self.thread is not threading.current_thread():
+            # Its last on_error calls, then it ends: a sub-interpreter cannot
+            # be destroyed while it is alive. Never past the deadline.
+            self.thread.join(min(_JOIN_WAIT, max(0.0, deadline - _monotonic())))
+        return worker.stopped.is_set()
+
+    def stop_now(self):
+        """A signal or Ctrl-C: memory goes to the spool at once; a few seconds at most,
+        however many signals come. Whether the worker stopped."""
+        worker = self.worker
+        worker.wake.set()
+        give_up = _monotonic() + _URGENT_WAIT
+        while not worker.stopped.is_set() and _monotonic() < give_up:
+            try:
+                if self.thread is None:
+                    self.halt("interrupted")
+                    break
+                worker.stopped.wait(max(0.0, give_up - _monotonic()))
+            except BaseException:           # a second signal: keep spooling
+                continue
+        return worker.stopped.is_set()
+
+    def forget_after_fork(self):
+        """In a forked child: let go of the parent's segments and socket, unlocked."""
+        worker = self.worker
+        if worker.reader is not None:
+            worker.reader.forget_after_fork()
+        worker.sender.transport.forget()
+        self.baton = threading.Lock()       # the parent's may have been held at the fork
+
+
+# The Streamer's lifecycle: open (a session takes events), closing (close() asked
+# its session to stop), closed (the facade saw that session stop).
+_OPEN, _CLOSED = "open", "closed"
 
 
 class Streamer(object):
@@ -4336,6 +4487,7 @@ class Streamer(object):
 
     Drop-in for ISStreamer 2.0.0's ``Streamer``; the options after ``*`` are
     new and keyword-only. See the README for every option and its default.
+    A facade: the worker of its current ``_Session`` does the work.
     """
 
     def __init__(self, bucket_name="", bucket_key="", access_key="", ini_file_location=None,
@@ -4359,31 +4511,27 @@ class Streamer(object):
             handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
         _preload(settings)
         self._settings = settings
-        bucket_key, bucket_name = settings.bucket_key, settings.bucket_name
         self._strict = debug_level >= 2
         self._echo = debug_level >= 1
-        self._bucket = (bucket_key, bucket_name)
-        # Guards _worker, _thread, _closed and _close_wait: swapped together when the
-        # Streamer opens, closes or reopens. Never held while waiting or sending;
-        # re-entrant, for a log() from a signal handler that interrupted its holder.
+        self._bucket = (settings.bucket_key, settings.bucket_name)
+        # The one lock. It guards _state and _session (swapped together when the
+        # Streamer closes or reopens), the session's keys and close_wait, and the
+        # counts of events refused at log() (_rejected, _warned, _long_keys). It is
+        # never held across I/O, a sleep, a wait or a user callback; re-entrant, for
+        # a log() from a signal handler that interrupted its holder.
         self._lock = threading.RLock()
-        # use_async=False: the baton; whoever holds it runs the worker.
-        self._baton = threading.Lock()
-        self._closed = False
-        self._close_wait = None
-        # Guards _rejected, _warned (events refused at log(), by reason) and _long_keys; re-entrant
-        # for a log() from a signal handler. Never held while logging.
-        self._count_lock = threading.RLock()
+        self._state = _OPEN
+        self._session = _Session(settings, self._bucket)
         self._rejected = {}
         self._warned = {}
         self._long_keys = set()         # keys over _API_KEY_CHARS warned of
-        self._start(None)
+        self._opened()
         _install_process_hooks()
         _flush_at_multiprocessing_exit()
         handlers = settings.handle_sigterm and _exit_on_signals()
         if self._echo:
             _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
-                      bucket_key, bucket_name, "offline file " + settings.offline_file
+                      self._bucket[0], self._bucket[1], "offline file " + settings.offline_file
                       if settings.offline else settings.api_base,
                       _mask(settings.access_key),
                       "" if settings.offline else ", spool %s" % settings.spool_dir,
@@ -4392,53 +4540,91 @@ class Streamer(object):
                       "" if handlers or not settings.handle_sigterm else
                       " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
 
-    def _start(self, stats):
-        """A new worker (and thread) for this Streamer's settings and bucket."""
-        s = self._settings
-        worker = _new_worker(s, self._bucket, stats)
-        # Keys already validated, so log() need not check them again; emptied
-        # on close() and never filled when events are echoed (slow path).
-        self._keys = set()
-        self._worker = worker
-        self._queue = worker.inbox
-        self._thread = None
-        if s.use_async:
-            name = "isstreamer_lite[%s]" % self._bucket[0][:32]
-            worker.courier = _Courier(worker.sender, worker.wake, name)
-            try:
-                thread = threading.Thread(target=worker.run, daemon=True, name=name)
-                _start_thread(thread)
-                self._thread = thread
-            except RuntimeError as exc:     # an isolated sub-interpreter: no daemon threads
-                _log.info("no worker thread here (%s): events are sent from the threads "
-                          "that log them, as with use_async=False", exc)
-        if self._thread is None:
-            worker.courier = _InlineCourier(worker.sender, watchdog=not s.offline)
+    # the lifecycle: _state's transitions
+
+    def _opened(self):
         with _hooks_lock:
             _open_streamers.add(self)
 
     def _reopen(self):
-        """After close(): a new worker with the same settings, as ISStreamer's close() allows."""
-        with self._lock:
-            if not self._closed:
+        """After close(): a new session with the same settings, as ISStreamer's close()
+        allows. The new worker starts outside the lock; one that lost a race to
+        another reopen stops at once, having taken nothing."""
+        while True:
+            with self._lock:
+                if self._state is _OPEN:
+                    return
+                old = self._session
+            session = _Session(self._settings, self._bucket, old.worker.book)
+            with self._lock:
+                won = self._state is not _OPEN and self._session is old
+                if won:
+                    self._state, self._session = _OPEN, session
+                    while old.inbox:            # logged while it was stopping
+                        session.inbox.append(old.inbox.popleft())
+            if won:
+                self._opened()
                 return
-            old = self._worker
-            self._closed = False
-            self._start(old.stats)
-            self._worker.book.lost = old.book.lost
-            self._worker.book.told = old.book.told
-            while old.inbox:                # logged while it was stopping
-                self._queue.append(old.inbox.popleft())
+            session.close_wait = _Wait(0, _monotonic())
+            session.inbox.append(session.close_wait)
+            session.stop_now()
+
+    def _begin_close(self, deadline, again=False, idle=None):
+        """open -> closing: ask the worker to stop by the deadline; the session, or None
+        if already closing or closed.
+
+        ``again`` (the exit hook): a close still under way is waited for too.
+        ``idle``: the deadline moves to ``idle`` seconds after each call that
+        goes through.
+        """
+        with self._lock:
+            session = self._session
+            if self._state is not _OPEN:
+                if again and self._state is _CLOSING and not session.worker.stopped.is_set():
+                    return session
+                return None
+            worker = session.worker
+            # Keep a little time to spool what is left once the deadline passes.
+            margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
+            self._state = _CLOSING
+            session.keys = frozenset()
+            session.close_wait = _Wait(worker.book.lost, deadline - margin,
+                                       None if idle is None else idle - margin)
+            worker.inbox.append(session.close_wait)
+        worker.wake.set()
+        return session
+
+    def _finish_close(self, session, deadline, idle=None):
+        """closing -> closed once the session's worker stopped; close()'s answer."""
+        if not session.stop(deadline, idle):
+            return False
+        self._closed(session)
+        return session.close_wait.ok
+
+    def _closed(self, session):
+        with self._lock:
+            if self._session is session:
+                self._state = _CLOSED
+        with _hooks_lock:
+            _open_streamers.discard(self)
+
+    def _close_now(self):
+        """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once."""
+        with self._lock:
+            session = self._session
+            self._state = _CLOSING
+            session.keys = frozenset()
+            session.close_wait = _Wait(session.worker.book.lost, _monotonic())
+            session.inbox.append(session.close_wait)
+        if session.stop_now():
+            self._closed(session)
 
     def _restart_after_fork(self):
-        old = self._worker
-        if old.reader is not None:
-            old.reader.forget_after_fork()
-        old.sender.transport.forget()
+        """In a forked child: no parent events; an open Streamer gets a new session."""
         self._lock = threading.RLock()
-        self._baton = threading.Lock()
-        if not self._closed:
-            self._start(None)
+        self._session.forget_after_fork()
+        if self._state is _OPEN:
+            self._session = _Session(self._settings, self._bucket)
 
     # the caller's path
 
@@ -4451,14 +4637,15 @@ class Streamer(object):
         2 or more a ValueError/TypeError raised here.
         """
         kind = type(value)
-        if epoch is None and type(key) is str and key in self._keys and (
+        session = self._session
+        if epoch is None and type(key) is str and key in session.keys and (
                 kind is float and value - value == 0.0 or kind is bool
                 or kind is int and -_INT_LIMIT <= value <= _INT_LIMIT
                 or kind is str and len(value) <= _MAX_VALUE_CHARS and _isascii(value)):
-            queue = self._queue
+            queue = session.inbox
             queue.append((key, value, _time()))
-            if len(queue) >= self._worker.wake_at:
-                self._notify()
+            if len(queue) >= session.worker.wake_at:
+                session.ring()
             return
         self._log_checked(key, value, epoch)
 
@@ -4475,27 +4662,27 @@ class Streamer(object):
             return
         if len(key) > _API_KEY_CHARS:
             self._warn_long_key(key)
-        if self._closed:
+        if self._state is not _OPEN:
             self._reopen()
+        session = self._session
         # close() may run at any moment here and replace the cache with a frozenset:
         # read it once, and add only to a set (an old one is no longer read).
-        keys = self._keys
+        keys = session.keys
         if not self._echo and type(key) is str and isinstance(keys, set) \
                 and len(keys) < _KNOWN_KEYS:
             keys.add(key)
-        queue = self._queue
-        queue.append((key, value, epoch))
-        if self._closed:
+        session.inbox.append((key, value, epoch))
+        if self._state is not _OPEN:
             self._reopen()          # closed meanwhile: the event goes to the new worker
-        elif len(queue) >= self._worker.wake_at:
-            self._notify()
+        elif len(session.inbox) >= session.worker.wake_at:
+            session.ring()
         if self._echo:
             _log.info("%s: %s %r", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)),
                       key, value)
 
     def _warn_long_key(self, key):
         """One warning per key over the API reference's 100 characters (for 1,000 keys)."""
-        with self._count_lock:
+        with self._lock:
             if key in self._long_keys or len(self._long_keys) >= _KNOWN_KEYS:
                 return
             self._long_keys.add(key)
@@ -4507,7 +4694,7 @@ class Streamer(object):
         """Count an event refused at log(); warn at most once a minute per reason."""
         reason = getattr(exc, "reason", "invalid")
         now = _monotonic()
-        with self._count_lock:
+        with self._lock:
             self._rejected[reason] = self._rejected.get(reason, 0) + 1
             last, quiet = self._warned.get(reason, (-1e9, 0))
             if now - last < _DROP_WARN_EVERY:
@@ -4526,20 +4713,6 @@ class Streamer(object):
                 raise ValueError(str(exc))
             _log.warning("%s; using the current time instead", exc)
             return _time()
-
-    def _notify(self):
-        worker = self._worker
-        if self._thread is not None:
-            worker.wake_at = _NEVER         # one signal per wake-up is enough
-            worker.wake.set()
-        elif len(worker.inbox) + worker.core.memory.count >= self._settings.buffer_size:
-            # A signal handler's log() must never wait for the baton it interrupted.
-            if self._baton.acquire(False):
-                try:
-                    reports = worker.pump(_monotonic() + self._settings.timeout)
-                finally:
-                    self._baton.release()
-                _run_reports(self._settings.on_error, reports, worker)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -4572,11 +4745,12 @@ class Streamer(object):
         if not bucket_key:
             bucket_key = _new_bucket_key()
         _check_bucket(bucket_key, bucket_name)
-        if self._closed:
+        if self._state is not _OPEN:
             self._reopen()
         self._bucket = (bucket_key, bucket_name)
-        self._queue.append(_BucketSwitch(bucket_key, bucket_name))
-        self._notify()
+        session = self._session
+        session.inbox.append(_BucketSwitch(bucket_key, bucket_name))
+        session.ring()
 
     @property
     def bucket_key(self):
@@ -4602,16 +4776,17 @@ class Streamer(object):
         """
         idle = self._settings.wait_timeout if timeout is None else None
         deadline = _monotonic() + (idle if timeout is None else timeout)
-        if self._closed:
+        if self._state is not _OPEN:
             self._reopen()
-        worker = self._worker
+        session = self._session
+        worker = session.worker
         if _in_callback(worker):
-            return self._settled_now(worker)
+            return session.settled_now()
         wait = _Wait(worker.book.lost)
-        worker.inbox.append(wait)
+        session.inbox.append(wait)
         try:
             worker.wake.set()
-            self._wait_for(worker, wait.done, deadline, idle)
+            session.wait_for(wait.done, deadline, idle)
         except BaseException:
             self._close_now()
             raise
@@ -4629,137 +4804,15 @@ class Streamer(object):
         """
         idle = self._settings.wait_timeout if timeout is None else None
         deadline = _monotonic() + (idle if timeout is None else timeout)
-        begun = self._begin_close(deadline, idle=idle)
-        if begun is None:
-            wait = self._close_wait
+        session = self._begin_close(deadline, idle=idle)
+        if session is None:
+            wait = self._session.close_wait
             return wait is not None and wait.done.is_set() and wait.ok
         try:
-            return self._finish_close(begun[0], begun[1], deadline, idle)
+            return self._finish_close(session, deadline, idle)
         except BaseException:
             self._close_now()
             raise
-
-    def _begin_close(self, deadline, again=False, idle=None):
-        """Ask the worker to stop by the deadline; (worker, wait), or None if closed.
-
-        ``again`` (the exit hook): a close still under way is waited for too.
-        ``idle``: the deadline moves to ``idle`` seconds after each call that
-        goes through.
-        """
-        with self._lock:
-            if self._closed:
-                if again and self._close_wait is not None and \
-                        not self._worker.stopped.is_set():
-                    return self._worker, self._close_wait
-                return None
-            self._closed = True
-            self._keys = frozenset()
-            worker = self._worker
-            # Keep a little time to spool what is left once the deadline passes.
-            margin = min(0.5, max(0.0, deadline - _monotonic()) * 0.1)
-            wait = self._close_wait = _Wait(worker.book.lost, deadline - margin,
-                                            None if idle is None else idle - margin)
-            worker.inbox.append(wait)
-        worker.wake.set()
-        return worker, wait
-
-    def _finish_close(self, worker, wait, deadline, idle=None):
-        thread = self._thread
-        if thread is not None:
-            deadline = self._wait_for(worker, worker.stopped, deadline, idle)
-            if worker.stopped.is_set() and thread is not threading.current_thread():
-                # Its last on_error calls, then it ends: a sub-interpreter cannot
-                # be destroyed while it is alive. Never past the deadline.
-                thread.join(min(_JOIN_WAIT, max(0.0, deadline - _monotonic())))
-        else:
-            self._wait_for(worker, worker.stopped, deadline, idle)
-            if not worker.stopped.is_set() and self._baton.acquire(False):
-                try:
-                    worker.halt("close() deadline reached")
-                finally:
-                    self._baton.release()
-        if worker.stopped.is_set():
-            with _hooks_lock:
-                _open_streamers.discard(self)
-        return worker.stopped.is_set() and wait.ok
-
-    def _settled_now(self, worker):
-        """flush() from on_error: whether everything is delivered, from the state, at once.
-
-        The callback cannot wait for the worker that called it, nor pump it again.
-        """
-        if self._thread is None and not self._baton.acquire(False):
-            return False
-        try:
-            return worker.settled()
-        finally:
-            if self._thread is None:
-                self._baton.release()
-
-    def _wait_for(self, worker, until, deadline, idle=None):
-        """Wait until ``until`` is set or ``deadline``; with ``idle``, the deadline moves
-        to ``idle`` seconds after each call that goes through. Returns the deadline.
-
-        Inside the worker's on_error nothing is waited for: the worker is below us.
-        """
-        if _in_callback(worker):
-            return deadline
-        while not until.is_set():
-            now = _monotonic()
-            if now >= deadline:
-                break
-            seen = worker.progress
-            # With idle, look again each second: a call that went through moves the deadline.
-            end = deadline if idle is None else min(deadline, now + 1.0)
-            if self._thread is not None:
-                until.wait(max(0.0, end - now))
-            else:
-                self._pump_until(worker, deadline, until)
-            if idle is not None and worker.progress != seen:
-                deadline = max(deadline, _monotonic() + idle)
-            elif self._thread is None:
-                break                   # the pump ran to the deadline, or cannot run
-        return deadline
-
-    def _pump_until(self, worker, deadline, until):
-        """use_async=False: run the worker in this thread until ``until`` or the deadline."""
-        if _in_callback(worker):
-            return                          # the pump that called on_error is below us
-        if not self._baton.acquire(True, max(0.0, deadline - _monotonic())):
-            return
-        try:
-            reports = worker.pump(deadline, until)
-        finally:
-            self._baton.release()
-        _run_reports(self._settings.on_error, reports, worker)
-
-    def _close_now(self):
-        """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once.
-
-        Waits a few seconds at most for the worker, however many signals come.
-        """
-        worker = self._worker
-        with self._lock:
-            self._closed = True
-            self._keys = frozenset()
-        worker.inbox.append(_Wait(worker.book.lost, _monotonic()))
-        worker.wake.set()
-        give_up = _monotonic() + _URGENT_WAIT
-        while not worker.stopped.is_set() and _monotonic() < give_up:
-            try:
-                if self._thread is None:
-                    if self._baton.acquire(False):
-                        try:
-                            worker.halt("interrupted")
-                        finally:
-                            self._baton.release()
-                    break
-                worker.stopped.wait(max(0.0, give_up - _monotonic()))
-            except BaseException:           # a second signal: keep spooling
-                continue
-        if worker.stopped.is_set():
-            with _hooks_lock:
-                _open_streamers.discard(self)
 
     def __enter__(self):
         return self
@@ -4770,7 +4823,7 @@ class Streamer(object):
 
     def stats(self):
         """Counters: logged, delivered, retried, spooled, replayed, dead-lettered..."""
-        worker = self._worker
+        worker = self._session.worker
         counters = dict(worker.stats)
         counters["dropped"] = dict(counters["dropped"])
         counters["queued"] = len(worker.inbox) + worker.core.count
@@ -4779,8 +4832,8 @@ class Streamer(object):
         counters["connections"] = worker.sender.transport.connections
         counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
             if worker.writer else 0
-        counters["closed"] = self._closed
-        with self._count_lock:
+        counters["closed"] = self._state is not _OPEN
+        with self._lock:
             counters["rejected"] = dict(self._rejected)
         counters["state"] = worker.state
         until, why = worker.waiting
@@ -4794,7 +4847,7 @@ class Streamer(object):
     def __repr__(self):
         return "<Streamer bucket=%r key=%s %s>" % (
             self._bucket[0], _mask(self._settings.access_key),
-            "closed" if self._closed else "open")
+            "open" if self._state is _OPEN else "closed")
 
 
 # --- Local sink --------------------------------------------------------------

@@ -803,7 +803,7 @@ def assert_worker_stopped(streamer, timeout=10):
     close() keeps its deadline; a worker that woke late on a loaded machine
     may still be writing the spool or holding its segments when it returns.
     """
-    if not streamer._worker.stopped.wait(timeout):
+    if not streamer._session.worker.stopped.wait(timeout):
         raise AssertionError("the worker did not stop within %g s of close()" % timeout)
 
 
@@ -2604,7 +2604,7 @@ class HostileServerTest(DeliveryTestCase):
                 self.assertTrue(bounded_poll(lambda: s.stats()["waiting"], 10), s.stats())
                 self.assertEqual(s.stats()["waiting"], "rate limit window")
                 # The documented 10 s window and a little slack, never longer.
-                self.assertLessEqual(s._worker.waiting[0] - time.monotonic(), 11.01)
+                self.assertLessEqual(s._session.worker.waiting[0] - time.monotonic(), 11.01)
 
 
 class SlowLinkServer(object):
@@ -5351,7 +5351,7 @@ class SharedPacingTest(DeliveryTestCase):
         sink = self.sink(rate_limit=20, window=1.0)
         a = self.streamer(sink.url, access_key=key, bucket_key="shared-a")
         b = self.streamer(sink.url, access_key=key, bucket_key="shared-b")
-        self.assertIs(a._worker.budget, b._worker.budget)
+        self.assertIs(a._session.worker.budget, b._session.worker.budget)
         first, second = events("a", 150), events("b", 150)
         log_all(a, first)
         log_all(b, second)
@@ -6137,7 +6137,7 @@ class BatchingTest(LiteTestCase):
                 if not closed:
                     closed.append(s.close(5))
                 return set.__len__(inner)
-        s._keys = ClosingKeys()
+        s._session.keys = ClosingKeys()
         s.log("new-key", 1)                 # slow path: a key not yet in the cache
         self.assertEqual(closed, [True])
         self.assertTrue(s.close(5))         # the event reopened it, or went with the close
@@ -6147,7 +6147,7 @@ class BatchingTest(LiteTestCase):
         """use_async=False: the caller's thread delivers when the buffer fills."""
         sink = self.sink(RecordingSink)
         s = self.streamer(sink, buffer_size=3, use_async=False)
-        self.assertIsNone(s._thread)
+        self.assertIsNone(s._session.thread)
         for i in range(3):
             s.log("k", i)
         self.assertEqual(self.received(sink), [("k", 0), ("k", 1), ("k", 2)])
@@ -6269,6 +6269,42 @@ class ReuseAfterCloseTest(LiteTestCase):
         self.assertEqual(self.received(sink, "after-bucket"), [("b", 2)])
         self.assertEqual(sink.buckets.get("after-bucket"), "After")
 
+
+
+class FacadeTest(LiteTestCase):
+    """Streamer is a facade: callers' threads hand events over and read what the
+    worker publishes; they never write its fields."""
+
+    def test_callers_never_write_a_started_worker_or_its_book(self):
+        """Streamer: log(), flush(), close() and a reopen write no field of a started worker."""
+        started, written = set(), []
+        caller = threading.current_thread()
+        start_thread = lite._start_thread
+
+        def tracked(thread):
+            worker = getattr(getattr(thread, "_target", None), "__self__", None)
+            if isinstance(worker, lite._Worker):
+                started.update((id(worker), id(worker.book)))
+            start_thread(thread)
+
+        def spy(obj, name, value):
+            if threading.current_thread() is caller and id(obj) in started:
+                written.append((type(obj).__name__, name))
+            object.__setattr__(obj, name, value)
+        for cls in (lite._Worker, lite._Book):
+            cls.__setattr__ = spy
+            self.addCleanup(delattr, cls, "__setattr__")
+        with mock.patch.object(lite, "_start_thread", tracked):
+            sink = self.sink()
+            s = self.streamer(sink, buffer_size=2)
+            for loop in range(3):
+                for i in range(5):
+                    s.log("k", loop * 5 + i)
+                self.assertTrue(s.flush(10))
+                self.assertTrue(s.close(10))        # the next log() reopens it
+        self.assertEqual(len(self.received(sink)), 15)
+        self.assertGreaterEqual(len(started), 6)
+        self.assertEqual(written, [])
 
 STREAMING_CHILD = r'''
 import sys, time
@@ -6486,14 +6522,14 @@ class CrashTest(LiteTestCase):
         s = self.streamer(sink, durable=True, sync_interval=0.05)
         calls = []
         entered, release = threading.Event(), threading.Event()
-        original = s._worker.writer.append
+        original = s._session.worker.writer.append
 
         def stuck_disk(*args, **kwargs):
             calls.append(threading.current_thread().name)
             entered.set()
             release.wait(10)
             return original(*args, **kwargs)
-        s._worker.writer.append = stuck_disk
+        s._session.worker.writer.append = stuck_disk
         s.log("k", 0)
         self.assertTrue(entered.wait(5))
         for i in range(1, 50):
