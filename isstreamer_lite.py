@@ -1754,23 +1754,283 @@ def _merge_state(old, new, pid, running):
     return merged
 
 
-def _read_bucket_meta(folder):
-    """(bucket key, name) from a bucket folder's ``bucket.json``; ValueError if unreadable."""
-    fd = _open_private(os.path.join(folder, "bucket.json"), os.O_RDONLY)
-    with os.fdopen(fd, "rb") as handle:
-        meta = _json_load(handle.read())
-    try:
-        key, name = meta["bucketKey"], meta.get("bucketName", "")
-    except (KeyError, TypeError, AttributeError):
-        raise ValueError("bucket.json has no bucketKey") from None
-    if not isinstance(key, str) or not key or not isinstance(name, str):
-        raise ValueError("bucket.json has no bucketKey")
-    return key, name
+class _Spool(object):
+    """One access key's spool on disk: its layout and rules, known here alone.
 
+    The runner reaches it through its _SpoolReader and _SpoolWriter (the
+    lines it holds in flight); the command line's status, replay and discard
+    use it directly. Under ``<spool_dir>/<fingerprint of the key>/``::
 
-def _write_bucket_meta(folder, bucket):
-    _replace_file(os.path.join(folder, "bucket.json"),
-                  _json_bytes({"bucketKey": bucket[0], "bucketName": bucket[1]}))
+        <fingerprint of the bucket key>/bucket.json  {"bucketKey": .., "bucketName": ..}
+        <fingerprint of the bucket key>/<us>-<pid>-<hex>.jsonl  a segment: one JSON
+            array of events a line, appended by the one process that locks it
+        <segment>.ack          "<start> <end>" of each line delivered or dead-lettered
+        .<segment>.new         a segment being made: locked, then renamed into place
+        deadletter.jsonl       what the server refused, one JSON record a line
+        state.json             what ``status`` shows (status.ask, live-<pid>.json: its
+                               question to running processes and their answers)
+
+    A segment is flocked by the process that writes or replays it, and only a
+    segment still linked once locked is sent; its name is never used twice.
+    """
+
+    def __init__(self, spool_dir, fingerprint, durable=False):
+        self.spool_dir = spool_dir
+        self.fingerprint = fingerprint
+        self.folder = os.path.join(spool_dir, fingerprint)
+        self.durable = durable
+
+    @classmethod
+    def of_key(cls, spool_dir, access_key, durable=False):
+        return cls(spool_dir, _fingerprint(access_key), durable)
+
+    @classmethod
+    def every_key(cls, spool_dir):
+        """A _Spool for each key folder in ``spool_dir``, by fingerprint."""
+        names = os.listdir(spool_dir) if os.path.isdir(spool_dir) else []
+        return [cls(spool_dir, name) for name in sorted(names)
+                if os.path.isdir(os.path.join(spool_dir, name))]
+
+    # buckets and segments
+
+    def bucket_folder(self, bucket_key):
+        return os.path.join(self.folder, _fingerprint(bucket_key))
+
+    def bucket_folders(self):
+        names = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
+        return [p for p in (os.path.join(self.folder, n) for n in names) if os.path.isdir(p)]
+
+    @staticmethod
+    def read_bucket(folder):
+        """(bucket key, name) from a bucket folder's ``bucket.json``; ValueError if unreadable."""
+        fd = _open_private(os.path.join(folder, "bucket.json"), os.O_RDONLY)
+        with os.fdopen(fd, "rb") as handle:
+            meta = _json_load(handle.read())
+        try:
+            key, name = meta["bucketKey"], meta.get("bucketName", "")
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError("bucket.json has no bucketKey") from None
+        if not isinstance(key, str) or not key or not isinstance(name, str):
+            raise ValueError("bucket.json has no bucketKey")
+        return key, name
+
+    @staticmethod
+    def write_bucket(folder, bucket):
+        _replace_file(os.path.join(folder, "bucket.json"),
+                      _json_bytes({"bucketKey": bucket[0], "bucketName": bucket[1]}))
+
+    def segments(self, folder=None, sweep=False):
+        """Paths of the segments of one bucket folder, or of all, oldest first.
+
+        ``sweep``: delete the .ack logs whose segment is gone on the way.
+        """
+        found = []
+        for bucket in [folder] if folder else [os.path.join(self.folder, n) for n in (
+                os.listdir(self.folder) if os.path.isdir(self.folder) else ())]:
+            try:
+                names = os.listdir(bucket)
+            except OSError:
+                continue
+            found.extend(os.path.join(bucket, n) for n in names
+                         if n.endswith(_SPOOL_SUFFIX) and not n.startswith("."))
+            for name in names if sweep else ():
+                if name.endswith(_SPOOL_SUFFIX + _ACK_SUFFIX):
+                    _sweep_ack(os.path.join(bucket, name))
+        found.sort(key=os.path.basename)
+        return found
+
+    def new_segment(self, bucket):
+        """Create and lock a new segment of ``bucket``; (path, fd). Raises OSError."""
+        folder = self.bucket_folder(bucket[0])
+        _private_dir(folder)
+        try:
+            self.read_bucket(folder)
+        except (OSError, ValueError):
+            self.write_bucket(folder, bucket)       # missing, or emptied by a power cut
+        name = "%017d-%d-%s%s" % (int(_time() * 1e6), os.getpid(), os.urandom(4).hex(),
+                                  _SPOOL_SUFFIX)
+        hidden = os.path.join(folder, "." + name + ".new")
+        fd = _open_private(hidden, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        try:
+            _lock_file(fd)
+            path = os.path.join(folder, name)
+            os.rename(hidden, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        _fsync_dir(folder)              # the segment's name is as durable as its lines
+        return path, fd
+
+    @staticmethod
+    def lock_segment(path, flags=os.O_RDWR):
+        """An fd of the segment at ``path``, locked and still linked there, or None."""
+        try:
+            fd = _open_private(path, flags)
+        except OSError:
+            return None
+        try:
+            if _lock_file(fd) and os.fstat(fd).st_nlink > 0 and \
+                    os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    @staticmethod
+    def pending(path):
+        """Bodies of a segment's lines not yet delivered, torn ones left out ([] if unreadable)."""
+        try:
+            fd = _open_private(path, os.O_RDONLY)
+        except OSError:
+            return []
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read()
+        return [body for _, _, body, torn in _unretired_lines(path, data) if not torn]
+
+    def remove(self, path):
+        _remove_segment(path, self.durable)
+
+    @staticmethod
+    def discard(paths):
+        """Delete files, a segment with its .ack unless a process holds it; how many were held."""
+        kept = 0
+        for path in paths:
+            try:
+                fd = _open_private(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                if path.endswith(_SPOOL_SUFFIX) and not _lock_file(fd):
+                    kept += 1                   # a running process holds it
+                    continue
+                for name in (path, path + _ACK_SUFFIX):
+                    try:
+                        os.unlink(name)
+                    except OSError:
+                        pass
+            finally:
+                os.close(fd)
+        return kept
+
+    def summary(self):
+        """What waits, per bucket with anything pending: a list of dicts (no network)."""
+        rows = []
+        for folder in self.bucket_folders():
+            try:
+                bucket_key, bucket_name = self.read_bucket(folder)
+            except (OSError, ValueError, KeyError):
+                bucket_key, bucket_name = "?", ""
+            lines = events = 0
+            oldest = None
+            paths = self.segments(folder)
+            for path in paths:
+                try:
+                    made = int(os.path.basename(path).split("-")[0]) / 1e6
+                    oldest = made if oldest is None else min(oldest, made)
+                except ValueError:
+                    pass
+                bodies = self.pending(path)
+                lines += len(bodies)
+                events += _count_events(bodies)
+            if lines:
+                rows.append({"key": self.fingerprint, "bucket_key": bucket_key,
+                             "bucket_name": bucket_name, "segments": len(paths),
+                             "lines": lines, "events": events, "oldest": oldest,
+                             "folder": folder})
+        return rows
+
+    # the key's own files
+
+    def dead_letter(self, bucket_key, body, status, reply):
+        """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
+        _private_dir(self.folder)
+        record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
+                              "reply": reply, "body": body.decode("utf-8", "replace")})
+        fd = _open_private(os.path.join(self.folder, "deadletter.jsonl"),
+                           os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            _write_all(fd, record + b"\n")
+        finally:
+            os.close(fd)
+
+    def dead_letters(self):
+        """(count, newest record or None) of the dead-letter file."""
+        count, newest = 0, None
+        try:
+            fd = _open_private(os.path.join(self.folder, "deadletter.jsonl"), os.O_RDONLY)
+        except OSError:
+            return 0, None
+        with os.fdopen(fd, "rb") as handle:
+            for line in handle:
+                count += 1
+                newest = line
+        try:
+            newest = _json_load(newest) if newest else None
+        except ValueError:
+            newest = None
+        return count, newest
+
+    def read_state(self, name=_STATE_FILE):
+        return _read_json_file(os.path.join(self.folder, name))
+
+    def save_state(self, state, name=_STATE_FILE):
+        """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
+        _private_dir(self.folder)
+        _replace_file(os.path.join(self.folder, name), _json_bytes(state))
+
+    # status: a question to the key's running processes, and their answers
+
+    def ask_running(self, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
+        """Ask the key's running processes what they hold in memory.
+
+        Returns ({pid: events} of those that answered within ``wait`` seconds, the
+        pids still running). A process holding nothing may sleep through the
+        question: it counts as holding nothing, which it does.
+        """
+        state = self.read_state()
+        running = [p for p in state.get("pids", []) if isinstance(p, int) and _alive(p)]
+        answers = {}
+        if not running:
+            return answers, running
+        try:
+            fd = _open_private(os.path.join(self.folder, _ASK_FILE),
+                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                _write_all(fd, b"?\n")        # the write stamps the question's mtime
+                asked = os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+        except OSError:
+            return answers, running
+        give_up = clock() + wait
+        while True:
+            for pid in running:
+                live = self.read_state(_LIVE_FILE % pid)
+                if live.get("asked") == asked and isinstance(live.get("events"), int):
+                    answers[pid] = live["events"]
+            if len(answers) == len(running) or clock() >= give_up:
+                return answers, running
+            sleep(0.05)
+
+    def asked(self):
+        """When ``status`` last asked (the mtime of its question), or None."""
+        try:
+            st = os.lstat(os.path.join(self.folder, _ASK_FILE))
+        except OSError:
+            return None
+        return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+
+    def answer(self, asked, held, wall):
+        """Tell ``status`` that this process holds ``held`` events in memory."""
+        self.save_state({"pid": os.getpid(), "asked": asked, "events": held,
+                         "updated": wall}, _LIVE_FILE % os.getpid())
+
+    def forget_answer(self):
+        try:
+            os.unlink(os.path.join(self.folder, _LIVE_FILE % os.getpid()))
+        except OSError:
+            pass
 
 
 class _Ref(object):
@@ -1822,11 +2082,10 @@ class _SpoolWriter(object):
     without closing the segment. Used by the worker thread only.
     """
 
-    def __init__(self, folder, reader, max_bytes, durable):
-        self.folder = folder            # this access key's folder
+    def __init__(self, spool, reader, max_bytes):
+        self.spool = spool
         self.reader = reader
         self.max_bytes = max_bytes
-        self.durable = durable
         self.open = {}                  # bucket key -> the _Segment being written
         self.unsynced = False
         self.bytes_written = 0
@@ -1837,7 +2096,7 @@ class _SpoolWriter(object):
         """Bytes in all segments of this access key (re-read every few seconds)."""
         if now >= self._size_due:
             total = 0
-            for path in self.reader.on_disk():
+            for path in self.spool.segments():
                 try:
                     total += os.path.getsize(path)
                 except OSError:
@@ -1883,25 +2142,8 @@ class _SpoolWriter(object):
         return segment
 
     def _create(self, bucket):
-        folder = os.path.join(self.folder, _fingerprint(bucket[0]))
-        _private_dir(folder)
         self.reader.know(bucket)
-        try:
-            _read_bucket_meta(folder)
-        except (OSError, ValueError):
-            _write_bucket_meta(folder, bucket)      # missing, or emptied by a power cut
-        name = "%017d-%d-%s%s" % (int(_time() * 1e6), os.getpid(), os.urandom(4).hex(),
-                                  _SPOOL_SUFFIX)
-        hidden = os.path.join(folder, "." + name + ".new")
-        fd = _open_private(hidden, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
-        try:
-            _lock_file(fd)
-            path = os.path.join(folder, name)
-            os.rename(hidden, path)
-        except BaseException:
-            os.close(fd)
-            raise
-        _fsync_dir(folder)              # the segment's name is as durable as its lines
+        path, fd = self.spool.new_segment(bucket)
         segment = _Segment(path, fd, bucket, 0, writing=True)
         self.reader.hold(segment)
         return segment
@@ -1957,9 +2199,10 @@ class _SpoolReader(object):
     that knows the bucket.
     """
 
-    def __init__(self, folder, durable, only=None):
-        self.folder = folder
-        self.durable = durable
+    def __init__(self, spool, only=None):
+        self.spool = spool
+        self.folder = spool.folder
+        self.durable = spool.durable
         self.only = only            # replay just these segment files (command line)
         self.held = []              # _Segment objects, oldest first
         self.scan_due = 0.0
@@ -1978,24 +2221,7 @@ class _SpoolReader(object):
         """Paths of this key's segments, oldest first."""
         if self.only is not None:
             return [p for p in self.only if os.path.exists(p)]
-        found = []
-        try:
-            buckets = os.listdir(self.folder)
-        except OSError:
-            return found
-        for bucket in buckets:
-            folder = os.path.join(self.folder, bucket)
-            try:
-                names = os.listdir(folder)
-            except OSError:
-                continue
-            found.extend(os.path.join(folder, n) for n in names
-                         if n.endswith(_SPOOL_SUFFIX) and not n.startswith("."))
-            for name in names:
-                if name.endswith(_SPOOL_SUFFIX + _ACK_SUFFIX):
-                    _sweep_ack(os.path.join(folder, name))
-        found.sort(key=os.path.basename)
-        return found
+        return self.spool.segments(sweep=True)
 
     def hold(self, segment):
         self.held.append(segment)
@@ -2091,7 +2317,7 @@ class _SpoolReader(object):
         """Delete a segment with nothing left to send and nobody writing it."""
         if segment.lines or segment.out or segment.writing:
             return
-        _remove_segment(segment.path, self.durable)
+        self.spool.remove(segment.path)
         self._let_go(segment)
 
     def _let_go(self, segment):
@@ -2126,15 +2352,10 @@ class _SpoolReader(object):
         return False
 
     def _claim(self, path):
-        try:
-            fd = _open_private(path, os.O_RDWR)
-        except OSError:
+        fd = self.spool.lock_segment(path)
+        if fd is None:
             return False
         try:
-            if not _lock_file(fd) or os.fstat(fd).st_nlink == 0 or \
-                    os.fstat(fd).st_ino != os.stat(path).st_ino:
-                os.close(fd)
-                return False
             bucket = self._bucket_of(os.path.dirname(path))
             with os.fdopen(os.dup(fd), "rb") as handle:
                 data = handle.read()
@@ -2170,14 +2391,14 @@ class _SpoolReader(object):
     def _bucket_of(self, folder):
         """The bucket of a folder on disk; an unreadable bucket.json is rewritten if known."""
         try:
-            return _read_bucket_meta(folder)
+            return self.spool.read_bucket(folder)
         except (OSError, ValueError) as exc:
             bucket = self.known.get(os.path.basename(folder))
             if bucket is None:
                 raise
             _log.warning("%s was unreadable (%s); rewritten for bucket %r", os.path.join(
                 folder, "bucket.json"), exc, bucket[0])
-            _write_bucket_meta(folder, bucket)
+            self.spool.write_bucket(folder, bucket)
             return bucket
 
     def evict_oldest(self):
@@ -2193,17 +2414,14 @@ class _SpoolReader(object):
                 segment.writing = False
                 self.settle(segment)
                 return dropped
-            try:
-                fd = _open_private(path, os.O_RDWR)
-            except OSError:
+            fd = self.spool.lock_segment(path)
+            if fd is None:
                 continue
             try:
-                if not _lock_file(fd) or os.fstat(fd).st_nlink == 0:
-                    continue
                 with os.fdopen(os.dup(fd), "rb") as handle:
                     data = handle.read()
                 dropped = _count_events(b for _, _, b, _ in _unretired_lines(path, data))
-                _remove_segment(path, self.durable)
+                self.spool.remove(path)
                 return dropped
             finally:
                 os.close(fd)
@@ -2226,23 +2444,6 @@ class _SpoolReader(object):
             except OSError:
                 pass
         self.held = []
-
-    def save_state(self, state, name=_STATE_FILE):
-        """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
-        _private_dir(self.folder)
-        _replace_file(os.path.join(self.folder, name), _json_bytes(state))
-
-    def dead_letter(self, bucket_key, body, status, reply):
-        """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
-        _private_dir(self.folder)
-        record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
-                              "reply": reply, "body": body.decode("utf-8", "replace")})
-        fd = _open_private(os.path.join(self.folder, "deadletter.jsonl"),
-                           os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        try:
-            _write_all(fd, record + b"\n")
-        finally:
-            os.close(fd)
 
 
 # --- Delivery core -----------------------------------------------------------
@@ -3775,10 +3976,10 @@ class _StatusBoard(object):
         wall = self.wall()
         state.update(updated=wall, pid=os.getpid(), rate=book.month.rate(wall),
                      enterprise=book.enterprise)
-        old = _read_json_file(os.path.join(self.reader.folder, _STATE_FILE))
+        old = self.reader.spool.read_state()
         state["months"] = book.month.merged(old.get("months"))
         try:
-            self.reader.save_state(_merge_state(old, state, os.getpid(), running))
+            self.reader.spool.save_state(_merge_state(old, state, os.getpid(), running))
         except OSError as exc:
             _log.debug("cannot write the status file: %s", exc)
         else:
@@ -3794,17 +3995,11 @@ class _StatusBoard(object):
         """
         if now >= self.ask_due:
             self.ask_due = now + _ASK_EVERY
-            try:
-                st = os.lstat(os.path.join(self.reader.folder, _ASK_FILE))
-                asked = st.st_mtime if stat.S_ISREG(st.st_mode) else None
-            except OSError:
-                asked = None
+            asked = self.reader.spool.asked()
             if asked is not None and asked != self.asked:
                 self.asked = asked
                 try:
-                    self.reader.save_state({"pid": os.getpid(), "asked": asked,
-                                            "events": held, "updated": self.wall()},
-                                           _LIVE_FILE % os.getpid())
+                    self.reader.spool.answer(asked, held, self.wall())
                 except OSError as exc:
                     _log.debug("cannot answer status: %s", exc)
 
@@ -3812,10 +4007,7 @@ class _StatusBoard(object):
     def forget(self):
         """Stopped: remove live-<pid>.json, if a status question made it."""
         if self.asked is not None:
-            try:
-                os.unlink(os.path.join(self.reader.folder, _LIVE_FILE % os.getpid()))
-            except OSError:
-                pass
+            self.reader.spool.forget_answer()
 
 
 class _Worker(object):
@@ -3845,8 +4037,8 @@ class _Worker(object):
         self.wake = _Doorbell()
         self.stopped = threading.Event()
         self.wake_at = 1
-        self.core = _Core(settings, bucket, writer is not None, wall(), months=_read_json_file(
-            os.path.join(reader.folder, _STATE_FILE)).get("months") if reader else None)
+        self.core = _Core(settings, bucket, writer is not None, wall(),
+                          months=reader.spool.read_state().get("months") if reader else None)
         self.book = self.core.book          # the counts: read by the Streamer
         self.left = 0                       # own events left on disk when it stopped
         self.backlog = 0                    # events of spooled lines, each second
@@ -4003,7 +4195,7 @@ class _Worker(object):
 
     def dead_letter(self, action):
         try:
-            self.reader.dead_letter(*action)
+            self.reader.spool.dead_letter(*action)
         except OSError as exc:
             self.core.dropped(0, "dead_letter_unwritable", exc)
 
@@ -4319,11 +4511,10 @@ def _new_worker(settings, bucket, book=None, only=None):
     sender = _Sender(settings, transport)
     writer = reader = budget = None
     if not settings.offline:
-        folder = os.path.join(settings.spool_dir, _fingerprint(settings.access_key))
-        reader = _SpoolReader(folder, settings.durable, only)
-        writer = _SpoolWriter(folder, reader, settings.spool_max_bytes,
-                              settings.durable)
-        budget = _budget_for(settings.api_base, settings.access_key, folder)
+        spool = _Spool.of_key(settings.spool_dir, settings.access_key, settings.durable)
+        reader = _SpoolReader(spool, only)
+        writer = _SpoolWriter(spool, reader, settings.spool_max_bytes)
+        budget = _budget_for(settings.api_base, settings.access_key, spool.folder)
     if settings.offline:
         sender = _CsvSender(settings.offline_file)
     worker = _Worker(settings, sender, writer, reader, budget, bucket)
@@ -5397,122 +5588,16 @@ def _cmd_pipe(args, out, err):
     return 0 if delivered else 1
 
 
-def _pending_bodies(path):
-    """Bodies of a segment's lines not yet delivered, torn ones left out ([] if unreadable)."""
-    try:
-        fd = _open_private(path, os.O_RDONLY)
-    except OSError:
-        return []
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read()
-    return [body for _, _, body, torn in _unretired_lines(path, data) if not torn]
-
-
-def _spool_summary(spool_dir, access_key=None, fingerprint=None):
-    """Pending spool contents per bucket: list of dicts (no network).
-
-    All keys' folders, or those of ``access_key`` or of its ``fingerprint``.
-    """
-    rows = []
-    if access_key:
-        fingerprint = _fingerprint(access_key)
-    keys = [fingerprint] if fingerprint else sorted(
-        d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
-        if os.path.isdir(os.path.join(spool_dir, d)))
-    for fingerprint in keys:
-        folder = os.path.join(spool_dir, fingerprint)
-        for bucket in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            path = os.path.join(folder, bucket)
-            if not os.path.isdir(path):
-                continue
-            try:
-                bucket_key, bucket_name = _read_bucket_meta(path)
-            except (OSError, ValueError, KeyError):
-                bucket_key, bucket_name = "?", ""
-            lines = events = segments = 0
-            oldest = None
-            for name in sorted(os.listdir(path)):
-                if not name.endswith(_SPOOL_SUFFIX) or name.startswith("."):
-                    continue
-                segments += 1
-                try:
-                    made = int(name.split("-")[0]) / 1e6
-                    oldest = made if oldest is None else min(oldest, made)
-                except ValueError:
-                    pass
-                bodies = _pending_bodies(os.path.join(path, name))
-                lines += len(bodies)
-                events += _count_events(bodies)
-            if not lines:
-                continue
-            rows.append({"key": fingerprint, "bucket_key": bucket_key,
-                         "bucket_name": bucket_name, "segments": segments,
-                         "lines": lines, "events": events, "oldest": oldest,
-                         "folder": path})
-    return rows
-
-
-def _dead_letters(key_folder):
-    """(count, newest record or None) of a key's dead-letter file."""
-    count, newest = 0, None
-    try:
-        fd = _open_private(os.path.join(key_folder, "deadletter.jsonl"), os.O_RDONLY)
-    except OSError:
-        return 0, None
-    with os.fdopen(fd, "rb") as handle:
-        for line in handle:
-            count += 1
-            newest = line
-    try:
-        newest = _json_load(newest) if newest else None
-    except ValueError:
-        newest = None
-    return count, newest
-
-
-def _ask_running(folder, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
-    """Ask the running processes of a key's folder what they hold in memory.
-
-    Returns ({pid: events} of those that answered within ``wait`` seconds, the
-    pids still running). A process holding nothing may sleep through the
-    question: it counts as holding nothing, which it does.
-    """
-    state = _read_json_file(os.path.join(folder, _STATE_FILE))
-    running = [p for p in state.get("pids", []) if isinstance(p, int) and _alive(p)]
-    answers = {}
-    if not running:
-        return answers, running
-    path = os.path.join(folder, _ASK_FILE)
-    try:
-        fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            _write_all(fd, b"?\n")        # the write stamps the question's mtime
-            asked = os.fstat(fd).st_mtime
-        finally:
-            os.close(fd)
-    except OSError:
-        return answers, running
-    give_up = clock() + wait
-    while True:
-        for pid in running:
-            live = _read_json_file(os.path.join(folder, _LIVE_FILE % pid))
-            if live.get("asked") == asked and isinstance(live.get("events"), int):
-                answers[pid] = live["events"]
-        if len(answers) == len(running) or clock() >= give_up:
-            return answers, running
-        sleep(0.05)
-
-
-def _key_status(spool_dir, fingerprint, now, quota=_MONTHLY_QUOTA):
-    """What ``status`` shows for one access key's folder."""
-    folder = os.path.join(spool_dir, fingerprint)
-    state = _read_json_file(os.path.join(folder, _STATE_FILE))
-    dead, newest = _dead_letters(folder)
+def _key_status(spool, now, quota=_MONTHLY_QUOTA):
+    """What ``status`` shows for one access key's spool."""
+    folder, fingerprint = spool.folder, spool.fingerprint
+    state = spool.read_state()
+    dead, newest = spool.dead_letters()
     buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
                 "events": r["events"], "lines": r["lines"],
                 "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
-               for r in _spool_summary(spool_dir, fingerprint=fingerprint)]
-    answers, running = _ask_running(folder)
+               for r in spool.summary()]
+    answers, running = spool.ask_running()
     backlog = sum(b["events"] for b in buckets)
     in_memory = sum(answers.values())
     # A key with nothing left and nobody running it is idle, whatever its last run met.
@@ -5556,10 +5641,8 @@ def _cmd_status(args, out, err):
     options = _cli_options(args, bucket_key="status")
     settings = _resolve_settings(**dict(options, offline=True))
     spool_dir, quota = settings.spool_dir, settings.monthly_quota
-    keys = sorted(d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else [])
-                  if os.path.isdir(os.path.join(spool_dir, d)))
     now = _time()
-    report = [_key_status(spool_dir, fingerprint, now, quota) for fingerprint in keys]
+    report = [_key_status(spool, now, quota) for spool in _Spool.every_key(spool_dir)]
     pending = sum(r["backlog_events"] + r["in_memory"] for r in report)
     if args.json:
         out.write(_json_bytes({"spool_dir": spool_dir, "keys": report,
@@ -5619,21 +5702,20 @@ def _cmd_discard(args, out, err):
         raise _UsageError("discard needs --bucket-key KEY (its backlog) or --dead-letters")
     options = _cli_options(args, bucket_key=args.bucket_key or "discard")
     settings = _resolve_settings(**options)
-    folder = os.path.join(settings.spool_dir, _fingerprint(settings.access_key))
+    spool = _Spool.of_key(settings.spool_dir, settings.access_key)
+    folder = spool.folder
     doomed, what = [], []
     if args.bucket_key:
-        bucket = os.path.join(folder, _fingerprint(args.bucket_key))
-        rows = [r for r in _spool_summary(settings.spool_dir, settings.access_key)
-                if r["folder"] == bucket]
-        doomed += [os.path.join(bucket, n) for n in sorted(os.listdir(bucket))
-                   if n.endswith(_SPOOL_SUFFIX)] if os.path.isdir(bucket) else []
+        bucket = spool.bucket_folder(args.bucket_key)
+        rows = [r for r in spool.summary() if r["folder"] == bucket]
+        doomed += spool.segments(bucket)
         what.append("%d spooled events of bucket %r" % (sum(r["events"] for r in rows),
                                                         args.bucket_key))
     if args.dead_letters:
         dead = os.path.join(folder, "deadletter.jsonl")
         if os.path.exists(dead):
             doomed.append(dead)
-        what.append("%d dead letters" % _dead_letters(folder)[0])
+        what.append("%d dead letters" % spool.dead_letters()[0])
     if not doomed:
         out.write("nothing to discard in %s\n" % folder)
         return 0
@@ -5646,23 +5728,7 @@ def _cmd_discard(args, out, err):
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             out.write("nothing discarded\n")
             return 1
-    kept = 0
-    for path in doomed:
-        try:
-            fd = _open_private(path, os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            if path.endswith(_SPOOL_SUFFIX) and not _lock_file(fd):
-                kept += 1                   # a running process holds it
-                continue
-            for name in (path, path + _ACK_SUFFIX):
-                try:
-                    os.unlink(name)
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
+    kept = spool.discard(doomed)
     out.write("discarded %s%s\n" % (" and ".join(what), "; %d segment(s) in use by a running "
                                     "process were kept" % kept if kept else ""))
     return 0
@@ -5679,11 +5745,11 @@ def _replay_spool(settings, paths, timeout):
         _run_reports(settings.on_error, worker.pump(deadline, worker.stopped), worker)
     if not worker.stopped.is_set():
         worker.halt("replay deadline reached")
+    spool = worker.reader.spool
     if paths is not None:
-        pending = sum(len(_pending_bodies(path)) for path in paths)
+        pending = sum(len(spool.pending(path)) for path in paths)
     else:
-        pending = sum(row["lines"] for row in _spool_summary(settings.spool_dir,
-                                                             settings.access_key))
+        pending = sum(row["lines"] for row in spool.summary())
     return worker.stats, pending
 
 
@@ -5726,15 +5792,15 @@ def _cmd_replay(args, out, err):
             key = _resolve_settings(**options).access_key
         except ConfigError:
             pass
-        rows = _spool_summary(spool_dir, key)
+        spools = [_Spool.of_key(spool_dir, key)] if key else _Spool.every_key(spool_dir)
+        rows = [row for spool in spools for row in spool.summary()]
         if not rows:
             out.write("nothing pending in %s\n" % spool_dir)
-        for fingerprint in ([_fingerprint(key)] if key else sorted(
-                d for d in (os.listdir(spool_dir) if os.path.isdir(spool_dir) else []))):
-            dead, newest = _dead_letters(os.path.join(spool_dir, fingerprint))
+        for spool in spools:
+            dead, newest = spool.dead_letters()
             if dead:
                 out.write("key %s: %d dead letter%s (events the server refused), newest: %s\n"
-                          % (fingerprint, dead, "" if dead == 1 else "s",
+                          % (spool.fingerprint, dead, "" if dead == 1 else "s",
                              str((newest or {}).get("reply", ""))[:120] or "?"))
         for row in rows:
             out.write("key %s bucket %r (%s): %s in %s, %s\n" % (

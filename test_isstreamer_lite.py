@@ -910,7 +910,7 @@ class CliTestCase(IsolatedCase):
                 streamer.log(key, value)
         closed_and_stopped(streamer, 0.5)              # its wait_timeout
         self.assertEqual(streamer.stats()["delivered"], 0)
-        rows = lite._spool_summary(self.spool, CLI_KEY)
+        rows = lite._Spool.of_key(self.spool, CLI_KEY).summary()
         self.assertEqual(sorted((r["bucket_key"], r["events"]) for r in rows),
                          sorted((b[0], len(b[2])) for b in buckets))
 
@@ -3280,7 +3280,7 @@ class SpoolRepairTest(DeliveryTestCase):
         self.assertEqual(sorted(v for b, (k, v) in zip(
             [b for b, _ in sink.events], self.received(sink)) if b == "lost-meta"), [1, 2, 3])
         meta = os.path.join(os.path.dirname(path), "bucket.json")
-        self.assertEqual(lite._read_bucket_meta(os.path.dirname(meta)), ("lost-meta", ""))
+        self.assertEqual(lite._Spool.read_bucket(os.path.dirname(meta)), ("lost-meta", ""))
 
     def test_ack_log_without_its_segment_is_swept(self):
         """Spool: an .ack left by a power cut after its segment's removal is deleted."""
@@ -3303,7 +3303,7 @@ class SpoolRepairTest(DeliveryTestCase):
         s.log("n", 1)
         self.assertFalse(closed_and_stopped(s, 0.5))
         folder = os.path.dirname(path)
-        self.assertEqual(lite._read_bucket_meta(folder), ("torn-meta", ""))
+        self.assertEqual(lite._Spool.read_bucket(folder), ("torn-meta", ""))
 
     def test_ack_record_never_glues_to_a_torn_one(self):
         """Spool: a record appended after a torn one stands on its own line."""
@@ -3314,7 +3314,9 @@ class SpoolRepairTest(DeliveryTestCase):
         starts = [sum(len(l) for l in lines[:i]) for i in range(4)]
         with open(path + ".ack", "wb") as handle:     # "0 <end>\n" cut short by a crash
             handle.write(("0 %d" % starts[1])[:-1].encode())
-        reader = lite._SpoolReader(os.path.dirname(os.path.dirname(path)), durable=True)
+        key_folder = os.path.dirname(os.path.dirname(path))
+        reader = lite._SpoolReader(lite._Spool(os.path.dirname(key_folder),
+                                               os.path.basename(key_folder), durable=True))
         self.addCleanup(reader.release_all)
         self.assertTrue(reader.claim(0.0))
         segment = reader.held[0]
@@ -3851,9 +3853,9 @@ class SpoolEvictionTest(LiteTestCase):
     """Evicting a segment counts only the events it still held, oldest first."""
 
     def spool(self):
-        folder = os.path.join(self.tempdir(), "key")
-        reader = lite._SpoolReader(folder, durable=False)
-        return reader, lite._SpoolWriter(folder, reader, None, durable=False)
+        spool = lite._Spool(self.tempdir(), "key")
+        reader = lite._SpoolReader(spool)
+        return reader, lite._SpoolWriter(spool, reader, None)
 
     def parts(self, count):
         return [lite._encode_event(("k", i, 1.0)) for i in range(count)]
@@ -5150,7 +5152,7 @@ class WorkerTest(LiteTestCase):
         worker = self.worker(*answers, buffer_size=1, backoff_base=0.01, backoff_cap=0.02,
                              max_retries=1000)
         writes = []
-        worker.reader.save_state = lambda state: writes.append((self.clock.now, state))
+        worker.reader.spool.save_state = lambda state: writes.append((self.clock.now, state))
         for second in range(180):
             self.log(worker, 1)
             for _ in range(2):
@@ -5169,7 +5171,7 @@ class WorkerTest(LiteTestCase):
         """Worker: a change in the drops alone is written to state.json (after the minute)."""
         worker = self.worker()
         writes = []
-        worker.reader.save_state = lambda state: writes.append(dict(state))
+        worker.reader.spool.save_state = lambda state: writes.append(dict(state))
         worker.core.book.drop(3, "spool_full", None)
         worker.step()
         self.clock.now += 61.0
@@ -7381,7 +7383,7 @@ class CliSendTest(CliTestCase):
         self.assertLess(elapsed, 3.0)
         self.assertIn("spooled", err)
         self.assertTrue(spool_segments(self.spool))
-        rows = lite._spool_summary(self.spool, CLI_KEY)
+        rows = lite._Spool.of_key(self.spool, CLI_KEY).summary()
         self.assertEqual([(r["bucket_key"], r["events"]) for r in rows], [("cli-down", 2)])
 
     def test_spooled_after_retries_is_not_reported_sent(self):
@@ -7395,7 +7397,7 @@ class CliSendTest(CliTestCase):
                                           "10"] + self.common(dead_url()) + ["a", "1"])
         self.assertEqual((status, out), (1, ""), err)
         self.assertIn("spooled", err)
-        rows = lite._spool_summary(self.spool, CLI_KEY)
+        rows = lite._Spool.of_key(self.spool, CLI_KEY).summary()
         self.assertEqual([(r["bucket_key"], r["events"]) for r in rows], [("cli-retried", 1)])
 
     def failed_send(self, sink_url, *words, **kwargs):
@@ -7425,7 +7427,8 @@ class CliSendTest(CliTestCase):
                       "in isstreamer.ini" % lite._mask(CLI_KEY), err)
         self.assertNotIn(CLI_KEY, err)
         self.assertIn("2 events spooled;", err)
-        self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
+        self.assertEqual([r["events"] for r in
+                          lite._Spool.of_key(self.spool, CLI_KEY).summary()], [2])
 
     def test_rejected_key_hint_masks_the_key_from_env_or_ini(self):
         """CLI send: the key hint shows the masked key from IS_ACCESS_KEY or the ini too."""
@@ -7489,7 +7492,7 @@ class CliSendTest(CliTestCase):
                               IS_SPOOL_DIR=self.spool)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("spooled", result.stderr)
-        rows = lite._spool_summary(self.spool, CLI_KEY)
+        rows = lite._Spool.of_key(self.spool, CLI_KEY).summary()
         self.assertEqual([(r["bucket_key"], r["events"]) for r in rows],
                          [("cli-child-down", 1)])
 
@@ -7584,7 +7587,8 @@ class CliPipeTest(CliTestCase):
                                       "1"] + self.common(dead_url()), stdin="a,1\nb,2\n")
         self.assertEqual(status, 1, err)
         self.assertIn("some not delivered yet (spooled: 2)", err)
-        self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [2])
+        self.assertEqual([r["events"] for r in
+                          lite._Spool.of_key(self.spool, CLI_KEY).summary()], [2])
 
     def test_sigterm_handler_restored(self):
         """CLI pipe: main() gives the caller's SIGTERM handler back when it returns."""
@@ -7838,7 +7842,8 @@ class CliReplayTest(CliTestCase):
         status, out, err = self.replay(url, "--timeout", "1")
         self.assertEqual(status, 1, out + err)
         self.assertIn("some remain", out)
-        self.assertEqual([r["events"] for r in lite._spool_summary(self.spool, CLI_KEY)], [1])
+        self.assertEqual([r["events"] for r in
+                          lite._Spool.of_key(self.spool, CLI_KEY).summary()], [1])
 
     def test_explicit_segment_files(self):
         """CLI replay: given segment files, only their events are sent."""
@@ -7855,7 +7860,7 @@ class CliReplayTest(CliTestCase):
         self.assertEqual(status, 0, out + err)
         self.assertIn("replayed 2 events", out)
         self.assertEqual(self.received(sink), [("x", 1), ("y", 2)])
-        rows = lite._spool_summary(self.spool, CLI_KEY)
+        rows = lite._Spool.of_key(self.spool, CLI_KEY).summary()
         self.assertEqual({r["bucket_key"]: r["events"] for r in rows}.get("cli-b"), 1)
 
     def offline_csv(self):
