@@ -1769,6 +1769,7 @@ class _Spool(object):
         deadletter.jsonl       what the server refused, one JSON record a line
         state.json             what ``status`` shows (status.ask, live-<pid>.json: its
                                question to running processes and their answers)
+        rate-<fingerprint of the API base>.json   the key's shared rate budget
 
     A segment is flocked by the process that writes or replays it, and only a
     segment still linked once locked is sent; its name is never used twice.
@@ -1778,6 +1779,7 @@ class _Spool(object):
         self.spool_dir = spool_dir
         self.fingerprint = fingerprint
         self.folder = os.path.join(spool_dir, fingerprint)
+        self.dead_letter_file = os.path.join(self.folder, "deadletter.jsonl")
         self.durable = durable
 
     @classmethod
@@ -1947,8 +1949,7 @@ class _Spool(object):
         _private_dir(self.folder)
         record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
                               "reply": reply, "body": body.decode("utf-8", "replace")})
-        fd = _open_private(os.path.join(self.folder, "deadletter.jsonl"),
-                           os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = _open_private(self.dead_letter_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             _write_all(fd, record + b"\n")
         finally:
@@ -1958,7 +1959,7 @@ class _Spool(object):
         """(count, newest record or None) of the dead-letter file."""
         count, newest = 0, None
         try:
-            fd = _open_private(os.path.join(self.folder, "deadletter.jsonl"), os.O_RDONLY)
+            fd = _open_private(self.dead_letter_file, os.O_RDONLY)
         except OSError:
             return 0, None
         with os.fdopen(fd, "rb") as handle:
@@ -5712,9 +5713,8 @@ def _cmd_discard(args, out, err):
         what.append("%d spooled events of bucket %r" % (sum(r["events"] for r in rows),
                                                         args.bucket_key))
     if args.dead_letters:
-        dead = os.path.join(folder, "deadletter.jsonl")
-        if os.path.exists(dead):
-            doomed.append(dead)
+        if os.path.exists(spool.dead_letter_file):
+            doomed.append(spool.dead_letter_file)
         what.append("%d dead letters" % spool.dead_letters()[0])
     if not doomed:
         out.write("nothing to discard in %s\n" % folder)
