@@ -1754,6 +1754,75 @@ def _merge_state(old, new, pid, running):
     return merged
 
 
+class _StatusFiles(object):
+    """The files beside a key's spool that ``status`` reads: ``state.json`` (what the
+    key's processes last told) and the question ``status.ask`` with each running
+    process's answer ``live-<pid>.json``. Reached as ``_Spool.status``.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def read(self, name=_STATE_FILE):
+        return _read_json_file(os.path.join(self.folder, name))
+
+    def save(self, state, name=_STATE_FILE):
+        """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
+        _private_dir(self.folder)
+        _replace_file(os.path.join(self.folder, name), _json_bytes(state))
+
+    def ask_running(self, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
+        """Ask the key's running processes what they hold in memory.
+
+        Returns ({pid: events} of those that answered within ``wait`` seconds, the
+        pids still running). A process holding nothing may sleep through the
+        question: it counts as holding nothing, which it does.
+        """
+        state = self.read()
+        running = [p for p in state.get("pids", []) if isinstance(p, int) and _alive(p)]
+        answers = {}
+        if not running:
+            return answers, running
+        try:
+            fd = _open_private(os.path.join(self.folder, _ASK_FILE),
+                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                _write_all(fd, b"?\n")        # the write stamps the question's mtime
+                asked = os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+        except OSError:
+            return answers, running
+        give_up = clock() + wait
+        while True:
+            for pid in running:
+                live = self.read(_LIVE_FILE % pid)
+                if live.get("asked") == asked and isinstance(live.get("events"), int):
+                    answers[pid] = live["events"]
+            if len(answers) == len(running) or clock() >= give_up:
+                return answers, running
+            sleep(0.05)
+
+    def asked(self):
+        """When ``status`` last asked (the mtime of its question), or None."""
+        try:
+            st = os.lstat(os.path.join(self.folder, _ASK_FILE))
+        except OSError:
+            return None
+        return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+
+    def answer(self, asked, held, wall):
+        """Tell ``status`` that this process holds ``held`` events in memory."""
+        self.save({"pid": os.getpid(), "asked": asked, "events": held,
+                         "updated": wall}, _LIVE_FILE % os.getpid())
+
+    def forget_answer(self):
+        try:
+            os.unlink(os.path.join(self.folder, _LIVE_FILE % os.getpid()))
+        except OSError:
+            pass
+
+
 class _Spool(object):
     """One access key's spool on disk: its layout and rules, known here alone.
 
@@ -1781,6 +1850,7 @@ class _Spool(object):
         self.folder = os.path.join(spool_dir, fingerprint)
         self.dead_letter_file = os.path.join(self.folder, "deadletter.jsonl")
         self.durable = durable
+        self.status = _StatusFiles(self.folder)
 
     @classmethod
     def of_key(cls, spool_dir, access_key, durable=False):
@@ -1971,67 +2041,6 @@ class _Spool(object):
         except ValueError:
             newest = None
         return count, newest
-
-    def read_state(self, name=_STATE_FILE):
-        return _read_json_file(os.path.join(self.folder, name))
-
-    def save_state(self, state, name=_STATE_FILE):
-        """Replace ``state.json`` (what ``status`` shows) under a private name, atomically."""
-        _private_dir(self.folder)
-        _replace_file(os.path.join(self.folder, name), _json_bytes(state))
-
-    # status: a question to the key's running processes, and their answers
-
-    def ask_running(self, wait=_STATUS_WAIT, clock=_monotonic, sleep=time.sleep):
-        """Ask the key's running processes what they hold in memory.
-
-        Returns ({pid: events} of those that answered within ``wait`` seconds, the
-        pids still running). A process holding nothing may sleep through the
-        question: it counts as holding nothing, which it does.
-        """
-        state = self.read_state()
-        running = [p for p in state.get("pids", []) if isinstance(p, int) and _alive(p)]
-        answers = {}
-        if not running:
-            return answers, running
-        try:
-            fd = _open_private(os.path.join(self.folder, _ASK_FILE),
-                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            try:
-                _write_all(fd, b"?\n")        # the write stamps the question's mtime
-                asked = os.fstat(fd).st_mtime
-            finally:
-                os.close(fd)
-        except OSError:
-            return answers, running
-        give_up = clock() + wait
-        while True:
-            for pid in running:
-                live = self.read_state(_LIVE_FILE % pid)
-                if live.get("asked") == asked and isinstance(live.get("events"), int):
-                    answers[pid] = live["events"]
-            if len(answers) == len(running) or clock() >= give_up:
-                return answers, running
-            sleep(0.05)
-
-    def asked(self):
-        """When ``status`` last asked (the mtime of its question), or None."""
-        try:
-            st = os.lstat(os.path.join(self.folder, _ASK_FILE))
-        except OSError:
-            return None
-        return st.st_mtime if stat.S_ISREG(st.st_mode) else None
-
-    def answer(self, asked, held, wall):
-        """Tell ``status`` that this process holds ``held`` events in memory."""
-        self.save_state({"pid": os.getpid(), "asked": asked, "events": held,
-                         "updated": wall}, _LIVE_FILE % os.getpid())
-
-    def forget_answer(self):
-        try:
-            os.unlink(os.path.join(self.folder, _LIVE_FILE % os.getpid()))
-        except OSError:
-            pass
 
 
 class _Ref(object):
@@ -3977,10 +3986,10 @@ class _StatusBoard(object):
         wall = self.wall()
         state.update(updated=wall, pid=os.getpid(), rate=book.month.rate(wall),
                      enterprise=book.enterprise)
-        old = self.reader.spool.read_state()
+        old = self.reader.spool.status.read()
         state["months"] = book.month.merged(old.get("months"))
         try:
-            self.reader.spool.save_state(_merge_state(old, state, os.getpid(), running))
+            self.reader.spool.status.save(_merge_state(old, state, os.getpid(), running))
         except OSError as exc:
             _log.debug("cannot write the status file: %s", exc)
         else:
@@ -3996,11 +4005,11 @@ class _StatusBoard(object):
         """
         if now >= self.ask_due:
             self.ask_due = now + _ASK_EVERY
-            asked = self.reader.spool.asked()
+            asked = self.reader.spool.status.asked()
             if asked is not None and asked != self.asked:
                 self.asked = asked
                 try:
-                    self.reader.spool.answer(asked, held, self.wall())
+                    self.reader.spool.status.answer(asked, held, self.wall())
                 except OSError as exc:
                     _log.debug("cannot answer status: %s", exc)
 
@@ -4008,7 +4017,7 @@ class _StatusBoard(object):
     def forget(self):
         """Stopped: remove live-<pid>.json, if a status question made it."""
         if self.asked is not None:
-            self.reader.spool.forget_answer()
+            self.reader.spool.status.forget_answer()
 
 
 class _Worker(object):
@@ -4039,7 +4048,7 @@ class _Worker(object):
         self.stopped = threading.Event()
         self.wake_at = 1
         self.core = _Core(settings, bucket, writer is not None, wall(),
-                          months=reader.spool.read_state().get("months") if reader else None)
+                          months=reader.spool.status.read().get("months") if reader else None)
         self.book = self.core.book          # the counts: read by the Streamer
         self.left = 0                       # own events left on disk when it stopped
         self.backlog = 0                    # events of spooled lines, each second
@@ -5592,13 +5601,13 @@ def _cmd_pipe(args, out, err):
 def _key_status(spool, now, quota=_MONTHLY_QUOTA):
     """What ``status`` shows for one access key's spool."""
     folder, fingerprint = spool.folder, spool.fingerprint
-    state = spool.read_state()
+    state = spool.status.read()
     dead, newest = spool.dead_letters()
     buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
                 "events": r["events"], "lines": r["lines"],
                 "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
                for r in spool.summary()]
-    answers, running = spool.ask_running()
+    answers, running = spool.status.ask_running()
     backlog = sum(b["events"] for b in buckets)
     in_memory = sum(answers.values())
     # A key with nothing left and nobody running it is idle, whatever its last run met.

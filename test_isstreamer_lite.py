@@ -5174,7 +5174,7 @@ class WorkerTest(LiteTestCase):
         worker = self.worker(*answers, buffer_size=1, backoff_base=0.01, backoff_cap=0.02,
                              max_retries=1000)
         writes = []
-        worker.reader.spool.save_state = lambda state: writes.append((self.clock.now, state))
+        worker.reader.spool.status.save = lambda state: writes.append((self.clock.now, state))
         for second in range(180):
             self.log(worker, 1)
             for _ in range(2):
@@ -5193,7 +5193,7 @@ class WorkerTest(LiteTestCase):
         """Worker: a change in the drops alone is written to state.json (after the minute)."""
         worker = self.worker()
         writes = []
-        worker.reader.spool.save_state = lambda state: writes.append(dict(state))
+        worker.reader.spool.status.save = lambda state: writes.append(dict(state))
         worker.core.book.drop(3, "spool_full", None)
         worker.step()
         self.clock.now += 61.0
