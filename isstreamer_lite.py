@@ -4719,7 +4719,8 @@ class Streamer(object):
         # Streamer closes or reopens), the session's keys and close_wait, and the
         # counts of events refused at log() (_rejected, _warned, _long_keys). It is
         # never held across I/O, a sleep, a wait or a user callback; re-entrant, for
-        # a log() from a signal handler that interrupted its holder.
+        # a log() from a signal handler that interrupted its holder. _hooks_lock may
+        # be taken inside it, never the other way round.
         self._lock = threading.RLock()
         self._state = _OPEN
         self._session = _Session(settings, self._bucket)
@@ -4761,8 +4762,8 @@ class Streamer(object):
                 won = self._state is not _OPEN and self._session is old
                 if won:
                     self._state, self._session = _OPEN, session
-                    while old.inbox:            # logged while it was stopping
-                        session.inbox.append(old.inbox.popleft())
+                    if old.worker.stopped.is_set():
+                        self._adopt(old)
             if won:
                 self._opened()
                 return
@@ -4803,11 +4804,23 @@ class Streamer(object):
         return session.close_wait.ok
 
     def _closed(self, session):
+        """closing -> closed, unless the Streamer reopened meanwhile: the exit hook
+        then still has the new session to close."""
         with self._lock:
-            if self._session is session:
-                self._state = _CLOSED
-        with _hooks_lock:
-            _open_streamers.discard(self)
+            if self._session is not session:
+                self._adopt(session)
+                return
+            self._state = _CLOSED
+            with _hooks_lock:
+                _open_streamers.discard(self)
+
+    def _adopt(self, stopped):
+        """Hand what reached a stopped session's inbox (logged as it stopped) to the
+        current one; a close() asked of the stopped run is not passed on. Under _lock."""
+        while stopped.inbox:
+            item = stopped.inbox.popleft()
+            if type(item) is not _Wait or item.close_at is None:
+                self._session.inbox.append(item)
 
     def _close_now(self):
         """A signal or Ctrl-C interrupted a wait: spool what is in memory, at once."""

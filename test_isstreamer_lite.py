@@ -6330,6 +6330,21 @@ class FacadeTest(LiteTestCase):
         self.assertGreaterEqual(len(started), 6)
         self.assertEqual(written, [])
 
+    def test_a_close_ending_after_a_reopen_leaves_the_new_run_to_the_exit_hook(self):
+        """Streamer: a run reopened while close() waited is not closed by it, and is at exit."""
+        for use_async in (False, True):
+            with self.subTest(use_async=use_async):
+                sink = self.sink()
+                s = self.streamer(sink, use_async=use_async)
+                s.log("a", 1)
+                session = s._begin_close(time.monotonic() + 5)
+                s.log("b", 2)               # reopens while that close is under way
+                self.assertTrue(s._finish_close(session, time.monotonic() + 5))
+                self.assertEqual((repr(s)[-5:], s in lite._open_streamers), ("open>", True))
+                self.assertTrue(s.close(5))
+                self.assertNotIn(s, lite._open_streamers)
+                self.assertEqual(sorted(self.received(sink)), [("a", 1), ("b", 2)])
+
 STREAMING_CHILD = r'''
 import sys, time
 import isstreamer_lite as lite
