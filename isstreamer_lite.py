@@ -1897,8 +1897,12 @@ class _Spool(object):
         ``sweep``: delete the .ack logs whose segment is gone on the way.
         """
         found = []
-        for bucket in [folder] if folder else [os.path.join(self.folder, n) for n in (
-                os.listdir(self.folder) if os.path.isdir(self.folder) else ())]:
+        try:
+            buckets = [folder] if folder else [os.path.join(self.folder, n)
+                                               for n in os.listdir(self.folder)]
+        except OSError:
+            return found
+        for bucket in buckets:
             try:
                 names = os.listdir(bucket)
             except OSError:
@@ -2087,7 +2091,7 @@ class _SpoolWriter(object):
     """Appends lines to this process's own segments, one open segment a bucket.
 
     A new segment is created under a hidden name, locked, then renamed into
-    place, so no other process ever sees it unlocked. Its lines become the
+    place (_Spool.new_segment), so no other process ever sees it unlocked. Its lines become the
     reader's at once (``reader.hold``): a writer's lines are replayable
     without closing the segment. Used by the worker thread only.
     """
