@@ -6330,6 +6330,26 @@ class FacadeTest(LiteTestCase):
         self.assertGreaterEqual(len(started), 6)
         self.assertEqual(written, [])
 
+    def test_a_reopen_reads_the_spool_and_starts_its_worker_outside_the_lock(self):
+        """Streamer: while a reopen builds its worker (files, a thread), others get the lock."""
+        sink = self.sink()
+        s = self.streamer(sink)
+        self.assertTrue(s.close(5))
+        free = []
+        new_worker = lite._new_worker
+
+        def building(*args, **kwargs):
+            other = threading.Thread(target=lambda: free.append(
+                s._lock.acquire(True, 2.0) and (s._lock.release() or True)))
+            other.start()
+            other.join(5)
+            return new_worker(*args, **kwargs)
+        with mock.patch.object(lite, "_new_worker", building):
+            s.log("k", 1)                   # reopens
+        self.assertEqual(free, [True])
+        self.assertTrue(s.close(5))
+        self.assertEqual(self.received(sink), [("k", 1)])
+
     def test_a_close_ending_after_a_reopen_leaves_the_new_run_to_the_exit_hook(self):
         """Streamer: a run reopened while close() waited is not closed by it, and is at exit."""
         for use_async in (False, True):
