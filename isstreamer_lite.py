@@ -4682,8 +4682,9 @@ class _Session(object):
         self.baton = threading.Lock()       # the parent's may have been held at the fork
 
 
-# The Streamer's lifecycle: open (a session takes events), closing (close() asked
-# its session to stop), closed (the facade saw that session stop).
+# The Streamer's one state field: _OPEN (its session takes events), _CLOSING (the
+# core's name too: close() asked the session to stop), _CLOSED (the Streamer saw
+# that session stop). log(), flush() and set_bucket() reopen it from either.
 _OPEN, _CLOSED = "open", "closed"
 
 

@@ -6350,6 +6350,34 @@ class FacadeTest(LiteTestCase):
         self.assertTrue(s.close(5))
         self.assertEqual(self.received(sink), [("k", 1)])
 
+    def test_of_two_racing_reopens_one_run_is_kept_and_the_other_stops(self):
+        """Streamer: two threads reopening at once: one new run takes both events."""
+        for use_async in (True, False):
+            with self.subTest(use_async=use_async):
+                sink = self.sink()
+                s = self.streamer(sink, use_async=use_async)
+                self.assertTrue(s.close(5))
+                built = []
+                new_worker = lite._new_worker
+
+                def building(*args, **kwargs):
+                    worker = new_worker(*args, **kwargs)
+                    built.append(worker)
+                    if len(built) == 1:         # another thread reopens meanwhile
+                        other = threading.Thread(target=s.log, args=("b", 2))
+                        other.start()
+                        other.join(10)
+                    return worker
+                with mock.patch.object(lite, "_new_worker", building):
+                    s.log("a", 1)
+                self.assertEqual(len(built), 2)
+                kept = s._session.worker
+                lost = [w for w in built if w is not kept]
+                self.assertEqual(len(lost), 1)
+                self.assertTrue(lost[0].stopped.is_set())
+                self.assertTrue(s.close(5))
+                self.assertEqual(sorted(self.received(sink)), [("a", 1), ("b", 2)])
+
     def test_a_close_ending_after_a_reopen_leaves_the_new_run_to_the_exit_hook(self):
         """Streamer: a run reopened while close() waited is not closed by it, and is at exit."""
         for use_async in (False, True):
