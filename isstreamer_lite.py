@@ -4545,7 +4545,7 @@ class _Session(object):
     thread. A session is made, and its worker started, before the Streamer
     publishes it, and is never reused once stopped. The Streamer writes
     ``keys`` and ``close_wait`` under its lock; nothing else here changes
-    after the start. Callers' threads append to the inbox, ring ``wake`` and
+    after the start (but the baton, renewed in a forked child). Callers' threads append to the inbox, ring ``wake`` and
     read what the worker publishes: they never write the worker's fields.
     """
 
