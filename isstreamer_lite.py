@@ -1467,7 +1467,8 @@ class _MonthTally(object):
 
     def projected(self, wall):
         """This month's total if the recent rate goes on to its end."""
-        return int(self.months.get(self.month_of(wall), 0) + self.rate(wall) * _month_left(wall))
+        month = self.month_of(wall)         # self.span[1]: when that month ends
+        return int(self.months.get(month, 0) + self.rate(wall) * max(0.0, self.span[1] - wall))
 
     def merged(self, saved):
         """The months of ``saved`` (a state file's) plus what this process added since."""
