@@ -3059,8 +3059,9 @@ class _Core(object):
 
     @property
     def needs_disk(self):
-        """Whether next_action needs a _Disk (waiters wait, or close() runs)."""
-        return bool(self.waits) or self.state is not _RUNNING
+        """Whether next_action needs a _Disk: it decides (no action decided before is
+        still to be handed out) while waiters wait or close() runs."""
+        return not self._todo and (bool(self.waits) or self.state is not _RUNNING)
 
     def _journal_due(self, now):
         oldest = self.memory.oldest() if self.journal else None
@@ -3819,6 +3820,10 @@ class _StatusBoard(object):
                 pass
 
 
+# The actions after which the spool's lines are as they were: a turn's _Disk still holds.
+_KEEP_DISK = frozenset((_Post, _Answer, _Report, _Log, _Abandon, _Sync))
+
+
 class _Worker(object):
     """The shell around a _Core: takes the inbox, steps the core, carries out its actions
     with the courier, the spool and the budget, and waits until the next wake.
@@ -3925,14 +3930,17 @@ class _Worker(object):
             result = self.courier.poll()
             if result is not None:
                 self.collect(result)
-        action = first
+        action, disk = first, None
         while True:
             if action is None:
-                action = core.next_action(now, deadline, self.disk(now) if core.needs_disk
-                                          else _NO_DISK)
+                if disk is None and core.needs_disk:
+                    disk = self.disk(now)
+                action = core.next_action(now, deadline, _NO_DISK if disk is None else disk)
             if type(action) is _Sleep:
                 break
             self.carry_out[type(action)](action)
+            if type(action) not in _KEEP_DISK:
+                disk = None                 # the spool's lines may have changed
             action = None
         if core.state is _STOPPED:
             self.stopped.set()
