@@ -3383,8 +3383,8 @@ class _Core(object):
             and self.book.lost == self.book.told
 
     def _settle(self, disk):
-        if not self.waits:
-            return
+        if all(wait.close_at is not None for wait in self.waits):
+            return                          # no flush() waits: the halt answers close()
         backlog = bool(self.to_create) or self.spool and bool(
             self.batches.others_in_flight() or disk.waiting)
         done, self.waits = _answerable(self.waits, self.oldest_seq(disk), backlog)
