@@ -116,7 +116,7 @@ def concurrently(case, cells, width=3):
 #
 # Most of the suite's time is waiting: for child processes, timers, servers
 # that hang. The README's command runs the test classes in forked worker
-# processes (ISSTREAMER_LITE_JOBS, default three a core, at most eight; 1 runs
+# processes (ISSTREAMER_LITE_JOBS, default four a core, at most eight; 1 runs
 # them here, one by one), each taking the next class from a shared queue and
 # reporting each test's outcome back; this process replays the outcomes to
 # unittest's result as they arrive, so -v, -f and the summary read as usual.
@@ -125,8 +125,8 @@ def concurrently(case, cells, width=3):
 
 def _jobs():
     text = os.environ.get("ISSTREAMER_LITE_JOBS", "")
-    if not text:        # mostly waiting: three workers a core (six here), at most eight
-        return max(2, min(8, 3 * (os.cpu_count() or 1)))
+    if not text:        # mostly waiting: four workers a core (eight here), at most eight
+        return max(2, min(8, 4 * (os.cpu_count() or 1)))
     try:
         return max(1, int(text))
     except ValueError:
