@@ -6645,13 +6645,20 @@ if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
 def say(word):
     sys.stdout.write(word + "\n")
     sys.stdout.flush()
+
+
+def wait_for_a_signal():
+    # Short sleeps: PyPy runs a signal's handler between bytecodes, now and then,
+    # so a signal that lands just before one long sleep would wait it out.
+    for _ in range(600):
+        time.sleep(0.1)
 '''
 
 
 # The SIGINT exit status of a plain script (no Streamer), to expect the same.
 _PLAIN_CHILD = _PRELUDE + r'''
 say("ready")
-time.sleep(60)
+wait_for_a_signal()
 '''
 
 
@@ -6671,7 +6678,7 @@ if mode == "close":
     streamer.close(30)
 elif mode in ("idle", "exit-idle"):
     say("idle" if mode == "idle" else "exiting")
-    time.sleep(60)
+    wait_for_a_signal()
 elif mode == "logging":
     logged = int(count)
     try:
@@ -6860,7 +6867,7 @@ class SignalLifecycleTest(LifecycleCase):
         cells = full_or([(name, moment) for name, _ in SIGNALS for moment in moments],
                         [("SIGTERM", ("logging", "logging"))])
         statuses = dict(SIGNALS)
-        if any(name == "SIGINT" for name, _ in cells):
+        if any(name == "SIGINT" for name, _ in cells) and not PYPY:     # PyPy skips them
             statuses["SIGINT"] = self.plain_sigint_status()
         self.script(LIFECYCLE_CHILD)        # written once, before the cells start
         concurrently(self, [
@@ -6899,7 +6906,7 @@ class SignalLifecycleTest(LifecycleCase):
         cells = full_or((("SIGTERM", "exit-idle"), ("SIGINT", "exit-idle"),
                          ("SIGTERM", "exit-end")), (("SIGTERM", "exit-idle"),))
         statuses = dict(SIGNALS)
-        if any(name == "SIGINT" for name, _ in cells):
+        if any(name == "SIGINT" for name, _ in cells) and not PYPY:     # PyPy skips them
             statuses["SIGINT"] = self.plain_sigint_status()
         self.script(LIFECYCLE_CHILD)
         concurrently(self, [
