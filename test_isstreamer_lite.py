@@ -160,15 +160,18 @@ class _ReportingResult(unittest.TestResult):
             self.outcomes.append((kind, text))
 
     def _send(self, name, outcomes, fixture=False, seconds=0.0):
-        line = json.dumps({"test": name, "outcomes": outcomes, "fixture": fixture,
-                           "seconds": seconds})
-        os.write(self.out, (line + "\n").encode("utf-8"))  # a broken pipe ends the worker
+        self._write({"test": name, "outcomes": outcomes, "fixture": fixture,
+                     "seconds": seconds})
+
+    def _write(self, report):
+        line = json.dumps(report) + "\n"
+        os.write(self.out, line.encode("utf-8"))        # a broken pipe ends the worker
 
     def startTest(self, test):
         unittest.TestResult.startTest(self, test)
         self.outcomes = []
         self.started = time.monotonic()
-        os.write(self.out, (json.dumps({"start": test.id()}) + "\n").encode("utf-8"))
+        self._write({"start": test.id()})
 
     def stopTest(self, test):
         unittest.TestResult.stopTest(self, test)
@@ -232,7 +235,7 @@ class _ForkingSuite(unittest.TestSuite):
         self.jobs = jobs
         self.seconds = collections.Counter()    # per class, for ISSTREAMER_LITE_TIMES=1
         self.slowest = collections.Counter()    # per test
-        self.started, self.ended = time.monotonic(), []     # when each worker ended
+        self.started, self.ended = None, []     # when the run began, each worker ended
 
     def _classes(self):
         """The tests grouped by class, in the order loaded."""
@@ -313,24 +316,24 @@ class _ForkingSuite(unittest.TestSuite):
         return result
 
     def _collect(self, workers, by_id, result):
-        """Replay each worker's reports to ``result`` until every worker is done."""
+        """Replay each worker's reports to ``result`` until every worker is done;
+        ``workers`` keeps those still running (the caller kills them)."""
         import selectors
         selector = selectors.DefaultSelector()
         for fd in workers:
             selector.register(fd, selectors.EVENT_READ)
-        open_fds = set(workers)
         running = {}                            # worker's fd: the test it started last
-        while open_fds and not result.shouldStop:
+        while workers and not result.shouldStop:
             for key, _ in selector.select(600):     # a failure guard: tests bound their waits
                 fd = key.fd
                 chunk = os.read(fd, 65536)
                 pid, buffered = workers[fd]
-                if not chunk:
+                if not chunk:                   # the worker is done: reaped, forgotten
                     selector.unregister(fd)
-                    open_fds.discard(fd)
+                    os.close(fd)
+                    del workers[fd]
                     self.ended.append(time.monotonic() - self.started)
                     _, status = os.waitpid(pid, 0)
-                    workers[fd] = (pid, b"")
                     if status or fd in running:
                         self._report_lost(result, "a worker process ended (%s) during %s" % (
                             _wait_status(status), running.get(fd, "its fixtures")))
@@ -348,10 +351,6 @@ class _ForkingSuite(unittest.TestSuite):
                     self.slowest[report["test"]] = report["seconds"]
                     self._replay(report, by_id, result)
         selector.close()
-        for fd in list(workers):
-            if fd not in open_fds:
-                pid, _ = workers.pop(fd)
-                os.close(fd)
 
     @staticmethod
     def _replay(report, by_id, result):
