@@ -2401,6 +2401,124 @@ class TransportTest(LiteTestCase):
         self.assertIn("travels in clear text", logs.output[0])
 
 
+class QuickPostTest(LiteTestCase):
+    """_HTTPTransport.post(quick=...): the worker's own try at a call, finished elsewhere."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+    def server(self, pieces):
+        """A server answering every request on a connection with ``pieces``: bytes to
+        send, or an Event to wait for (set by the test) before the next piece."""
+        self.requests = []
+
+        def answer(conn, number, stop):
+            while not stop.is_set():
+                body = read_request(conn)
+                if body is None:
+                    return
+                self.requests.append((number, body))
+                for piece in pieces:
+                    if isinstance(piece, bytes):
+                        conn.sendall(piece)
+                    else:
+                        self.assertTrue(piece.wait(10), "the test never released the answer")
+        return RawServer(self, answer)
+
+    def transport(self, server):
+        transport = lite._HTTPTransport(server.url, 5.0)
+        self.addCleanup(transport.close)
+        return transport
+
+    def quick(self, transport, body=b"[1]"):
+        return transport.post("/api/events", body, {"X": "1"}, time.monotonic() + 5,
+                              quick=time.monotonic() + lite._QUICK)
+
+    def test_answer_within_the_quick_time_is_read_at_once(self):
+        """Transport: an open connection's call answered at once needs no finish()."""
+        server = self.server([self.ANSWER])
+        transport = self.transport(server)
+        transport.post("/api/events", b"[0]", {"X": "1"})      # opens the connection
+        response = self.quick(transport)
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+        self.assertEqual([n for n, _ in self.requests], [1, 1])
+
+    def test_no_connection_means_nothing_is_sent_quick(self):
+        """Transport: with no open connection a quick post sends nothing; finish() does."""
+        server = self.server([self.ANSWER])
+        transport = self.transport(server)
+        with self.assertRaises(lite._Unfinished) as caught:
+            self.quick(transport)
+        self.assertEqual(self.requests, [])
+        response = transport.finish(caught.exception.exchange)
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+        self.assertEqual(self.requests, [(1, b"[1]")])
+
+    def test_late_answer_is_finished_without_sending_again(self):
+        """Transport: an answer later than the quick time is read by finish(), the request
+        sent once, the connection kept."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        server = self.server([release, self.ANSWER])
+        transport = self.transport(server)
+        release.set()
+        transport.post("/api/events", b"[0]", {"X": "1"})
+        release.clear()
+        with self.assertRaises(lite._Unfinished) as caught:
+            self.quick(transport)
+        release.set()
+        response = transport.finish(caught.exception.exchange)
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+        self.assertEqual(self.requests, [(1, b"[0]"), (1, b"[1]")])
+
+    def test_answer_cut_by_the_quick_time_is_parsed_again_whole(self):
+        """Transport: an answer half in when the quick time ends is read from its start."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        head, tail = self.ANSWER[:30], self.ANSWER[30:]
+        server = self.server([head, release, tail])
+        transport = self.transport(server)
+        release.set()
+        transport.post("/api/events", b"[0]", {"X": "1"})
+        release.clear()
+        with self.assertRaises(lite._Unfinished) as caught:
+            self.quick(transport)
+        self.assertTrue(caught.exception.exchange.reader.data.startswith(head))
+        release.set()
+        response = transport.finish(caught.exception.exchange)
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+        self.assertEqual(len(self.requests), 2)
+
+    def test_send_cut_by_the_quick_time_is_sent_again_on_a_new_connection(self):
+        """Transport: a request not all written in the quick time is reset and sent whole
+        again, as its first try, on a new connection."""
+        server = self.server([self.ANSWER])
+        transport = self.transport(server)
+        transport.post("/api/events", b"[0]", {"X": "1"})
+
+        class Stuck(object):                # a send buffer that stays full
+            def __init__(self, sock):
+                self.sock, self.timeout = sock, None
+
+            def settimeout(self, seconds):
+                self.timeout = seconds
+
+            def sendall(self, data):
+                threading.Event().wait(self.timeout)    # blocked for all it may take
+                raise socket.timeout("timed out")
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+        transport._conn.sock = Stuck(transport._conn.sock)
+        with self.assertRaises(lite._Unfinished) as caught:
+            self.quick(transport)
+        exchange = caught.exception.exchange
+        self.assertIsNone(transport._conn)
+        self.assertEqual((exchange.reader, exchange.attempt), (None, 0))
+        response = transport.finish(exchange)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.requests, [(1, b"[0]"), (2, b"[1]")])
+
+
 class PiecesSocket(object):
     """A socket that answers recv() with the given pieces, then b"" (the stream's end)."""
 
@@ -2453,8 +2571,8 @@ class ReplyReaderTest(IsolatedCase):
 
     def test_bytes_after_the_answer_forbid_reuse(self):
         """Transport: bytes already read past the answer mean the connection is not reused."""
-        got = lite._read_reply(PiecesSocket(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
-                                            b"okEXTRA", 65536), 100)
+        got = lite._read_reply(lite._SocketLines(PiecesSocket(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", 65536)), 100)
         self.assertEqual((got[0], got[2], got[3]), (200, b"ok", False))
 
     def test_answers_in_any_pieces(self):
@@ -2462,7 +2580,7 @@ class ReplyReaderTest(IsolatedCase):
         for answer, limit, (status, picked, body, reusable) in self.TABLE:
             for size in (1, 3, 7, 65536):
                 with self.subTest(answer=answer[:40], size=size):
-                    got = lite._read_reply(PiecesSocket(answer, size), limit)
+                    got = lite._read_reply(lite._SocketLines(PiecesSocket(answer, size)), limit)
                     self.assertEqual((got[0], got[2], got[3]), (status, body, reusable))
                     for name, value in picked.items():
                         self.assertEqual(got[1][name], value)
@@ -2483,7 +2601,7 @@ class ReplyReaderTest(IsolatedCase):
         for answer, error in cases:
             with self.subTest(answer=answer[:40]):
                 with self.assertRaises(error):
-                    lite._read_reply(PiecesSocket(answer, 4096), 100)
+                    lite._read_reply(lite._SocketLines(PiecesSocket(answer, 4096)), 100)
 
 
 class HangingResolverTest(LiteTestCase):
@@ -4845,6 +4963,56 @@ class CourierTest(LiteTestCase):
         self.assertEqual(outcome[1][0].status, 204)
         self.assertEqual(len(transport.posts), 1)
         courier.stop()                      # no thread to join: it never started
+
+
+    def test_call_answered_at_once_needs_no_thread(self):
+        """Courier: on an open connection, a call answered within _QUICK is made in the
+        worker's thread; a later answer is read by the courier's own thread."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        release.set()
+
+        def answer(conn, number, stop):
+            while read_request(conn) is not None:
+                self.assertTrue(release.wait(10))
+                conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        server = RawServer(self, answer)
+        settings = lite._resolve_settings(**replay_options(api_base=server.url))
+        wake, transport = lite._Doorbell(), lite._HTTPTransport(server.url, 5.0)
+        self.addCleanup(transport.close)
+        courier = lite._Courier(lite._Sender(settings, transport), wake, "test")
+        self.addCleanup(courier.stop)
+
+        def job():
+            return lite._Job("/api/events", b"[]", ("b", ""), None, time.monotonic() + 5)
+
+        def outcome():
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                result = courier.poll()
+                if result is not None:
+                    return result
+                wake.wait(deadline - time.monotonic())
+                wake.clear()                # polled again before the next wait
+            self.fail("the courier's thread never answered")
+        first = job()
+        courier.start(first)                # no connection yet: the thread opens it
+        self.assertIsNotNone(courier._thread)
+        result = outcome()
+        self.assertIs(result[0], first)
+        self.assertEqual(result[1][0].status, 204)
+        second = job()
+        courier.start(second)
+        result = courier.poll()
+        self.assertIsNotNone(result, "an answer at once went to the thread")
+        self.assertEqual((result[0], result[1][0].status), (second, 204))
+        release.clear()
+        third = job()
+        courier.start(third)                # unanswered within _QUICK: the thread waits
+        self.assertIsNone(courier.poll())
+        release.set()
+        result = outcome()
+        self.assertEqual((result[0], result[1][0].status), (third, 204))
 
 
 class WorkerTest(LiteTestCase):
