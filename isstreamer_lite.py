@@ -3790,6 +3790,24 @@ def _start_thread(thread):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def _try_quick(sender, job):
+    """Make ``job``'s call here if it is answered within _QUICK: (outcome, None); else
+    (None, what is left of it: None if nothing was sent) for _finish()."""
+    if not hasattr(sender.transport, "finish"):     # the CSV file, a test's fake
+        return None, None
+    try:
+        return sender.post(job, quick=_monotonic() + _QUICK), None
+    except _Unfinished as unfinished:
+        return None, unfinished.exchange
+
+
+def _finish(sender, job, exchange):
+    """Make ``job``'s call, or finish ``exchange``: what _try_quick() left of it."""
+    if exchange is None:
+        return sender.post(job)
+    return sender.post(job, exchange=exchange)
+
+
 class _Doorbell(object):
     """threading.Event's set/clear/wait/is_set on one plain lock: unlocked means set.
 
@@ -3856,14 +3874,11 @@ class _Courier(object):
         with self._lock:
             self.busy, self.job = True, job
             self._result = None
-            quick = not self._posting and hasattr(self.sender.transport, "finish")
-        exchange = None
+            quick = not self._posting
+        outcome = exchange = None
         if quick:                           # the thread is out of the transport: ours
-            try:
-                outcome = self.sender.post(job, quick=_monotonic() + _QUICK)
-            except _Unfinished as unfinished:
-                exchange = unfinished.exchange
-            else:
+            outcome, exchange = _try_quick(self.sender, job)
+            if outcome is not None:
                 with self._lock:
                     self._result = (job, outcome)
                 return
@@ -3881,18 +3896,12 @@ class _Courier(object):
                 # starts: the request is made here, bounded by the transport's timeouts.
                 with self._lock:
                     self._thread = self._job = None
-                outcome = self._post(job, exchange)
+                outcome = _finish(self.sender, job, exchange)
                 with self._lock:
                     if job is self.job:
                         self._result = (job, outcome)
                 return
         self._signal.set()
-
-    def _post(self, job, exchange):
-        """Make the request, or finish ``exchange``: what start() left of it."""
-        if exchange is None:
-            return self.sender.post(job)
-        return self.sender.post(job, exchange=exchange)
 
     def poll(self):
         """(job, (response, error)) once the request ended, else None."""
@@ -3935,7 +3944,7 @@ class _Courier(object):
                 continue
             job, outcome = given[0], None
             try:
-                outcome = self._post(job, given[1])
+                outcome = _finish(self.sender, job, given[1])
             finally:
                 with self._lock:
                     self._posting = False
@@ -3947,7 +3956,8 @@ class _Courier(object):
 class _InlineCourier(object):
     """use_async=False (and tests): the request is made inside ``start()``.
 
-    With ``watchdog`` a timer breaks a request still running at its deadline.
+    With ``watchdog`` a timer breaks a request still running at its deadline:
+    one not answered within _QUICK (a thread a call was most of sync mode's CPU).
     """
 
     def __init__(self, sender, watchdog=True):
@@ -3959,6 +3969,10 @@ class _InlineCourier(object):
 
     def start(self, job):
         self.busy, self.job = True, job
+        outcome, exchange = _try_quick(self.sender, job)
+        if outcome is not None:
+            self._result = (job, outcome)
+            return
         timer = None
         if self.watchdog:
             try:
@@ -3969,7 +3983,7 @@ class _InlineCourier(object):
             except RuntimeError:    # no daemon threads here: socket timeouts bound it
                 self.watchdog, timer = False, None
         try:
-            self._result = (job, self.sender.post(job))
+            self._result = (job, _finish(self.sender, job, exchange))
         finally:
             if timer is not None:
                 timer.cancel()

@@ -5015,6 +5015,31 @@ class CourierTest(LiteTestCase):
         self.assertEqual((result[0], result[1][0].status), (third, 204))
 
 
+    def test_sync_call_answered_at_once_starts_no_watchdog(self):
+        """Courier: use_async=False starts a watchdog timer only for a call not answered
+        within _QUICK (here: the first, which opens the connection)."""
+        def answer(conn, number, stop):
+            while read_request(conn) is not None:
+                conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        server = RawServer(self, answer)
+        settings = lite._resolve_settings(**replay_options(api_base=server.url))
+        transport = lite._HTTPTransport(server.url, 5.0)
+        self.addCleanup(transport.close)
+        courier = lite._InlineCourier(lite._Sender(settings, transport))
+        timers, real_timer = [], threading.Timer
+
+        def timer(*args, **kwargs):
+            timers.append(real_timer(*args, **kwargs))
+            return timers[-1]
+        with mock.patch.object(lite.threading, "Timer", timer):
+            for _ in range(5):
+                job = lite._Job("/api/events", b"[]", ("b", ""), None, time.monotonic() + 5)
+                courier.start(job)
+                result = courier.poll()
+                self.assertEqual((result[0], result[1][0].status), (job, 204))
+        self.assertEqual(len(timers), 1, "a watchdog for a call answered at once")
+
+
 class WorkerTest(LiteTestCase):
     """The worker's decisions, stepped by hand: no threads, no sockets, no real time."""
 
