@@ -906,24 +906,17 @@ class _Unfinished(Exception):
         self.exchange = exchange
 
 
-class _HTTPTransport(object):
-    """One persistent HTTP/1.1 connection to the API, reopened as needed.
-
-    Only the worker uses it, so it needs no lock. A request that fails on a
-    reused connection before any response arrives (the server closed it
-    while idle) is sent once more on a new connection.
+class _Dialer(object):
+    """How the transport reaches the API: the proxy to go through (resolved at the first
+    connection), and each new connection (TLS, a proxy's tunnel, a small send buffer).
     """
 
-    def __init__(self, api_base, timeout, ssl_context=None, user_agent=None):
+    def __init__(self, api_base, ssl_context=None):
         self.scheme, self.host, self.port, self.prefix = _check_api_base(api_base)
-        self.timeout = timeout
         self.ssl_context = ssl_context
-        self.user_agent = user_agent
         self.connections = 0
-        self._conn = None
-        self._proxy = None
+        self.proxy = None               # (host, port, auth header or None)
         self._proxy_resolved = False
-        self._last_head = (None, b"")   # ((path, headers, proxy), head without length)
 
     def _resolve_proxy(self):
         """(host, port, auth header or None) of the proxy to use, or None.
@@ -954,14 +947,15 @@ class _HTTPTransport(object):
                    parts.port or 8080)                  # never the proxy's credentials
         return parts.hostname, parts.port or 8080, auth
 
-    def _connect(self, timeout):
+    def connect(self, timeout):
+        """A new, connected http.client connection (its ``sock`` is what we use)."""
         import http.client
         if not self._proxy_resolved:
-            self._proxy = self._resolve_proxy()
+            self.proxy = self._resolve_proxy()
             self._proxy_resolved = True
         host, port = self.host, self.port
-        if self._proxy is not None:
-            host, port = self._proxy[0], self._proxy[1]
+        if self.proxy is not None:
+            host, port = self.proxy[0], self.proxy[1]
         if self.scheme == "https":
             context = self.ssl_context
             if context is None:
@@ -970,8 +964,8 @@ class _HTTPTransport(object):
             conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        if self._proxy is not None and self.scheme == "https":
-            headers = {"Proxy-Authorization": self._proxy[2]} if self._proxy[2] else None
+        if self.proxy is not None and self.scheme == "https":
+            headers = {"Proxy-Authorization": self.proxy[2]} if self.proxy[2] else None
             conn.set_tunnel(self.host, self.port, headers=headers)
         conn.connect()
         self.connections += 1
@@ -984,10 +978,43 @@ class _HTTPTransport(object):
             pass
         return conn
 
-    def _target(self, path):
-        if self._proxy is not None and self.scheme == "http":
-            return "http://%s:%d%s%s" % (self.host, self.port, self.prefix, path)
-        return self.prefix + path
+    def plain_proxy(self):
+        """Whether requests go in clear through an http:// proxy (absolute URLs, and its
+        credentials in each request's headers)."""
+        return self.proxy is not None and self.scheme == "http"
+
+    def head(self, path, headers):
+        """The request line and the headers but Content-Length, as http.client writes them."""
+        host = self.host if ":" not in self.host else "[%s]" % self.host
+        if self.port != (443 if self.scheme == "https" else 80):
+            host = "%s:%d" % (host, self.port)
+        target = self.prefix + path
+        if self.plain_proxy():
+            target = "http://%s:%d%s" % (self.host, self.port, target)
+        lines = ["POST %s HTTP/1.1" % target, "Host: " + host, "Accept-Encoding: identity"]
+        lines.extend("%s: %s" % item for item in headers.items())
+        return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+class _HTTPTransport(object):
+    """One persistent HTTP/1.1 connection to the API, reopened as needed (_Dialer).
+
+    Only the worker uses it, so it needs no lock; a request a quick post()
+    left unfinished goes to one other thread (the courier's) with it. A
+    request that fails on a reused connection before any response arrives
+    (the server closed it while idle) is sent once more on a new connection.
+    """
+
+    def __init__(self, api_base, timeout, ssl_context=None, user_agent=None):
+        self.dialer = _Dialer(api_base, ssl_context)
+        self.timeout = timeout
+        self.user_agent = user_agent
+        self._conn = None
+        self._last_head = (None, b"")   # ((path, headers, proxy), head without length)
+
+    @property
+    def connections(self):
+        return self.dialer.connections
 
     def post(self, path, body, headers, deadline=None, quick=None):
         """POST ``body`` before ``deadline`` (monotonic); a _Response, or raise.
@@ -1003,8 +1030,8 @@ class _HTTPTransport(object):
         if deadline is None:
             deadline = _monotonic() + self.timeout
         headers = dict(headers)
-        if self._proxy is not None and self.scheme == "http" and self._proxy[2]:
-            headers["Proxy-Authorization"] = self._proxy[2]
+        if self.dialer.plain_proxy() and self.dialer.proxy[2]:
+            headers["Proxy-Authorization"] = self.dialer.proxy[2]
         return self._exchange(_Exchange(path, body, headers, deadline), quick)
 
     def finish(self, exchange):
@@ -1023,7 +1050,7 @@ class _HTTPTransport(object):
                 ex.attempt += 1
                 ex.reused = self._conn is not None
                 if self._conn is None:
-                    self._conn = self._connect(self._time_left(ex.deadline))
+                    self._conn = self.dialer.connect(self._time_left(ex.deadline))
             sock, sending = self._conn.sock, ex.reader is None
             try:
                 if sending:
@@ -1066,20 +1093,11 @@ class _HTTPTransport(object):
             return _Response(status, answer, data)
 
     def _head(self, path, headers, length):
-        """The request line and headers, as http.client would write them.
-
-        All but Content-Length are the same call after call: kept for the last
-        (path, headers) seen.
-        """
-        key = (path, tuple(headers.items()), self._proxy)
+        """The request line and headers: all but Content-Length are the same call after
+        call, kept for the last (path, headers, proxy) seen."""
+        key = (path, tuple(headers.items()), self.dialer.proxy)
         if self._last_head[0] != key:
-            host = self.host if ":" not in self.host else "[%s]" % self.host
-            if self.port != (443 if self.scheme == "https" else 80):
-                host = "%s:%d" % (host, self.port)
-            lines = ["POST %s HTTP/1.1" % self._target(path), "Host: " + host,
-                     "Accept-Encoding: identity"]
-            lines.extend("%s: %s" % item for item in headers.items())
-            self._last_head = (key, ("\r\n".join(lines) + "\r\n").encode("latin-1"))
+            self._last_head = (key, self.dialer.head(path, headers))
         return self._last_head[1] + b"Content-Length: %d\r\n\r\n" % length
 
     def _time_left(self, deadline, quick=None):

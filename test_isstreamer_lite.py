@@ -8510,14 +8510,14 @@ class CliProxyTest(CliTestCase):
         for base in ("http://127.0.0.1:8080", "https://127.0.0.1", "http://[::1]:8080",
                      "http://localhost:8080", "https://LOCALHOST"):
             with self.subTest(base=base):
-                self.assertIsNone(lite._HTTPTransport(base, 5)._resolve_proxy())
+                self.assertIsNone(lite._Dialer(base)._resolve_proxy())
 
     def test_proxy_is_named_at_debug_level_without_credentials(self):
         """Transport: the proxy a remote host is reached through is logged, with no password."""
         os.environ["https_proxy"] = "http://proxyuser:s3cret@127.0.0.1:3128"
-        transport = lite._HTTPTransport("https://groker.init.st", 5)
+        dialer = lite._Dialer("https://groker.init.st")
         with self.assertLogs("isstreamer_lite", "DEBUG") as logs:
-            proxy = transport._resolve_proxy()
+            proxy = dialer._resolve_proxy()
         self.assertEqual(proxy[:2], ("127.0.0.1", 3128))
         text = "\n".join(logs.output)
         self.assertIn("groker.init.st through the proxy 127.0.0.1:3128", text)
