@@ -3810,8 +3810,9 @@ def _start_thread(thread):
 
 def _try_quick(sender, job):
     """Make ``job``'s call here if it is answered within _QUICK: (outcome, None); else
-    (None, what is left of it: None if nothing was sent) for _finish()."""
-    if not hasattr(sender.transport, "finish"):     # the CSV file, a test's fake
+    (None, the _Exchange left for _finish(), or None where the transport has no quick
+    post: the CSV file, a test's fake)."""
+    if not hasattr(sender.transport, "finish"):
         return None, None
     try:
         return sender.post(job, quick=_monotonic() + _QUICK), None
