@@ -2453,38 +2453,35 @@ class QuickPostTest(LiteTestCase):
         self.assertEqual((response.status, response.body), (200, b"hello"))
         self.assertEqual(self.requests, [(1, b"[1]")])
 
-    def test_late_answer_is_finished_without_sending_again(self):
-        """Transport: an answer later than the quick time is read by finish(), the request
-        sent once, the connection kept."""
+    def unfinished(self, pieces):
+        """A quick post of b"[1]" that ran out of time on an open connection, the server
+        answering with ``pieces(release)``: (transport, exchange, release)."""
         release = threading.Event()
         self.addCleanup(release.set)
-        server = self.server([release, self.ANSWER])
-        transport = self.transport(server)
+        transport = self.transport(self.server(pieces(release)))
         release.set()
-        transport.post("/api/events", b"[0]", {"X": "1"})
+        transport.post("/api/events", b"[0]", {"X": "1"})     # opens the connection
         release.clear()
         with self.assertRaises(lite._Unfinished) as caught:
             self.quick(transport)
+        return transport, caught.exception.exchange, release
+
+    def test_late_answer_is_finished_without_sending_again(self):
+        """Transport: an answer later than the quick time is read by finish(), the request
+        sent once, the connection kept."""
+        transport, exchange, release = self.unfinished(lambda release: [release, self.ANSWER])
         release.set()
-        response = transport.finish(caught.exception.exchange)
+        response = transport.finish(exchange)
         self.assertEqual((response.status, response.body), (200, b"hello"))
         self.assertEqual(self.requests, [(1, b"[0]"), (1, b"[1]")])
 
     def test_answer_cut_by_the_quick_time_is_parsed_again_whole(self):
         """Transport: an answer half in when the quick time ends is read from its start."""
-        release = threading.Event()
-        self.addCleanup(release.set)
         head, tail = self.ANSWER[:30], self.ANSWER[30:]
-        server = self.server([head, release, tail])
-        transport = self.transport(server)
+        transport, exchange, release = self.unfinished(lambda release: [head, release, tail])
+        self.assertTrue(exchange.reader.data.startswith(head))
         release.set()
-        transport.post("/api/events", b"[0]", {"X": "1"})
-        release.clear()
-        with self.assertRaises(lite._Unfinished) as caught:
-            self.quick(transport)
-        self.assertTrue(caught.exception.exchange.reader.data.startswith(head))
-        release.set()
-        response = transport.finish(caught.exception.exchange)
+        response = transport.finish(exchange)
         self.assertEqual((response.status, response.body), (200, b"hello"))
         self.assertEqual(len(self.requests), 2)
 
