@@ -2645,11 +2645,12 @@ class _Line(object):
 class _Batch(object):
     """The events of one bucket for one request, and how often it was tried.
 
-    From memory: ``events`` (key, value, epoch) and their encoded ``parts``,
-    ``seq`` the first event's sequence number. From disk: ``refs`` to spool
-    lines, each ``lines`` as read, and their joined ``body``; a slice of one
-    line has its ``parts`` and the ``line`` it belongs to. A ``fixed`` batch (a half after 413 or
-    400) never grows.
+    Live (from memory): ``events`` (key, value, epoch) and their encoded
+    ``parts``, ``seq`` the first event's sequence number. Backlog (from disk):
+    ``refs`` to spool lines, each ``lines`` as read, and their joined ``body``;
+    a slice of one line has its ``parts`` and the ``line`` it belongs to; the
+    lines are ours (their refs carry our sequence numbers) or an ``earlier``
+    run's. A ``fixed`` batch (a half after 413 or 400) never grows.
     """
 
     __slots__ = ("bucket", "events", "parts", "refs", "_body", "seq", "attempts", "fixed",
@@ -2670,6 +2671,16 @@ class _Batch(object):
         self.lines = lines              # from disk: each ref's line, as read
 
     @property
+    def live(self):
+        """From memory: this run's events, on no spool line."""
+        return self.refs is None
+
+    @property
+    def earlier(self):
+        """Spool lines of an earlier run (no sequence number of ours)."""
+        return self.refs is not None and self.refs[0].seq is None
+
+    @property
     def count(self):
         if self.parts is not None:
             return len(self.parts)
@@ -2683,6 +2694,15 @@ class _Batch(object):
 
     def add(self, event, part):
         self.extend((event,), (part,), len(part) + 1)
+
+    def tuples(self):
+        """Its events as (key, value, epoch), for on_error ([] if its lines are not JSON)."""
+        if self.live:
+            return list(self.events)
+        try:
+            return _decode_body(self.body)
+        except ValueError:
+            return []
 
     def extend(self, events, parts, size):
         """Append ``events`` and their ``parts``, ``size`` bytes with the commas."""
@@ -2957,7 +2977,7 @@ class _Batches(object):
     def _halves(self, batch):
         if batch.count < 2:
             return None
-        if batch.refs is None:
+        if batch.live:
             half = len(batch.parts) // 2
             return [_Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
                            seq=None if batch.seq is None else batch.seq + lo)
@@ -2988,15 +3008,15 @@ class _Batches(object):
 
     def others_in_flight(self):
         """Whether a batch of an earlier run's lines is held."""
-        return any(b.refs is not None and b.refs[0].seq is None for b in self.queue)
+        return any(b.earlier for b in self.queue)
 
     def in_memory(self):
         """Events of the memory batches (counted from them: a batch may grow)."""
-        return sum(b.count for b in self.queue if b.refs is None)
+        return sum(b.count for b in self.queue if b.live)
 
     def on_disk(self):
         """Events of the spooled lines held here (a line sliced counts once a slice)."""
-        return sum(b.count for b in self.queue if b.refs is not None)
+        return sum(b.count for b in self.queue if not b.live)
 
 
 class _Book(object):
@@ -3304,7 +3324,7 @@ class _Core(object):
         self._journaling = False
         in_flight = self.out.batch if self.out is not None else None
         while self.count > limit:
-            batch = next((b for b in self.batches.queue if b.refs is None
+            batch = next((b for b in self.batches.queue if b.live
                           and b is not in_flight), None)
             if batch is None:
                 batch, rejected = self.memory.take(most=min(self.count - limit,
@@ -3343,10 +3363,10 @@ class _Core(object):
         most, queue = self.settings.buffer_size, self.batches.queue
         if queue:
             head = queue[0]
-            if head.refs is None and not head.fixed:
+            if head.live and not head.fixed:
                 # It fell behind: grow it, up to buffer_size.
                 self.book.unencodable(self.memory.fill(head, most=most))
-            elif head.refs is not None and not self.journal and self._ready(now):
+            elif not head.live and not self.journal and self._ready(now):
                 # The backlog waited (for the window, or a retry): live events go first.
                 batch, rejected = self.memory.take(most=most)
                 self.book.unencodable(rejected)
@@ -3475,13 +3495,17 @@ class _Core(object):
         stats["paused"] = ""
         self.batches.remove(batch)
         self.book.delivered(batch.count, wall)
-        if batch.refs is None:
+        if batch.live:
             stats["delivered"] += batch.count
             return
         journal = sum(r.count for r in batch.refs if r.journal) if batch.line is None \
             else batch.count if batch.refs[0].journal else 0
         stats["delivered"] += journal
         stats["replayed"] += batch.count - journal
+        self._retire(batch)
+
+    def _retire(self, batch):
+        """A backlog batch is done with: its lines are acked once all of them are."""
         if self.batches.finished(batch):
             self._todo.append(_Ack(batch.refs))
 
@@ -3545,8 +3569,8 @@ class _Core(object):
         self.book.log(_WARNING, "the server rejected an event of bucket %r (%s %s); it was "
                       "moved to the dead-letter file" % (batch.bucket[0], status, reply[:200]))
         self.book.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
-        if batch.refs is not None and self.batches.finished(batch):
-            self._todo.append(_Ack(batch.refs))
+        if not batch.live:
+            self._retire(batch)
         self._todo.append(_Report(DeliveryError("event rejected by the server: %s"
                                                 % reply[:200], status, "rejected",
                                                 batch.bucket[0]), self._events_of(batch)))
@@ -3555,12 +3579,7 @@ class _Core(object):
         """The (key, value, epoch) tuples of a batch, for on_error."""
         if batch is None or self.settings.on_error is None:
             return []
-        if batch.refs is None:
-            return list(batch.events)
-        try:
-            return _decode_body(batch.body)
-        except ValueError:
-            return []
+        return batch.tuples()
 
     def _reply(self, response, limit=300):
         return _scrub(response.text(limit), self.settings.access_key)
@@ -3568,10 +3587,10 @@ class _Core(object):
     # where undelivered events go
 
     def set_aside(self, batch, why, drop=False):
-        """Stop trying a batch for now: the action that puts a memory batch on disk or a
-        disk one back, or None. Where the disk refuses, a memory batch stays (max_queue
+        """Stop trying a batch for now: the action that puts a live batch on disk or a
+        backlog one back, or None. Where the disk refuses, a live batch stays (max_queue
         then decides what is dropped), unless ``drop`` (stopping, or over max_queue)."""
-        if batch.refs is not None:
+        if not batch.live:
             refs = self.batches.take_back(batch)
             return None if refs is None else _GiveBack(refs)
         if drop:

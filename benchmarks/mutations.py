@@ -45,7 +45,7 @@ MUTATIONS = [
       "CoreStepTest.test_calls_carry_at_most_buffer_size_events",
       "WorkerTest.test_spooled_line_over_buffer_size_goes_in_slices_acked_once_all_are_delivered"]),
     ("live first",
-     "            elif head.refs is not None and not self.journal and self._ready(now):",
+     "            elif not head.live and not self.journal and self._ready(now):",
      "            elif False:",
      ["WorkerTest.test_live_events_go_before_spool_replay_waiting_for_the_window",
       "CoreStepTest.test_live_events_go_before_a_backlog_batch_that_waits"]),
