@@ -2495,11 +2495,13 @@ class _SpoolReader(object):
 # the next spooled batch (core.offer), _Write a batch as a spool line
 # (core.written), _Ack or _GiveBack spool lines, _DeadLetter, _Answer a waiter,
 # _Report to on_error, _Log, _Abandon the call out, _Sync the spool (durable
-# mode), _Halted (let go of files and sockets). The core holds the events taken
-# from the inbox (_Memory) and the batches formed from them or read from the
-# spool (_Batches); its _Book keeps the counts and losses. The spool keeps the
-# lines not handed out yet, and the shell describes them to the core as a _Disk
-# (whether any wait, the oldest of ours).
+# mode), _Halted (let go of files and sockets). One _Backlog holds every
+# undelivered event: in memory (_Memory, which numbers them), in batches formed
+# from memory (live) or read from the spool (backlog: ours, or an earlier
+# run's), and the spool's lines not handed out yet, which the shell describes
+# each turn as a _Disk (whether any wait, the oldest of ours). Counts, the
+# oldest event, which batch goes next and what a waiter is told are derived from
+# it; the _Book counts what became of the events, and the losses.
 # Inside next_action, in this order: a call past its deadline is abandoned;
 # close()'s deadline halts; durable mode journals memory (and _Syncs what was
 # written half a sync_interval later, whatever the network does); past
@@ -3118,11 +3120,103 @@ class _Book(object):
         self.todo.append(_Log(level, message))
 
 
+class _Backlog(object):
+    """Every undelivered event the core holds, and the one place that answers for them.
+
+    Owns ``memory`` (a _Memory: events not in a batch yet; it hands out the
+    sequence numbers) and ``batches`` (a _Batches: live batches of memory's
+    events, backlog batches of spool lines, ours or an earlier run's), and
+    keeps ``disk``, the latest _Disk the shell gave of the spool's lines not
+    handed out. Counts, the oldest event, what goes next and what is set
+    aside are derived from these, never kept beside them. Events the encoder
+    refuses go to the ``book`` as dead letters. Owned by the core.
+    """
+
+    def __init__(self, bucket, book):
+        self.memory = _Memory(bucket)
+        self.batches = _Batches()
+        self.disk = _NO_DISK
+        self.book = book
+
+    @property
+    def count(self):
+        """Events held in memory, in a live batch or not."""
+        return self.memory.count + self.batches.in_memory()
+
+    def on_disk(self):
+        """Events of the spool lines held in batches (the shell counts the others)."""
+        return self.batches.on_disk()
+
+    def oldest_seq(self):
+        """The sequence number of the oldest event of this run held, or None."""
+        found = [s for s in (self.batches.oldest_seq(), self.disk.oldest_seq) if s is not None]
+        oldest = self.memory.oldest()
+        if oldest is not None:
+            found.append(oldest[0])
+        return min(found) if found else None
+
+    def pending(self):
+        """Whether anything is held: in memory, in a batch, or on disk."""
+        return bool(self.memory.count or self.batches.queue or self.disk.waiting)
+
+    def empty(self):
+        """Nothing held, and no event of this run left anywhere."""
+        return not self.pending() and self.oldest_seq() is None
+
+    def spooled(self):
+        """Whether spool lines wait, or an earlier run's batch is held."""
+        return bool(self.batches.others_in_flight() or self.disk.waiting)
+
+    def take_live(self, most):
+        """A live batch of memory's oldest run, up to ``most`` events, not held; or None."""
+        batch, rejected = self.memory.take(most=most)
+        self.book.unencodable(rejected)
+        return batch
+
+    def next_batch(self, most, live_due):
+        """The held batch that goes next, left at the head; None if none is held.
+
+        A live head that fell behind grows up to ``most`` events; a backlog
+        head (it waited for the window, or a retry) lets live events go first
+        when they are due (``live_due``).
+        """
+        queue = self.batches.queue
+        if not queue:
+            return None
+        head = queue[0]
+        if head.live and not head.fixed:
+            self.book.unencodable(self.memory.fill(head, most=most))
+        elif not head.live and live_due:
+            self.batches.hold(self.take_live(most), first=True)
+        return queue[0]
+
+    def excess(self, limit, most, out=None):
+        """Past ``limit`` events in memory: the oldest live batch to set aside (not
+        ``out``, the one in a call), held; at most ``most`` events. None if within."""
+        over = self.count - limit
+        if over <= 0:
+            return None
+        batch = next((b for b in self.batches.queue if b.live and b is not out), None)
+        if batch is None:
+            batch = self.take_live(min(over, most))
+            self.batches.hold(batch)
+        return batch
+
+    def leftover(self, most):
+        """At a halt: the next batch to set aside (those held first, then memory's in
+        batches of ``most``), held; None once nothing is left."""
+        queue = self.batches.queue
+        while not queue and self.memory.count:
+            self.batches.hold(self.take_live(most))
+        return queue[0] if queue else None
+
+
 class _Core(object):
     """The delivery core: events and outcomes in, actions out (see the section's opening).
 
     Owns every event it took until it is delivered, set aside on disk,
-    dead-lettered or dropped; its ``book`` (a _Book) keeps the counts. Driven
+    dead-lettered or dropped: its ``backlog`` (a _Backlog) holds them, its
+    ``book`` (a _Book) keeps the counts. Driven
     by one thread at a time; other threads read ``state``, ``waiting``,
     ``progress``, ``count`` and the book's counts (ints, tuples and a dict of
     ints) and write nothing here.
@@ -3133,8 +3227,6 @@ class _Core(object):
         self.spool = spool                  # a spool to write to and read from
         self.journal = spool and settings.durable
         self.creates_buckets = not settings.offline
-        self.memory = _Memory(bucket)
-        self.batches = _Batches()
         self.waits = []
         self.state = _RUNNING
         self.halting = False                # a halt began (why: halt_why)
@@ -3152,16 +3244,20 @@ class _Core(object):
         self.now, self.wall = 0.0, wall
         self._todo = collections.deque()    # actions decided, not yet handed out
         self.book = _Book(settings, spool, self._todo, wall, stats, months)
+        self.backlog = _Backlog(bucket, self.book)
         self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
         self._journaling = False
         self.sync_due = None                # durable mode: when lines written must be fsynced
         self._stop_told = False
         self._all_delivered = False         # halting: all was delivered when it began
 
+    memory = property(lambda self: self.backlog.memory)
+    batches = property(lambda self: self.backlog.batches)
+
     @property
     def count(self):
         """Events in memory, in a batch or not (read by other threads)."""
-        return self.memory.count + self.batches.in_memory()
+        return self.backlog.count
 
     # inputs
 
@@ -3262,6 +3358,7 @@ class _Core(object):
         ``deadline``: a caller's (use_async=False); ``disk``: a _Disk, needed while
         waiters wait or close() runs (``needs_disk``).
         """
+        self.backlog.disk = disk
         if self._todo:
             return self._todo.popleft()
         if self.state is _STOPPED:
@@ -3286,13 +3383,13 @@ class _Core(object):
             if self._turn[0]:
                 due.append(0.0)             # one call a turn: the next, at once
             else:
-                step = self._dispatch(now, deadline, disk)
+                step = self._dispatch(now, deadline)
                 if type(step) is not float and step is not None:
                     return step
                 due.append(step)
         if self.out is not None:
             due.append(self.out.deadline - now)
-        self._settle(disk)
+        self._settle()
         if self._todo:
             return self._todo.popleft()
         if self.state is _CLOSING:
@@ -3323,16 +3420,10 @@ class _Core(object):
                 return action
         self._journaling = False
         in_flight = self.out.batch if self.out is not None else None
-        while self.count > limit:
-            batch = next((b for b in self.batches.queue if b.live
-                          and b is not in_flight), None)
+        while True:
+            batch = self.backlog.excess(limit, self.settings.buffer_size, in_flight)
             if batch is None:
-                batch, rejected = self.memory.take(most=min(self.count - limit,
-                                                            self.settings.buffer_size))
-                self.book.unencodable(rejected)
-                if batch is None:
-                    break
-                self.batches.hold(batch)
+                break
             action = self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
             if action is not None:
                 return action
@@ -3341,8 +3432,7 @@ class _Core(object):
     def _journal_next(self):
         """The next memory batch as a journal line, or None once memory is empty."""
         while self.memory.count:
-            batch, rejected = self.memory.take(most=self.settings.buffer_size)
-            self.book.unencodable(rejected)
+            batch = self.backlog.take_live(self.settings.buffer_size)
             if batch is not None:
                 return _Write(batch, None, True, False)
         return None
@@ -3360,28 +3450,18 @@ class _Core(object):
 
         A batch never holds more than buffer_size events (nor 1 MB).
         """
-        most, queue = self.settings.buffer_size, self.batches.queue
-        if queue:
-            head = queue[0]
-            if head.live and not head.fixed:
-                # It fell behind: grow it, up to buffer_size.
-                self.book.unencodable(self.memory.fill(head, most=most))
-            elif not head.live and not self.journal and self._ready(now):
-                # The backlog waited (for the window, or a retry): live events go first.
-                batch, rejected = self.memory.take(most=most)
-                self.book.unencodable(rejected)
-                self.batches.hold(batch, first=True)
-                return queue[0]
-            return head
-        if self._ready(now):
+        most, ready = self.settings.buffer_size, self._ready(now)
+        batch = self.backlog.next_batch(most, ready and not self.journal)
+        if batch is not None:
+            return batch
+        if ready:
             if self.journal and not self._turn[2]:
                 action = self._journal_next()       # all of memory, then sent from disk
                 if action is not None:
                     self._journaling = True
                     return action
             else:
-                batch, rejected = self.memory.take(most=most)
-                self.book.unencodable(rejected)
+                batch = self.backlog.take_live(most)
                 if batch is not None:
                     self.batches.hold(batch)
                     return batch
@@ -3391,11 +3471,11 @@ class _Core(object):
         # created) and while requests go through.
         return _Read(most, self.failures == 0 and not self.to_create)
 
-    def _dispatch(self, now, deadline, disk):
+    def _dispatch(self, now, deadline):
         """A _Post if a call is due (or an action to get its batch); else the seconds
         until one may be (None: nothing to send)."""
         if now < self.retry_at:
-            return self._wait_until(self.retry_at, self.waiting[1], now, disk)
+            return self._wait_until(self.retry_at, self.waiting[1], now)
         batch = self._next_batch(now)
         if batch is not None and type(batch) is not _Batch:
             return batch                    # an action that gets the batch
@@ -3425,12 +3505,12 @@ class _Core(object):
         self.out, self.started, self._turn[0] = job, now, True
         return _Post(job)
 
-    def _wait_until(self, when, why, now, disk):
+    def _wait_until(self, when, why, now):
         """Nothing is sent before ``when``: publish it; close() halts if that is too late."""
         self.waiting = (when, why)
         if self.state is _CLOSING and when >= self.close_at:
             return self.halt("close() deadline comes before %s" % (why or "the next attempt"),
-                             disk)
+                             self.backlog.disk)
         return when - now
 
     # outcomes of calls
@@ -3609,28 +3689,25 @@ class _Core(object):
     # flush, close and stop
 
     def pending_any(self, disk):
-        """Anything in memory, in a batch, to create, or on disk (``disk``: a _Disk)."""
-        return bool(self.memory.count or self.batches.queue or self.to_create or disk.waiting)
+        """Anything held (in memory, in a batch, on disk: ``disk``, a _Disk) or to create."""
+        self.backlog.disk = disk
+        return bool(self.to_create) or self.backlog.pending()
 
     def oldest_seq(self, disk):
         """The sequence number of the oldest event this core took and holds, or None."""
-        found = [s for s in (self.batches.oldest_seq(), disk.oldest_seq) if s is not None]
-        oldest = self.memory.oldest()
-        if oldest is not None:
-            found.append(oldest[0])
-        return min(found) if found else None
+        self.backlog.disk = disk
+        return self.backlog.oldest_seq()
 
     def settled(self, disk):
         """Everything taken is delivered and every loss told of (flush() from on_error)."""
-        return not self.pending_any(disk) and self.oldest_seq(disk) is None \
-            and self.book.lost == self.book.told
+        self.backlog.disk = disk
+        return not self.to_create and self.backlog.empty() and self.book.lost == self.book.told
 
-    def _settle(self, disk):
+    def _settle(self):
         if all(wait.close_at is not None for wait in self.waits):
             return                          # no flush() waits: the halt answers close()
-        backlog = bool(self.to_create) or self.spool and bool(
-            self.batches.others_in_flight() or disk.waiting)
-        done, self.waits = _answerable(self.waits, self.oldest_seq(disk), backlog)
+        held = bool(self.to_create) or self.spool and self.backlog.spooled()
+        done, self.waits = _answerable(self.waits, self.backlog.oldest_seq(), held)
         for wait in done:
             self.book.answer(wait, True)
 
@@ -3638,8 +3715,9 @@ class _Core(object):
         """Stop: the call out is abandoned, what is undelivered set aside, the waiters
         answered (True if nothing was left when the halt began). Returns the first action."""
         if not self.halting and self.state is not _STOPPED:
+            self.backlog.disk = disk
             self.halting, self.halt_why = True, why
-            self._all_delivered = not self.pending_any(disk) and self.oldest_seq(disk) is None
+            self._all_delivered = not self.to_create and self.backlog.empty()
             if self.out is not None:
                 self._todo.append(_Abandon(self.out))
                 self.out = None
@@ -3647,17 +3725,13 @@ class _Core(object):
 
     def _halt_step(self):
         why = self.halt_why
-        while self.batches.queue:
-            action = self.set_aside(self.batches.queue[0], why, drop=True)
+        while True:
+            batch = self.backlog.leftover(self.settings.buffer_size)
+            if batch is None:
+                break
+            action = self.set_aside(batch, why, drop=True)
             if action is not None:
                 return action
-        while self.memory.count:
-            batch, rejected = self.memory.take(most=self.settings.buffer_size)
-            self.book.unencodable(rejected)
-            if batch is not None:
-                action = self.set_aside(batch, why, drop=True)
-                if action is not None:
-                    return action
         if self._todo:
             return self._todo.popleft()
         if not self._stop_told:
@@ -4184,7 +4258,7 @@ class _Worker(object):
             if core.state is _CLOSING and self.reader.probed:
                 due.append(self.reader.probe_due - now)     # is that backlog still there?
             if now >= self.backlog_due:
-                self.backlog = self.reader.waiting() + core.batches.on_disk()
+                self.backlog = self.reader.waiting() + core.backlog.on_disk()
                 self.backlog_due = now + 1.0
         self.status.tick(now, core.waiting, len(self.inbox) + core.count)
         return _next_wake(due)
