@@ -2501,16 +2501,20 @@ class _SpoolReader(object):
 # run's), and the spool's lines not handed out yet, which the shell describes
 # each turn as a _Disk (whether any wait, the oldest of ours). Counts, the
 # oldest event, which batch goes next and what a waiter is told are derived from
-# it; the _Book counts what became of the events, and the losses.
+# it; the _Book counts what became of the events, and the losses. _Core is
+# made of parts over its one state, each a class of two screens at most: how it
+# takes the inbox and runs a turn (_Core), which call goes next (_Dispatching),
+# what a call's answer means (_Outcomes), what goes to disk and back
+# (_Spilling), the waiters, close() and the halt (_Closing).
 # Inside next_action, in this order: a call past its deadline is abandoned;
 # close()'s deadline halts; durable mode journals memory (and _Syncs what was
 # written half a sync_interval later, whatever the network does); past
 # max_queue the oldest excess is set aside; then, one call a turn at most: is a
 # retry or the window waited for (_after_failure; the budget is the shell's),
-# is memory due (_memory_due), live events before a backlog batch, else a
-# spooled batch; by when must the call end (_call_deadline)? Then the waiters
-# (_answerable), close() with nothing left, and the earliest thing due
-# (_next_wake).
+# is memory due (_memory_due), live events before a backlog batch
+# (_Backlog.next_batch), else a spooled batch; by when must the call end
+# (_call_deadline)? Then the waiters (_answerable), close() with nothing left,
+# and the earliest thing due (_next_wake).
 
 _Retry = collections.namedtuple("_Retry", "retry_at failures waiting attempts set_aside")
 
@@ -3211,231 +3215,14 @@ class _Backlog(object):
         return queue[0] if queue else None
 
 
-class _Core(object):
-    """The delivery core: events and outcomes in, actions out (see the section's opening).
+class _Dispatching(object):
+    """Which call goes next, and when. A part of _Core: the fields named are the core's.
 
-    Owns every event it took until it is delivered, set aside on disk,
-    dead-lettered or dropped: its ``backlog`` (a _Backlog) holds them, its
-    ``book`` (a _Book) keeps the counts. Driven
-    by one thread at a time; other threads read ``state``, ``waiting``,
-    ``progress``, ``count`` and the book's counts (ints, tuples and a dict of
-    ints) and write nothing here.
+    Not before ``retry_at``; memory's events when due (_memory_due), live
+    before a backlog batch (the backlog decides), else a spooled batch; a
+    bucket in ``to_create`` first. Starts the call out (``out``, ``started``)
+    and publishes why nothing goes yet (``waiting``).
     """
-
-    def __init__(self, settings, bucket, spool, wall, stats=None, months=None):
-        self.settings = settings
-        self.spool = spool                  # a spool to write to and read from
-        self.journal = spool and settings.durable
-        self.creates_buckets = not settings.offline
-        self.waits = []
-        self.state = _RUNNING
-        self.halting = False                # a halt began (why: halt_why)
-        self.halt_why = None
-        self.close_at = self.close_idle = None
-        self.retry_at = 0.0
-        self.failures = 0
-        self.failing_since = None           # (wall time, answered) of the first failure in a row
-        self.waiting = (0.0, "")            # nothing is sent before [0], because of [1]
-        self.created = set()
-        self.to_create = [bucket] if bucket is not None and self.creates_buckets else []
-        self.out = None                     # the job of the call out
-        self.started = 0.0
-        self.progress = 0                   # calls that went through
-        self.now, self.wall = 0.0, wall
-        self._todo = collections.deque()    # actions decided, not yet handed out
-        self.book = _Book(settings, spool, self._todo, wall, stats, months)
-        self.backlog = _Backlog(bucket, self.book)
-        self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
-        self._journaling = False
-        self.sync_due = None                # durable mode: when lines written must be fsynced
-        self._stop_told = False
-        self._all_delivered = False         # halting: all was delivered when it began
-
-    memory = property(lambda self: self.backlog.memory)
-    batches = property(lambda self: self.backlog.batches)
-
-    @property
-    def count(self):
-        """Events in memory, in a batch or not (read by other threads)."""
-        return self.backlog.count
-
-    # inputs
-
-    def take(self, inbox, now, wall):
-        """A new turn at ``now`` (monotonic; ``wall`` Unix): take everything in ``inbox``."""
-        self.now = self.book.now = now
-        self.wall = wall
-        self._turn = [False, False, False]
-        memory, fresh, taken = self.memory, [], 0
-        while True:
-            try:
-                item = inbox.popleft()
-            except IndexError:
-                break
-            if type(item) is tuple:
-                fresh.append(item)
-                continue
-            if fresh:                       # events go to memory together, before the item
-                memory.extend(fresh, now)
-                taken, fresh = taken + len(fresh), []
-            if type(item) is _BucketSwitch:
-                memory.bucket = item.bucket
-                if item.bucket[0] not in self.created and self.creates_buckets:
-                    self.to_create.append(item.bucket)
-                continue
-            item.upto = memory.next_seq - 1
-            item.lost = min(item.lost, self.book.told)  # losses no answer told of
-            self.waits.append(item)
-            if item.close_at is not None and not self.halting \
-                    and self.state is not _STOPPED:
-                self.state = _CLOSING
-                self.close_at, self.close_idle = _close_plan(
-                    self.close_at, self.close_idle, item.close_at, item.idle)
-        if fresh:
-            memory.extend(fresh, now)
-            taken += len(fresh)
-        if taken:
-            self.book.stats["logged"] += taken
-
-    def offer(self, batch, unreadable=()):
-        """The shell's answer to _Read: the next spooled batch or None, and the lines it
-        found unreadable as (bucket, body, why)."""
-        for bucket, body, why in unreadable:
-            self.book.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
-        if batch is None:
-            self._turn[1] = True            # nothing more on disk this turn
-            return
-        self.batches.hold(batch)
-        if batch.count > self.settings.buffer_size:
-            self.batches.slice(batch, self.settings.buffer_size)
-
-    def written(self, action, ok, error=None, evicted=()):
-        """The shell's answer to _Write; ``evicted``: (events, error) of segments the full
-        spool lost to make room."""
-        for count, exc in evicted:
-            self.book.drop(count, "spool_full", exc)
-        batch, stats = action.batch, self.book.stats
-        if ok:
-            if self.journal and self.sync_due is None:
-                self.sync_due = self.now + self.settings.sync_interval / 2.0
-            if action.journal:
-                stats["journalled"] += batch.count
-                return
-            stats["spooled"] += batch.count
-            if action.why:
-                self.book.log(_INFO, "spooled %s of bucket %r: %s" % (
-                    _count(batch.count, "event"), batch.bucket[0], action.why))
-            self.batches.remove(batch)
-            return
-        stats["last_error"] = "writing the spool: %s" % error
-        if action.journal:
-            stats["journal_errors"] += 1
-            self.book.warn("cannot write the durable journal (%s); events are kept in "
-                           "memory until it works again" % stats["last_error"])
-            self.batches.hold(batch)        # sent from memory
-            self._journaling, self._turn[2] = False, True
-        elif action.drop:
-            import errno
-            full = isinstance(error, _SpoolFull) or getattr(error, "errno", None) == errno.ENOSPC
-            self.book.drop(batch.count, "spool_full" if full else "spool_unwritable", error)
-
-    def defer(self, job, until, why):
-        """The shell's rate budget has no call for ``job`` before ``until``."""
-        self.out = None
-        self.book.stats["requests"] -= 1
-        self._turn[0] = False
-        self.retry_at, self.waiting = until, (until, why)
-
-    def dropped(self, count, reason, error):
-        """Events the shell lost (a dead letter it could not write: 0 events)."""
-        self.book.drop(count, reason, error)
-
-    # the next thing to do
-
-    def next_action(self, now, deadline=None, disk=_NO_DISK):
-        """What the shell does next; _Sleep(seconds or None) when nothing more is due now.
-
-        ``deadline``: a caller's (use_async=False); ``disk``: a _Disk, needed while
-        waiters wait or close() runs (``needs_disk``).
-        """
-        self.backlog.disk = disk
-        if self._todo:
-            return self._todo.popleft()
-        if self.state is _STOPPED:
-            return _Sleep(None)
-        if self.halting:
-            return self._halt_step()
-        out = self.out
-        if out is not None and now >= out.deadline:
-            self.outcome(out, None, TimeoutError("timed out: no answer within %.1f s"
-                                                 % (out.deadline - self.started)), now, self.wall)
-            return _Abandon(out)
-        if self.state is _CLOSING and now >= self.close_at:
-            return self.halt("close() deadline reached", disk)
-        action = self._journal_or_spill(now)
-        if action is not None:
-            return action
-        if self.sync_due is not None and now >= self.sync_due:
-            self.sync_due = None            # on time, whatever the network does
-            return _Sync()
-        due = [self._journal_due(now), None if self.sync_due is None else self.sync_due - now]
-        if self.out is None:
-            if self._turn[0]:
-                due.append(0.0)             # one call a turn: the next, at once
-            else:
-                step = self._dispatch(now, deadline)
-                if type(step) is not float and step is not None:
-                    return step
-                due.append(step)
-        if self.out is not None:
-            due.append(self.out.deadline - now)
-        self._settle()
-        if self._todo:
-            return self._todo.popleft()
-        if self.state is _CLOSING:
-            if self.out is None and not self.pending_any(disk):
-                return self.halt(None, disk)
-            due.append(self.close_at - now)
-        return _Sleep(_next_wake(due))
-
-    @property
-    def needs_disk(self):
-        """Whether next_action needs a _Disk: it decides (no action decided before is
-        still to be handed out) while waiters wait or close() runs."""
-        return not self._todo and (bool(self.waits) or self.state is not _RUNNING)
-
-    def _journal_due(self, now):
-        oldest = self.memory.oldest() if self.journal else None
-        return None if oldest is None else oldest[1] + self.settings.sync_interval / 2.0 - now
-
-    def _journal_or_spill(self, now):
-        """Durable mode: memory half a sync_interval old goes to disk; past max_queue
-        the oldest excess is set aside (dropped where the disk refuses)."""
-        limit = self.settings.max_queue
-        if self.journal and not self._turn[2] and self.memory.count and (
-                self._journaling or self._journal_due(now) <= 0 or self.count > limit):
-            self._journaling = True
-            action = self._journal_next()
-            if action is not None:
-                return action
-        self._journaling = False
-        in_flight = self.out.batch if self.out is not None else None
-        while True:
-            batch = self.backlog.excess(limit, self.settings.buffer_size, in_flight)
-            if batch is None:
-                break
-            action = self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
-            if action is not None:
-                return action
-        return self._todo.popleft() if self._todo else None
-
-    def _journal_next(self):
-        """The next memory batch as a journal line, or None once memory is empty."""
-        while self.memory.count:
-            batch = self.backlog.take_live(self.settings.buffer_size)
-            if batch is not None:
-                return _Write(batch, None, True, False)
-        return None
 
     def _ready(self, now):
         """Whether memory's oldest events should go now rather than wait for more."""
@@ -3513,7 +3300,16 @@ class _Core(object):
                              self.backlog.disk)
         return when - now
 
-    # outcomes of calls
+
+class _Outcomes(object):
+    """What one call's answer means. A part of _Core: the fields named are the core's.
+
+    The answer (through _decide) moves the call state on: ``failures``,
+    ``failing_since``, ``waiting``, ``retry_at``, ``progress``, the buckets
+    ``created`` and ``to_create``; the batch is delivered (its lines acked),
+    halved, dead-lettered, or retried and set aside after max_retries; the
+    counts go to the ``book``, the actions to ``_todo``.
+    """
 
     def outcome(self, job, response, error, now, wall):
         """What one call's answer (a _Response, or the error instead) means."""
@@ -3558,12 +3354,6 @@ class _Core(object):
                 self.to_create.remove(bucket)
             return
         self._failed(job.waiting, decision, response, error, now, wall, bucket)
-
-    def _progressed(self, now):
-        """A call went through: closing without a timeout waits idle seconds more."""
-        self.progress += 1
-        if self.close_idle is not None and self.state is _CLOSING:
-            self.close_at = max(self.close_at, now + self.close_idle)
 
     def _delivered(self, batch, now, wall):
         stats = self.book.stats
@@ -3664,7 +3454,95 @@ class _Core(object):
     def _reply(self, response, limit=300):
         return _scrub(response.text(limit), self.settings.access_key)
 
-    # where undelivered events go
+
+class _Spilling(object):
+    """Where undelivered events go on disk, and come back from. A part of _Core: the
+    fields named are the core's.
+
+    Durable mode journals memory (``_journaling``) and asks for an fsync
+    (``sync_due``); past max_queue the backlog's oldest live excess is set
+    aside; a failed batch is set aside; the shell's answers to _Read and
+    _Write come in here.
+    """
+
+    def offer(self, batch, unreadable=()):
+        """The shell's answer to _Read: the next spooled batch or None, and the lines it
+        found unreadable as (bucket, body, why)."""
+        for bucket, body, why in unreadable:
+            self.book.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
+        if batch is None:
+            self._turn[1] = True            # nothing more on disk this turn
+            return
+        self.batches.hold(batch)
+        if batch.count > self.settings.buffer_size:
+            self.batches.slice(batch, self.settings.buffer_size)
+
+    def written(self, action, ok, error=None, evicted=()):
+        """The shell's answer to _Write; ``evicted``: (events, error) of segments the full
+        spool lost to make room."""
+        for count, exc in evicted:
+            self.book.drop(count, "spool_full", exc)
+        batch, stats = action.batch, self.book.stats
+        if ok:
+            if self.journal and self.sync_due is None:
+                self.sync_due = self.now + self.settings.sync_interval / 2.0
+            if action.journal:
+                stats["journalled"] += batch.count
+                return
+            stats["spooled"] += batch.count
+            if action.why:
+                self.book.log(_INFO, "spooled %s of bucket %r: %s" % (
+                    _count(batch.count, "event"), batch.bucket[0], action.why))
+            self.batches.remove(batch)
+            return
+        stats["last_error"] = "writing the spool: %s" % error
+        if action.journal:
+            stats["journal_errors"] += 1
+            self.book.warn("cannot write the durable journal (%s); events are kept in "
+                           "memory until it works again" % stats["last_error"])
+            self.batches.hold(batch)        # sent from memory
+            self._journaling, self._turn[2] = False, True
+        elif action.drop:
+            import errno
+            full = isinstance(error, _SpoolFull) or getattr(error, "errno", None) == errno.ENOSPC
+            self.book.drop(batch.count, "spool_full" if full else "spool_unwritable", error)
+
+    def dropped(self, count, reason, error):
+        """Events the shell lost (a dead letter it could not write: 0 events)."""
+        self.book.drop(count, reason, error)
+
+    def _journal_due(self, now):
+        oldest = self.memory.oldest() if self.journal else None
+        return None if oldest is None else oldest[1] + self.settings.sync_interval / 2.0 - now
+
+    def _journal_or_spill(self, now):
+        """Durable mode: memory half a sync_interval old goes to disk; past max_queue
+        the oldest excess is set aside (dropped where the disk refuses)."""
+        limit = self.settings.max_queue
+        if self.journal and not self._turn[2] and self.memory.count and (
+                self._journaling or self._journal_due(now) <= 0 or self.count > limit):
+            self._journaling = True
+            action = self._journal_next()
+            if action is not None:
+                return action
+        self._journaling = False
+        in_flight = self.out.batch if self.out is not None else None
+        while True:
+            batch = self.backlog.excess(limit, self.settings.buffer_size, in_flight)
+            if batch is None:
+                break
+            action = self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
+            if action is not None:
+                return action
+        return self._todo.popleft() if self._todo else None
+
+    def _journal_next(self):
+        """The next memory batch as a journal line, or None once memory is empty."""
+        while self.memory.count:
+            batch = self.backlog.take_live(self.settings.buffer_size)
+            if batch is not None:
+                return _Write(batch, None, True, False)
+        return None
 
     def set_aside(self, batch, why, drop=False):
         """Stop trying a batch for now: the action that puts a live batch on disk or a
@@ -3686,17 +3564,41 @@ class _Core(object):
         if action is not None:
             self._todo.append(action)
 
-    # flush, close and stop
 
-    def pending_any(self, disk):
-        """Anything held (in memory, in a batch, on disk: ``disk``, a _Disk) or to create."""
-        self.backlog.disk = disk
+class _Closing(object):
+    """The flush() and close() waiters, and the halt. A part of _Core: the fields named
+    are the core's.
+
+    Keeps the ``waits`` taken from the inbox, ``state`` (running, closing,
+    stopped), close()'s end (``close_at``, ``close_idle``) and the halt
+    (``halting``, ``halt_why``); a waiter is answered from the backlog.
+    """
+
+    def _wait(self, wait):
+        """A flush() or close() from the inbox: it waits for every event taken before it."""
+        wait.upto = self.memory.next_seq - 1
+        wait.lost = min(wait.lost, self.book.told)  # losses no answer told of
+        self.waits.append(wait)
+        if wait.close_at is not None and not self.halting and self.state is not _STOPPED:
+            self.state = _CLOSING
+            self.close_at, self.close_idle = _close_plan(
+                self.close_at, self.close_idle, wait.close_at, wait.idle)
+
+    def _progressed(self, now):
+        """A call went through: closing without a timeout waits idle seconds more."""
+        self.progress += 1
+        if self.close_idle is not None and self.state is _CLOSING:
+            self.close_at = max(self.close_at, now + self.close_idle)
+
+    @property
+    def needs_disk(self):
+        """Whether next_action needs a _Disk: it decides (no action decided before is
+        still to be handed out) while waiters wait or close() runs."""
+        return not self._todo and (bool(self.waits) or self.state is not _RUNNING)
+
+    def pending_any(self):
+        """Anything held (in memory, in a batch, on disk) or a bucket to create."""
         return bool(self.to_create) or self.backlog.pending()
-
-    def oldest_seq(self, disk):
-        """The sequence number of the oldest event this core took and holds, or None."""
-        self.backlog.disk = disk
-        return self.backlog.oldest_seq()
 
     def settled(self, disk):
         """Everything taken is delivered and every loss told of (flush() from on_error)."""
@@ -3742,6 +3644,142 @@ class _Core(object):
             self.book.answer(wait, self._all_delivered)
         self.state = _STOPPED
         return self._todo.popleft() if self._todo else _Sleep(None)
+
+
+class _Core(_Dispatching, _Outcomes, _Spilling, _Closing):
+    """The delivery core: events and outcomes in, actions out (see the section's opening).
+
+    Owns every event it took until it is delivered, set aside on disk,
+    dead-lettered or dropped: its ``backlog`` (a _Backlog) holds them, its
+    ``book`` (a _Book) keeps the counts. Here: its state (each field under the
+    part that keeps it), the inbox taken, and the turn (next_action); the
+    parts it is made of decide the rest. Driven by one thread at a time;
+    other threads read ``state``, ``waiting``, ``progress``, ``count`` and
+    the book's counts (ints, tuples and a dict of ints) and write nothing here.
+    """
+
+    def __init__(self, settings, bucket, spool, wall, stats=None, months=None):
+        self.settings = settings
+        self.spool = spool                  # a spool to write to and read from
+        self.journal = spool and settings.durable
+        self.creates_buckets = not settings.offline
+        self.now, self.wall = 0.0, wall
+        self._todo = collections.deque()    # actions decided, not yet handed out
+        self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
+        self.book = _Book(settings, spool, self._todo, wall, stats, months)
+        self.backlog = _Backlog(bucket, self.book)
+        # _Dispatching and _Outcomes: the call out, and what the calls so far said
+        self.out = None                     # the job of the call out
+        self.started = 0.0
+        self.retry_at = 0.0
+        self.failures = 0
+        self.failing_since = None           # (wall time, answered) of the first failure in a row
+        self.waiting = (0.0, "")            # nothing is sent before [0], because of [1]
+        self.progress = 0                   # calls that went through
+        self.created = set()
+        self.to_create = [bucket] if bucket is not None and self.creates_buckets else []
+        # _Spilling: durable mode's journal
+        self._journaling = False
+        self.sync_due = None                # durable mode: when lines written must be fsynced
+        # _Closing: the waiters, close() and the halt
+        self.waits = []
+        self.state = _RUNNING
+        self.close_at = self.close_idle = None
+        self.halting = False                # a halt began (why: halt_why)
+        self.halt_why = None
+        self._stop_told = False
+        self._all_delivered = False         # halting: all was delivered when it began
+
+    # The backlog's, read here, by the Streamer and by tests: not a second owner.
+    memory = property(lambda self: self.backlog.memory)
+    batches = property(lambda self: self.backlog.batches)
+
+    @property
+    def count(self):
+        """Events in memory, in a batch or not (read by other threads)."""
+        return self.backlog.count
+
+    def take(self, inbox, now, wall):
+        """A new turn at ``now`` (monotonic; ``wall`` Unix): take everything in ``inbox``."""
+        self.now = self.book.now = now
+        self.wall = wall
+        self._turn = [False, False, False]
+        memory, fresh, taken = self.memory, [], 0
+        while True:
+            try:
+                item = inbox.popleft()
+            except IndexError:
+                break
+            if type(item) is tuple:
+                fresh.append(item)
+                continue
+            if fresh:                       # events go to memory together, before the item
+                memory.extend(fresh, now)
+                taken, fresh = taken + len(fresh), []
+            if type(item) is _BucketSwitch:
+                memory.bucket = item.bucket
+                if item.bucket[0] not in self.created and self.creates_buckets:
+                    self.to_create.append(item.bucket)
+                continue
+            self._wait(item)
+        if fresh:
+            memory.extend(fresh, now)
+            taken += len(fresh)
+        if taken:
+            self.book.stats["logged"] += taken
+
+    def defer(self, job, until, why):
+        """The shell's rate budget has no call for ``job`` before ``until``."""
+        self.out = None
+        self.book.stats["requests"] -= 1
+        self._turn[0] = False
+        self.retry_at, self.waiting = until, (until, why)
+
+    def next_action(self, now, deadline=None, disk=_NO_DISK):
+        """What the shell does next; _Sleep(seconds or None) when nothing more is due now.
+
+        ``deadline``: a caller's (use_async=False); ``disk``: a _Disk, needed while
+        waiters wait or close() runs (``needs_disk``).
+        """
+        self.backlog.disk = disk
+        if self._todo:
+            return self._todo.popleft()
+        if self.state is _STOPPED:
+            return _Sleep(None)
+        if self.halting:
+            return self._halt_step()
+        out = self.out
+        if out is not None and now >= out.deadline:
+            self.outcome(out, None, TimeoutError("timed out: no answer within %.1f s"
+                                                 % (out.deadline - self.started)), now, self.wall)
+            return _Abandon(out)
+        if self.state is _CLOSING and now >= self.close_at:
+            return self.halt("close() deadline reached", disk)
+        action = self._journal_or_spill(now)
+        if action is not None:
+            return action
+        if self.sync_due is not None and now >= self.sync_due:
+            self.sync_due = None            # on time, whatever the network does
+            return _Sync()
+        due = [self._journal_due(now), None if self.sync_due is None else self.sync_due - now]
+        if self.out is None:
+            if self._turn[0]:
+                due.append(0.0)             # one call a turn: the next, at once
+            else:
+                step = self._dispatch(now, deadline)
+                if type(step) is not float and step is not None:
+                    return step
+                due.append(step)
+        if self.out is not None:
+            due.append(self.out.deadline - now)
+        self._settle()
+        if self._todo:
+            return self._todo.popleft()
+        if self.state is _CLOSING:
+            if self.out is None and not self.pending_any():
+                return self.halt(None, disk)
+            due.append(self.close_at - now)
+        return _Sleep(_next_wake(due))
 
     def inbox_room(self, now):
         """How many items the inbox may hold before log() must wake the runner."""
