@@ -2577,20 +2577,26 @@ class _SpoolReader(object):
 # the next spooled batch (core.offer), _Write a batch as a spool line
 # (core.written), _Ack or _GiveBack spool lines, _DeadLetter, _Answer a waiter,
 # _Report to on_error, _Log, _Abandon the call out, _Sync the spool (durable
-# mode), _Halted (let go of files and sockets). The core holds the events taken
-# from the inbox (_Memory) and the batches formed from them or read from the
-# spool (_Batches); its _Book keeps the counts and losses. The spool keeps the
-# lines not handed out yet, and the shell describes them to the core as a _Disk
-# (whether any wait, the oldest of ours).
+# mode), _Halted (let go of files and sockets). One _Backlog holds every
+# undelivered event: in memory (_Memory, which numbers them), in batches formed
+# from memory (live) or read from the spool (backlog: ours, or an earlier
+# run's), and the spool's lines not handed out yet, which the shell describes
+# each turn as a _Disk (whether any wait, the oldest of ours). Counts, the
+# oldest event, which batch goes next and what a waiter is told are derived from
+# it; the _Book counts what became of the events, and the losses. _Core is
+# made of parts over its one state, each a class of two screens at most: how it
+# takes the inbox and runs a turn (_Core), which call goes next (_Dispatching),
+# what a call's answer means (_Outcomes), what goes to disk and back
+# (_Spilling), the waiters, close() and the halt (_Closing).
 # Inside next_action, in this order: a call past its deadline is abandoned;
 # close()'s deadline halts; durable mode journals memory (and _Syncs what was
 # written half a sync_interval later, whatever the network does); past
 # max_queue the oldest excess is set aside; then, one call a turn at most: is a
 # retry or the window waited for (_after_failure; the budget is the shell's),
-# is memory due (_memory_due), live events before a backlog batch, else a
-# spooled batch; by when must the call end (_call_deadline)? Then the waiters
-# (_answerable), close() with nothing left, and the earliest thing due
-# (_next_wake).
+# is memory due (_memory_due), live events before a backlog batch
+# (_Backlog.next_batch), else a spooled batch; by when must the call end
+# (_call_deadline)? Then the waiters (_answerable), close() with nothing left,
+# and the earliest thing due (_next_wake).
 
 _Retry = collections.namedtuple("_Retry", "retry_at failures waiting attempts set_aside")
 
@@ -2727,11 +2733,12 @@ class _Line(object):
 class _Batch(object):
     """The events of one bucket for one request, and how often it was tried.
 
-    From memory: ``events`` (key, value, epoch) and their encoded ``parts``,
-    ``seq`` the first event's sequence number. From disk: ``refs`` to spool
-    lines, each ``lines`` as read, and their joined ``body``; a slice of one
-    line has its ``parts`` and the ``line`` it belongs to. A ``fixed`` batch (a half after 413 or
-    400) never grows.
+    Live (from memory): ``events`` (key, value, epoch) and their encoded
+    ``parts``, ``seq`` the first event's sequence number. Backlog (from disk):
+    ``refs`` to spool lines, each ``lines`` as read, and their joined ``body``;
+    a slice of one line has its ``parts`` and the ``line`` it belongs to; the
+    lines are ours (their refs carry our sequence numbers) or an ``earlier``
+    run's. A ``fixed`` batch (a half after 413 or 400) never grows.
     """
 
     __slots__ = ("bucket", "events", "parts", "refs", "_body", "seq", "attempts", "fixed",
@@ -2752,6 +2759,16 @@ class _Batch(object):
         self.lines = lines              # from disk: each ref's line, as read
 
     @property
+    def live(self):
+        """From memory: this run's events, on no spool line."""
+        return self.refs is None
+
+    @property
+    def earlier(self):
+        """Spool lines of an earlier run (no sequence number of ours)."""
+        return self.refs is not None and self.refs[0].seq is None
+
+    @property
     def count(self):
         if self.parts is not None:
             return len(self.parts)
@@ -2765,6 +2782,15 @@ class _Batch(object):
 
     def add(self, event, part):
         self.extend((event,), (part,), len(part) + 1)
+
+    def tuples(self):
+        """Its events as (key, value, epoch), for on_error ([] if its lines are not JSON)."""
+        if self.live:
+            return list(self.events)
+        try:
+            return _decode_body(self.body)
+        except ValueError:
+            return []
 
     def extend(self, events, parts, size):
         """Append ``events`` and their ``parts``, ``size`` bytes with the commas."""
@@ -3039,7 +3065,7 @@ class _Batches(object):
     def _halves(self, batch):
         if batch.count < 2:
             return None
-        if batch.refs is None:
+        if batch.live:
             half = len(batch.parts) // 2
             return [_Batch(batch.bucket, batch.events[lo:hi], batch.parts[lo:hi],
                            seq=None if batch.seq is None else batch.seq + lo)
@@ -3070,15 +3096,15 @@ class _Batches(object):
 
     def others_in_flight(self):
         """Whether a batch of an earlier run's lines is held."""
-        return any(b.refs is not None and b.refs[0].seq is None for b in self.queue)
+        return any(b.earlier for b in self.queue)
 
     def in_memory(self):
         """Events of the memory batches (counted from them: a batch may grow)."""
-        return sum(b.count for b in self.queue if b.refs is None)
+        return sum(b.count for b in self.queue if b.live)
 
     def on_disk(self):
         """Events of the spooled lines held here (a line sliced counts once a slice)."""
-        return sum(b.count for b in self.queue if b.refs is not None)
+        return sum(b.count for b in self.queue if not b.live)
 
 
 class _Book(object):
@@ -3180,234 +3206,105 @@ class _Book(object):
         self.todo.append(_Log(level, message))
 
 
-class _Core(object):
-    """The delivery core: events and outcomes in, actions out (see the section's opening).
+class _Backlog(object):
+    """Every undelivered event the core holds, and the one place that answers for them.
 
-    Owns every event it took until it is delivered, set aside on disk,
-    dead-lettered or dropped; its ``book`` (a _Book) keeps the counts. Driven
-    by one thread at a time; other threads read ``state``, ``waiting``,
-    ``progress``, ``count`` and the book's counts (ints, tuples and a dict of
-    ints) and write nothing here.
+    Owns ``memory`` (a _Memory: events not in a batch yet; it hands out the
+    sequence numbers) and ``batches`` (a _Batches: live batches of memory's
+    events, backlog batches of spool lines, ours or an earlier run's), and
+    keeps ``disk``, the latest _Disk the shell gave of the spool's lines not
+    handed out. Counts, the oldest event, what goes next and what is set
+    aside are derived from these, never kept beside them. Events the encoder
+    refuses go to the ``book`` as dead letters. Owned by the core.
     """
 
-    def __init__(self, settings, bucket, spool, wall, stats=None, months=None):
-        self.settings = settings
-        self.spool = spool                  # a spool to write to and read from
-        self.journal = spool and settings.durable
-        self.creates_buckets = not settings.offline
+    def __init__(self, bucket, book):
         self.memory = _Memory(bucket)
         self.batches = _Batches()
-        self.waits = []
-        self.state = _RUNNING
-        self.halting = False                # a halt began (why: halt_why)
-        self.halt_why = None
-        self.close_at = self.close_idle = None
-        self.retry_at = 0.0
-        self.failures = 0
-        self.failing_since = None           # (wall time, answered) of the first failure in a row
-        self.waiting = (0.0, "")            # nothing is sent before [0], because of [1]
-        self.created = set()
-        self.to_create = [bucket] if bucket is not None and self.creates_buckets else []
-        self.out = None                     # the job of the call out
-        self.started = 0.0
-        self.progress = 0                   # calls that went through
-        self.now, self.wall = 0.0, wall
-        self._todo = collections.deque()    # actions decided, not yet handed out
-        self.book = _Book(settings, spool, self._todo, wall, stats, months)
-        self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
-        self._journaling = False
-        self.sync_due = None                # durable mode: when lines written must be fsynced
-        self._stop_told = False
-        self._all_delivered = False         # halting: all was delivered when it began
+        self.disk = _NO_DISK
+        self.book = book
 
     @property
     def count(self):
-        """Events in memory, in a batch or not (read by other threads)."""
+        """Events held in memory, in a live batch or not."""
         return self.memory.count + self.batches.in_memory()
 
-    # inputs
+    def on_disk(self):
+        """Events of the spool lines held in batches (the shell counts the others)."""
+        return self.batches.on_disk()
 
-    def take(self, inbox, now, wall):
-        """A new turn at ``now`` (monotonic; ``wall`` Unix): take everything in ``inbox``."""
-        self.now = self.book.now = now
-        self.wall = wall
-        self._turn = [False, False, False]
-        memory, fresh, taken = self.memory, [], 0
-        while True:
-            try:
-                item = inbox.popleft()
-            except IndexError:
-                break
-            if type(item) is tuple:
-                fresh.append(item)
-                continue
-            if fresh:                       # events go to memory together, before the item
-                memory.extend(fresh, now)
-                taken, fresh = taken + len(fresh), []
-            if type(item) is _BucketSwitch:
-                memory.bucket = item.bucket
-                if item.bucket[0] not in self.created and self.creates_buckets:
-                    self.to_create.append(item.bucket)
-                continue
-            item.upto = memory.next_seq - 1
-            item.lost = min(item.lost, self.book.told)  # losses no answer told of
-            self.waits.append(item)
-            if item.close_at is not None and not self.halting \
-                    and self.state is not _STOPPED:
-                self.state = _CLOSING
-                self.close_at, self.close_idle = _close_plan(
-                    self.close_at, self.close_idle, item.close_at, item.idle)
-        if fresh:
-            memory.extend(fresh, now)
-            taken += len(fresh)
-        if taken:
-            self.book.stats["logged"] += taken
+    def oldest_seq(self):
+        """The sequence number of the oldest event of this run held, or None."""
+        found = [s for s in (self.batches.oldest_seq(), self.disk.oldest_seq) if s is not None]
+        oldest = self.memory.oldest()
+        if oldest is not None:
+            found.append(oldest[0])
+        return min(found) if found else None
 
-    def offer(self, batch, unreadable=()):
-        """The shell's answer to _Read: the next spooled batch or None, and the lines it
-        found unreadable as (bucket, body, why)."""
-        for bucket, body, why in unreadable:
-            self.book.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
-        if batch is None:
-            self._turn[1] = True            # nothing more on disk this turn
-            return
-        self.batches.hold(batch)
-        if batch.count > self.settings.buffer_size:
-            self.batches.slice(batch, self.settings.buffer_size)
+    def pending(self):
+        """Whether anything is held: in memory, in a batch, or on disk."""
+        return bool(self.memory.count or self.batches.queue or self.disk.waiting)
 
-    def written(self, action, ok, error=None, evicted=()):
-        """The shell's answer to _Write; ``evicted``: (events, error) of segments the full
-        spool lost to make room."""
-        for count, exc in evicted:
-            self.book.drop(count, "spool_full", exc)
-        batch, stats = action.batch, self.book.stats
-        if ok:
-            if self.journal and self.sync_due is None:
-                self.sync_due = self.now + self.settings.sync_interval / 2.0
-            if action.journal:
-                stats["journalled"] += batch.count
-                return
-            stats["spooled"] += batch.count
-            if action.why:
-                self.book.log(_INFO, "spooled %s of bucket %r: %s" % (
-                    _count(batch.count, "event"), batch.bucket[0], action.why))
-            self.batches.remove(batch)
-            return
-        stats["last_error"] = "writing the spool: %s" % error
-        if action.journal:
-            stats["journal_errors"] += 1
-            self.book.warn("cannot write the durable journal (%s); events are kept in "
-                           "memory until it works again" % stats["last_error"])
-            self.batches.hold(batch)        # sent from memory
-            self._journaling, self._turn[2] = False, True
-        elif action.drop:
-            import errno
-            full = isinstance(error, _SpoolFull) or getattr(error, "errno", None) == errno.ENOSPC
-            self.book.drop(batch.count, "spool_full" if full else "spool_unwritable", error)
+    def empty(self):
+        """Nothing held, and no event of this run left anywhere."""
+        return not self.pending() and self.oldest_seq() is None
 
-    def defer(self, job, until, why):
-        """The shell's rate budget has no call for ``job`` before ``until``."""
-        self.out = None
-        self.book.stats["requests"] -= 1
-        self._turn[0] = False
-        self.retry_at, self.waiting = until, (until, why)
+    def spooled(self):
+        """Whether spool lines wait, or an earlier run's batch is held."""
+        return bool(self.batches.others_in_flight() or self.disk.waiting)
 
-    def dropped(self, count, reason, error):
-        """Events the shell lost (a dead letter it could not write: 0 events)."""
-        self.book.drop(count, reason, error)
+    def take_live(self, most):
+        """A live batch of memory's oldest run, up to ``most`` events, not held; or None."""
+        batch, rejected = self.memory.take(most=most)
+        self.book.unencodable(rejected)
+        return batch
 
-    # the next thing to do
+    def next_batch(self, most, live_due):
+        """The held batch that goes next, left at the head; None if none is held.
 
-    def next_action(self, now, deadline=None, disk=_NO_DISK):
-        """What the shell does next; _Sleep(seconds or None) when nothing more is due now.
-
-        ``deadline``: a caller's (use_async=False); ``disk``: a _Disk, needed while
-        waiters wait or close() runs (``needs_disk``).
+        A live head that fell behind grows up to ``most`` events; a backlog
+        head (it waited for the window, or a retry) lets live events go first
+        when they are due (``live_due``).
         """
-        if self._todo:
-            return self._todo.popleft()
-        if self.state is _STOPPED:
-            return _Sleep(None)
-        if self.halting:
-            return self._halt_step()
-        out = self.out
-        if out is not None and now >= out.deadline:
-            self.outcome(out, None, TimeoutError("timed out: no answer within %.1f s"
-                                                 % (out.deadline - self.started)), now, self.wall)
-            return _Abandon(out)
-        if self.state is _CLOSING and now >= self.close_at:
-            return self.halt("close() deadline reached", disk)
-        action = self._journal_or_spill(now)
-        if action is not None:
-            return action
-        if self.sync_due is not None and now >= self.sync_due:
-            self.sync_due = None            # on time, whatever the network does
-            return _Sync()
-        due = [self._journal_due(now), None if self.sync_due is None else self.sync_due - now]
-        if self.out is None:
-            if self._turn[0]:
-                due.append(0.0)             # one call a turn: the next, at once
-            else:
-                step = self._dispatch(now, deadline, disk)
-                if type(step) is not float and step is not None:
-                    return step
-                due.append(step)
-        if self.out is not None:
-            due.append(self.out.deadline - now)
-        self._settle(disk)
-        if self._todo:
-            return self._todo.popleft()
-        if self.state is _CLOSING:
-            if self.out is None and not self.pending_any(disk):
-                return self.halt(None, disk)
-            due.append(self.close_at - now)
-        return _Sleep(_next_wake(due))
+        queue = self.batches.queue
+        if not queue:
+            return None
+        head = queue[0]
+        if head.live and not head.fixed:
+            self.book.unencodable(self.memory.fill(head, most=most))
+        elif not head.live and live_due:
+            self.batches.hold(self.take_live(most), first=True)
+        return queue[0]
 
-    @property
-    def needs_disk(self):
-        """Whether next_action needs a _Disk: it decides (no action decided before is
-        still to be handed out) while waiters wait or close() runs."""
-        return not self._todo and (bool(self.waits) or self.state is not _RUNNING)
+    def excess(self, limit, most, out=None):
+        """Past ``limit`` events in memory: the oldest live batch to set aside (not
+        ``out``, the one in a call), held; at most ``most`` events. None if within."""
+        over = self.count - limit
+        if over <= 0:
+            return None
+        batch = next((b for b in self.batches.queue if b.live and b is not out), None)
+        if batch is None:
+            batch = self.take_live(min(over, most))
+            self.batches.hold(batch)
+        return batch
 
-    def _journal_due(self, now):
-        oldest = self.memory.oldest() if self.journal else None
-        return None if oldest is None else oldest[1] + self.settings.sync_interval / 2.0 - now
+    def leftover(self, most):
+        """At a halt: the next batch to set aside (those held first, then memory's in
+        batches of ``most``), held; None once nothing is left."""
+        queue = self.batches.queue
+        while not queue and self.memory.count:
+            self.batches.hold(self.take_live(most))
+        return queue[0] if queue else None
 
-    def _journal_or_spill(self, now):
-        """Durable mode: memory half a sync_interval old goes to disk; past max_queue
-        the oldest excess is set aside (dropped where the disk refuses)."""
-        limit = self.settings.max_queue
-        if self.journal and not self._turn[2] and self.memory.count and (
-                self._journaling or self._journal_due(now) <= 0 or self.count > limit):
-            self._journaling = True
-            action = self._journal_next()
-            if action is not None:
-                return action
-        self._journaling = False
-        in_flight = self.out.batch if self.out is not None else None
-        while self.count > limit:
-            batch = next((b for b in self.batches.queue if b.refs is None
-                          and b is not in_flight), None)
-            if batch is None:
-                batch, rejected = self.memory.take(most=min(self.count - limit,
-                                                            self.settings.buffer_size))
-                self.book.unencodable(rejected)
-                if batch is None:
-                    break
-                self.batches.hold(batch)
-            action = self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
-            if action is not None:
-                return action
-        return self._todo.popleft() if self._todo else None
 
-    def _journal_next(self):
-        """The next memory batch as a journal line, or None once memory is empty."""
-        while self.memory.count:
-            batch, rejected = self.memory.take(most=self.settings.buffer_size)
-            self.book.unencodable(rejected)
-            if batch is not None:
-                return _Write(batch, None, True, False)
-        return None
+class _Dispatching(object):
+    """Which call goes next, and when. A part of _Core: the fields named are the core's.
+
+    Not before ``retry_at``; memory's events when due (_memory_due), live
+    before a backlog batch (the backlog decides), else a spooled batch; a
+    bucket in ``to_create`` first. Starts the call out (``out``, ``started``)
+    and publishes why nothing goes yet (``waiting``).
+    """
 
     def _ready(self, now):
         """Whether memory's oldest events should go now rather than wait for more."""
@@ -3422,28 +3319,18 @@ class _Core(object):
 
         A batch never holds more than buffer_size events (nor 1 MB).
         """
-        most, queue = self.settings.buffer_size, self.batches.queue
-        if queue:
-            head = queue[0]
-            if head.refs is None and not head.fixed:
-                # It fell behind: grow it, up to buffer_size.
-                self.book.unencodable(self.memory.fill(head, most=most))
-            elif head.refs is not None and not self.journal and self._ready(now):
-                # The backlog waited (for the window, or a retry): live events go first.
-                batch, rejected = self.memory.take(most=most)
-                self.book.unencodable(rejected)
-                self.batches.hold(batch, first=True)
-                return queue[0]
-            return head
-        if self._ready(now):
+        most, ready = self.settings.buffer_size, self._ready(now)
+        batch = self.backlog.next_batch(most, ready and not self.journal)
+        if batch is not None:
+            return batch
+        if ready:
             if self.journal and not self._turn[2]:
                 action = self._journal_next()       # all of memory, then sent from disk
                 if action is not None:
                     self._journaling = True
                     return action
             else:
-                batch, rejected = self.memory.take(most=most)
-                self.book.unencodable(rejected)
+                batch = self.backlog.take_live(most)
                 if batch is not None:
                     self.batches.hold(batch)
                     return batch
@@ -3453,11 +3340,11 @@ class _Core(object):
         # created) and while requests go through.
         return _Read(most, self.failures == 0 and not self.to_create)
 
-    def _dispatch(self, now, deadline, disk):
+    def _dispatch(self, now, deadline):
         """A _Post if a call is due (or an action to get its batch); else the seconds
         until one may be (None: nothing to send)."""
         if now < self.retry_at:
-            return self._wait_until(self.retry_at, self.waiting[1], now, disk)
+            return self._wait_until(self.retry_at, self.waiting[1], now)
         batch = self._next_batch(now)
         if batch is not None and type(batch) is not _Batch:
             return batch                    # an action that gets the batch
@@ -3487,15 +3374,24 @@ class _Core(object):
         self.out, self.started, self._turn[0] = job, now, True
         return _Post(job)
 
-    def _wait_until(self, when, why, now, disk):
+    def _wait_until(self, when, why, now):
         """Nothing is sent before ``when``: publish it; close() halts if that is too late."""
         self.waiting = (when, why)
         if self.state is _CLOSING and when >= self.close_at:
             return self.halt("close() deadline comes before %s" % (why or "the next attempt"),
-                             disk)
+                             self.backlog.disk)
         return when - now
 
-    # outcomes of calls
+
+class _Outcomes(object):
+    """What one call's answer means. A part of _Core: the fields named are the core's.
+
+    The answer (through _decide) moves the call state on: ``failures``,
+    ``failing_since``, ``waiting``, ``retry_at``, ``progress``, the buckets
+    ``created`` and ``to_create``; the batch is delivered (its lines acked),
+    halved, dead-lettered, or retried and set aside after max_retries; the
+    counts go to the ``book``, the actions to ``_todo``.
+    """
 
     def outcome(self, job, response, error, now, wall):
         """What one call's answer (a _Response, or the error instead) means."""
@@ -3541,12 +3437,6 @@ class _Core(object):
             return
         self._failed(job.waiting, decision, response, error, now, wall, bucket)
 
-    def _progressed(self, now):
-        """A call went through: closing without a timeout waits idle seconds more."""
-        self.progress += 1
-        if self.close_idle is not None and self.state is _CLOSING:
-            self.close_at = max(self.close_at, now + self.close_idle)
-
     def _delivered(self, batch, now, wall):
         stats = self.book.stats
         self._progressed(now)
@@ -3557,13 +3447,17 @@ class _Core(object):
         stats["paused"] = ""
         self.batches.remove(batch)
         self.book.delivered(batch.count, wall)
-        if batch.refs is None:
+        if batch.live:
             stats["delivered"] += batch.count
             return
         journal = sum(r.count for r in batch.refs if r.journal) if batch.line is None \
             else batch.count if batch.refs[0].journal else 0
         stats["delivered"] += journal
         stats["replayed"] += batch.count - journal
+        self._retire(batch)
+
+    def _retire(self, batch):
+        """A backlog batch is done with: its lines are acked once all of them are."""
         if self.batches.finished(batch):
             self._todo.append(_Ack(batch.refs))
 
@@ -3627,8 +3521,8 @@ class _Core(object):
         self.book.log(_WARNING, "the server rejected an event of bucket %r (%s %s); it was "
                       "moved to the dead-letter file" % (batch.bucket[0], status, reply[:200]))
         self.book.dead_letter(batch.bucket[0], batch.body, status, reply, max(1, batch.count))
-        if batch.refs is not None and self.batches.finished(batch):
-            self._todo.append(_Ack(batch.refs))
+        if not batch.live:
+            self._retire(batch)
         self._todo.append(_Report(DeliveryError("event rejected by the server: %s"
                                                 % reply[:200], status, "rejected",
                                                 batch.bucket[0]), self._events_of(batch)))
@@ -3637,23 +3531,106 @@ class _Core(object):
         """The (key, value, epoch) tuples of a batch, for on_error."""
         if batch is None or self.settings.on_error is None:
             return []
-        if batch.refs is None:
-            return list(batch.events)
-        try:
-            return _decode_body(batch.body)
-        except ValueError:
-            return []
+        return batch.tuples()
 
     def _reply(self, response, limit=300):
         return _scrub(response.text(limit), self.settings.access_key)
 
-    # where undelivered events go
+
+class _Spilling(object):
+    """Where undelivered events go on disk, and come back from. A part of _Core: the
+    fields named are the core's.
+
+    Durable mode journals memory (``_journaling``) and asks for an fsync
+    (``sync_due``); past max_queue the backlog's oldest live excess is set
+    aside; a failed batch is set aside; the shell's answers to _Read and
+    _Write come in here.
+    """
+
+    def offer(self, batch, unreadable=()):
+        """The shell's answer to _Read: the next spooled batch or None, and the lines it
+        found unreadable as (bucket, body, why)."""
+        for bucket, body, why in unreadable:
+            self.book.dead_letter(bucket[0], body, None, "unreadable spool line (%s)" % why)
+        if batch is None:
+            self._turn[1] = True            # nothing more on disk this turn
+            return
+        self.batches.hold(batch)
+        if batch.count > self.settings.buffer_size:
+            self.batches.slice(batch, self.settings.buffer_size)
+
+    def written(self, action, ok, error=None, evicted=()):
+        """The shell's answer to _Write; ``evicted``: (events, error) of segments the full
+        spool lost to make room."""
+        for count, exc in evicted:
+            self.book.drop(count, "spool_full", exc)
+        batch, stats = action.batch, self.book.stats
+        if ok:
+            if self.journal and self.sync_due is None:
+                self.sync_due = self.now + self.settings.sync_interval / 2.0
+            if action.journal:
+                stats["journalled"] += batch.count
+                return
+            stats["spooled"] += batch.count
+            if action.why:
+                self.book.log(_INFO, "spooled %s of bucket %r: %s" % (
+                    _count(batch.count, "event"), batch.bucket[0], action.why))
+            self.batches.remove(batch)
+            return
+        stats["last_error"] = "writing the spool: %s" % error
+        if action.journal:
+            stats["journal_errors"] += 1
+            self.book.warn("cannot write the durable journal (%s); events are kept in "
+                           "memory until it works again" % stats["last_error"])
+            self.batches.hold(batch)        # sent from memory
+            self._journaling, self._turn[2] = False, True
+        elif action.drop:
+            import errno
+            full = isinstance(error, _SpoolFull) or getattr(error, "errno", None) == errno.ENOSPC
+            self.book.drop(batch.count, "spool_full" if full else "spool_unwritable", error)
+
+    def dropped(self, count, reason, error):
+        """Events the shell lost (a dead letter it could not write: 0 events)."""
+        self.book.drop(count, reason, error)
+
+    def _journal_due(self, now):
+        oldest = self.memory.oldest() if self.journal else None
+        return None if oldest is None else oldest[1] + self.settings.sync_interval / 2.0 - now
+
+    def _journal_or_spill(self, now):
+        """Durable mode: memory half a sync_interval old goes to disk; past max_queue
+        the oldest excess is set aside (dropped where the disk refuses)."""
+        limit = self.settings.max_queue
+        if self.journal and not self._turn[2] and self.memory.count and (
+                self._journaling or self._journal_due(now) <= 0 or self.count > limit):
+            self._journaling = True
+            action = self._journal_next()
+            if action is not None:
+                return action
+        self._journaling = False
+        in_flight = self.out.batch if self.out is not None else None
+        while True:
+            batch = self.backlog.excess(limit, self.settings.buffer_size, in_flight)
+            if batch is None:
+                break
+            action = self.set_aside(batch, "over max_queue (%d events)" % limit, drop=True)
+            if action is not None:
+                return action
+        return self._todo.popleft() if self._todo else None
+
+    def _journal_next(self):
+        """The next memory batch as a journal line, or None once memory is empty."""
+        while self.memory.count:
+            batch = self.backlog.take_live(self.settings.buffer_size)
+            if batch is not None:
+                return _Write(batch, None, True, False)
+        return None
 
     def set_aside(self, batch, why, drop=False):
-        """Stop trying a batch for now: the action that puts a memory batch on disk or a
-        disk one back, or None. Where the disk refuses, a memory batch stays (max_queue
+        """Stop trying a batch for now: the action that puts a live batch on disk or a
+        backlog one back, or None. Where the disk refuses, a live batch stays (max_queue
         then decides what is dropped), unless ``drop`` (stopping, or over max_queue)."""
-        if batch.refs is not None:
+        if not batch.live:
             refs = self.batches.take_back(batch)
             return None if refs is None else _GiveBack(refs)
         if drop:
@@ -3669,31 +3646,52 @@ class _Core(object):
         if action is not None:
             self._todo.append(action)
 
-    # flush, close and stop
 
-    def pending_any(self, disk):
-        """Anything in memory, in a batch, to create, or on disk (``disk``: a _Disk)."""
-        return bool(self.memory.count or self.batches.queue or self.to_create or disk.waiting)
+class _Closing(object):
+    """The flush() and close() waiters, and the halt. A part of _Core: the fields named
+    are the core's.
 
-    def oldest_seq(self, disk):
-        """The sequence number of the oldest event this core took and holds, or None."""
-        found = [s for s in (self.batches.oldest_seq(), disk.oldest_seq) if s is not None]
-        oldest = self.memory.oldest()
-        if oldest is not None:
-            found.append(oldest[0])
-        return min(found) if found else None
+    Keeps the ``waits`` taken from the inbox, ``state`` (running, closing,
+    stopped), close()'s end (``close_at``, ``close_idle``) and the halt
+    (``halting``, ``halt_why``); a waiter is answered from the backlog.
+    """
+
+    def _wait(self, wait):
+        """A flush() or close() from the inbox: it waits for every event taken before it."""
+        wait.upto = self.memory.next_seq - 1
+        wait.lost = min(wait.lost, self.book.told)  # losses no answer told of
+        self.waits.append(wait)
+        if wait.close_at is not None and not self.halting and self.state is not _STOPPED:
+            self.state = _CLOSING
+            self.close_at, self.close_idle = _close_plan(
+                self.close_at, self.close_idle, wait.close_at, wait.idle)
+
+    def _progressed(self, now):
+        """A call went through: closing without a timeout waits idle seconds more."""
+        self.progress += 1
+        if self.close_idle is not None and self.state is _CLOSING:
+            self.close_at = max(self.close_at, now + self.close_idle)
+
+    @property
+    def needs_disk(self):
+        """Whether next_action needs a _Disk: it decides (no action decided before is
+        still to be handed out) while waiters wait or close() runs."""
+        return not self._todo and (bool(self.waits) or self.state is not _RUNNING)
+
+    def pending_any(self):
+        """Anything held (in memory, in a batch, on disk) or a bucket to create."""
+        return bool(self.to_create) or self.backlog.pending()
 
     def settled(self, disk):
         """Everything taken is delivered and every loss told of (flush() from on_error)."""
-        return not self.pending_any(disk) and self.oldest_seq(disk) is None \
-            and self.book.lost == self.book.told
+        self.backlog.disk = disk
+        return not self.to_create and self.backlog.empty() and self.book.lost == self.book.told
 
-    def _settle(self, disk):
+    def _settle(self):
         if all(wait.close_at is not None for wait in self.waits):
             return                          # no flush() waits: the halt answers close()
-        backlog = bool(self.to_create) or self.spool and bool(
-            self.batches.others_in_flight() or disk.waiting)
-        done, self.waits = _answerable(self.waits, self.oldest_seq(disk), backlog)
+        held = bool(self.to_create) or self.spool and self.backlog.spooled()
+        done, self.waits = _answerable(self.waits, self.backlog.oldest_seq(), held)
         for wait in done:
             self.book.answer(wait, True)
 
@@ -3701,8 +3699,9 @@ class _Core(object):
         """Stop: the call out is abandoned, what is undelivered set aside, the waiters
         answered (True if nothing was left when the halt began). Returns the first action."""
         if not self.halting and self.state is not _STOPPED:
+            self.backlog.disk = disk
             self.halting, self.halt_why = True, why
-            self._all_delivered = not self.pending_any(disk) and self.oldest_seq(disk) is None
+            self._all_delivered = not self.to_create and self.backlog.empty()
             if self.out is not None:
                 self._todo.append(_Abandon(self.out))
                 self.out = None
@@ -3710,17 +3709,13 @@ class _Core(object):
 
     def _halt_step(self):
         why = self.halt_why
-        while self.batches.queue:
-            action = self.set_aside(self.batches.queue[0], why, drop=True)
+        while True:
+            batch = self.backlog.leftover(self.settings.buffer_size)
+            if batch is None:
+                break
+            action = self.set_aside(batch, why, drop=True)
             if action is not None:
                 return action
-        while self.memory.count:
-            batch, rejected = self.memory.take(most=self.settings.buffer_size)
-            self.book.unencodable(rejected)
-            if batch is not None:
-                action = self.set_aside(batch, why, drop=True)
-                if action is not None:
-                    return action
         if self._todo:
             return self._todo.popleft()
         if not self._stop_told:
@@ -3731,6 +3726,142 @@ class _Core(object):
             self.book.answer(wait, self._all_delivered)
         self.state = _STOPPED
         return self._todo.popleft() if self._todo else _Sleep(None)
+
+
+class _Core(_Dispatching, _Outcomes, _Spilling, _Closing):
+    """The delivery core: events and outcomes in, actions out (see the section's opening).
+
+    Owns every event it took until it is delivered, set aside on disk,
+    dead-lettered or dropped: its ``backlog`` (a _Backlog) holds them, its
+    ``book`` (a _Book) keeps the counts. Here: its state (each field under the
+    part that keeps it), the inbox taken, and the turn (next_action); the
+    parts it is made of decide the rest. Driven by one thread at a time;
+    other threads read ``state``, ``waiting``, ``progress``, ``count`` and
+    the book's counts (ints, tuples and a dict of ints) and write nothing here.
+    """
+
+    def __init__(self, settings, bucket, spool, wall, stats=None, months=None):
+        self.settings = settings
+        self.spool = spool                  # a spool to write to and read from
+        self.journal = spool and settings.durable
+        self.creates_buckets = not settings.offline
+        self.now, self.wall = 0.0, wall
+        self._todo = collections.deque()    # actions decided, not yet handed out
+        self._turn = [False, False, False]  # this turn: posted, spool dry, journal refused
+        self.book = _Book(settings, spool, self._todo, wall, stats, months)
+        self.backlog = _Backlog(bucket, self.book)
+        # _Dispatching and _Outcomes: the call out, and what the calls so far said
+        self.out = None                     # the job of the call out
+        self.started = 0.0
+        self.retry_at = 0.0
+        self.failures = 0
+        self.failing_since = None           # (wall time, answered) of the first failure in a row
+        self.waiting = (0.0, "")            # nothing is sent before [0], because of [1]
+        self.progress = 0                   # calls that went through
+        self.created = set()
+        self.to_create = [bucket] if bucket is not None and self.creates_buckets else []
+        # _Spilling: durable mode's journal
+        self._journaling = False
+        self.sync_due = None                # durable mode: when lines written must be fsynced
+        # _Closing: the waiters, close() and the halt
+        self.waits = []
+        self.state = _RUNNING
+        self.close_at = self.close_idle = None
+        self.halting = False                # a halt began (why: halt_why)
+        self.halt_why = None
+        self._stop_told = False
+        self._all_delivered = False         # halting: all was delivered when it began
+
+    # The backlog's, read here, by the Streamer and by tests: not a second owner.
+    memory = property(lambda self: self.backlog.memory)
+    batches = property(lambda self: self.backlog.batches)
+
+    @property
+    def count(self):
+        """Events in memory, in a batch or not (read by other threads)."""
+        return self.backlog.count
+
+    def take(self, inbox, now, wall):
+        """A new turn at ``now`` (monotonic; ``wall`` Unix): take everything in ``inbox``."""
+        self.now = self.book.now = now
+        self.wall = wall
+        self._turn = [False, False, False]
+        memory, fresh, taken = self.memory, [], 0
+        while True:
+            try:
+                item = inbox.popleft()
+            except IndexError:
+                break
+            if type(item) is tuple:
+                fresh.append(item)
+                continue
+            if fresh:                       # events go to memory together, before the item
+                memory.extend(fresh, now)
+                taken, fresh = taken + len(fresh), []
+            if type(item) is _BucketSwitch:
+                memory.bucket = item.bucket
+                if item.bucket[0] not in self.created and self.creates_buckets:
+                    self.to_create.append(item.bucket)
+                continue
+            self._wait(item)
+        if fresh:
+            memory.extend(fresh, now)
+            taken += len(fresh)
+        if taken:
+            self.book.stats["logged"] += taken
+
+    def defer(self, job, until, why):
+        """The shell's rate budget has no call for ``job`` before ``until``."""
+        self.out = None
+        self.book.stats["requests"] -= 1
+        self._turn[0] = False
+        self.retry_at, self.waiting = until, (until, why)
+
+    def next_action(self, now, deadline=None, disk=_NO_DISK):
+        """What the shell does next; _Sleep(seconds or None) when nothing more is due now.
+
+        ``deadline``: a caller's (use_async=False); ``disk``: a _Disk, needed while
+        waiters wait or close() runs (``needs_disk``).
+        """
+        self.backlog.disk = disk
+        if self._todo:
+            return self._todo.popleft()
+        if self.state is _STOPPED:
+            return _Sleep(None)
+        if self.halting:
+            return self._halt_step()
+        out = self.out
+        if out is not None and now >= out.deadline:
+            self.outcome(out, None, TimeoutError("timed out: no answer within %.1f s"
+                                                 % (out.deadline - self.started)), now, self.wall)
+            return _Abandon(out)
+        if self.state is _CLOSING and now >= self.close_at:
+            return self.halt("close() deadline reached", disk)
+        action = self._journal_or_spill(now)
+        if action is not None:
+            return action
+        if self.sync_due is not None and now >= self.sync_due:
+            self.sync_due = None            # on time, whatever the network does
+            return _Sync()
+        due = [self._journal_due(now), None if self.sync_due is None else self.sync_due - now]
+        if self.out is None:
+            if self._turn[0]:
+                due.append(0.0)             # one call a turn: the next, at once
+            else:
+                step = self._dispatch(now, deadline)
+                if type(step) is not float and step is not None:
+                    return step
+                due.append(step)
+        if self.out is not None:
+            due.append(self.out.deadline - now)
+        self._settle()
+        if self._todo:
+            return self._todo.popleft()
+        if self.state is _CLOSING:
+            if self.out is None and not self.pending_any():
+                return self.halt(None, disk)
+            due.append(self.close_at - now)
+        return _Sleep(_next_wake(due))
 
     def inbox_room(self, now):
         """How many items the inbox may hold before log() must wake the runner."""
@@ -4318,7 +4449,7 @@ class _Worker(object):
             if core.state is _CLOSING and self.reader.probed:
                 due.append(self.reader.probe_due - now)     # is that backlog still there?
             if now >= self.backlog_due:
-                self.backlog = self.reader.waiting() + core.batches.on_disk()
+                self.backlog = self.reader.waiting() + core.backlog.on_disk()
                 self.backlog_due = now + 1.0
         self.status.tick(now, core.waiting, len(self.inbox) + core.count)
         return _next_wake(due)

@@ -4790,6 +4790,91 @@ class CoreStepTest(IsolatedCase):
         shell.core.outcome(shell.core.out, lite._Response(204, {}, b""), None, 2.0, 0.0)
         self.assertEqual(shell.core.count, 0)
 
+    def backlog(self, memory=0, held=(), disk=lite._NO_DISK):
+        """A _Backlog holding ``memory`` events (values 0, 1, ...) and ``held`` batches:
+        ("live", n) takes n of memory's, ("fixed", n) the same as a half after 413,
+        ("ours", seq) and ("earlier", None) are spool lines of 5 events (values 100...)."""
+        book = lite._Book(core_settings(), True, collections.deque(), 1700000000.0)
+        backlog = lite._Backlog(("b", ""), book)
+        backlog.memory.extend(core_events(memory), 0.0)
+        for kind, arg in held:
+            if kind in ("live", "fixed"):
+                batch = backlog.take_live(arg)
+                batch.fixed = kind == "fixed"
+            else:
+                batch = disk_batch(range(100, 105), arg)
+            backlog.batches.hold(batch)
+        backlog.disk = disk
+        return backlog
+
+    def test_backlog_answers_from_what_it_holds(self):
+        """Backlog: counts, the oldest event and what is pending come from memory, the
+        batches and the spool's view alike."""
+        D = lite._Disk
+        table = [       # (memory, held, disk) -> (count, on disk, oldest, pending, spooled, empty)
+            (0, [], lite._NO_DISK, (0, 0, None, False, False, True)),
+            (5, [], lite._NO_DISK, (5, 0, 0, True, False, False)),
+            (5, [("live", 3)], lite._NO_DISK, (5, 0, 0, True, False, False)),
+            (0, [("ours", 7)], lite._NO_DISK, (0, 5, 7, True, False, False)),
+            (0, [("earlier", None)], lite._NO_DISK, (0, 5, None, True, True, False)),
+            (0, [], D(True, None), (0, 0, None, True, True, False)),     # lines wait on disk
+            (0, [], D(False, 4), (0, 0, 4, False, False, False)),        # ours, handed out
+            (2, [("ours", 7)], D(False, 4), (2, 5, 0, True, False, False)),
+        ]
+        for memory, held, disk, expected in table:
+            with self.subTest(memory=memory, held=held, disk=disk):
+                backlog = self.backlog(memory, held, disk)
+                self.assertEqual((backlog.count, backlog.on_disk(), backlog.oldest_seq(),
+                                  backlog.pending(), backlog.spooled(), backlog.empty()),
+                                 expected)
+
+    def test_backlog_chooses_the_next_batch(self):
+        """Backlog: a live head grows to most; live events that are due go before a backlog
+        batch; a fixed half never grows."""
+        table = [       # (memory, held, live due) -> (first value, events, batches held)
+            (0, [], False, None),
+            (20, [("live", 3)], False, (0, 10, 1)),             # fell behind: grown
+            (20, [("fixed", 3)], False, (0, 3, 1)),
+            (5, [("ours", 7)], False, (100, 5, 1)),
+            (5, [("ours", 7)], True, (0, 5, 2)),                # live first
+            (0, [("earlier", None)], True, (100, 5, 1)),        # nothing live to go
+        ]
+        for memory, held, live_due, expected in table:
+            with self.subTest(memory=memory, held=held, live_due=live_due):
+                backlog = self.backlog(memory, held)
+                batch = backlog.next_batch(10, live_due)
+                self.assertEqual(batch and (batch.tuples()[0][1], batch.count,
+                                            len(backlog.batches.queue)), expected)
+                self.assertIs(batch, backlog.batches.queue[0] if batch else None)
+
+    def test_backlog_sets_aside_the_excess_then_everything_at_a_halt(self):
+        """Backlog: past the limit the oldest live batches go (not the one in a call), in
+        batches of most; at a halt the batches held, then memory's."""
+        table = [       # (memory, held, limit, the call's batch) -> [(first value, events)]
+            (15, [], 20, None, []),
+            (25, [], 20, None, [(0, 5)]),
+            (50, [], 20, None, [(0, 10), (10, 10), (20, 10)]),
+            (25, [("live", 3)], 20, None, [(0, 3), (3, 2)]),
+            (25, [("live", 3)], 20, 0, [(3, 5)]),               # the batch out stays
+            (25, [("ours", 7), ("live", 3)], None, None,        # a halt
+             [(100, 5), (0, 3), (3, 10), (13, 10), (23, 2)]),
+        ]
+        for memory, held, limit, out, expected in table:
+            with self.subTest(memory=memory, held=held, limit=limit, out=out):
+                backlog = self.backlog(memory, held)
+                if out is not None:
+                    out = backlog.batches.queue[out]
+                aside = []
+                for _ in range(10):
+                    batch = backlog.leftover(10) if limit is None else \
+                        backlog.excess(limit, 10, out)
+                    if batch is None:
+                        break
+                    self.assertIn(batch, backlog.batches.queue)     # held until set aside
+                    aside.append((batch.tuples()[0][1], batch.count))
+                    backlog.batches.remove(batch)
+                self.assertEqual(aside, expected)
+
 
 class CalendarTest(IsolatedCase):
     """_month_of and _month_left: calendar arithmetic equal to time.gmtime's, without it."""
