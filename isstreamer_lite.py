@@ -1833,6 +1833,98 @@ class _StatusFiles(object):
             pass
 
 
+class _DeadLetters(object):
+    """A key's ``deadletter.jsonl``: what the server refused (or a spool line that
+    could not be read), one JSON record a line, appended and never rewritten.
+    Reached as ``_Spool.dead_letters``.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, "deadletter.jsonl")
+
+    def add(self, bucket_key, body, status, reply):
+        """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
+        _private_dir(self.folder)
+        record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
+                              "reply": reply, "body": body.decode("utf-8", "replace")})
+        fd = _open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            _write_all(fd, record + b"\n")
+        finally:
+            os.close(fd)
+
+    def read(self):
+        """(count, newest record or None) of the dead-letter file."""
+        count, newest = 0, None
+        try:
+            fd = _open_private(self.path, os.O_RDONLY)
+        except OSError:
+            return 0, None
+        with os.fdopen(fd, "rb") as handle:
+            for line in handle:
+                count += 1
+                newest = line
+        try:
+            newest = _json_load(newest) if newest else None
+        except ValueError:
+            newest = None
+        return count, newest
+
+
+# A segment file by its path, wherever it lies: the lock that makes it one
+# process's, what it still holds, and its deletion with its .ack. They need
+# no layout, only the rule that a segment is sent only by whoever locks it.
+
+def _lock_segment(path, flags=os.O_RDWR):
+    """An fd of the segment at ``path``, locked and still linked there, or None."""
+    try:
+        fd = _open_private(path, flags)
+    except OSError:
+        return None
+    try:
+        if _lock_file(fd) and os.fstat(fd).st_nlink > 0 and \
+                os.fstat(fd).st_ino == os.stat(path).st_ino:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _pending(path):
+    """Bodies of a segment's lines not yet delivered, torn ones left out ([] if unreadable)."""
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    return [body for _, _, body, torn in _unretired_lines(path, data) if not torn]
+
+
+def _discard(paths):
+    """Delete files, a segment with its .ack unless a process holds it; how many were held."""
+    kept = 0
+    for path in paths:
+        try:
+            fd = _open_private(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if path.endswith(_SPOOL_SUFFIX) and not _lock_file(fd):
+                kept += 1                   # a running process holds it
+                continue
+            for name in (path, path + _ACK_SUFFIX):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+    return kept
+
+
 class _Spool(object):
     """One access key's spool on disk: its layout and rules, known here alone.
 
@@ -1845,22 +1937,23 @@ class _Spool(object):
             array of events a line, appended by the one process that locks it
         <segment>.ack          "<start> <end>" of each line delivered or dead-lettered
         .<segment>.new         a segment being made: locked, then renamed into place
-        deadletter.jsonl       what the server refused, one JSON record a line
+        deadletter.jsonl       what the server refused, one JSON record a line (_DeadLetters)
         state.json             what ``status`` shows (status.ask, live-<pid>.json: its
                                question to running processes and their answers)
         rate-<fingerprint of the API base>.json   the key's shared rate budget
 
     A segment is flocked by the process that writes or replays it, and only a
-    segment still linked once locked is sent; its name is never used twice.
+    segment still linked once locked is sent (_lock_segment); its name is never
+    used twice.
     """
 
     def __init__(self, spool_dir, fingerprint, durable=False):
         self.spool_dir = spool_dir
         self.fingerprint = fingerprint
         self.folder = os.path.join(spool_dir, fingerprint)
-        self.dead_letter_file = os.path.join(self.folder, "deadletter.jsonl")
         self.durable = durable
         self.status = _StatusFiles(self.folder)
+        self.dead_letters = _DeadLetters(self.folder)
 
     @classmethod
     def of_key(cls, spool_dir, access_key, durable=False):
@@ -1947,57 +2040,8 @@ class _Spool(object):
         _fsync_dir(folder)              # the segment's name is as durable as its lines
         return path, fd
 
-    @staticmethod
-    def lock_segment(path, flags=os.O_RDWR):
-        """An fd of the segment at ``path``, locked and still linked there, or None."""
-        try:
-            fd = _open_private(path, flags)
-        except OSError:
-            return None
-        try:
-            if _lock_file(fd) and os.fstat(fd).st_nlink > 0 and \
-                    os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except OSError:
-            pass
-        os.close(fd)
-        return None
-
-    @staticmethod
-    def pending(path):
-        """Bodies of a segment's lines not yet delivered, torn ones left out ([] if unreadable)."""
-        try:
-            fd = _open_private(path, os.O_RDONLY)
-        except OSError:
-            return []
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read()
-        return [body for _, _, body, torn in _unretired_lines(path, data) if not torn]
-
     def remove(self, path):
         _remove_segment(path, self.durable)
-
-    @staticmethod
-    def discard(paths):
-        """Delete files, a segment with its .ack unless a process holds it; how many were held."""
-        kept = 0
-        for path in paths:
-            try:
-                fd = _open_private(path, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                if path.endswith(_SPOOL_SUFFIX) and not _lock_file(fd):
-                    kept += 1                   # a running process holds it
-                    continue
-                for name in (path, path + _ACK_SUFFIX):
-                    try:
-                        os.unlink(name)
-                    except OSError:
-                        pass
-            finally:
-                os.close(fd)
-        return kept
 
     def summary(self):
         """What waits, per bucket with anything pending: a list of dicts (no network)."""
@@ -2016,7 +2060,7 @@ class _Spool(object):
                     oldest = made if oldest is None else min(oldest, made)
                 except ValueError:
                     pass
-                bodies = self.pending(path)
+                bodies = _pending(path)
                 lines += len(bodies)
                 events += _count_events(bodies)
             if lines:
@@ -2025,36 +2069,6 @@ class _Spool(object):
                              "lines": lines, "events": events, "oldest": oldest,
                              "folder": folder})
         return rows
-
-    # the key's own files
-
-    def dead_letter(self, bucket_key, body, status, reply):
-        """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
-        _private_dir(self.folder)
-        record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
-                              "reply": reply, "body": body.decode("utf-8", "replace")})
-        fd = _open_private(self.dead_letter_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        try:
-            _write_all(fd, record + b"\n")
-        finally:
-            os.close(fd)
-
-    def dead_letters(self):
-        """(count, newest record or None) of the dead-letter file."""
-        count, newest = 0, None
-        try:
-            fd = _open_private(self.dead_letter_file, os.O_RDONLY)
-        except OSError:
-            return 0, None
-        with os.fdopen(fd, "rb") as handle:
-            for line in handle:
-                count += 1
-                newest = line
-        try:
-            newest = _json_load(newest) if newest else None
-        except ValueError:
-            newest = None
-        return count, newest
 
 
 class _Ref(object):
@@ -2376,7 +2390,7 @@ class _SpoolReader(object):
         return False
 
     def _claim(self, path):
-        fd = self.spool.lock_segment(path)
+        fd = _lock_segment(path)
         if fd is None:
             return False
         try:
@@ -2438,7 +2452,7 @@ class _SpoolReader(object):
                 segment.writing = False
                 self.settle(segment)
                 return dropped
-            fd = self.spool.lock_segment(path)
+            fd = _lock_segment(path)
             if fd is None:
                 continue
             try:
@@ -4227,7 +4241,7 @@ class _Worker(object):
 
     def dead_letter(self, action):
         try:
-            self.reader.spool.dead_letter(*action)
+            self.reader.spool.dead_letters.add(*action)
         except OSError as exc:
             self.core.dropped(0, "dead_letter_unwritable", exc)
 
@@ -5638,7 +5652,7 @@ def _key_status(spool, now, quota=_MONTHLY_QUOTA):
     """What ``status`` shows for one access key's spool."""
     folder, fingerprint = spool.folder, spool.fingerprint
     state = spool.status.read()
-    dead, newest = spool.dead_letters()
+    dead, newest = spool.dead_letters.read()
     buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
                 "events": r["events"], "lines": r["lines"],
                 "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
@@ -5758,9 +5772,9 @@ def _cmd_discard(args, out, err):
         what.append("%d spooled events of bucket %r" % (sum(r["events"] for r in rows),
                                                         args.bucket_key))
     if args.dead_letters:
-        if os.path.exists(spool.dead_letter_file):
-            doomed.append(spool.dead_letter_file)
-        what.append("%d dead letters" % spool.dead_letters()[0])
+        if os.path.exists(spool.dead_letters.path):
+            doomed.append(spool.dead_letters.path)
+        what.append("%d dead letters" % spool.dead_letters.read()[0])
     if not doomed:
         out.write("nothing to discard in %s\n" % folder)
         return 0
@@ -5773,7 +5787,7 @@ def _cmd_discard(args, out, err):
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             out.write("nothing discarded\n")
             return 1
-    kept = spool.discard(doomed)
+    kept = _discard(doomed)
     out.write("discarded %s%s\n" % (" and ".join(what), "; %d segment(s) in use by a running "
                                     "process were kept" % kept if kept else ""))
     return 0
@@ -5792,7 +5806,7 @@ def _replay_spool(settings, paths, timeout):
         worker.halt("replay deadline reached")
     spool = worker.reader.spool
     if paths is not None:
-        pending = sum(len(spool.pending(path)) for path in paths)
+        pending = sum(len(_pending(path)) for path in paths)
     else:
         pending = sum(row["lines"] for row in spool.summary())
     return worker.stats, pending
@@ -5842,7 +5856,7 @@ def _cmd_replay(args, out, err):
         if not rows:
             out.write("nothing pending in %s\n" % spool_dir)
         for spool in spools:
-            dead, newest = spool.dead_letters()
+            dead, newest = spool.dead_letters.read()
             if dead:
                 out.write("key %s: %d dead letter%s (events the server refused), newest: %s\n"
                           % (spool.fingerprint, dead, "" if dead == 1 else "s",

@@ -3889,7 +3889,7 @@ class SpoolViewTest(LiteTestCase):
     """One _Spool for the runner and the command line: they see the same folder."""
 
     def test_command_line_counts_what_the_runner_wrote_and_spares_what_it_holds(self):
-        """Spool: summary() counts the writer's lines; discard() keeps a segment still held."""
+        """Spool: summary() counts the writer's lines; _discard() keeps a segment still held."""
         spool = lite._Spool(self.tempdir(), "key")
         reader = lite._SpoolReader(spool)
         writer = lite._SpoolWriter(spool, reader, None)
@@ -3899,11 +3899,11 @@ class SpoolViewTest(LiteTestCase):
         writer.append(("b1", "Bucket"), parts[2:])
         self.assertEqual([(r["bucket_key"], r["bucket_name"], r["segments"], r["lines"],
                            r["events"]) for r in spool.summary()], [("b1", "Bucket", 1, 2, 3)])
-        self.assertEqual(spool.discard(spool.segments()), 1)    # the writer holds it
+        self.assertEqual(lite._discard(spool.segments()), 1)    # the writer holds it
         self.assertEqual(len(spool.segments()), 1)
         writer.close()
         reader.release_all()                # undelivered: left on disk, unlocked
-        self.assertEqual(spool.discard(spool.segments()), 0)
+        self.assertEqual(lite._discard(spool.segments()), 0)
         self.assertEqual((spool.segments(), spool.summary()), ([], []))
 
 class EvictionOrderTest(Issue9Case):
