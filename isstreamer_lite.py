@@ -2110,6 +2110,32 @@ class _Segment(object):
         self.writing = writing
         self.ack_ready = False          # its .ack has a durable name and no torn tail
 
+    def finished(self):
+        """Nothing left to send, nothing out, nobody writing: the file may go."""
+        return not (self.lines or self.out or self.writing)
+
+    def pack(self, limit, most):
+        """Hand out the oldest lines, up to ``limit`` bytes in a JSON array and ``most``
+        events (a longer line, written by an older version, comes alone)."""
+        refs, size, count = [], 2, 0
+        while self.lines and (not refs or size + self.lines[0].end - self.lines[0].start
+                              <= limit and count + self.lines[0].count <= most):
+            ref = self.lines.popleft()
+            refs.append(ref)
+            size += ref.end - ref.start
+            count += ref.count
+        self.out += len(refs)
+        return refs
+
+    def close(self):
+        """Close the file (its lock goes with it); its lines stay on disk."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
 
 class _SpoolWriter(object):
     """Appends lines to this process's own segments, one open segment a bucket.
@@ -2215,38 +2241,31 @@ class _SpoolWriter(object):
         self.unsynced = False
 
 
-class _SpoolReader(object):
-    """Hands out spooled lines as packed batches and records their delivery.
+def _read_locked(fd):
+    """All of the file behind a locked ``fd``, read through a copy of it: closing
+    the copy must not close ``fd``, nor let go of its lock."""
+    with os.fdopen(os.dup(fd), "rb") as handle:
+        return handle.read()
 
-    Holds, oldest first, the segments this process has locked: its own (from
-    the writer) and at most one claimed from disk (left by an earlier run or
-    another process). Claiming locks a segment, then checks it is still
-    linked, so a segment deleted meanwhile is never sent again. Delivered
-    lines are recorded in ``<segment>.ack``; a segment with nothing left is
-    deleted. Used by the worker thread only.
 
-    What a power cut may leave, and why it is safe (durable mode): a file's
-    bytes survive only through its own fsync, a name only through its
-    folder's. So ``bucket.json`` is fsynced before its rename, every new
-    folder and segment name is fsynced in its parent, an ``.ack``'s name is
-    fsynced when it is created and its records as they are written, and a
-    finished segment goes first (its removal fsynced), then its ``.ack``:
-    no order of the disk's writes brings a segment back without the record
-    of what was delivered from it. A record after a torn ``.ack`` tail starts
-    on a line of its own; an empty ``bucket.json`` is rewritten by a Streamer
-    that knows the bucket.
+class _Claims(object):
+    """The segments on disk that no process holds: left by an earlier run or a
+    process of the key that ended (with ``only``, just those files: replay).
+
+    Looking is paced, once a second, and at once after the reader lets a
+    segment go. Claiming locks a segment, then checks it is still linked, so
+    a segment deleted meanwhile is never sent again; its lines are read into
+    a _Segment, and a line that cannot be read is set aside in ``unreadable``
+    for the dead-letter file. A segment that cannot be read at all is left in
+    place and warned of once. Used by its _SpoolReader, in the worker thread.
     """
 
     def __init__(self, spool, only=None):
         self.spool = spool
-        self.folder = spool.folder
-        self.durable = spool.durable
         self.only = only            # replay just these segment files (command line)
-        self.held = []              # _Segment objects, oldest first
         self.scan_due = 0.0
         self.probe_due = 0.0
         self.probed = False
-        self.ack_bytes = 0          # ack records written, for flash wear (journal_bytes)
         self.warned = set()
         self.unreadable = []        # (bucket, body, why) of lines never to be sent
         self.known = {}             # bucket folder name -> (key, name) this process uses
@@ -2260,6 +2279,138 @@ class _SpoolReader(object):
         if self.only is not None:
             return [p for p in self.only if os.path.exists(p)]
         return self.spool.segments(sweep=True)
+
+    def look_again(self):
+        self.scan_due = self.probe_due = 0.0
+
+    def claimable(self, now, held):
+        """Whether a segment on disk, not in ``held`` (paths), could be claimed now
+        (read-only, cached 1 s)."""
+        if now >= self.probe_due:
+            self.probe_due = now + 1.0
+            self.probed = any(path not in held and path not in self.warned
+                              and _probe_lock(path) for path in self.on_disk())
+        return self.probed
+
+    def scan(self, now):
+        """Whether it is time to look for a segment to claim (then not for a second)."""
+        if now < self.scan_due:
+            return False
+        self.scan_due = now + 1.0
+        return True
+
+    def claim(self, path):
+        """Lock the segment at ``path`` and read its lines: (the _Segment, refs of its
+        unreadable lines), or None if a process holds it or it cannot be read."""
+        fd = _lock_segment(path)
+        if fd is None:
+            return None
+        try:
+            bucket = self._bucket_of(os.path.dirname(path))
+            data = _read_locked(fd)
+        except (OSError, ValueError, KeyError) as exc:
+            os.close(fd)
+            if path not in self.warned:
+                self.warned.add(path)
+                _log.warning("spool segment %s cannot be read (%s); it is left in place",
+                             path, exc)
+            return None
+        segment = _Segment(path, fd, bucket, len(data))
+        bad = []
+        for start, end, body, torn in _unretired_lines(path, data):
+            try:
+                if torn:
+                    raise ValueError("torn line (no newline at end of segment)")
+                count = len(_decode_body(body))
+            except ValueError as exc:
+                bad.append(_Ref(segment, start, end, 0))
+                self.unreadable.append((bucket, body, str(exc)))
+                continue
+            segment.lines.append(_Ref(segment, start, end, count))
+        if bad:
+            _log.warning("spool segment %s: %d unreadable line(s) moved to the dead-letter "
+                         "file", path, len(bad))
+        return segment, bad
+
+    def _bucket_of(self, folder):
+        """The bucket of a folder on disk; an unreadable bucket.json is rewritten if known."""
+        try:
+            return self.spool.read_bucket(folder)
+        except (OSError, ValueError) as exc:
+            bucket = self.known.get(os.path.basename(folder))
+            if bucket is None:
+                raise
+            _log.warning("%s was unreadable (%s); rewritten for bucket %r", os.path.join(
+                folder, "bucket.json"), exc, bucket[0])
+            self.spool.write_bucket(folder, bucket)
+            return bucket
+
+    def evict(self, path):
+        """Delete the segment at ``path`` unless a process holds it: its undelivered
+        events, or None if it is held."""
+        fd = _lock_segment(path)
+        if fd is None:
+            return None
+        try:
+            data = _read_locked(fd)
+            dropped = _count_events(b for _, _, b, _ in _unretired_lines(path, data))
+            self.spool.remove(path)
+            return dropped
+        finally:
+            os.close(fd)
+
+
+# What a power cut may leave, and why it is safe (durable mode): a file's bytes
+# survive only through its own fsync, a name only through its folder's. So
+# bucket.json is fsynced before its rename, every new folder and segment name is
+# fsynced in its parent, an .ack's name is fsynced when it is created and its
+# records as they are written, and a finished segment goes first (its removal
+# fsynced), then its .ack: no order of the disk's writes brings a segment back
+# without the record of what was delivered from it. A record after a torn .ack
+# tail starts on a line of its own; an empty bucket.json is rewritten by a
+# Streamer that knows the bucket (_Claims._bucket_of).
+
+def _append_ack(segment, record, durable):
+    """Append to the segment's ack log; the first time, make it sound and durable."""
+    path = segment.path + _ACK_SUFFIX
+    created = False
+    try:
+        fd = _open_private(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        fd = _open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        created = True
+    try:
+        if not segment.ack_ready and _torn_tail(fd):
+            record = b"\n" + record
+        _write_all(fd, record)
+        if durable:
+            os.fsync(fd)
+            if created or not segment.ack_ready:
+                _fsync_dir(os.path.dirname(path))
+        segment.ack_ready = True
+    finally:
+        os.close(fd)
+
+
+class _SpoolReader(object):
+    """Hands out spooled lines as packed batches and records their delivery.
+
+    Holds, oldest first, the segments this process has locked: its own (from
+    the writer) and at most one claimed from disk through its _Claims. Lines
+    delivered are recorded in ``<segment>.ack`` (_append_ack); a segment with
+    nothing left is deleted. Used by the worker thread only.
+    """
+
+    def __init__(self, spool, only=None):
+        self.spool = spool
+        self.folder = spool.folder
+        self.durable = spool.durable
+        self.disk = _Claims(spool, only)
+        self.held = []              # _Segment objects, oldest first
+        self.ack_bytes = 0          # ack records written, for flash wear (journal_bytes)
+
+    def know(self, bucket):
+        self.disk.know(bucket)
 
     def hold(self, segment):
         self.held.append(segment)
@@ -2284,20 +2435,11 @@ class _SpoolReader(object):
         return found
 
     def take(self, limit, most=_NEVER):
-        """The oldest held lines of one segment, packed up to ``limit`` bytes and ``most``
-        events (a longer line, written by an older version, comes alone)."""
+        """The oldest held lines of one segment as a batch (_Segment.pack), or None."""
         for segment in self.held:
             if not segment.lines:
                 continue
-            refs, size, count = [], 2, 0
-            while segment.lines and (not refs or size + segment.lines[0].end
-                                     - segment.lines[0].start <= limit
-                                     and count + segment.lines[0].count <= most):
-                ref = segment.lines.popleft()
-                refs.append(ref)
-                size += ref.end - ref.start
-                count += ref.count
-            segment.out += len(refs)
+            refs = segment.pack(limit, most)
             try:
                 lines = [_read_at(segment.fd, r.start, r.end - r.start) for r in refs]
             except OSError as exc:
@@ -2321,39 +2463,18 @@ class _SpoolReader(object):
         for segment, done in by_segment.values():
             segment.out -= len(done)
             record = b"".join(("%d %d\n" % (r.start, r.end)).encode("ascii") for r in done)
-            if segment.lines or segment.out or segment.writing:     # else it goes whole
+            if not segment.finished():          # else it goes whole
                 try:
-                    self._append_ack(segment, record)
+                    _append_ack(segment, record, self.durable)
                     self.ack_bytes += len(record)
                 except OSError as exc:
                     _log.warning("cannot record delivery in %s%s (%s); those lines may "
                                  "be sent again", segment.path, _ACK_SUFFIX, exc)
             self.settle(segment)
 
-    def _append_ack(self, segment, record):
-        """Append to the segment's ack log; the first time, make it sound and durable."""
-        path = segment.path + _ACK_SUFFIX
-        created = False
-        try:
-            fd = _open_private(path, os.O_RDWR | os.O_APPEND)
-        except FileNotFoundError:
-            fd = _open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
-            created = True
-        try:
-            if not segment.ack_ready and _torn_tail(fd):
-                record = b"\n" + record
-            _write_all(fd, record)
-            if self.durable:
-                os.fsync(fd)
-                if created or not segment.ack_ready:
-                    _fsync_dir(os.path.dirname(path))
-            segment.ack_ready = True
-        finally:
-            os.close(fd)
-
     def settle(self, segment):
         """Delete a segment with nothing left to send and nobody writing it."""
-        if segment.lines or segment.out or segment.writing:
+        if not segment.finished():
             return
         self.spool.remove(segment.path)
         self._let_go(segment)
@@ -2361,108 +2482,51 @@ class _SpoolReader(object):
     def _let_go(self, segment):
         if segment in self.held:
             self.held.remove(segment)
-        if segment.fd >= 0:
-            try:
-                os.close(segment.fd)
-            except OSError:
-                pass
-            segment.fd = -1
-        self.scan_due = self.probe_due = 0.0    # look at the disk again at once
+        segment.close()
+        self.disk.look_again()          # look at the disk again at once
 
     def claimable(self, now):
         """Whether a segment on disk could be claimed now (read-only, cached 1 s)."""
-        if now >= self.probe_due:
-            self.probe_due = now + 1.0
-            held = set(s.path for s in self.held)
-            self.probed = any(path not in held and path not in self.warned
-                              and _probe_lock(path) for path in self.on_disk())
-        return self.probed
+        return self.disk.claimable(now, set(s.path for s in self.held))
 
     def claim(self, now):
         """Lock the oldest unheld segment on disk and hold its lines; True if one was."""
-        if any(not s.writing for s in self.held) or now < self.scan_due:
+        if any(not s.writing for s in self.held) or not self.disk.scan(now):
             return False                # one claimed segment at a time
-        self.scan_due = now + 1.0
         held = set(s.path for s in self.held)
-        for path in self.on_disk():
-            if path not in held and self._claim(path):
+        for path in self.disk.on_disk():
+            if path not in held and self._hold_claimed(path):
                 return True
         return False
 
-    def _claim(self, path):
-        fd = _lock_segment(path)
-        if fd is None:
+    def _hold_claimed(self, path):
+        claimed = self.disk.claim(path)
+        if claimed is None:
             return False
-        try:
-            bucket = self._bucket_of(os.path.dirname(path))
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                data = handle.read()
-        except (OSError, ValueError, KeyError) as exc:
-            os.close(fd)
-            if path not in self.warned:
-                self.warned.add(path)
-                _log.warning("spool segment %s cannot be read (%s); it is left in place",
-                             path, exc)
-            return False
-        segment = _Segment(path, fd, bucket, len(data))
-        bad = []
-        for start, end, body, torn in _unretired_lines(path, data):
-            try:
-                if torn:
-                    raise ValueError("torn line (no newline at end of segment)")
-                count = len(_decode_body(body))
-            except ValueError as exc:
-                bad.append(_Ref(segment, start, end, 0))
-                self.unreadable.append((bucket, body, str(exc)))
-                continue
-            segment.lines.append(_Ref(segment, start, end, count))
+        segment, bad = claimed
         self.held.append(segment)
         if bad:
-            _log.warning("spool segment %s: %d unreadable line(s) moved to the dead-letter "
-                         "file", path, len(bad))
             segment.out += len(bad)
             self.ack(bad)
         else:
             self.settle(segment)
-        return segment in self.held
-
-    def _bucket_of(self, folder):
-        """The bucket of a folder on disk; an unreadable bucket.json is rewritten if known."""
-        try:
-            return self.spool.read_bucket(folder)
-        except (OSError, ValueError) as exc:
-            bucket = self.known.get(os.path.basename(folder))
-            if bucket is None:
-                raise
-            _log.warning("%s was unreadable (%s); rewritten for bucket %r", os.path.join(
-                folder, "bucket.json"), exc, bucket[0])
-            self.spool.write_bucket(folder, bucket)
-            return bucket
+        return segment in self.held     # not if it had nothing left
 
     def evict_oldest(self):
         """Delete the oldest segment not in flight; return its undelivered events or None."""
         held = dict((s.path, s) for s in self.held)
-        for path in self.on_disk():
+        for path in self.disk.on_disk():
             segment = held.get(path)
-            if segment is not None:
-                if segment.out:
-                    continue
+            if segment is None:
+                dropped = self.disk.evict(path)
+                if dropped is not None:
+                    return dropped
+            elif not segment.out:
                 dropped = sum(ref.count for ref in segment.lines)
                 segment.lines.clear()
                 segment.writing = False
                 self.settle(segment)
                 return dropped
-            fd = _lock_segment(path)
-            if fd is None:
-                continue
-            try:
-                with os.fdopen(os.dup(fd), "rb") as handle:
-                    data = handle.read()
-                dropped = _count_events(b for _, _, b, _ in _unretired_lines(path, data))
-                self.spool.remove(path)
-                return dropped
-            finally:
-                os.close(fd)
         return None
 
     def release_all(self):
@@ -4176,8 +4240,8 @@ class _Worker(object):
             return None
         due = [action.due]
         if self.reader is not None:
-            if core.state is _CLOSING and self.reader.probed:
-                due.append(self.reader.probe_due - now)     # is that backlog still there?
+            if core.state is _CLOSING and self.reader.disk.probed:
+                due.append(self.reader.disk.probe_due - now)     # is that backlog still there?
             if now >= self.backlog_due:
                 self.backlog = self.reader.waiting() + core.batches.on_disk()
                 self.backlog_due = now + 1.0
@@ -4223,7 +4287,7 @@ class _Worker(object):
         batch = reader.take(_MAX_BODY_BYTES, action.most)
         if batch is None and action.claim and reader.claim(now):
             batch = reader.take(_MAX_BODY_BYTES, action.most)
-        unreadable, reader.unreadable = reader.unreadable, []
+        unreadable, reader.disk.unreadable = reader.disk.unreadable, []
         self.core.offer(batch, unreadable)
 
     def spool(self, action):

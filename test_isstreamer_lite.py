@@ -3906,6 +3906,74 @@ class SpoolViewTest(LiteTestCase):
         self.assertEqual(lite._discard(spool.segments()), 0)
         self.assertEqual((spool.segments(), spool.summary()), ([], []))
 
+    def test_dead_letters_append_and_count_with_the_newest(self):
+        """Spool: _DeadLetters appends one record a line and reads back (count, newest)."""
+        dead = lite._Spool(self.tempdir(), "key").dead_letters
+        self.assertEqual(dead.read(), (0, None))
+        dead.add("b1", b'[{"key": "k", "value": 1}]', 400, "no")
+        dead.add("b2", b"\xff", None, "unreadable spool line")
+        count, newest = dead.read()
+        self.assertEqual(count, 2)
+        self.assertEqual((newest["bucketKey"], newest["status"], newest["reply"],
+                          newest["body"]), ("b2", None, "unreadable spool line", "\ufffd"))
+
+
+class ClaimsTest(LiteTestCase):
+    """_Claims finds the segments no process holds, claims one by its lock, evicts one."""
+
+    def left_behind(self, lines):
+        """A spool with one segment of ``lines`` (lists of values, or raw bytes) that
+        no process holds; (spool, its path)."""
+        spool = lite._Spool(self.tempdir(), "key")
+        reader = lite._SpoolReader(spool)
+        writer = lite._SpoolWriter(spool, reader, None)
+        for line in lines:
+            if isinstance(line, bytes):
+                lite._write_all(writer._segment_for(("b1", "")).fd, line)
+            else:
+                writer.append(("b1", ""), [lite._encode_event(("k", v, 1.0)) for v in line])
+        writer.close()
+        reader.release_all()
+        return spool, spool.segments()[0]
+
+    def test_looks_once_a_second_and_claims_by_lock(self):
+        """Claims: scan() paces the looking; claim() reads lines; a held one is not claimed."""
+        spool, path = self.left_behind([[1, 2], [3]])
+        claims = lite._Claims(spool)
+        self.assertEqual(claims.on_disk(), [path])
+        self.assertTrue(claims.claimable(0.0, set()))
+        self.assertFalse(lite._Claims(spool).claimable(0.0, {path}))
+        self.assertEqual([claims.scan(t) for t in (0.0, 0.5, 1.0)], [True, False, True])
+        segment, bad = claims.claim(path)
+        self.addCleanup(segment.close)
+        self.assertEqual(([r.count for r in segment.lines], bad), ([2, 1], []))
+        other = lite._Claims(spool)
+        self.assertIsNone(other.claim(path))            # this process's lock stands
+        self.assertIsNone(other.evict(path))
+        segment.close()
+        self.assertEqual(other.evict(path), 3)
+        self.assertEqual(spool.segments(), [])
+
+    def test_unreadable_lines_are_set_aside_for_the_dead_letter_file(self):
+        """Claims: a line that does not decode comes back as a bad ref and in unreadable."""
+        spool, path = self.left_behind([[1], b"not json\n", [2]])
+        claims = lite._Claims(spool)
+        segment, bad = claims.claim(path)
+        self.addCleanup(segment.close)
+        self.assertEqual(([r.count for r in segment.lines], len(bad)), ([1, 1], 1))
+        self.assertEqual([(b, body) for b, body, _ in claims.unreadable],
+                         [(("b1", ""), b"not json")])
+
+    def test_segment_packs_lines_up_to_the_byte_and_event_limits(self):
+        """Segment: pack() hands out whole lines within the limits, a long one alone."""
+        segment = lite._Segment("p", -1, ("b", ""))
+        for start, count in ((0, 2), (10, 2), (20, 2)):
+            segment.lines.append(lite._Ref(segment, start, start + 10, count))
+        self.assertEqual([r.start for r in segment.pack(5, 100)], [0])
+        self.assertEqual([r.start for r in segment.pack(100, 3)], [10])
+        self.assertEqual((segment.out, segment.finished()), (2, False))
+        self.assertEqual([r.start for r in segment.pack(100, 100)], [20])
+
 class EvictionOrderTest(Issue9Case):
     """A full spool gives up its oldest events first, and counts them."""
 
