@@ -4783,38 +4783,63 @@ class _Session(object):
 # that session stop). log(), flush() and set_bucket() reopen it from either.
 _OPEN, _CLOSED = "open", "closed"
 
+# A Streamer is built in three layers, each on the one before, because log()'s
+# fast path reads the Streamer's own fields (_session, its keys and inbox) with no
+# object in between: _Lifecycle (the state field, the session and the one lock),
+# _Intake (log()'s slow path: checks, refusals, echo), then Streamer (every
+# public method, its signature and docstring).
 
-class Streamer(object):
-    """Stream events to one Initial State bucket at a time.
 
-    Drop-in for ISStreamer 2.0.0's ``Streamer``; the options after ``*`` are
-    new and keyword-only. See the README for every option and its default.
-    A facade: the worker of its current ``_Session`` does the work.
+def _announce(settings, handlers):
+    """debug_level 1: say where events go, once, at the start."""
+    _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
+              settings.bucket_key, settings.bucket_name, "offline file " +
+              settings.offline_file if settings.offline else settings.api_base,
+              _mask(settings.access_key),
+              "" if settings.offline else ", spool %s" % settings.spool_dir,
+              "" if settings.use_async else " (synchronous)",
+              " (durable)" if settings.durable else "",
+              "" if handlers or not settings.handle_sigterm else
+              " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
+
+
+def _deadline(timeout, wait_timeout):
+    """(deadline, idle) of flush() or close() with ``timeout``; without one, the wait
+    goes on while calls go through, and ends ``wait_timeout`` seconds after the last."""
+    idle = wait_timeout if timeout is None else None
+    return _monotonic() + (idle if timeout is None else timeout), idle
+
+
+def _counters(worker, closed, rejected, quota):
+    """stats(): what ``worker`` publishes, with the Streamer's ``closed`` and ``rejected``."""
+    counters = dict(worker.stats)
+    counters["dropped"] = dict(counters["dropped"])
+    counters["queued"] = len(worker.inbox) + worker.core.count
+    counters["backlog"] = worker.backlog
+    counters["rate_limit"] = worker.budget.learned() if worker.budget is not None else None
+    counters["connections"] = worker.sender.transport.connections
+    counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
+        if worker.writer else 0
+    counters["closed"] = closed
+    counters["rejected"] = rejected
+    counters["state"] = worker.state
+    until, why = worker.waiting
+    counters["waiting"] = why if until > _monotonic() else ""
+    month, delivered, projected = worker.book.month_view
+    counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
+                         "quota": None if worker.book.enterprise or not quota else quota}
+    return counters
+
+
+class _Lifecycle(object):
+    """A Streamer's state field and its session, and their transitions: open ->
+    closing (close() asked the worker to stop) -> closed (the Streamer saw it
+    stop), and reopen after close as ISStreamer allows; flush() and close() wait
+    here. The first layer of a Streamer; the exit and fork hooks call it directly.
     """
 
-    def __init__(self, bucket_name="", bucket_key="", access_key="", ini_file_location=None,
-                 debug_level=0, buffer_size=10, offline=None, use_async=True, *,
-                 api_base=None, flush_interval=1.0, timeout=10.0, wait_timeout=10.0,
-                 exit_timeout=5.0, max_retries=5, backoff_base=0.5, backoff_cap=30.0,
-                 retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
-                 spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
-                 on_error=None, ssl_context=None, durable=None, sync_interval=1.0,
-                 handle_sigterm=True, monthly_quota=None):
-        settings = _resolve_settings(
-            bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
-            ini_file_location=ini_file_location, debug_level=debug_level,
-            buffer_size=buffer_size, offline=offline, use_async=use_async, api_base=api_base,
-            flush_interval=flush_interval, timeout=timeout, wait_timeout=wait_timeout,
-            exit_timeout=exit_timeout, max_retries=max_retries, backoff_base=backoff_base,
-            backoff_cap=backoff_cap, retry_after_cap=retry_after_cap,
-            pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
-            spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
-            ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
-            handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
-        _preload(settings)
+    def __init__(self, settings):
         self._settings = settings
-        self._strict = debug_level >= 2
-        self._echo = debug_level >= 1
         self._bucket = (settings.bucket_key, settings.bucket_name)
         # The one lock. It guards _state and _session (swapped together when the
         # Streamer closes or reopens), the session's keys and close_wait, and the
@@ -4825,25 +4850,6 @@ class Streamer(object):
         self._lock = threading.RLock()
         self._state = _OPEN
         self._session = _Session(settings, self._bucket)
-        self._rejected = {}
-        self._warned = {}
-        self._long_keys = set()         # keys over _API_KEY_CHARS warned of
-        self._opened()
-        _install_process_hooks()
-        _flush_at_multiprocessing_exit()
-        handlers = settings.handle_sigterm and _exit_on_signals()
-        if self._echo:
-            _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
-                      self._bucket[0], self._bucket[1], "offline file " + settings.offline_file
-                      if settings.offline else settings.api_base,
-                      _mask(settings.access_key),
-                      "" if settings.offline else ", spool %s" % settings.spool_dir,
-                      "" if settings.use_async else " (synchronous)",
-                      " (durable)" if settings.durable else "",
-                      "" if handlers or not settings.handle_sigterm else
-                      " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
-
-    # the lifecycle: _state's transitions
 
     def _opened(self):
         with _hooks_lock:
@@ -4941,28 +4947,55 @@ class Streamer(object):
         if self._state is _OPEN:
             self._session = _Session(self._settings, self._bucket)
 
-    # the caller's path
+    # flush() and close(): their waits
 
-    def log(self, key, value, epoch=None):
-        """Queue one event; never blocks. ``epoch``: Unix seconds or a datetime.
-
-        ``key``: a non-empty str of at most 250 characters. ``value``: a str
-        of at most 2000 characters, a bool, an int or a finite real number.
-        A bad event is not queued: it is a warning, or with ``debug_level``
-        2 or more a ValueError/TypeError raised here.
-        """
-        kind = type(value)
+    def _flush(self, timeout):
+        """flush(): reopen if closed, then wait for what was logged so far to go."""
+        deadline, idle = _deadline(timeout, self._settings.wait_timeout)
+        if self._state is not _OPEN:
+            self._reopen()
         session = self._session
-        if epoch is None and type(key) is str and key in session.keys and (
-                kind is float and value - value == 0.0 or kind is bool
-                or kind is int and -_INT_LIMIT <= value <= _INT_LIMIT
-                or kind is str and len(value) <= _MAX_VALUE_CHARS and _isascii(value)):
-            queue = session.inbox
-            queue.append((key, value, _time()))
-            if len(queue) >= session.worker.wake_at:
-                session.ring()
-            return
-        self._log_checked(key, value, epoch)
+        worker = session.worker
+        if _in_callback(worker):
+            return session.settled_now()
+        wait = _Wait(worker.book.lost)
+        session.inbox.append(wait)
+        try:
+            worker.wake.set()
+            session.wait_for(wait.done, deadline, idle)
+        except BaseException:
+            self._close_now()
+            raise
+        return wait.done.is_set() and wait.ok
+
+    def _close(self, timeout):
+        """close(): open -> closing -> closed by the deadline; a second close() answers
+        again without waiting."""
+        deadline, idle = _deadline(timeout, self._settings.wait_timeout)
+        session = self._begin_close(deadline, idle=idle)
+        if session is None:
+            wait = self._session.close_wait
+            return wait is not None and wait.done.is_set() and wait.ok
+        try:
+            return self._finish_close(session, deadline, idle)
+        except BaseException:
+            self._close_now()
+            raise
+
+
+class _Intake(_Lifecycle):
+    """log()'s slow path, for what the fast path does not take: a new key, an epoch,
+    a value to convert or refuse; and the counts of refused events, each reason
+    warned of at most once a minute. The second layer of a Streamer.
+    """
+
+    def __init__(self, settings):
+        _Lifecycle.__init__(self, settings)
+        self._strict = settings.debug_level >= 2
+        self._echo = settings.debug_level >= 1
+        self._rejected = {}             # these three under _lock
+        self._warned = {}
+        self._long_keys = set()         # keys over _API_KEY_CHARS warned of
 
     def _log_checked(self, key, value, epoch):
         """The slow path of log(): new keys, epochs, conversion, rejection, echo."""
@@ -5019,6 +5052,18 @@ class Streamer(object):
         _log.warning("event not logged: %s%s", exc, " (and %d more refused for the same "
                      "reason in the last minute)" % quiet if quiet else "")
 
+    def _log_each(self, pairs, epoch):
+        """log_object(): log every (key, value) pair; the first error is raised after
+        the rest are logged."""
+        first_error = None
+        for key, value in pairs:
+            try:
+                self.log(key, value, epoch)
+            except (TypeError, ValueError) as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
     def _epoch(self, epoch):
         """Unix seconds from ``epoch``; a bad one is now, with a warning (raised at level 2)."""
         try:
@@ -5028,6 +5073,67 @@ class Streamer(object):
                 raise ValueError(str(exc))
             _log.warning("%s; using the current time instead", exc)
             return _time()
+
+
+class Streamer(_Intake):
+    """Stream events to one Initial State bucket at a time.
+
+    Drop-in for ISStreamer 2.0.0's ``Streamer``; the options after ``*`` are
+    new and keyword-only. See the README for every option and its default.
+    A facade: the worker of its current ``_Session`` does the work, and
+    _Lifecycle and _Intake (below it, above) its private machinery.
+    """
+
+    def __init__(self, bucket_name="", bucket_key="", access_key="", ini_file_location=None,
+                 debug_level=0, buffer_size=10, offline=None, use_async=True, *,
+                 api_base=None, flush_interval=1.0, timeout=10.0, wait_timeout=10.0,
+                 exit_timeout=5.0, max_retries=5, backoff_base=0.5, backoff_cap=30.0,
+                 retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
+                 spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
+                 on_error=None, ssl_context=None, durable=None, sync_interval=1.0,
+                 handle_sigterm=True, monthly_quota=None):
+        settings = _resolve_settings(
+            bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
+            ini_file_location=ini_file_location, debug_level=debug_level,
+            buffer_size=buffer_size, offline=offline, use_async=use_async, api_base=api_base,
+            flush_interval=flush_interval, timeout=timeout, wait_timeout=wait_timeout,
+            exit_timeout=exit_timeout, max_retries=max_retries, backoff_base=backoff_base,
+            backoff_cap=backoff_cap, retry_after_cap=retry_after_cap,
+            pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
+            spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
+            ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
+            handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
+        _preload(settings)
+        _Intake.__init__(self, settings)
+        self._opened()
+        _install_process_hooks()
+        _flush_at_multiprocessing_exit()
+        handlers = settings.handle_sigterm and _exit_on_signals()
+        if self._echo:
+            _announce(settings, handlers)
+
+    # the caller's path
+
+    def log(self, key, value, epoch=None):
+        """Queue one event; never blocks. ``epoch``: Unix seconds or a datetime.
+
+        ``key``: a non-empty str of at most 250 characters. ``value``: a str
+        of at most 2000 characters, a bool, an int or a finite real number.
+        A bad event is not queued: it is a warning, or with ``debug_level``
+        2 or more a ValueError/TypeError raised here.
+        """
+        kind = type(value)
+        session = self._session
+        if epoch is None and type(key) is str and key in session.keys and (
+                kind is float and value - value == 0.0 or kind is bool
+                or kind is int and -_INT_LIMIT <= value <= _INT_LIMIT
+                or kind is str and len(value) <= _MAX_VALUE_CHARS and _isascii(value)):
+            queue = session.inbox
+            queue.append((key, value, _time()))
+            if len(queue) >= session.worker.wake_at:
+                session.ring()
+            return
+        self._log_checked(key, value, epoch)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -5041,14 +5147,7 @@ class Streamer(object):
         epoch = _time() if epoch is None else self._epoch(epoch)
         if key_prefix is None:
             key_prefix = type(obj).__name__
-        first_error = None
-        for key, value in _flatten(key_prefix, obj):
-            try:
-                self.log(key, value, epoch)
-            except (TypeError, ValueError) as exc:
-                first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
+        self._log_each(_flatten(key_prefix, obj), epoch)
 
     def set_bucket(self, bucket_name="", bucket_key="", retries=None):
         """Send events logged from now on to another bucket (created if needed).
@@ -5079,8 +5178,6 @@ class Streamer(object):
     BucketKey = bucket_key                  # ISStreamer's attribute names
     BucketName = bucket_name
 
-    # waiting
-
     def flush(self, timeout=None):
         """Deliver everything logged so far (and this key's spool); True if done.
 
@@ -5089,23 +5186,7 @@ class Streamer(object):
         did. What is not delivered by then stays queued or spooled and goes
         later. After ``close()`` it reopens the Streamer, as ``log()`` does.
         """
-        idle = self._settings.wait_timeout if timeout is None else None
-        deadline = _monotonic() + (idle if timeout is None else timeout)
-        if self._state is not _OPEN:
-            self._reopen()
-        session = self._session
-        worker = session.worker
-        if _in_callback(worker):
-            return session.settled_now()
-        wait = _Wait(worker.book.lost)
-        session.inbox.append(wait)
-        try:
-            worker.wake.set()
-            session.wait_for(wait.done, deadline, idle)
-        except BaseException:
-            self._close_now()
-            raise
-        return wait.done.is_set() and wait.ok
+        return self._flush(timeout)
 
     def close(self, timeout=None):
         """Flush, spool what cannot be delivered by the deadline, stop the worker.
@@ -5117,17 +5198,7 @@ class Streamer(object):
         after ``wait_timeout`` seconds in which none did, as ISStreamer's
         blocking close() sent everything.
         """
-        idle = self._settings.wait_timeout if timeout is None else None
-        deadline = _monotonic() + (idle if timeout is None else timeout)
-        session = self._begin_close(deadline, idle=idle)
-        if session is None:
-            wait = self._session.close_wait
-            return wait is not None and wait.done.is_set() and wait.ok
-        try:
-            return self._finish_close(session, deadline, idle)
-        except BaseException:
-            self._close_now()
-            raise
+        return self._close(timeout)
 
     def __enter__(self):
         return self
@@ -5139,25 +5210,10 @@ class Streamer(object):
     def stats(self):
         """Counters: logged, delivered, retried, spooled, replayed, dead-lettered..."""
         worker = self._session.worker
-        counters = dict(worker.stats)
-        counters["dropped"] = dict(counters["dropped"])
-        counters["queued"] = len(worker.inbox) + worker.core.count
-        counters["backlog"] = worker.backlog
-        counters["rate_limit"] = worker.budget.learned() if worker.budget is not None else None
-        counters["connections"] = worker.sender.transport.connections
-        counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
-            if worker.writer else 0
-        counters["closed"] = self._state is not _OPEN
+        closed = self._state is not _OPEN
         with self._lock:
-            counters["rejected"] = dict(self._rejected)
-        counters["state"] = worker.state
-        until, why = worker.waiting
-        counters["waiting"] = why if until > _monotonic() else ""
-        month, delivered, projected = worker.book.month_view
-        quota = self._settings.monthly_quota
-        counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
-                             "quota": None if worker.book.enterprise or not quota else quota}
-        return counters
+            rejected = dict(self._rejected)
+        return _counters(worker, closed, rejected, self._settings.monthly_quota)
 
     def __repr__(self):
         return "<Streamer bucket=%r key=%s %s>" % (
