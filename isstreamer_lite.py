@@ -5255,24 +5255,49 @@ def _check_event(item):
     return None
 
 
-class _Sink(object):
-    """A local server that speaks the events API, for development and tests.
-
-    Accepts ``POST /api/buckets`` and ``POST /api/events`` with the documented
-    status codes, keeps what it received in ``events`` (a list of
-    ``(bucket_key, event)``) and ``buckets``, and with ``rate_limit`` set
-    enforces that many requests per ``window`` seconds with the
-    X-RateLimit-* headers and 429 + Retry-After. Subclasses may override
-    ``fault(handler, path)`` to answer a request their own way (tests do).
+class _RateWindow(object):
+    """The sink's rate limit: at most ``limit`` requests (none if it is falsy) in
+    each window of ``window`` seconds, told in the X-RateLimit-* headers, and past
+    it a refusal with Retry-After, as the events API does. Windows of a second
+    or more start at whole multiples of ``window``. Given the time, it reads no
+    clock. The sink's ``changed`` guards it.
     """
 
-    def __init__(self, host="127.0.0.1", port=0, rate_limit=None, window=10.0,
-                 access_key=None, jsonl=None, echo=None, ssl_context=None):
-        self.host = host.strip("[]")
-        self.ssl_context = ssl_context
-        self.port = port
-        self.rate_limit = rate_limit
+    def __init__(self, limit, window):
+        self.limit = limit
         self.window = window
+        self.start = 0.0
+        self.used = 0
+
+    def count(self, now):
+        """Count one request at ``now`` (Unix seconds); return (allowed, headers)."""
+        if not self.limit:
+            return True, {}
+        if now >= self.start + self.window:
+            self.start = now - (now % self.window) if self.window >= 1 else now
+            self.used = 0
+        self.used += 1
+        reset = self.start + self.window
+        headers = {"X-RateLimit-Limit": self.limit,
+                   "X-RateLimit-Remaining": max(0, self.limit - self.used),
+                   "X-RateLimit-Reset": "%.3f" % reset}
+        if self.used > self.limit:
+            headers["Retry-After"] = "%.3f" % max(0.0, reset - now)
+            return False, headers
+        return True, headers
+
+
+class _EventsAPI(object):
+    """What the local sink answers, without the server: the events API's requests
+    (``POST /api/buckets`` and ``POST /api/events``) with its documented status
+    codes, and the record of what it accepted: ``events`` (a list of
+    ``(bucket_key, event)``), ``buckets``, the counts, ``jsonl`` and ``echo``.
+    Subclasses may override ``fault(handler, path)`` to answer a request their
+    own way (tests do). _Sink serves it over HTTP.
+    """
+
+    def __init__(self, rate_limit=None, window=10.0, access_key=None, jsonl=None, echo=None):
+        self.rate = _RateWindow(rate_limit, window)
         self.access_key = access_key
         self.jsonl = jsonl
         self.echo = echo
@@ -5281,9 +5306,134 @@ class _Sink(object):
         self.requests = 0
         self.connections = 0
         self.rate_limited = 0
-        self.changed = threading.Condition()   # guards the counters and lists above
-        self._window_start = 0.0
-        self._window_used = 0
+        self.changed = threading.Condition()   # guards the counters and lists above, and rate
+
+    def wait_for(self, count, timeout=10.0):
+        """Wait until ``count`` events arrived; True if they did."""
+        deadline = _monotonic() + timeout
+        with self.changed:
+            while len(self.events) < count:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+            return True
+
+    def fault(self, handler, path):
+        """Answer the request yourself and return True (tests override it).
+
+        The request body is already read, as ``handler.body``.
+        """
+        return False
+
+    @staticmethod
+    def reply(handler, status, body=b"", headers=None):
+        if isinstance(body, dict):
+            body = _json_bytes(body)
+        handler.send_response(status)
+        for name, value in (headers or {}).items():
+            handler.send_header(name, str(value))
+        if body:
+            handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if body:
+            handler.wfile.write(body)
+
+    def handle(self, handler):
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        path = handler.path.split("?")[0]
+        handler.body = body
+        with self.changed:
+            self.requests += 1
+        if self.fault(handler, path):
+            return
+        key = handler.headers.get("X-IS-AccessKey")
+        if not key or (self.access_key is not None and key != self.access_key):
+            return self.reply(handler, 401, {"message": "invalid access key"})
+        if length > _MAX_BODY_BYTES:
+            return self.reply(handler, 413, {"message": "request body over 1 MB"})
+        try:
+            data = _json_load(body)
+        except (UnicodeDecodeError, ValueError):
+            return self.reply(handler, 400, {"message": "body is not valid JSON"})
+        if path.endswith("/api/buckets"):
+            return self._create_bucket(handler, data)
+        if path.endswith("/api/events"):
+            return self._add_events(handler, data)
+        return self.reply(handler, 404, {"message": "no such resource %s" % path})
+
+    def _create_bucket(self, handler, data):
+        bucket_key = data.get("bucketKey") if isinstance(data, dict) else None
+        if not isinstance(bucket_key, str) or not 0 < len(bucket_key) <= _MAX_BUCKET_CHARS \
+                or set(bucket_key) & set(_BUCKET_KEY_FORBIDDEN):
+            return self.reply(handler, 400, {"message": "invalid bucketKey"})
+        name = data.get("bucketName", "")
+        with self.changed:
+            existed = bucket_key in self.buckets
+            self.buckets[bucket_key] = name
+        # Printed before the answer, so lines come in the order of the requests;
+        # print_line never fails the request.
+        self.print_line("bucket %s exists" % bucket_key if existed else "bucket %s created%s"
+                        % (bucket_key, " (%s)" % name if name else ""))
+        self.reply(handler, 204 if existed else 201)
+
+    def _add_events(self, handler, data):
+        bucket_key = handler.headers.get("X-IS-BucketKey")
+        with self.changed:
+            allowed, headers = self.rate.count(_time())
+            if not allowed:
+                self.rate_limited += 1
+        if not allowed:
+            return self.reply(handler, 429, {"message": "rate limit exceeded"}, headers)
+        if not bucket_key:
+            return self.reply(handler, 400, {"message": "missing X-IS-BucketKey"}, headers)
+        items = data if isinstance(data, list) else [data]
+        for item in items:
+            problem = _check_event(item)
+            if problem:
+                return self.reply(handler, 400, {"message": problem}, headers)
+        with self.changed:
+            self.events.extend((bucket_key, item) for item in items)
+            self.changed.notify_all()
+        if self.jsonl is not None:
+            lines = b"".join(_json_bytes(dict(item, bucketKey=bucket_key)) + b"\n"
+                             for item in items)
+            with open(self.jsonl, "ab") as handle:
+                handle.write(lines)
+        for item in items:                  # printed first, as bucket lines are
+            when = item.get("epoch")
+            when = item.get("iso8601") if when is None else _iso_utc(when)
+            self.print_line("%s %s = %r%s" % (bucket_key, item["key"], item["value"],
+                                              "" if when is None else " at %s" % when))
+        self.reply(handler, 204, b"", headers)
+
+    def print_line(self, line):
+        """Hand one line to ``echo``, if there is one; never fail the request over it."""
+        if self.echo is None:
+            return
+        try:
+            self.echo(line)
+        except Exception as exc:
+            _log.debug("sink could not print %r: %s", line[:80], exc)
+
+
+class _Sink(_EventsAPI):
+    """A local server that speaks the events API, for development and tests.
+
+    Serves _EventsAPI over HTTP (HTTPS with ``ssl_context``) from a thread, on
+    ``host`` and ``port`` (0: a free one, read back from ``port``). With
+    ``rate_limit`` set it enforces that many requests per ``window`` seconds
+    (_RateWindow).
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, rate_limit=None, window=10.0,
+                 access_key=None, jsonl=None, echo=None, ssl_context=None):
+        _EventsAPI.__init__(self, rate_limit, window, access_key, jsonl, echo)
+        self.host = host.strip("[]")
+        self.ssl_context = ssl_context
+        self.port = port
         self._server = None
         self._thread = None
 
@@ -5341,134 +5491,6 @@ class _Sink(object):
             self._server.server_close()
             self._thread.join(5.0)
             self._server = None
-
-    def wait_for(self, count, timeout=10.0):
-        """Wait until ``count`` events arrived; True if they did."""
-        deadline = _monotonic() + timeout
-        with self.changed:
-            while len(self.events) < count:
-                left = deadline - _monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(left)
-            return True
-
-    def fault(self, handler, path):
-        """Answer the request yourself and return True (tests override it).
-
-        The request body is already read, as ``handler.body``.
-        """
-        return False
-
-    @staticmethod
-    def reply(handler, status, body=b"", headers=None):
-        if isinstance(body, dict):
-            body = _json_bytes(body)
-        handler.send_response(status)
-        for name, value in (headers or {}).items():
-            handler.send_header(name, str(value))
-        if body:
-            handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        if body:
-            handler.wfile.write(body)
-
-    def _rate_headers(self):
-        """Count this request against the window; return (allowed, headers)."""
-        if not self.rate_limit:
-            return True, {}
-        now = _time()
-        if now >= self._window_start + self.window:
-            self._window_start = now - (now % self.window) if self.window >= 1 else now
-            self._window_used = 0
-        self._window_used += 1
-        reset = self._window_start + self.window
-        headers = {"X-RateLimit-Limit": self.rate_limit,
-                   "X-RateLimit-Remaining": max(0, self.rate_limit - self._window_used),
-                   "X-RateLimit-Reset": "%.3f" % reset}
-        if self._window_used > self.rate_limit:
-            headers["Retry-After"] = "%.3f" % max(0.0, reset - now)
-            return False, headers
-        return True, headers
-
-    def handle(self, handler):
-        length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length) if length else b""
-        path = handler.path.split("?")[0]
-        handler.body = body
-        with self.changed:
-            self.requests += 1
-        if self.fault(handler, path):
-            return
-        key = handler.headers.get("X-IS-AccessKey")
-        if not key or (self.access_key is not None and key != self.access_key):
-            return self.reply(handler, 401, {"message": "invalid access key"})
-        if length > _MAX_BODY_BYTES:
-            return self.reply(handler, 413, {"message": "request body over 1 MB"})
-        try:
-            data = _json_load(body)
-        except (UnicodeDecodeError, ValueError):
-            return self.reply(handler, 400, {"message": "body is not valid JSON"})
-        if path.endswith("/api/buckets"):
-            return self._create_bucket(handler, data)
-        if path.endswith("/api/events"):
-            return self._add_events(handler, data)
-        return self.reply(handler, 404, {"message": "no such resource %s" % path})
-
-    def _create_bucket(self, handler, data):
-        bucket_key = data.get("bucketKey") if isinstance(data, dict) else None
-        if not isinstance(bucket_key, str) or not 0 < len(bucket_key) <= _MAX_BUCKET_CHARS \
-                or set(bucket_key) & set(_BUCKET_KEY_FORBIDDEN):
-            return self.reply(handler, 400, {"message": "invalid bucketKey"})
-        name = data.get("bucketName", "")
-        with self.changed:
-            existed = bucket_key in self.buckets
-            self.buckets[bucket_key] = name
-        # Printed before the answer, so lines come in the order of the requests;
-        # print_line never fails the request.
-        self.print_line("bucket %s exists" % bucket_key if existed else "bucket %s created%s"
-                        % (bucket_key, " (%s)" % name if name else ""))
-        self.reply(handler, 204 if existed else 201)
-
-    def _add_events(self, handler, data):
-        bucket_key = handler.headers.get("X-IS-BucketKey")
-        with self.changed:
-            allowed, headers = self._rate_headers()
-            if not allowed:
-                self.rate_limited += 1
-        if not allowed:
-            return self.reply(handler, 429, {"message": "rate limit exceeded"}, headers)
-        if not bucket_key:
-            return self.reply(handler, 400, {"message": "missing X-IS-BucketKey"}, headers)
-        items = data if isinstance(data, list) else [data]
-        for item in items:
-            problem = _check_event(item)
-            if problem:
-                return self.reply(handler, 400, {"message": problem}, headers)
-        with self.changed:
-            self.events.extend((bucket_key, item) for item in items)
-            self.changed.notify_all()
-        if self.jsonl is not None:
-            lines = b"".join(_json_bytes(dict(item, bucketKey=bucket_key)) + b"\n"
-                             for item in items)
-            with open(self.jsonl, "ab") as handle:
-                handle.write(lines)
-        for item in items:                  # printed first, as bucket lines are
-            when = item.get("epoch")
-            when = item.get("iso8601") if when is None else _iso_utc(when)
-            self.print_line("%s %s = %r%s" % (bucket_key, item["key"], item["value"],
-                                              "" if when is None else " at %s" % when))
-        self.reply(handler, 204, b"", headers)
-
-    def print_line(self, line):
-        """Hand one line to ``echo``, if there is one; never fail the request over it."""
-        if self.echo is None:
-            return
-        try:
-            self.echo(line)
-        except Exception as exc:
-            _log.debug("sink could not print %r: %s", line[:80], exc)
 
 
 # --- Command line ------------------------------------------------------------

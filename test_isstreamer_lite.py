@@ -6397,6 +6397,12 @@ class FacadeTest(LiteTestCase):
         self.assertGreaterEqual(len(started), 6)
         self.assertEqual(written, [])
 
+    def test_flush_and_close_without_a_timeout_wait_wait_timeout_of_idleness(self):
+        """Streamer: _deadline() is the timeout, or wait_timeout that moves (idle)."""
+        with mock.patch.object(lite, "_monotonic", lambda: 100.0):
+            self.assertEqual(lite._deadline(None, 7.0), (107.0, 7.0))
+            self.assertEqual(lite._deadline(2.5, 7.0), (102.5, None))
+
     def test_a_reopen_reads_the_spool_and_starts_its_worker_outside_the_lock(self):
         """Streamer: while a reopen builds its worker (files, a thread), others get the lock."""
         sink = self.sink()
@@ -8080,6 +8086,25 @@ class CliReplayTest(CliTestCase):
         self.assertEqual(status, 2)
         self.assertIn("--bucket-key", err)
         self.assertEqual(sink.requests, 0)
+
+
+class RateWindowTest(LiteTestCase):
+    """The sink's rate limit from plain times: its headers, 429 past the limit, the reset."""
+
+    def test_limit_per_window_then_retry_after_until_it_ends(self):
+        """Sink: a window allows ``limit`` requests, then tells Retry-After until it ends."""
+        window = lite._RateWindow(2, 10.0)
+        self.assertEqual(window.count(103.0), (True, {
+            "X-RateLimit-Limit": 2, "X-RateLimit-Remaining": 1, "X-RateLimit-Reset": "110.000"}))
+        self.assertTrue(window.count(104.0)[0])
+        allowed, headers = window.count(106.5)
+        self.assertEqual((allowed, headers["X-RateLimit-Remaining"], headers["Retry-After"]),
+                         (False, 0, "3.500"))
+        self.assertEqual(window.count(110.0)[1]["X-RateLimit-Remaining"], 1)    # the next one
+
+    def test_without_a_limit_every_request_passes_without_headers(self):
+        """Sink: no rate_limit, no X-RateLimit-* headers and no refusal."""
+        self.assertEqual(lite._RateWindow(None, 10.0).count(5.0), (True, {}))
 
 
 class CliSinkTest(CliTestCase):
