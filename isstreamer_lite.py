@@ -4783,18 +4783,12 @@ class _Session(object):
 # that session stop). log(), flush() and set_bucket() reopen it from either.
 _OPEN, _CLOSED = "open", "closed"
 
-# A Streamer is built in three layers, each on the one before, because log()'s
-# fast path reads the Streamer's own fields (_session, its keys and inbox) with no
-# object in between: _Lifecycle (the state field, the session and the one lock),
-# _Intake (log()'s slow path: checks, refusals, echo), then Streamer (every
-# public method, its signature and docstring).
-
 
 def _announce(settings, handlers):
     """debug_level 1: say where events go, once, at the start."""
     _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
-              settings.bucket_key, settings.bucket_name, "offline file " +
-              settings.offline_file if settings.offline else settings.api_base,
+              settings.bucket_key, settings.bucket_name,
+              "offline file " + settings.offline_file if settings.offline else settings.api_base,
               _mask(settings.access_key),
               "" if settings.offline else ", spool %s" % settings.spool_dir,
               "" if settings.use_async else " (synchronous)",
@@ -4831,6 +4825,11 @@ def _counters(worker, closed, rejected, quota):
     return counters
 
 
+# A Streamer is built in three layers, each on the one before, because log()'s
+# fast path reads the Streamer's own fields (_session, its keys and inbox) with no
+# object in between: _Lifecycle (the state field, the session and the one lock),
+# _Intake (log()'s slow path: checks, refusals, echo), then Streamer (every
+# public method, its signature and docstring).
 class _Lifecycle(object):
     """A Streamer's state field and its session, and their transitions: open ->
     closing (close() asked the worker to stop) -> closed (the Streamer saw it
