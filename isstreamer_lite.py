@@ -2404,7 +2404,6 @@ class _SpoolReader(object):
     def __init__(self, spool, only=None):
         self.spool = spool
         self.folder = spool.folder
-        self.durable = spool.durable
         self.disk = _Claims(spool, only)
         self.held = []              # _Segment objects, oldest first
         self.ack_bytes = 0          # ack records written, for flash wear (journal_bytes)
@@ -2465,7 +2464,7 @@ class _SpoolReader(object):
             record = b"".join(("%d %d\n" % (r.start, r.end)).encode("ascii") for r in done)
             if not segment.finished():          # else it goes whole
                 try:
-                    _append_ack(segment, record, self.durable)
+                    _append_ack(segment, record, self.spool.durable)
                     self.ack_bytes += len(record)
                 except OSError as exc:
                     _log.warning("cannot record delivery in %s%s (%s); those lines may "
@@ -2490,27 +2489,25 @@ class _SpoolReader(object):
         return self.disk.claimable(now, set(s.path for s in self.held))
 
     def claim(self, now):
-        """Lock the oldest unheld segment on disk and hold its lines; True if one was."""
+        """Lock the oldest unheld segment on disk and hold its lines; True if one was
+        (one with nothing left is deleted, and the next one tried)."""
         if any(not s.writing for s in self.held) or not self.disk.scan(now):
             return False                # one claimed segment at a time
         held = set(s.path for s in self.held)
         for path in self.disk.on_disk():
-            if path not in held and self._hold_claimed(path):
+            claimed = None if path in held else self.disk.claim(path)
+            if claimed is None:
+                continue
+            segment, bad = claimed
+            self.held.append(segment)
+            if bad:
+                segment.out += len(bad)
+                self.ack(bad)
+            else:
+                self.settle(segment)
+            if segment in self.held:
                 return True
         return False
-
-    def _hold_claimed(self, path):
-        claimed = self.disk.claim(path)
-        if claimed is None:
-            return False
-        segment, bad = claimed
-        self.held.append(segment)
-        if bad:
-            segment.out += len(bad)
-            self.ack(bad)
-        else:
-            self.settle(segment)
-        return segment in self.held     # not if it had nothing left
 
     def evict_oldest(self):
         """Delete the oldest segment not in flight; return its undelivered events or None."""
