@@ -1915,6 +1915,98 @@ class _StatusFiles(object):
             pass
 
 
+class _DeadLetters(object):
+    """A key's ``deadletter.jsonl``: what the server refused (or a spool line that
+    could not be read), one JSON record a line, appended and never rewritten.
+    Reached as ``_Spool.dead_letters``.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, "deadletter.jsonl")
+
+    def add(self, bucket_key, body, status, reply):
+        """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
+        _private_dir(self.folder)
+        record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
+                              "reply": reply, "body": body.decode("utf-8", "replace")})
+        fd = _open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            _write_all(fd, record + b"\n")
+        finally:
+            os.close(fd)
+
+    def read(self):
+        """(count, newest record or None) of the dead-letter file."""
+        count, newest = 0, None
+        try:
+            fd = _open_private(self.path, os.O_RDONLY)
+        except OSError:
+            return 0, None
+        with os.fdopen(fd, "rb") as handle:
+            for line in handle:
+                count += 1
+                newest = line
+        try:
+            newest = _json_load(newest) if newest else None
+        except ValueError:
+            newest = None
+        return count, newest
+
+
+# A segment file by its path, wherever it lies: the lock that makes it one
+# process's, what it still holds, and its deletion with its .ack. They need
+# no layout, only the rule that a segment is sent only by whoever locks it.
+
+def _lock_segment(path, flags=os.O_RDWR):
+    """An fd of the segment at ``path``, locked and still linked there, or None."""
+    try:
+        fd = _open_private(path, flags)
+    except OSError:
+        return None
+    try:
+        if _lock_file(fd) and os.fstat(fd).st_nlink > 0 and \
+                os.fstat(fd).st_ino == os.stat(path).st_ino:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _pending(path):
+    """Bodies of a segment's lines not yet delivered, torn ones left out ([] if unreadable)."""
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    return [body for _, _, body, torn in _unretired_lines(path, data) if not torn]
+
+
+def _discard(paths):
+    """Delete files, a segment with its .ack unless a process holds it; how many were held."""
+    kept = 0
+    for path in paths:
+        try:
+            fd = _open_private(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if path.endswith(_SPOOL_SUFFIX) and not _lock_file(fd):
+                kept += 1                   # a running process holds it
+                continue
+            for name in (path, path + _ACK_SUFFIX):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+    return kept
+
+
 class _Spool(object):
     """One access key's spool on disk: its layout and rules, known here alone.
 
@@ -1927,22 +2019,23 @@ class _Spool(object):
             array of events a line, appended by the one process that locks it
         <segment>.ack          "<start> <end>" of each line delivered or dead-lettered
         .<segment>.new         a segment being made: locked, then renamed into place
-        deadletter.jsonl       what the server refused, one JSON record a line
+        deadletter.jsonl       what the server refused, one JSON record a line (_DeadLetters)
         state.json             what ``status`` shows (status.ask, live-<pid>.json: its
                                question to running processes and their answers)
         rate-<fingerprint of the API base>.json   the key's shared rate budget
 
     A segment is flocked by the process that writes or replays it, and only a
-    segment still linked once locked is sent; its name is never used twice.
+    segment still linked once locked is sent (_lock_segment); its name is never
+    used twice.
     """
 
     def __init__(self, spool_dir, fingerprint, durable=False):
         self.spool_dir = spool_dir
         self.fingerprint = fingerprint
         self.folder = os.path.join(spool_dir, fingerprint)
-        self.dead_letter_file = os.path.join(self.folder, "deadletter.jsonl")
         self.durable = durable
         self.status = _StatusFiles(self.folder)
+        self.dead_letters = _DeadLetters(self.folder)
 
     @classmethod
     def of_key(cls, spool_dir, access_key, durable=False):
@@ -2029,57 +2122,8 @@ class _Spool(object):
         _fsync_dir(folder)              # the segment's name is as durable as its lines
         return path, fd
 
-    @staticmethod
-    def lock_segment(path, flags=os.O_RDWR):
-        """An fd of the segment at ``path``, locked and still linked there, or None."""
-        try:
-            fd = _open_private(path, flags)
-        except OSError:
-            return None
-        try:
-            if _lock_file(fd) and os.fstat(fd).st_nlink > 0 and \
-                    os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except OSError:
-            pass
-        os.close(fd)
-        return None
-
-    @staticmethod
-    def pending(path):
-        """Bodies of a segment's lines not yet delivered, torn ones left out ([] if unreadable)."""
-        try:
-            fd = _open_private(path, os.O_RDONLY)
-        except OSError:
-            return []
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read()
-        return [body for _, _, body, torn in _unretired_lines(path, data) if not torn]
-
     def remove(self, path):
         _remove_segment(path, self.durable)
-
-    @staticmethod
-    def discard(paths):
-        """Delete files, a segment with its .ack unless a process holds it; how many were held."""
-        kept = 0
-        for path in paths:
-            try:
-                fd = _open_private(path, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                if path.endswith(_SPOOL_SUFFIX) and not _lock_file(fd):
-                    kept += 1                   # a running process holds it
-                    continue
-                for name in (path, path + _ACK_SUFFIX):
-                    try:
-                        os.unlink(name)
-                    except OSError:
-                        pass
-            finally:
-                os.close(fd)
-        return kept
 
     def summary(self):
         """What waits, per bucket with anything pending: a list of dicts (no network)."""
@@ -2098,7 +2142,7 @@ class _Spool(object):
                     oldest = made if oldest is None else min(oldest, made)
                 except ValueError:
                     pass
-                bodies = self.pending(path)
+                bodies = _pending(path)
                 lines += len(bodies)
                 events += _count_events(bodies)
             if lines:
@@ -2107,36 +2151,6 @@ class _Spool(object):
                              "lines": lines, "events": events, "oldest": oldest,
                              "folder": folder})
         return rows
-
-    # the key's own files
-
-    def dead_letter(self, bucket_key, body, status, reply):
-        """Append a rejected event (or unreadable line) to ``deadletter.jsonl``."""
-        _private_dir(self.folder)
-        record = _json_bytes({"time": _time(), "bucketKey": bucket_key, "status": status,
-                              "reply": reply, "body": body.decode("utf-8", "replace")})
-        fd = _open_private(self.dead_letter_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        try:
-            _write_all(fd, record + b"\n")
-        finally:
-            os.close(fd)
-
-    def dead_letters(self):
-        """(count, newest record or None) of the dead-letter file."""
-        count, newest = 0, None
-        try:
-            fd = _open_private(self.dead_letter_file, os.O_RDONLY)
-        except OSError:
-            return 0, None
-        with os.fdopen(fd, "rb") as handle:
-            for line in handle:
-                count += 1
-                newest = line
-        try:
-            newest = _json_load(newest) if newest else None
-        except ValueError:
-            newest = None
-        return count, newest
 
 
 class _Ref(object):
@@ -2177,6 +2191,32 @@ class _Segment(object):
         self.out = 0
         self.writing = writing
         self.ack_ready = False          # its .ack has a durable name and no torn tail
+
+    def finished(self):
+        """Nothing left to send, nothing out, nobody writing: the file may go."""
+        return not (self.lines or self.out or self.writing)
+
+    def pack(self, limit, most):
+        """Hand out the oldest lines, up to ``limit`` bytes in a JSON array and ``most``
+        events (a longer line, written by an older version, comes alone)."""
+        refs, size, count = [], 2, 0
+        while self.lines and (not refs or size + self.lines[0].end - self.lines[0].start
+                              <= limit and count + self.lines[0].count <= most):
+            ref = self.lines.popleft()
+            refs.append(ref)
+            size += ref.end - ref.start
+            count += ref.count
+        self.out += len(refs)
+        return refs
+
+    def close(self):
+        """Close the file (its lock goes with it); its lines stay on disk."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
 
 
 class _SpoolWriter(object):
@@ -2283,38 +2323,31 @@ class _SpoolWriter(object):
         self.unsynced = False
 
 
-class _SpoolReader(object):
-    """Hands out spooled lines as packed batches and records their delivery.
+def _read_locked(fd):
+    """All of the file behind a locked ``fd``, read through a copy of it: closing
+    the copy must not close ``fd``, nor let go of its lock."""
+    with os.fdopen(os.dup(fd), "rb") as handle:
+        return handle.read()
 
-    Holds, oldest first, the segments this process has locked: its own (from
-    the writer) and at most one claimed from disk (left by an earlier run or
-    another process). Claiming locks a segment, then checks it is still
-    linked, so a segment deleted meanwhile is never sent again. Delivered
-    lines are recorded in ``<segment>.ack``; a segment with nothing left is
-    deleted. Used by the worker thread only.
 
-    What a power cut may leave, and why it is safe (durable mode): a file's
-    bytes survive only through its own fsync, a name only through its
-    folder's. So ``bucket.json`` is fsynced before its rename, every new
-    folder and segment name is fsynced in its parent, an ``.ack``'s name is
-    fsynced when it is created and its records as they are written, and a
-    finished segment goes first (its removal fsynced), then its ``.ack``:
-    no order of the disk's writes brings a segment back without the record
-    of what was delivered from it. A record after a torn ``.ack`` tail starts
-    on a line of its own; an empty ``bucket.json`` is rewritten by a Streamer
-    that knows the bucket.
+class _Claims(object):
+    """The segments on disk that no process holds: left by an earlier run or a
+    process of the key that ended (with ``only``, just those files: replay).
+
+    Looking is paced, once a second, and at once after the reader lets a
+    segment go. Claiming locks a segment, then checks it is still linked, so
+    a segment deleted meanwhile is never sent again; its lines are read into
+    a _Segment, and a line that cannot be read is set aside in ``unreadable``
+    for the dead-letter file. A segment that cannot be read at all is left in
+    place and warned of once. Used by its _SpoolReader, in the worker thread.
     """
 
     def __init__(self, spool, only=None):
         self.spool = spool
-        self.folder = spool.folder
-        self.durable = spool.durable
         self.only = only            # replay just these segment files (command line)
-        self.held = []              # _Segment objects, oldest first
         self.scan_due = 0.0
         self.probe_due = 0.0
         self.probed = False
-        self.ack_bytes = 0          # ack records written, for flash wear (journal_bytes)
         self.warned = set()
         self.unreadable = []        # (bucket, body, why) of lines never to be sent
         self.known = {}             # bucket folder name -> (key, name) this process uses
@@ -2328,6 +2361,137 @@ class _SpoolReader(object):
         if self.only is not None:
             return [p for p in self.only if os.path.exists(p)]
         return self.spool.segments(sweep=True)
+
+    def look_again(self):
+        self.scan_due = self.probe_due = 0.0
+
+    def claimable(self, now, held):
+        """Whether a segment on disk, not in ``held`` (paths), could be claimed now
+        (read-only, cached 1 s)."""
+        if now >= self.probe_due:
+            self.probe_due = now + 1.0
+            self.probed = any(path not in held and path not in self.warned
+                              and _probe_lock(path) for path in self.on_disk())
+        return self.probed
+
+    def scan(self, now):
+        """Whether it is time to look for a segment to claim (then not for a second)."""
+        if now < self.scan_due:
+            return False
+        self.scan_due = now + 1.0
+        return True
+
+    def claim(self, path):
+        """Lock the segment at ``path`` and read its lines: (the _Segment, refs of its
+        unreadable lines), or None if a process holds it or it cannot be read."""
+        fd = _lock_segment(path)
+        if fd is None:
+            return None
+        try:
+            bucket = self._bucket_of(os.path.dirname(path))
+            data = _read_locked(fd)
+        except (OSError, ValueError, KeyError) as exc:
+            os.close(fd)
+            if path not in self.warned:
+                self.warned.add(path)
+                _log.warning("spool segment %s cannot be read (%s); it is left in place",
+                             path, exc)
+            return None
+        segment = _Segment(path, fd, bucket, len(data))
+        bad = []
+        for start, end, body, torn in _unretired_lines(path, data):
+            try:
+                if torn:
+                    raise ValueError("torn line (no newline at end of segment)")
+                count = len(_decode_body(body))
+            except ValueError as exc:
+                bad.append(_Ref(segment, start, end, 0))
+                self.unreadable.append((bucket, body, str(exc)))
+                continue
+            segment.lines.append(_Ref(segment, start, end, count))
+        if bad:
+            _log.warning("spool segment %s: %d unreadable line(s) moved to the dead-letter "
+                         "file", path, len(bad))
+        return segment, bad
+
+    def _bucket_of(self, folder):
+        """The bucket of a folder on disk; an unreadable bucket.json is rewritten if known."""
+        try:
+            return self.spool.read_bucket(folder)
+        except (OSError, ValueError) as exc:
+            bucket = self.known.get(os.path.basename(folder))
+            if bucket is None:
+                raise
+            _log.warning("%s was unreadable (%s); rewritten for bucket %r", os.path.join(
+                folder, "bucket.json"), exc, bucket[0])
+            self.spool.write_bucket(folder, bucket)
+            return bucket
+
+    def evict(self, path):
+        """Delete the segment at ``path`` unless a process holds it: its undelivered
+        events, or None if it is held."""
+        fd = _lock_segment(path)
+        if fd is None:
+            return None
+        try:
+            data = _read_locked(fd)
+            dropped = _count_events(b for _, _, b, _ in _unretired_lines(path, data))
+            self.spool.remove(path)
+            return dropped
+        finally:
+            os.close(fd)
+
+
+# What a power cut may leave, and why it is safe (durable mode): a file's bytes
+# survive only through its own fsync, a name only through its folder's. So
+# bucket.json is fsynced before its rename, every new folder and segment name is
+# fsynced in its parent, an .ack's name is fsynced when it is created and its
+# records as they are written, and a finished segment goes first (its removal
+# fsynced), then its .ack: no order of the disk's writes brings a segment back
+# without the record of what was delivered from it. A record after a torn .ack
+# tail starts on a line of its own; an empty bucket.json is rewritten by a
+# Streamer that knows the bucket (_Claims._bucket_of).
+
+def _append_ack(segment, record, durable):
+    """Append to the segment's ack log; the first time, make it sound and durable."""
+    path = segment.path + _ACK_SUFFIX
+    created = False
+    try:
+        fd = _open_private(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        fd = _open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        created = True
+    try:
+        if not segment.ack_ready and _torn_tail(fd):
+            record = b"\n" + record
+        _write_all(fd, record)
+        if durable:
+            os.fsync(fd)
+            if created or not segment.ack_ready:
+                _fsync_dir(os.path.dirname(path))
+        segment.ack_ready = True
+    finally:
+        os.close(fd)
+
+
+class _SpoolReader(object):
+    """Hands out spooled lines as packed batches and records their delivery.
+
+    Holds, oldest first, the segments this process has locked: its own (from
+    the writer) and at most one claimed from disk through its _Claims. Lines
+    delivered are recorded in ``<segment>.ack`` (_append_ack); a segment with
+    nothing left is deleted. Used by the worker thread only.
+    """
+
+    def __init__(self, spool, only=None):
+        self.spool = spool
+        self.folder = spool.folder
+        self.disk = _Claims(spool, only)
+        self.held = []              # _Segment objects, oldest first
+        self.ack_bytes = 0          # ack records written, for flash wear (journal_bytes)
+
+    def know(self, bucket):
+        self.disk.know(bucket)
 
     def hold(self, segment):
         self.held.append(segment)
@@ -2352,20 +2516,11 @@ class _SpoolReader(object):
         return found
 
     def take(self, limit, most=_NEVER):
-        """The oldest held lines of one segment, packed up to ``limit`` bytes and ``most``
-        events (a longer line, written by an older version, comes alone)."""
+        """The oldest held lines of one segment as a batch (_Segment.pack), or None."""
         for segment in self.held:
             if not segment.lines:
                 continue
-            refs, size, count = [], 2, 0
-            while segment.lines and (not refs or size + segment.lines[0].end
-                                     - segment.lines[0].start <= limit
-                                     and count + segment.lines[0].count <= most):
-                ref = segment.lines.popleft()
-                refs.append(ref)
-                size += ref.end - ref.start
-                count += ref.count
-            segment.out += len(refs)
+            refs = segment.pack(limit, most)
             try:
                 lines = [_read_at(segment.fd, r.start, r.end - r.start) for r in refs]
             except OSError as exc:
@@ -2389,39 +2544,18 @@ class _SpoolReader(object):
         for segment, done in by_segment.values():
             segment.out -= len(done)
             record = b"".join(("%d %d\n" % (r.start, r.end)).encode("ascii") for r in done)
-            if segment.lines or segment.out or segment.writing:     # else it goes whole
+            if not segment.finished():          # else it goes whole
                 try:
-                    self._append_ack(segment, record)
+                    _append_ack(segment, record, self.spool.durable)
                     self.ack_bytes += len(record)
                 except OSError as exc:
                     _log.warning("cannot record delivery in %s%s (%s); those lines may "
                                  "be sent again", segment.path, _ACK_SUFFIX, exc)
             self.settle(segment)
 
-    def _append_ack(self, segment, record):
-        """Append to the segment's ack log; the first time, make it sound and durable."""
-        path = segment.path + _ACK_SUFFIX
-        created = False
-        try:
-            fd = _open_private(path, os.O_RDWR | os.O_APPEND)
-        except FileNotFoundError:
-            fd = _open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
-            created = True
-        try:
-            if not segment.ack_ready and _torn_tail(fd):
-                record = b"\n" + record
-            _write_all(fd, record)
-            if self.durable:
-                os.fsync(fd)
-                if created or not segment.ack_ready:
-                    _fsync_dir(os.path.dirname(path))
-            segment.ack_ready = True
-        finally:
-            os.close(fd)
-
     def settle(self, segment):
         """Delete a segment with nothing left to send and nobody writing it."""
-        if segment.lines or segment.out or segment.writing:
+        if not segment.finished():
             return
         self.spool.remove(segment.path)
         self._let_go(segment)
@@ -2429,108 +2563,49 @@ class _SpoolReader(object):
     def _let_go(self, segment):
         if segment in self.held:
             self.held.remove(segment)
-        if segment.fd >= 0:
-            try:
-                os.close(segment.fd)
-            except OSError:
-                pass
-            segment.fd = -1
-        self.scan_due = self.probe_due = 0.0    # look at the disk again at once
+        segment.close()
+        self.disk.look_again()          # look at the disk again at once
 
     def claimable(self, now):
         """Whether a segment on disk could be claimed now (read-only, cached 1 s)."""
-        if now >= self.probe_due:
-            self.probe_due = now + 1.0
-            held = set(s.path for s in self.held)
-            self.probed = any(path not in held and path not in self.warned
-                              and _probe_lock(path) for path in self.on_disk())
-        return self.probed
+        return self.disk.claimable(now, set(s.path for s in self.held))
 
     def claim(self, now):
-        """Lock the oldest unheld segment on disk and hold its lines; True if one was."""
-        if any(not s.writing for s in self.held) or now < self.scan_due:
+        """Lock the oldest unheld segment on disk and hold its lines; True if one was
+        (one with nothing left is deleted, and the next one tried)."""
+        if any(not s.writing for s in self.held) or not self.disk.scan(now):
             return False                # one claimed segment at a time
-        self.scan_due = now + 1.0
         held = set(s.path for s in self.held)
-        for path in self.on_disk():
-            if path not in held and self._claim(path):
+        for path in self.disk.on_disk():
+            claimed = None if path in held else self.disk.claim(path)
+            if claimed is None:
+                continue
+            segment, bad = claimed
+            self.held.append(segment)
+            if bad:
+                segment.out += len(bad)
+                self.ack(bad)
+            else:
+                self.settle(segment)
+            if segment in self.held:
                 return True
         return False
-
-    def _claim(self, path):
-        fd = self.spool.lock_segment(path)
-        if fd is None:
-            return False
-        try:
-            bucket = self._bucket_of(os.path.dirname(path))
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                data = handle.read()
-        except (OSError, ValueError, KeyError) as exc:
-            os.close(fd)
-            if path not in self.warned:
-                self.warned.add(path)
-                _log.warning("spool segment %s cannot be read (%s); it is left in place",
-                             path, exc)
-            return False
-        segment = _Segment(path, fd, bucket, len(data))
-        bad = []
-        for start, end, body, torn in _unretired_lines(path, data):
-            try:
-                if torn:
-                    raise ValueError("torn line (no newline at end of segment)")
-                count = len(_decode_body(body))
-            except ValueError as exc:
-                bad.append(_Ref(segment, start, end, 0))
-                self.unreadable.append((bucket, body, str(exc)))
-                continue
-            segment.lines.append(_Ref(segment, start, end, count))
-        self.held.append(segment)
-        if bad:
-            _log.warning("spool segment %s: %d unreadable line(s) moved to the dead-letter "
-                         "file", path, len(bad))
-            segment.out += len(bad)
-            self.ack(bad)
-        else:
-            self.settle(segment)
-        return segment in self.held
-
-    def _bucket_of(self, folder):
-        """The bucket of a folder on disk; an unreadable bucket.json is rewritten if known."""
-        try:
-            return self.spool.read_bucket(folder)
-        except (OSError, ValueError) as exc:
-            bucket = self.known.get(os.path.basename(folder))
-            if bucket is None:
-                raise
-            _log.warning("%s was unreadable (%s); rewritten for bucket %r", os.path.join(
-                folder, "bucket.json"), exc, bucket[0])
-            self.spool.write_bucket(folder, bucket)
-            return bucket
 
     def evict_oldest(self):
         """Delete the oldest segment not in flight; return its undelivered events or None."""
         held = dict((s.path, s) for s in self.held)
-        for path in self.on_disk():
+        for path in self.disk.on_disk():
             segment = held.get(path)
-            if segment is not None:
-                if segment.out:
-                    continue
+            if segment is None:
+                dropped = self.disk.evict(path)
+                if dropped is not None:
+                    return dropped
+            elif not segment.out:
                 dropped = sum(ref.count for ref in segment.lines)
                 segment.lines.clear()
                 segment.writing = False
                 self.settle(segment)
                 return dropped
-            fd = self.spool.lock_segment(path)
-            if fd is None:
-                continue
-            try:
-                with os.fdopen(os.dup(fd), "rb") as handle:
-                    data = handle.read()
-                dropped = _count_events(b for _, _, b, _ in _unretired_lines(path, data))
-                self.spool.remove(path)
-                return dropped
-            finally:
-                os.close(fd)
         return None
 
     def release_all(self):
@@ -4446,8 +4521,8 @@ class _Worker(object):
             return None
         due = [action.due]
         if self.reader is not None:
-            if core.state is _CLOSING and self.reader.probed:
-                due.append(self.reader.probe_due - now)     # is that backlog still there?
+            if core.state is _CLOSING and self.reader.disk.probed:
+                due.append(self.reader.disk.probe_due - now)     # is that backlog still there?
             if now >= self.backlog_due:
                 self.backlog = self.reader.waiting() + core.backlog.on_disk()
                 self.backlog_due = now + 1.0
@@ -4493,7 +4568,7 @@ class _Worker(object):
         batch = reader.take(_MAX_BODY_BYTES, action.most)
         if batch is None and action.claim and reader.claim(now):
             batch = reader.take(_MAX_BODY_BYTES, action.most)
-        unreadable, reader.unreadable = reader.unreadable, []
+        unreadable, reader.disk.unreadable = reader.disk.unreadable, []
         self.core.offer(batch, unreadable)
 
     def spool(self, action):
@@ -4511,7 +4586,7 @@ class _Worker(object):
 
     def dead_letter(self, action):
         try:
-            self.reader.spool.dead_letter(*action)
+            self.reader.spool.dead_letters.add(*action)
         except OSError as exc:
             self.core.dropped(0, "dead_letter_unwritable", exc)
 
@@ -4990,37 +5065,61 @@ class _Session(object):
 _OPEN, _CLOSED = "open", "closed"
 
 
-class Streamer(object):
-    """Stream events to one Initial State bucket at a time.
+def _announce(settings, handlers):
+    """debug_level 1: say where events go, once, at the start."""
+    _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
+              settings.bucket_key, settings.bucket_name,
+              "offline file " + settings.offline_file if settings.offline else settings.api_base,
+              _mask(settings.access_key),
+              "" if settings.offline else ", spool %s" % settings.spool_dir,
+              "" if settings.use_async else " (synchronous)",
+              " (durable)" if settings.durable else "",
+              "" if handlers or not settings.handle_sigterm else
+              " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
 
-    Drop-in for ISStreamer 2.0.0's ``Streamer``; the options after ``*`` are
-    new and keyword-only. See the README for every option and its default.
-    A facade: the worker of its current ``_Session`` does the work.
+
+def _deadline(timeout, wait_timeout):
+    """(deadline, idle) of flush() or close() with ``timeout``; without one, the wait
+    goes on while calls go through, and ends ``wait_timeout`` seconds after the last."""
+    idle = wait_timeout if timeout is None else None
+    return _monotonic() + (idle if timeout is None else timeout), idle
+
+
+def _counters(worker, closed, rejected, quota):
+    """stats(): what ``worker`` publishes, with the Streamer's ``closed`` and ``rejected``."""
+    counters = dict(worker.stats)
+    counters["dropped"] = dict(counters["dropped"])
+    counters["queued"] = len(worker.inbox) + worker.core.count
+    counters["backlog"] = worker.backlog
+    counters["rate_limit"] = worker.budget.learned() if worker.budget is not None else None
+    counters["connections"] = worker.sender.transport.connections
+    counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
+        if worker.writer else 0
+    counters["closed"] = closed
+    counters["rejected"] = rejected
+    counters["state"] = worker.state
+    until, why = worker.waiting
+    counters["waiting"] = why if until > _monotonic() else ""
+    month, delivered, projected = worker.book.month_view
+    counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
+                         "quota": None if worker.book.enterprise or not quota else quota}
+    return counters
+
+
+# A Streamer is built in three layers, each on the one before, because log()'s
+# fast path reads the Streamer's own fields (_session, its keys and inbox) with no
+# object in between: _Lifecycle (the state field, the session and the one lock),
+# _Intake (log()'s slow path: checks, refusals, echo), then Streamer (every
+# public method, its signature and docstring).
+class _Lifecycle(object):
+    """A Streamer's state field and its session, and their transitions: open ->
+    closing (close() asked the worker to stop) -> closed (the Streamer saw it
+    stop), and reopen after close as ISStreamer allows; flush() and close() wait
+    here. The first layer of a Streamer; the exit and fork hooks call it directly.
     """
 
-    def __init__(self, bucket_name="", bucket_key="", access_key="", ini_file_location=None,
-                 debug_level=0, buffer_size=10, offline=None, use_async=True, *,
-                 api_base=None, flush_interval=1.0, timeout=10.0, wait_timeout=10.0,
-                 exit_timeout=5.0, max_retries=5, backoff_base=0.5, backoff_cap=30.0,
-                 retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
-                 spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
-                 on_error=None, ssl_context=None, durable=None, sync_interval=1.0,
-                 handle_sigterm=True, monthly_quota=None):
-        settings = _resolve_settings(
-            bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
-            ini_file_location=ini_file_location, debug_level=debug_level,
-            buffer_size=buffer_size, offline=offline, use_async=use_async, api_base=api_base,
-            flush_interval=flush_interval, timeout=timeout, wait_timeout=wait_timeout,
-            exit_timeout=exit_timeout, max_retries=max_retries, backoff_base=backoff_base,
-            backoff_cap=backoff_cap, retry_after_cap=retry_after_cap,
-            pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
-            spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
-            ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
-            handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
-        _preload(settings)
+    def __init__(self, settings):
         self._settings = settings
-        self._strict = debug_level >= 2
-        self._echo = debug_level >= 1
         self._bucket = (settings.bucket_key, settings.bucket_name)
         # The one lock. It guards _state and _session (swapped together when the
         # Streamer closes or reopens), the session's keys and close_wait, and the
@@ -5031,25 +5130,6 @@ class Streamer(object):
         self._lock = threading.RLock()
         self._state = _OPEN
         self._session = _Session(settings, self._bucket)
-        self._rejected = {}
-        self._warned = {}
-        self._long_keys = set()         # keys over _API_KEY_CHARS warned of
-        self._opened()
-        _install_process_hooks()
-        _flush_at_multiprocessing_exit()
-        handlers = settings.handle_sigterm and _exit_on_signals()
-        if self._echo:
-            _log.info("streaming to bucket %r (%r) at %s with access key %s%s%s%s%s",
-                      self._bucket[0], self._bucket[1], "offline file " + settings.offline_file
-                      if settings.offline else settings.api_base,
-                      _mask(settings.access_key),
-                      "" if settings.offline else ", spool %s" % settings.spool_dir,
-                      "" if settings.use_async else " (synchronous)",
-                      " (durable)" if settings.durable else "",
-                      "" if handlers or not settings.handle_sigterm else
-                      " (no signal handlers here: SIGTERM and SIGHUP do not flush)")
-
-    # the lifecycle: _state's transitions
 
     def _opened(self):
         with _hooks_lock:
@@ -5147,28 +5227,55 @@ class Streamer(object):
         if self._state is _OPEN:
             self._session = _Session(self._settings, self._bucket)
 
-    # the caller's path
+    # flush() and close(): their waits
 
-    def log(self, key, value, epoch=None):
-        """Queue one event; never blocks. ``epoch``: Unix seconds or a datetime.
-
-        ``key``: a non-empty str of at most 250 characters. ``value``: a str
-        of at most 2000 characters, a bool, an int or a finite real number.
-        A bad event is not queued: it is a warning, or with ``debug_level``
-        2 or more a ValueError/TypeError raised here.
-        """
-        kind = type(value)
+    def _flush(self, timeout):
+        """flush(): reopen if closed, then wait for what was logged so far to go."""
+        deadline, idle = _deadline(timeout, self._settings.wait_timeout)
+        if self._state is not _OPEN:
+            self._reopen()
         session = self._session
-        if epoch is None and type(key) is str and key in session.keys and (
-                kind is float and value - value == 0.0 or kind is bool
-                or kind is int and -_INT_LIMIT <= value <= _INT_LIMIT
-                or kind is str and len(value) <= _MAX_VALUE_CHARS and _isascii(value)):
-            queue = session.inbox
-            queue.append((key, value, _time()))
-            if len(queue) >= session.worker.wake_at:
-                session.ring()
-            return
-        self._log_checked(key, value, epoch)
+        worker = session.worker
+        if _in_callback(worker):
+            return session.settled_now()
+        wait = _Wait(worker.book.lost)
+        session.inbox.append(wait)
+        try:
+            worker.wake.set()
+            session.wait_for(wait.done, deadline, idle)
+        except BaseException:
+            self._close_now()
+            raise
+        return wait.done.is_set() and wait.ok
+
+    def _close(self, timeout):
+        """close(): open -> closing -> closed by the deadline; a second close() answers
+        again without waiting."""
+        deadline, idle = _deadline(timeout, self._settings.wait_timeout)
+        session = self._begin_close(deadline, idle=idle)
+        if session is None:
+            wait = self._session.close_wait
+            return wait is not None and wait.done.is_set() and wait.ok
+        try:
+            return self._finish_close(session, deadline, idle)
+        except BaseException:
+            self._close_now()
+            raise
+
+
+class _Intake(_Lifecycle):
+    """log()'s slow path, for what the fast path does not take: a new key, an epoch,
+    a value to convert or refuse; and the counts of refused events, each reason
+    warned of at most once a minute. The second layer of a Streamer.
+    """
+
+    def __init__(self, settings):
+        _Lifecycle.__init__(self, settings)
+        self._strict = settings.debug_level >= 2
+        self._echo = settings.debug_level >= 1
+        self._rejected = {}             # these three under _lock
+        self._warned = {}
+        self._long_keys = set()         # keys over _API_KEY_CHARS warned of
 
     def _log_checked(self, key, value, epoch):
         """The slow path of log(): new keys, epochs, conversion, rejection, echo."""
@@ -5225,6 +5332,18 @@ class Streamer(object):
         _log.warning("event not logged: %s%s", exc, " (and %d more refused for the same "
                      "reason in the last minute)" % quiet if quiet else "")
 
+    def _log_each(self, pairs, epoch):
+        """log_object(): log every (key, value) pair; the first error is raised after
+        the rest are logged."""
+        first_error = None
+        for key, value in pairs:
+            try:
+                self.log(key, value, epoch)
+            except (TypeError, ValueError) as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
     def _epoch(self, epoch):
         """Unix seconds from ``epoch``; a bad one is now, with a warning (raised at level 2)."""
         try:
@@ -5234,6 +5353,67 @@ class Streamer(object):
                 raise ValueError(str(exc))
             _log.warning("%s; using the current time instead", exc)
             return _time()
+
+
+class Streamer(_Intake):
+    """Stream events to one Initial State bucket at a time.
+
+    Drop-in for ISStreamer 2.0.0's ``Streamer``; the options after ``*`` are
+    new and keyword-only. See the README for every option and its default.
+    A facade: the worker of its current ``_Session`` does the work, and
+    _Lifecycle and _Intake (below it, above) its private machinery.
+    """
+
+    def __init__(self, bucket_name="", bucket_key="", access_key="", ini_file_location=None,
+                 debug_level=0, buffer_size=10, offline=None, use_async=True, *,
+                 api_base=None, flush_interval=1.0, timeout=10.0, wait_timeout=10.0,
+                 exit_timeout=5.0, max_retries=5, backoff_base=0.5, backoff_cap=30.0,
+                 retry_after_cap=120.0, pause_interval=60.0, max_queue=10000,
+                 spool_dir=None, spool_max_bytes=64 * 1024 * 1024, offline_file=None,
+                 on_error=None, ssl_context=None, durable=None, sync_interval=1.0,
+                 handle_sigterm=True, monthly_quota=None):
+        settings = _resolve_settings(
+            bucket_name=bucket_name, bucket_key=bucket_key, access_key=access_key,
+            ini_file_location=ini_file_location, debug_level=debug_level,
+            buffer_size=buffer_size, offline=offline, use_async=use_async, api_base=api_base,
+            flush_interval=flush_interval, timeout=timeout, wait_timeout=wait_timeout,
+            exit_timeout=exit_timeout, max_retries=max_retries, backoff_base=backoff_base,
+            backoff_cap=backoff_cap, retry_after_cap=retry_after_cap,
+            pause_interval=pause_interval, max_queue=max_queue, spool_dir=spool_dir,
+            spool_max_bytes=spool_max_bytes, offline_file=offline_file, on_error=on_error,
+            ssl_context=ssl_context, durable=durable, sync_interval=sync_interval,
+            handle_sigterm=handle_sigterm, monthly_quota=monthly_quota)
+        _preload(settings)
+        _Intake.__init__(self, settings)
+        self._opened()
+        _install_process_hooks()
+        _flush_at_multiprocessing_exit()
+        handlers = settings.handle_sigterm and _exit_on_signals()
+        if self._echo:
+            _announce(settings, handlers)
+
+    # the caller's path
+
+    def log(self, key, value, epoch=None):
+        """Queue one event; never blocks. ``epoch``: Unix seconds or a datetime.
+
+        ``key``: a non-empty str of at most 250 characters. ``value``: a str
+        of at most 2000 characters, a bool, an int or a finite real number.
+        A bad event is not queued: it is a warning, or with ``debug_level``
+        2 or more a ValueError/TypeError raised here.
+        """
+        kind = type(value)
+        session = self._session
+        if epoch is None and type(key) is str and key in session.keys and (
+                kind is float and value - value == 0.0 or kind is bool
+                or kind is int and -_INT_LIMIT <= value <= _INT_LIMIT
+                or kind is str and len(value) <= _MAX_VALUE_CHARS and _isascii(value)):
+            queue = session.inbox
+            queue.append((key, value, _time()))
+            if len(queue) >= session.worker.wake_at:
+                session.ring()
+            return
+        self._log_checked(key, value, epoch)
 
     def log_object(self, obj, key_prefix=None, epoch=None):
         """Log each field of a dict, list, tuple, namedtuple, dataclass or object.
@@ -5247,14 +5427,7 @@ class Streamer(object):
         epoch = _time() if epoch is None else self._epoch(epoch)
         if key_prefix is None:
             key_prefix = type(obj).__name__
-        first_error = None
-        for key, value in _flatten(key_prefix, obj):
-            try:
-                self.log(key, value, epoch)
-            except (TypeError, ValueError) as exc:
-                first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
+        self._log_each(_flatten(key_prefix, obj), epoch)
 
     def set_bucket(self, bucket_name="", bucket_key="", retries=None):
         """Send events logged from now on to another bucket (created if needed).
@@ -5285,8 +5458,6 @@ class Streamer(object):
     BucketKey = bucket_key                  # ISStreamer's attribute names
     BucketName = bucket_name
 
-    # waiting
-
     def flush(self, timeout=None):
         """Deliver everything logged so far (and this key's spool); True if done.
 
@@ -5295,23 +5466,7 @@ class Streamer(object):
         did. What is not delivered by then stays queued or spooled and goes
         later. After ``close()`` it reopens the Streamer, as ``log()`` does.
         """
-        idle = self._settings.wait_timeout if timeout is None else None
-        deadline = _monotonic() + (idle if timeout is None else timeout)
-        if self._state is not _OPEN:
-            self._reopen()
-        session = self._session
-        worker = session.worker
-        if _in_callback(worker):
-            return session.settled_now()
-        wait = _Wait(worker.book.lost)
-        session.inbox.append(wait)
-        try:
-            worker.wake.set()
-            session.wait_for(wait.done, deadline, idle)
-        except BaseException:
-            self._close_now()
-            raise
-        return wait.done.is_set() and wait.ok
+        return self._flush(timeout)
 
     def close(self, timeout=None):
         """Flush, spool what cannot be delivered by the deadline, stop the worker.
@@ -5323,17 +5478,7 @@ class Streamer(object):
         after ``wait_timeout`` seconds in which none did, as ISStreamer's
         blocking close() sent everything.
         """
-        idle = self._settings.wait_timeout if timeout is None else None
-        deadline = _monotonic() + (idle if timeout is None else timeout)
-        session = self._begin_close(deadline, idle=idle)
-        if session is None:
-            wait = self._session.close_wait
-            return wait is not None and wait.done.is_set() and wait.ok
-        try:
-            return self._finish_close(session, deadline, idle)
-        except BaseException:
-            self._close_now()
-            raise
+        return self._close(timeout)
 
     def __enter__(self):
         return self
@@ -5345,25 +5490,10 @@ class Streamer(object):
     def stats(self):
         """Counters: logged, delivered, retried, spooled, replayed, dead-lettered..."""
         worker = self._session.worker
-        counters = dict(worker.stats)
-        counters["dropped"] = dict(counters["dropped"])
-        counters["queued"] = len(worker.inbox) + worker.core.count
-        counters["backlog"] = worker.backlog
-        counters["rate_limit"] = worker.budget.learned() if worker.budget is not None else None
-        counters["connections"] = worker.sender.transport.connections
-        counters["journal_bytes"] = worker.writer.bytes_written + worker.reader.ack_bytes \
-            if worker.writer else 0
-        counters["closed"] = self._state is not _OPEN
+        closed = self._state is not _OPEN
         with self._lock:
-            counters["rejected"] = dict(self._rejected)
-        counters["state"] = worker.state
-        until, why = worker.waiting
-        counters["waiting"] = why if until > _monotonic() else ""
-        month, delivered, projected = worker.book.month_view
-        quota = self._settings.monthly_quota
-        counters["month"] = {"month": month, "delivered": delivered, "projected": projected,
-                             "quota": None if worker.book.enterprise or not quota else quota}
-        return counters
+            rejected = dict(self._rejected)
+        return _counters(worker, closed, rejected, self._settings.monthly_quota)
 
     def __repr__(self):
         return "<Streamer bucket=%r key=%s %s>" % (
@@ -5405,24 +5535,49 @@ def _check_event(item):
     return None
 
 
-class _Sink(object):
-    """A local server that speaks the events API, for development and tests.
-
-    Accepts ``POST /api/buckets`` and ``POST /api/events`` with the documented
-    status codes, keeps what it received in ``events`` (a list of
-    ``(bucket_key, event)``) and ``buckets``, and with ``rate_limit`` set
-    enforces that many requests per ``window`` seconds with the
-    X-RateLimit-* headers and 429 + Retry-After. Subclasses may override
-    ``fault(handler, path)`` to answer a request their own way (tests do).
+class _RateWindow(object):
+    """The sink's rate limit: at most ``limit`` requests (none if it is falsy) in
+    each window of ``window`` seconds, told in the X-RateLimit-* headers, and past
+    it a refusal with Retry-After, as the events API does. Windows of a second
+    or more start at whole multiples of ``window``. Given the time, it reads no
+    clock. The sink's ``changed`` guards it.
     """
 
-    def __init__(self, host="127.0.0.1", port=0, rate_limit=None, window=10.0,
-                 access_key=None, jsonl=None, echo=None, ssl_context=None):
-        self.host = host.strip("[]")
-        self.ssl_context = ssl_context
-        self.port = port
-        self.rate_limit = rate_limit
+    def __init__(self, limit, window):
+        self.limit = limit
         self.window = window
+        self.start = 0.0
+        self.used = 0
+
+    def count(self, now):
+        """Count one request at ``now`` (Unix seconds); return (allowed, headers)."""
+        if not self.limit:
+            return True, {}
+        if now >= self.start + self.window:
+            self.start = now - (now % self.window) if self.window >= 1 else now
+            self.used = 0
+        self.used += 1
+        reset = self.start + self.window
+        headers = {"X-RateLimit-Limit": self.limit,
+                   "X-RateLimit-Remaining": max(0, self.limit - self.used),
+                   "X-RateLimit-Reset": "%.3f" % reset}
+        if self.used > self.limit:
+            headers["Retry-After"] = "%.3f" % max(0.0, reset - now)
+            return False, headers
+        return True, headers
+
+
+class _EventsAPI(object):
+    """What the local sink answers, without the server: the events API's requests
+    (``POST /api/buckets`` and ``POST /api/events``) with its documented status
+    codes, and the record of what it accepted: ``events`` (a list of
+    ``(bucket_key, event)``), ``buckets``, the counts, ``jsonl`` and ``echo``.
+    Subclasses may override ``fault(handler, path)`` to answer a request their
+    own way (tests do). _Sink serves it over HTTP.
+    """
+
+    def __init__(self, rate_limit=None, window=10.0, access_key=None, jsonl=None, echo=None):
+        self.rate = _RateWindow(rate_limit, window)
         self.access_key = access_key
         self.jsonl = jsonl
         self.echo = echo
@@ -5431,9 +5586,134 @@ class _Sink(object):
         self.requests = 0
         self.connections = 0
         self.rate_limited = 0
-        self.changed = threading.Condition()   # guards the counters and lists above
-        self._window_start = 0.0
-        self._window_used = 0
+        self.changed = threading.Condition()   # guards the counters and lists above, and rate
+
+    def wait_for(self, count, timeout=10.0):
+        """Wait until ``count`` events arrived; True if they did."""
+        deadline = _monotonic() + timeout
+        with self.changed:
+            while len(self.events) < count:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+            return True
+
+    def fault(self, handler, path):
+        """Answer the request yourself and return True (tests override it).
+
+        The request body is already read, as ``handler.body``.
+        """
+        return False
+
+    @staticmethod
+    def reply(handler, status, body=b"", headers=None):
+        if isinstance(body, dict):
+            body = _json_bytes(body)
+        handler.send_response(status)
+        for name, value in (headers or {}).items():
+            handler.send_header(name, str(value))
+        if body:
+            handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if body:
+            handler.wfile.write(body)
+
+    def handle(self, handler):
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        path = handler.path.split("?")[0]
+        handler.body = body
+        with self.changed:
+            self.requests += 1
+        if self.fault(handler, path):
+            return
+        key = handler.headers.get("X-IS-AccessKey")
+        if not key or (self.access_key is not None and key != self.access_key):
+            return self.reply(handler, 401, {"message": "invalid access key"})
+        if length > _MAX_BODY_BYTES:
+            return self.reply(handler, 413, {"message": "request body over 1 MB"})
+        try:
+            data = _json_load(body)
+        except (UnicodeDecodeError, ValueError):
+            return self.reply(handler, 400, {"message": "body is not valid JSON"})
+        if path.endswith("/api/buckets"):
+            return self._create_bucket(handler, data)
+        if path.endswith("/api/events"):
+            return self._add_events(handler, data)
+        return self.reply(handler, 404, {"message": "no such resource %s" % path})
+
+    def _create_bucket(self, handler, data):
+        bucket_key = data.get("bucketKey") if isinstance(data, dict) else None
+        if not isinstance(bucket_key, str) or not 0 < len(bucket_key) <= _MAX_BUCKET_CHARS \
+                or set(bucket_key) & set(_BUCKET_KEY_FORBIDDEN):
+            return self.reply(handler, 400, {"message": "invalid bucketKey"})
+        name = data.get("bucketName", "")
+        with self.changed:
+            existed = bucket_key in self.buckets
+            self.buckets[bucket_key] = name
+        # Printed before the answer, so lines come in the order of the requests;
+        # print_line never fails the request.
+        self.print_line("bucket %s exists" % bucket_key if existed else "bucket %s created%s"
+                        % (bucket_key, " (%s)" % name if name else ""))
+        self.reply(handler, 204 if existed else 201)
+
+    def _add_events(self, handler, data):
+        bucket_key = handler.headers.get("X-IS-BucketKey")
+        with self.changed:
+            allowed, headers = self.rate.count(_time())
+            if not allowed:
+                self.rate_limited += 1
+        if not allowed:
+            return self.reply(handler, 429, {"message": "rate limit exceeded"}, headers)
+        if not bucket_key:
+            return self.reply(handler, 400, {"message": "missing X-IS-BucketKey"}, headers)
+        items = data if isinstance(data, list) else [data]
+        for item in items:
+            problem = _check_event(item)
+            if problem:
+                return self.reply(handler, 400, {"message": problem}, headers)
+        with self.changed:
+            self.events.extend((bucket_key, item) for item in items)
+            self.changed.notify_all()
+        if self.jsonl is not None:
+            lines = b"".join(_json_bytes(dict(item, bucketKey=bucket_key)) + b"\n"
+                             for item in items)
+            with open(self.jsonl, "ab") as handle:
+                handle.write(lines)
+        for item in items:                  # printed first, as bucket lines are
+            when = item.get("epoch")
+            when = item.get("iso8601") if when is None else _iso_utc(when)
+            self.print_line("%s %s = %r%s" % (bucket_key, item["key"], item["value"],
+                                              "" if when is None else " at %s" % when))
+        self.reply(handler, 204, b"", headers)
+
+    def print_line(self, line):
+        """Hand one line to ``echo``, if there is one; never fail the request over it."""
+        if self.echo is None:
+            return
+        try:
+            self.echo(line)
+        except Exception as exc:
+            _log.debug("sink could not print %r: %s", line[:80], exc)
+
+
+class _Sink(_EventsAPI):
+    """A local server that speaks the events API, for development and tests.
+
+    Serves _EventsAPI over HTTP (HTTPS with ``ssl_context``) from a thread, on
+    ``host`` and ``port`` (0: a free one, read back from ``port``). With
+    ``rate_limit`` set it enforces that many requests per ``window`` seconds
+    (_RateWindow).
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, rate_limit=None, window=10.0,
+                 access_key=None, jsonl=None, echo=None, ssl_context=None):
+        _EventsAPI.__init__(self, rate_limit, window, access_key, jsonl, echo)
+        self.host = host.strip("[]")
+        self.ssl_context = ssl_context
+        self.port = port
         self._server = None
         self._thread = None
 
@@ -5491,134 +5771,6 @@ class _Sink(object):
             self._server.server_close()
             self._thread.join(5.0)
             self._server = None
-
-    def wait_for(self, count, timeout=10.0):
-        """Wait until ``count`` events arrived; True if they did."""
-        deadline = _monotonic() + timeout
-        with self.changed:
-            while len(self.events) < count:
-                left = deadline - _monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(left)
-            return True
-
-    def fault(self, handler, path):
-        """Answer the request yourself and return True (tests override it).
-
-        The request body is already read, as ``handler.body``.
-        """
-        return False
-
-    @staticmethod
-    def reply(handler, status, body=b"", headers=None):
-        if isinstance(body, dict):
-            body = _json_bytes(body)
-        handler.send_response(status)
-        for name, value in (headers or {}).items():
-            handler.send_header(name, str(value))
-        if body:
-            handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        if body:
-            handler.wfile.write(body)
-
-    def _rate_headers(self):
-        """Count this request against the window; return (allowed, headers)."""
-        if not self.rate_limit:
-            return True, {}
-        now = _time()
-        if now >= self._window_start + self.window:
-            self._window_start = now - (now % self.window) if self.window >= 1 else now
-            self._window_used = 0
-        self._window_used += 1
-        reset = self._window_start + self.window
-        headers = {"X-RateLimit-Limit": self.rate_limit,
-                   "X-RateLimit-Remaining": max(0, self.rate_limit - self._window_used),
-                   "X-RateLimit-Reset": "%.3f" % reset}
-        if self._window_used > self.rate_limit:
-            headers["Retry-After"] = "%.3f" % max(0.0, reset - now)
-            return False, headers
-        return True, headers
-
-    def handle(self, handler):
-        length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length) if length else b""
-        path = handler.path.split("?")[0]
-        handler.body = body
-        with self.changed:
-            self.requests += 1
-        if self.fault(handler, path):
-            return
-        key = handler.headers.get("X-IS-AccessKey")
-        if not key or (self.access_key is not None and key != self.access_key):
-            return self.reply(handler, 401, {"message": "invalid access key"})
-        if length > _MAX_BODY_BYTES:
-            return self.reply(handler, 413, {"message": "request body over 1 MB"})
-        try:
-            data = _json_load(body)
-        except (UnicodeDecodeError, ValueError):
-            return self.reply(handler, 400, {"message": "body is not valid JSON"})
-        if path.endswith("/api/buckets"):
-            return self._create_bucket(handler, data)
-        if path.endswith("/api/events"):
-            return self._add_events(handler, data)
-        return self.reply(handler, 404, {"message": "no such resource %s" % path})
-
-    def _create_bucket(self, handler, data):
-        bucket_key = data.get("bucketKey") if isinstance(data, dict) else None
-        if not isinstance(bucket_key, str) or not 0 < len(bucket_key) <= _MAX_BUCKET_CHARS \
-                or set(bucket_key) & set(_BUCKET_KEY_FORBIDDEN):
-            return self.reply(handler, 400, {"message": "invalid bucketKey"})
-        name = data.get("bucketName", "")
-        with self.changed:
-            existed = bucket_key in self.buckets
-            self.buckets[bucket_key] = name
-        # Printed before the answer, so lines come in the order of the requests;
-        # print_line never fails the request.
-        self.print_line("bucket %s exists" % bucket_key if existed else "bucket %s created%s"
-                        % (bucket_key, " (%s)" % name if name else ""))
-        self.reply(handler, 204 if existed else 201)
-
-    def _add_events(self, handler, data):
-        bucket_key = handler.headers.get("X-IS-BucketKey")
-        with self.changed:
-            allowed, headers = self._rate_headers()
-            if not allowed:
-                self.rate_limited += 1
-        if not allowed:
-            return self.reply(handler, 429, {"message": "rate limit exceeded"}, headers)
-        if not bucket_key:
-            return self.reply(handler, 400, {"message": "missing X-IS-BucketKey"}, headers)
-        items = data if isinstance(data, list) else [data]
-        for item in items:
-            problem = _check_event(item)
-            if problem:
-                return self.reply(handler, 400, {"message": problem}, headers)
-        with self.changed:
-            self.events.extend((bucket_key, item) for item in items)
-            self.changed.notify_all()
-        if self.jsonl is not None:
-            lines = b"".join(_json_bytes(dict(item, bucketKey=bucket_key)) + b"\n"
-                             for item in items)
-            with open(self.jsonl, "ab") as handle:
-                handle.write(lines)
-        for item in items:                  # printed first, as bucket lines are
-            when = item.get("epoch")
-            when = item.get("iso8601") if when is None else _iso_utc(when)
-            self.print_line("%s %s = %r%s" % (bucket_key, item["key"], item["value"],
-                                              "" if when is None else " at %s" % when))
-        self.reply(handler, 204, b"", headers)
-
-    def print_line(self, line):
-        """Hand one line to ``echo``, if there is one; never fail the request over it."""
-        if self.echo is None:
-            return
-        try:
-            self.echo(line)
-        except Exception as exc:
-            _log.debug("sink could not print %r: %s", line[:80], exc)
 
 
 # --- Command line ------------------------------------------------------------
@@ -5922,7 +6074,7 @@ def _key_status(spool, now, quota=_MONTHLY_QUOTA):
     """What ``status`` shows for one access key's spool."""
     folder, fingerprint = spool.folder, spool.fingerprint
     state = spool.status.read()
-    dead, newest = spool.dead_letters()
+    dead, newest = spool.dead_letters.read()
     buckets = [{"bucket_key": r["bucket_key"], "bucket_name": r["bucket_name"],
                 "events": r["events"], "lines": r["lines"],
                 "oldest_age_s": None if r["oldest"] is None else max(0.0, now - r["oldest"])}
@@ -6042,9 +6194,9 @@ def _cmd_discard(args, out, err):
         what.append("%d spooled events of bucket %r" % (sum(r["events"] for r in rows),
                                                         args.bucket_key))
     if args.dead_letters:
-        if os.path.exists(spool.dead_letter_file):
-            doomed.append(spool.dead_letter_file)
-        what.append("%d dead letters" % spool.dead_letters()[0])
+        if os.path.exists(spool.dead_letters.path):
+            doomed.append(spool.dead_letters.path)
+        what.append("%d dead letters" % spool.dead_letters.read()[0])
     if not doomed:
         out.write("nothing to discard in %s\n" % folder)
         return 0
@@ -6057,7 +6209,7 @@ def _cmd_discard(args, out, err):
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             out.write("nothing discarded\n")
             return 1
-    kept = spool.discard(doomed)
+    kept = _discard(doomed)
     out.write("discarded %s%s\n" % (" and ".join(what), "; %d segment(s) in use by a running "
                                     "process were kept" % kept if kept else ""))
     return 0
@@ -6076,7 +6228,7 @@ def _replay_spool(settings, paths, timeout):
         worker.halt("replay deadline reached")
     spool = worker.reader.spool
     if paths is not None:
-        pending = sum(len(spool.pending(path)) for path in paths)
+        pending = sum(len(_pending(path)) for path in paths)
     else:
         pending = sum(row["lines"] for row in spool.summary())
     return worker.stats, pending
@@ -6126,7 +6278,7 @@ def _cmd_replay(args, out, err):
         if not rows:
             out.write("nothing pending in %s\n" % spool_dir)
         for spool in spools:
-            dead, newest = spool.dead_letters()
+            dead, newest = spool.dead_letters.read()
             if dead:
                 out.write("key %s: %d dead letter%s (events the server refused), newest: %s\n"
                           % (spool.fingerprint, dead, "" if dead == 1 else "s",

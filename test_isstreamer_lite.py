@@ -4004,7 +4004,7 @@ class SpoolViewTest(LiteTestCase):
     """One _Spool for the runner and the command line: they see the same folder."""
 
     def test_command_line_counts_what_the_runner_wrote_and_spares_what_it_holds(self):
-        """Spool: summary() counts the writer's lines; discard() keeps a segment still held."""
+        """Spool: summary() counts the writer's lines; _discard() keeps a segment still held."""
         spool = lite._Spool(self.tempdir(), "key")
         reader = lite._SpoolReader(spool)
         writer = lite._SpoolWriter(spool, reader, None)
@@ -4014,12 +4014,80 @@ class SpoolViewTest(LiteTestCase):
         writer.append(("b1", "Bucket"), parts[2:])
         self.assertEqual([(r["bucket_key"], r["bucket_name"], r["segments"], r["lines"],
                            r["events"]) for r in spool.summary()], [("b1", "Bucket", 1, 2, 3)])
-        self.assertEqual(spool.discard(spool.segments()), 1)    # the writer holds it
+        self.assertEqual(lite._discard(spool.segments()), 1)    # the writer holds it
         self.assertEqual(len(spool.segments()), 1)
         writer.close()
         reader.release_all()                # undelivered: left on disk, unlocked
-        self.assertEqual(spool.discard(spool.segments()), 0)
+        self.assertEqual(lite._discard(spool.segments()), 0)
         self.assertEqual((spool.segments(), spool.summary()), ([], []))
+
+    def test_dead_letters_append_and_count_with_the_newest(self):
+        """Spool: _DeadLetters appends one record a line and reads back (count, newest)."""
+        dead = lite._Spool(self.tempdir(), "key").dead_letters
+        self.assertEqual(dead.read(), (0, None))
+        dead.add("b1", b'[{"key": "k", "value": 1}]', 400, "no")
+        dead.add("b2", b"\xff", None, "unreadable spool line")
+        count, newest = dead.read()
+        self.assertEqual(count, 2)
+        self.assertEqual((newest["bucketKey"], newest["status"], newest["reply"],
+                          newest["body"]), ("b2", None, "unreadable spool line", "\ufffd"))
+
+
+class ClaimsTest(LiteTestCase):
+    """_Claims finds the segments no process holds, claims one by its lock, evicts one."""
+
+    def left_behind(self, lines):
+        """A spool with one segment of ``lines`` (lists of values, or raw bytes) that
+        no process holds; (spool, its path)."""
+        spool = lite._Spool(self.tempdir(), "key")
+        reader = lite._SpoolReader(spool)
+        writer = lite._SpoolWriter(spool, reader, None)
+        for line in lines:
+            if isinstance(line, bytes):
+                lite._write_all(writer._segment_for(("b1", "")).fd, line)
+            else:
+                writer.append(("b1", ""), [lite._encode_event(("k", v, 1.0)) for v in line])
+        writer.close()
+        reader.release_all()
+        return spool, spool.segments()[0]
+
+    def test_looks_once_a_second_and_claims_by_lock(self):
+        """Claims: scan() paces the looking; claim() reads lines; a held one is not claimed."""
+        spool, path = self.left_behind([[1, 2], [3]])
+        claims = lite._Claims(spool)
+        self.assertEqual(claims.on_disk(), [path])
+        self.assertTrue(claims.claimable(0.0, set()))
+        self.assertFalse(lite._Claims(spool).claimable(0.0, {path}))
+        self.assertEqual([claims.scan(t) for t in (0.0, 0.5, 1.0)], [True, False, True])
+        segment, bad = claims.claim(path)
+        self.addCleanup(segment.close)
+        self.assertEqual(([r.count for r in segment.lines], bad), ([2, 1], []))
+        other = lite._Claims(spool)
+        self.assertIsNone(other.claim(path))            # this process's lock stands
+        self.assertIsNone(other.evict(path))
+        segment.close()
+        self.assertEqual(other.evict(path), 3)
+        self.assertEqual(spool.segments(), [])
+
+    def test_unreadable_lines_are_set_aside_for_the_dead_letter_file(self):
+        """Claims: a line that does not decode comes back as a bad ref and in unreadable."""
+        spool, path = self.left_behind([[1], b"not json\n", [2]])
+        claims = lite._Claims(spool)
+        segment, bad = claims.claim(path)
+        self.addCleanup(segment.close)
+        self.assertEqual(([r.count for r in segment.lines], len(bad)), ([1, 1], 1))
+        self.assertEqual([(b, body) for b, body, _ in claims.unreadable],
+                         [(("b1", ""), b"not json")])
+
+    def test_segment_packs_lines_up_to_the_byte_and_event_limits(self):
+        """Segment: pack() hands out whole lines within the limits, a long one alone."""
+        segment = lite._Segment("p", -1, ("b", ""))
+        for start, count in ((0, 2), (10, 2), (20, 2)):
+            segment.lines.append(lite._Ref(segment, start, start + 10, count))
+        self.assertEqual([r.start for r in segment.pack(5, 100)], [0])
+        self.assertEqual([r.start for r in segment.pack(100, 3)], [10])
+        self.assertEqual((segment.out, segment.finished()), (2, False))
+        self.assertEqual([r.start for r in segment.pack(100, 100)], [20])
 
 class EvictionOrderTest(Issue9Case):
     """A full spool gives up its oldest events first, and counts them."""
@@ -6606,6 +6674,12 @@ class FacadeTest(LiteTestCase):
         self.assertGreaterEqual(len(started), 6)
         self.assertEqual(written, [])
 
+    def test_flush_and_close_without_a_timeout_wait_wait_timeout_of_idleness(self):
+        """Streamer: _deadline() is the timeout, or wait_timeout that moves (idle)."""
+        with mock.patch.object(lite, "_monotonic", lambda: 100.0):
+            self.assertEqual(lite._deadline(None, 7.0), (107.0, 7.0))
+            self.assertEqual(lite._deadline(2.5, 7.0), (102.5, None))
+
     def test_a_reopen_reads_the_spool_and_starts_its_worker_outside_the_lock(self):
         """Streamer: while a reopen builds its worker (files, a thread), others get the lock."""
         sink = self.sink()
@@ -8289,6 +8363,25 @@ class CliReplayTest(CliTestCase):
         self.assertEqual(status, 2)
         self.assertIn("--bucket-key", err)
         self.assertEqual(sink.requests, 0)
+
+
+class RateWindowTest(LiteTestCase):
+    """The sink's rate limit from plain times: its headers, 429 past the limit, the reset."""
+
+    def test_limit_per_window_then_retry_after_until_it_ends(self):
+        """Sink: a window allows ``limit`` requests, then tells Retry-After until it ends."""
+        window = lite._RateWindow(2, 10.0)
+        self.assertEqual(window.count(103.0), (True, {
+            "X-RateLimit-Limit": 2, "X-RateLimit-Remaining": 1, "X-RateLimit-Reset": "110.000"}))
+        self.assertTrue(window.count(104.0)[0])
+        allowed, headers = window.count(106.5)
+        self.assertEqual((allowed, headers["X-RateLimit-Remaining"], headers["Retry-After"]),
+                         (False, 0, "3.500"))
+        self.assertEqual(window.count(110.0)[1]["X-RateLimit-Remaining"], 1)    # the next one
+
+    def test_without_a_limit_every_request_passes_without_headers(self):
+        """Sink: no rate_limit, no X-RateLimit-* headers and no refusal."""
+        self.assertEqual(lite._RateWindow(None, 10.0).count(5.0), (True, {}))
 
 
 class CliSinkTest(CliTestCase):
