@@ -4398,9 +4398,134 @@ class _DiskView(object):
 _KEEP_DISK = frozenset((_Post, _Answer, _Report, _Log, _Abandon, _Sync))
 
 
-class _Worker(object):
+def _left_behind(worker, why):
+    """The one warning of a run that ends with events undelivered: how many, why, where
+    they wait and what sends them."""
+    stats, key, left = worker.stats, _mask(worker.settings.access_key), worker.left
+    failing_since = worker.core.failing_since
+    if stats["paused"] == "key_rejected":
+        cause = "the server rejected the access key %s (check access_key / " \
+                "IS_ACCESS_KEY)" % key
+    elif stats["paused"]:
+        cause = "sending is paused (%s)" % stats["paused"]
+    elif failing_since is not None:
+        cause = "the server has been %s since %s (%s)" % (
+            "failing" if failing_since[1] else "unreachable",
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(failing_since[0])),
+            stats["last_error"])
+    else:
+        cause = why or "the run ended before they were sent"
+    return ("isstreamer_lite: %s not delivered: %s. %s in the spool %s; the next run "
+            "with access key %s sends %s (or: python3 -m isstreamer_lite replay)" % (
+                _count(left, "event"), cause, "It waits" if left == 1 else "They wait",
+                worker.reader.folder, key, "it" if left == 1 else "them"))
+
+
+class _Actions(object):
+    """How the worker carries out what its core asks (one method an action type, in
+    ``carry_out``). A part of _Worker: the fields named are the worker's.
+
+    Calls go through the rate ``budget`` to the ``courier`` and their outcome
+    back to the ``core``; spool lines are written with the ``writer``, read,
+    acked and given back with the ``reader``; waiters are answered, on_error
+    reports kept for the loop to run; a halt (close()'s deadline, a signal)
+    sets aside what is undelivered and lets go of files, threads and sockets.
+    """
+
+    def post(self, action):
+        job = action.job
+        wait = self.budget.reserve(self.clock()) if self.budget is not None else 0.0
+        if wait > 0:
+            self.core.defer(job, self.clock() + wait, "rate limit window")
+            return
+        if job.batch is None and self.reader is not None:
+            self.reader.know(job.bucket)    # its folder's bucket.json can be repaired
+        self.courier.start(job)
+        result = self.courier.poll()
+        if result is not None:
+            self.collect(result)
+
+    def collect(self, result):
+        """A call's outcome, to the budget and the core."""
+        job, (response, error) = result
+        now = self.clock()
+        if response is not None and self.budget is not None:
+            self.budget.update(response.headers, now, self.wall())
+        self.core.outcome(job, response, error, now, self.wall())
+
+    def read(self, action):
+        reader, now = self.reader, self.clock()
+        batch = reader.take(_MAX_BODY_BYTES, action.most)
+        if batch is None and action.claim and reader.claim(now):
+            batch = reader.take(_MAX_BODY_BYTES, action.most)
+        unreadable, reader.disk.unreadable = reader.disk.unreadable, []
+        self.core.offer(batch, unreadable)
+
+    def spool(self, action):
+        self.core.written(action, *_append_line(self.writer, self.reader, action.batch,
+                                                action.journal))
+
+    def sync(self, action):
+        self.writer.sync()
+
+    def ack(self, action):
+        self.reader.ack(action.refs)
+
+    def give_back(self, action):
+        self.reader.give_back(action.refs)
+
+    def dead_letter(self, action):
+        try:
+            self.reader.spool.dead_letters.add(*action)
+        except OSError as exc:
+            self.core.dropped(0, "dead_letter_unwritable", exc)
+
+    def answer(self, action):
+        action.wait.ok = action.ok
+        action.wait.done.set()
+
+    def log(self, action):
+        _log.log(action.level, "%s", action.message)
+
+    def abandon(self, action):
+        self.courier.abandon()
+
+    def halt(self, why):
+        """Stop now (close()'s deadline, a signal): what is undelivered goes to disk,
+        claims are let go, waiters answered."""
+        try:
+            now = self.clock()
+            self.core.take(self.inbox, now, self.wall())
+            if self.core.state is not _STOPPED:
+                self.step(first=self.core.halt(why, self.disk(now)))
+        finally:
+            core = self.core
+            core.state = _STOPPED
+            waits, core.waits = core.waits, []
+            for wait in waits:
+                wait.done.set()
+            self.stopped.set()
+
+    def let_go(self, action):
+        """The core halted: warn of what is left, let go of files, threads and sockets."""
+        if self.reader is not None:
+            self.left = self.reader.waiting(own=True)
+        if self.left:
+            _log.warning("%s", _left_behind(self, action.why))
+        self.status.save(self.core.waiting, self.clock(), running=False)
+        self.status.forget()
+        if self.writer is not None:
+            self.writer.close()
+        if self.reader is not None:
+            self.reader.release_all()
+        if self.courier is not None:
+            self.courier.stop()
+        self.sender.transport.close()
+
+
+class _Worker(_Actions):
     """The shell around a _Core: takes the inbox, steps the core, carries out its actions
-    with the courier, the spool and the budget, and waits until the next wake.
+    (_Actions) with the courier, the spool and the budget, and waits until the next wake.
 
     One thread drives it: the Streamer's worker thread, or with
     ``use_async=False`` the caller holding the pump baton. Other threads
@@ -4539,119 +4664,6 @@ class _Worker(object):
     def settled(self):
         """Everything logged is delivered and every loss told of (flush() from on_error)."""
         return not self.inbox and self.core.settled(self.disk(self.clock()))
-
-    # the actions
-
-    def post(self, action):
-        job = action.job
-        wait = self.budget.reserve(self.clock()) if self.budget is not None else 0.0
-        if wait > 0:
-            self.core.defer(job, self.clock() + wait, "rate limit window")
-            return
-        if job.batch is None and self.reader is not None:
-            self.reader.know(job.bucket)    # its folder's bucket.json can be repaired
-        self.courier.start(job)
-        result = self.courier.poll()
-        if result is not None:
-            self.collect(result)
-
-    def collect(self, result):
-        """A call's outcome, to the budget and the core."""
-        job, (response, error) = result
-        now = self.clock()
-        if response is not None and self.budget is not None:
-            self.budget.update(response.headers, now, self.wall())
-        self.core.outcome(job, response, error, now, self.wall())
-
-    def read(self, action):
-        reader, now = self.reader, self.clock()
-        batch = reader.take(_MAX_BODY_BYTES, action.most)
-        if batch is None and action.claim and reader.claim(now):
-            batch = reader.take(_MAX_BODY_BYTES, action.most)
-        unreadable, reader.disk.unreadable = reader.disk.unreadable, []
-        self.core.offer(batch, unreadable)
-
-    def spool(self, action):
-        self.core.written(action, *_append_line(self.writer, self.reader, action.batch,
-                                                action.journal))
-
-    def sync(self, action):
-        self.writer.sync()
-
-    def ack(self, action):
-        self.reader.ack(action.refs)
-
-    def give_back(self, action):
-        self.reader.give_back(action.refs)
-
-    def dead_letter(self, action):
-        try:
-            self.reader.spool.dead_letters.add(*action)
-        except OSError as exc:
-            self.core.dropped(0, "dead_letter_unwritable", exc)
-
-    def answer(self, action):
-        action.wait.ok = action.ok
-        action.wait.done.set()
-
-    def log(self, action):
-        _log.log(action.level, "%s", action.message)
-
-    def abandon(self, action):
-        self.courier.abandon()
-
-    def halt(self, why):
-        """Stop now (close()'s deadline, a signal): what is undelivered goes to disk,
-        claims are let go, waiters answered."""
-        try:
-            now = self.clock()
-            self.core.take(self.inbox, now, self.wall())
-            if self.core.state is not _STOPPED:
-                self.step(first=self.core.halt(why, self.disk(now)))
-        finally:
-            core = self.core
-            core.state = _STOPPED
-            waits, core.waits = core.waits, []
-            for wait in waits:
-                wait.done.set()
-            self.stopped.set()
-
-    def let_go(self, action):
-        """The core halted: warn of what is left, let go of files, threads and sockets."""
-        if self.reader is not None:
-            self.left = self.reader.waiting(own=True)
-        if self.left:
-            _log.warning("%s", self.left_behind(action.why))
-        self.status.save(self.core.waiting, self.clock(), running=False)
-        self.status.forget()
-        if self.writer is not None:
-            self.writer.close()
-        if self.reader is not None:
-            self.reader.release_all()
-        if self.courier is not None:
-            self.courier.stop()
-        self.sender.transport.close()
-
-    def left_behind(self, why):
-        """The one warning of a run that ends with events undelivered: how many, why,
-        where they wait and what sends them."""
-        stats, key = self.stats, _mask(self.settings.access_key)
-        if stats["paused"] == "key_rejected":
-            cause = "the server rejected the access key %s (check access_key / " \
-                    "IS_ACCESS_KEY)" % key
-        elif stats["paused"]:
-            cause = "sending is paused (%s)" % stats["paused"]
-        elif self.core.failing_since is not None:
-            cause = "the server has been %s since %s (%s)" % (
-                "failing" if self.core.failing_since[1] else "unreachable",
-                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.core.failing_since[0])),
-                stats["last_error"])
-        else:
-            cause = why or "the run ended before they were sent"
-        return ("isstreamer_lite: %s not delivered: %s. %s in the spool %s; the next run "
-                "with access key %s sends %s (or: python3 -m isstreamer_lite replay)" % (
-                    _count(self.left, "event"), cause, "It waits" if self.left == 1 else
-                    "They wait", self.reader.folder, key, "it" if self.left == 1 else "them"))
 
 
 # The workers whose on_error this thread is running: a callback must not re-enter
