@@ -4793,7 +4793,10 @@ def _close_all_at_exit():
     """Flush and close every open Streamer, together, within exit_timeout.
 
     A signal or Ctrl-C meanwhile stops the waiting: what is in memory goes to
-    the spool at once, and the process exits as the first signal decided.
+    the spool at once, and the process exits as the first signal decided. So
+    does a worker not stopped by the deadline (starved of CPU on a busy
+    machine, or in a slow write): it is halting, and the process waits for it
+    to set aside what it holds, _URGENT_WAIT at most, instead of killing it.
     """
     with _hooks_lock:
         streamers = list(_open_streamers)
@@ -4808,9 +4811,12 @@ def _close_all_at_exit():
                 closing.append((streamer, session))
         for streamer, session in closing:
             streamer._finish_close(session, deadline)
+        late = [streamer for streamer, session in closing
+                if not session.worker.stopped.is_set()]
     except BaseException:
-        for streamer in streamers:
-            streamer._close_now()
+        late = streamers
+    for streamer in late:
+        streamer._close_now()
 
 
 def _after_fork_in_child():

@@ -6574,6 +6574,29 @@ class ProcessTest(LiteTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual([v for _, v in self.received(sink)], list(range(100)))
 
+    def test_exit_hook_waits_for_a_late_worker_to_spool(self):
+        """Exit: a worker not done by exit_timeout (starved of CPU) still spools it all."""
+        spool = self.tempdir()
+        result = self.run_python(
+            "import threading, isstreamer_lite as lite\n"
+            "given_up = threading.Event()\n"
+            "finish, write = lite.Streamer._finish_close, lite._Actions.spool\n"
+            "def finish_close(self, *args, **kwargs):\n"
+            "    try:\n"
+            "        return finish(self, *args, **kwargs)\n"
+            "    finally:\n"
+            "        given_up.set()          # the hook's own wait is over\n"
+            "def spool(self, action):       # a worker that gets no CPU until then\n"
+            "    given_up.wait(30)\n"
+            "    return write(self, action)\n"
+            "lite.Streamer._finish_close, lite._Actions.spool = finish_close, spool\n"
+            "s = lite.Streamer('b', 'late-worker', 'ist_k', ini_file_location=False,"
+            " api_base=%r, spool_dir=%r, exit_timeout=0.3)\n"
+            "for i in range(100): s.log('k', i)\n" % (dead_url(), spool))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(e["value"] for e in spooled_events(spool)), list(range(100)),
+                         result.stderr[-600:])
+
     def test_smoke_test_passes(self):
         """Smoke test: python3 -m isstreamer_lite exits 0 and says OK."""
         result = subprocess.run(PYTHON + ["-m", "isstreamer_lite"], env=child_env(),

@@ -115,6 +115,11 @@ MUTATIONS = [
     ("late answer read whole",
      "        self.pos = 0\n\n    def line(self):", "        pass\n\n    def line(self):",
      ["QuickPostTest.test_answer_cut_by_the_quick_time_is_parsed_again_whole"]),
+    ("a late worker at exit",
+     "        late = [streamer for streamer, session in closing\n"
+     "                if not session.worker.stopped.is_set()]",
+     "        late = []",
+     ["ProcessTest.test_exit_hook_waits_for_a_late_worker_to_spool"]),
     ("the exit hook",
      "    atexit.register(_close_all_at_exit)", "    pass",
      ["ProcessTest.test_exit_without_close_delivers",
