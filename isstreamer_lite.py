@@ -2180,7 +2180,8 @@ class _Segment(object):
     True while the spool writer still appends to it.
     """
 
-    __slots__ = ("path", "fd", "bucket", "size", "lines", "out", "writing", "ack_ready")
+    __slots__ = ("path", "fd", "bucket", "size", "lines", "out", "writing", "ack_ready",
+                 "ack_fd")
 
     def __init__(self, path, fd, bucket, size=0, writing=False):
         self.path = path
@@ -2191,6 +2192,7 @@ class _Segment(object):
         self.out = 0
         self.writing = writing
         self.ack_ready = False          # its .ack has a durable name and no torn tail
+        self.ack_fd = -1                # its .ack, open for appending once acked to
 
     def finished(self):
         """Nothing left to send, nothing out, nobody writing: the file may go."""
@@ -2210,13 +2212,14 @@ class _Segment(object):
         return refs
 
     def close(self):
-        """Close the file (its lock goes with it); its lines stay on disk."""
-        if self.fd >= 0:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.fd = -1
+        """Close the file (its lock goes with it) and its .ack; its lines stay on disk."""
+        for fd in (self.ack_fd, self.fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self.ack_fd = -1
 
 
 class _SpoolWriter(object):
@@ -2453,14 +2456,23 @@ class _Claims(object):
 # Streamer that knows the bucket (_Claims._bucket_of).
 
 def _append_ack(segment, record, durable):
-    """Append to the segment's ack log; the first time, make it sound and durable."""
+    """Append to the segment's ack log; the first time, make it sound and durable.
+
+    The log stays open while the segment is held (an open and a close an ack
+    were a twentieth of the CPU of replaying a spool); after a failed write it
+    is opened again and its tail checked again.
+    """
     path = segment.path + _ACK_SUFFIX
     created = False
-    try:
-        fd = _open_private(path, os.O_RDWR | os.O_APPEND)
-    except FileNotFoundError:
-        fd = _open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
-        created = True
+    if segment.ack_fd < 0:
+        segment.ack_ready = False
+        try:
+            segment.ack_fd = _open_private(path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            segment.ack_fd = _open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT
+                                           | os.O_EXCL)
+            created = True
+    fd = segment.ack_fd
     try:
         if not segment.ack_ready and _torn_tail(fd):
             record = b"\n" + record
@@ -2469,9 +2481,11 @@ def _append_ack(segment, record, durable):
             os.fsync(fd)
             if created or not segment.ack_ready:
                 _fsync_dir(os.path.dirname(path))
-        segment.ack_ready = True
-    finally:
+    except OSError:
+        segment.ack_fd = -1             # opened again, its tail looked at, next time
         os.close(fd)
+        raise
+    segment.ack_ready = True
 
 
 class _SpoolReader(object):
@@ -2620,10 +2634,12 @@ class _SpoolReader(object):
     def forget_after_fork(self):
         """In a forked child: drop the parent's segments without unlocking them."""
         for segment in self.held:
-            try:
-                os.close(segment.fd)
-            except OSError:
-                pass
+            for fd in (segment.fd, segment.ack_fd):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
         self.held = []
 
 

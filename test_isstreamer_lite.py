@@ -13,6 +13,7 @@ import csv
 import datetime
 import decimal
 import email.utils
+import errno
 import filecmp
 import fractions
 import glob
@@ -3444,6 +3445,35 @@ class SpoolRepairTest(DeliveryTestCase):
             data = handle.read()
         self.assertEqual([start for start, _, _, _ in lite._unretired_lines(path, data)],
                          [starts[0], starts[2]])
+
+    def test_ack_after_a_failed_write_stands_on_its_own_line(self):
+        """Spool: the .ack kept open is reopened after a write that failed half done, and
+        the next record does not glue to the torn one."""
+        spool, path = self.old_spool("torn-write", [1, 2, 3, 4],
+                                     meta=b'{"bucketKey": "torn-write", "bucketName": ""}')
+        key_folder = os.path.dirname(os.path.dirname(path))
+        reader = lite._SpoolReader(lite._Spool(os.path.dirname(key_folder),
+                                               os.path.basename(key_folder), durable=True))
+        self.addCleanup(reader.release_all)
+        self.assertTrue(reader.claim(0.0))
+        segment = reader.held[0]
+        first, second, third = [segment.lines.popleft() for _ in range(3)]
+        segment.out += 3                    # the fourth line keeps the segment
+        reader.ack([first])
+        self.assertGreaterEqual(segment.ack_fd, 0, "the .ack is kept open")
+        real_write = lite._write_all
+
+        def half_then_fail(fd, data):
+            real_write(fd, data[:3])
+            raise OSError(errno.EIO, "I/O error")
+        with mock.patch.object(lite, "_write_all", half_then_fail):
+            reader.ack([second])            # a warning: that line may be sent again
+        self.assertEqual(segment.ack_fd, -1)
+        reader.ack([third])
+        retired = lite._retired_offsets(path)
+        self.assertEqual((retired.get(first.start), retired.get(third.start)),
+                         (first.end, third.end))
+        self.assertNotIn(second.start, retired)
 
     def test_only_whole_matching_records_retire_a_line(self):
         """Spool: records that are torn, glued or name no line's end retire nothing."""
