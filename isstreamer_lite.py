@@ -4321,7 +4321,10 @@ class _StatusBoard(object):
         self.asked = None                   # the status question last answered
 
     def tick(self, now, waiting, held):
-        """Answer a status question; write state.json on the first news, then once a minute."""
+        """Answer a status question; write state.json on the first news, then once a minute.
+
+        ``held()``: the events this process holds in memory (counted only when asked).
+        """
         if self.reader is not None:
             self.answer(now, held)
         if now >= self.due and self.save(waiting, now):
@@ -4375,10 +4378,9 @@ class _StatusBoard(object):
             if asked is not None and asked != self.asked:
                 self.asked = asked
                 try:
-                    self.reader.spool.status.answer(asked, held, self.wall())
+                    self.reader.spool.status.answer(asked, held(), self.wall())
                 except OSError as exc:
                     _log.debug("cannot answer status: %s", exc)
-
 
     def forget(self):
         """Stopped: remove live-<pid>.json, if a status question made it."""
@@ -4601,9 +4603,12 @@ class _Worker(_Actions):
                 except Exception:               # never die with events in memory
                     _log.exception("isstreamer_lite worker error; continuing in 1 s")
                     delay = 1.0
-                self.call_back()
+                if self.reports:
+                    self.call_back()
                 if self.core.state is _STOPPED:
                     break
+                if delay == 0:
+                    continue                    # the next turn is due at once
                 self.wake_at = self.core.inbox_room(self.clock())
                 if len(self.inbox) >= self.wake_at:
                     continue                    # filled up before wake_at was armed
@@ -4667,7 +4672,7 @@ class _Worker(_Actions):
             if now >= self.backlog_due:
                 self.backlog = self.reader.waiting() + core.backlog.on_disk()
                 self.backlog_due = now + 1.0
-        self.status.tick(now, core.waiting, len(self.inbox) + core.count)
+        self.status.tick(now, core.waiting, self.held)
         return _next_wake(due)
 
     def disk(self, now):
@@ -4676,6 +4681,10 @@ class _Worker(_Actions):
         if self.reader is None:
             return _NO_DISK
         return _DiskView(self.reader, now)
+
+    def held(self):
+        """Events in the inbox and in the core's memory."""
+        return len(self.inbox) + self.core.count
 
     def settled(self):
         """Everything logged is delivered and every loss told of (flush() from on_error)."""
