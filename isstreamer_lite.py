@@ -2634,12 +2634,7 @@ class _SpoolReader(object):
     def forget_after_fork(self):
         """In a forked child: drop the parent's segments without unlocking them."""
         for segment in self.held:
-            for fd in (segment.fd, segment.ack_fd):
-                if fd >= 0:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+            segment.close()             # no LOCK_UN: the parent's lock stays
         self.held = []
 
 

@@ -3420,6 +3420,15 @@ class SpoolRepairTest(DeliveryTestCase):
         folder = os.path.dirname(path)
         self.assertEqual(lite._Spool.read_bucket(folder), ("torn-meta", ""))
 
+    def claimed(self, path):
+        """A durable reader of the spool holding segment ``path``: (reader, segment)."""
+        key_folder = os.path.dirname(os.path.dirname(path))
+        reader = lite._SpoolReader(lite._Spool(os.path.dirname(key_folder),
+                                               os.path.basename(key_folder), durable=True))
+        self.addCleanup(reader.release_all)
+        self.assertTrue(reader.claim(0.0))
+        return reader, reader.held[0]
+
     def test_ack_record_never_glues_to_a_torn_one(self):
         """Spool: a record appended after a torn one stands on its own line."""
         spool, path = self.old_spool("torn-ack", [1, 2, 3],
@@ -3429,12 +3438,7 @@ class SpoolRepairTest(DeliveryTestCase):
         starts = [sum(len(l) for l in lines[:i]) for i in range(4)]
         with open(path + ".ack", "wb") as handle:     # "0 <end>\n" cut short by a crash
             handle.write(("0 %d" % starts[1])[:-1].encode())
-        key_folder = os.path.dirname(os.path.dirname(path))
-        reader = lite._SpoolReader(lite._Spool(os.path.dirname(key_folder),
-                                               os.path.basename(key_folder), durable=True))
-        self.addCleanup(reader.release_all)
-        self.assertTrue(reader.claim(0.0))
-        segment = reader.held[0]
+        reader, segment = self.claimed(path)
         self.assertEqual([r.start for r in segment.lines], starts[:3], "a torn record retires nothing")
         second = segment.lines[1]
         segment.lines.remove(second)
@@ -3451,12 +3455,7 @@ class SpoolRepairTest(DeliveryTestCase):
         the next record does not glue to the torn one."""
         spool, path = self.old_spool("torn-write", [1, 2, 3, 4],
                                      meta=b'{"bucketKey": "torn-write", "bucketName": ""}')
-        key_folder = os.path.dirname(os.path.dirname(path))
-        reader = lite._SpoolReader(lite._Spool(os.path.dirname(key_folder),
-                                               os.path.basename(key_folder), durable=True))
-        self.addCleanup(reader.release_all)
-        self.assertTrue(reader.claim(0.0))
-        segment = reader.held[0]
+        reader, segment = self.claimed(path)
         first, second, third = [segment.lines.popleft() for _ in range(3)]
         segment.out += 3                    # the fourth line keeps the segment
         reader.ack([first])
