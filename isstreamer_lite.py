@@ -1051,7 +1051,7 @@ class _HTTPTransport(object):
                 ex.reused = self._conn is not None
                 if self._conn is None:
                     self._conn = self.dialer.connect(self._time_left(ex.deadline))
-            sock, sending = self._conn.sock, ex.reader is None
+            sock, sending, quick_bound = self._conn.sock, ex.reader is None, False
             try:
                 if sending:
                     # One packet for a small request: the head and the first piece together.
@@ -1060,17 +1060,17 @@ class _HTTPTransport(object):
                     pieces.extend(body[start:start + _SEND_CHUNK]
                                   for start in range(_SEND_CHUNK, len(body), _SEND_CHUNK))
                     for piece in pieces:
-                        sock.settimeout(self._time_left(ex.deadline, quick))
+                        quick_bound = self._set_timeout(sock, ex.deadline, quick)
                         sock.sendall(piece)
                     ex.reader, sending = _SocketLines(sock), False
                 ex.reader.rewind()
-                sock.settimeout(self._time_left(ex.deadline, quick))
+                quick_bound = self._set_timeout(sock, ex.deadline, quick)
                 status, answer, data, reusable = _read_reply(ex.reader, _MAX_REPLY_BYTES)
                 if status < 200:
                     raise http.client.HTTPException(
                         "the server sent an interim %d answer as final" % status)
             except socket.timeout:
-                if quick is None or _monotonic() < quick:
+                if not quick_bound:
                     self.close(reset=True)      # the request's own timeout
                     raise
                 if sending:                     # part of it may be out: send it all again
@@ -1100,16 +1100,23 @@ class _HTTPTransport(object):
             self._last_head = (key, self.dialer.head(path, headers))
         return self._last_head[1] + b"Content-Length: %d\r\n\r\n" % length
 
-    def _time_left(self, deadline, quick=None):
-        """Seconds a blocking step may take: ``timeout`` of silence, within the deadline
-        (and until ``quick``, if given)."""
-        now = _monotonic()
-        left = min(self.timeout, deadline - now)
+    def _time_left(self, deadline):
+        """Seconds a blocking step may take: ``timeout`` of silence, within the deadline."""
+        left = min(self.timeout, deadline - _monotonic())
         if left <= 0:
             raise TimeoutError("no answer before the request's deadline")
-        if quick is not None:
-            left = max(0.001, min(left, quick - now))
         return left
+
+    def _set_timeout(self, sock, deadline, quick):
+        """Bound the socket's next blocking step (_time_left, and ``quick`` if given);
+        whether ``quick`` is the bound. A timeout says which by this, not by the clock
+        read after it (PyPy's fires a little early)."""
+        left = self._time_left(deadline)
+        if quick is not None and quick - _monotonic() < left:
+            sock.settimeout(max(0.001, quick - _monotonic()))
+            return True
+        sock.settimeout(left)
+        return False
 
     def abort(self):
         """Break a request running in another thread (its deadline passed).

@@ -2486,6 +2486,34 @@ class QuickPostTest(LiteTestCase):
         self.assertEqual((response.status, response.body), (200, b"hello"))
         self.assertEqual(len(self.requests), 2)
 
+    def test_quick_timeout_firing_early_is_still_unfinished(self):
+        """Transport: a timeout within the quick time means unfinished, even one that fires
+        before the clock reaches it (PyPy's do): never a failed call sent again."""
+        transport, exchange, release = self.unfinished(lambda release: [release, self.ANSWER])
+        release.set()
+        transport.finish(exchange)
+
+        class Early(object):                # its first read times out at once
+            def __init__(self, sock):
+                self.sock, self.fired = sock, False
+
+            def recv(self, size):
+                if not self.fired:
+                    self.fired = True
+                    raise socket.timeout("timed out")
+                return self.sock.recv(size)
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+        release.clear()
+        transport._conn.sock = Early(transport._conn.sock)
+        with self.assertRaises(lite._Unfinished) as caught:
+            self.quick(transport, budget=1.0)   # the bound: the silence timeout is 5 s
+        self.assertIsNotNone(transport._conn, "the connection was reset")
+        release.set()
+        self.assertEqual(transport.finish(caught.exception.exchange).status, 200)
+        self.assertEqual([body for _, body in self.requests], [b"[0]", b"[1]", b"[1]"])
+
     def test_send_cut_by_the_quick_time_is_sent_again_on_a_new_connection(self):
         """Transport: a request not all written in the quick time is reset and sent whole
         again, as its first try, on a new connection."""
