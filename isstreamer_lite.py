@@ -3372,6 +3372,8 @@ class _Backlog(object):
     def excess(self, limit, most, out=None):
         """Past ``limit`` events in memory: the oldest live batch to set aside (not
         ``out``, the one in a call), held; at most ``most`` events. None if within."""
+        if self.memory.count + most * len(self.batches.queue) <= limit:
+            return None                 # within: no batch holds more than ``most``
         over = self.count - limit
         if over <= 0:
             return None
