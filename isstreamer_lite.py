@@ -1300,6 +1300,7 @@ class _RateBudget(object):
         self._span = _WINDOW            # the window's length, seconds
         self._next = 0.0                # monotonic time of the next evenly spaced request
         self._learned = None            # (limit, span) last told, kept when forgotten
+        self._booked = collections.deque()  # this process's turns, booked by waiting
 
     def learned(self):
         """What the server last told of its window: {"calls", "window_s"}, or None."""
@@ -1319,6 +1320,7 @@ class _RateBudget(object):
                 # hostile one that sent them once). Nothing is paced until they come.
                 self._limit = self._remaining = self._reset = self._heard = None
                 self._told, self._refilled = None, False
+                self._booked.clear()
                 return 0.0
             if now >= self._reset:
                 self._reset += self._span           # the next window, until we hear of it
@@ -1327,9 +1329,20 @@ class _RateBudget(object):
                 self._next = 0.0
             if self._remaining <= 0:
                 return self._reset - now + 0.01
-            if now < self._next:
-                return self._next - now
-            self._next = now + (self._reset - now) / self._remaining
+            if self._booked:
+                if self._booked[0] > now:
+                    return self._booked[0] - now    # our turn is booked: wait for it
+                self._booked.popleft()
+            elif now < self._next:
+                # Book the next turn and move it on for whoever asks after us: the
+                # processes of a key take turns first come, first served, instead of
+                # racing for each one (one could lose many in a row). A turn is time,
+                # not a call: the call is counted when it is made, as a late one is.
+                self._booked.append(self._next)
+                wait = self._next - now
+                self._next += (self._reset - self._next) / self._remaining
+                return wait
+            self._next = max(self._next, now + (self._reset - now) / self._remaining)
             self._remaining -= 1
             return 0.0
 

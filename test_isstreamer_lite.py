@@ -3243,6 +3243,21 @@ class RateBudgetTest(IsolatedCase):
                       self.WALL + 10.0)
         self.assertGreater(first.reserve(self.MONO + 10.0), 9.0)
 
+    def test_processes_take_turns_in_the_order_they_asked(self):
+        """Pacing: a process told to wait gets the turn it waited for, even when another
+        asks first at that moment: none loses race after race for the shared window."""
+        path = self.shared_path()
+        first, second = lite._SharedBudget(path), lite._SharedBudget(path)
+        first.update(self.headers(30, 30, self.WALL + 10.0), self.MONO, self.WALL)
+        self.assertEqual(first.reserve(self.MONO), 0.0)                 # first's call
+        wait = second.reserve(self.MONO + 0.01)         # second waits for the next turn
+        self.assertGreater(wait, 0.0)
+        turn = self.MONO + 0.01 + wait
+        self.assertGreater(first.reserve(self.MONO + 0.02), wait)      # first: after second
+        self.assertGreater(first.reserve(turn), 0.0, "first took the turn second waited for")
+        self.assertEqual(second.reserve(turn), 0.0)
+        self.assertEqual(first.reserve(turn + 1.0), 0.0)                # then first's own
+
     def test_without_the_file_each_process_paces_alone(self):
         """Pacing: a shared file that cannot be written (or is garbage) leaves local pacing."""
         folder = tempfile.mkdtemp(prefix="isl-rate-")
