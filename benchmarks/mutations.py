@@ -53,6 +53,13 @@ MUTATIONS = [
      "            if fields is not None:\n", "            if False:\n",
      ["RateBudgetTest.test_processes_of_one_key_spend_one_window_through_a_file",
       "SharedPacingTest"]),
+    ("turns first come, first served",
+     "                self._booked.append(self._next)\n"
+     "                wait = self._next - now\n"
+     "                self._next += (self._reset - self._next) / self._remaining\n"
+     "                return wait\n",
+     "                return self._next - now\n",
+     ["RateBudgetTest.test_processes_take_turns_in_the_order_they_asked"]),
     ("413 splitting",
      'return _Decision(_SPLIT, 0.0, "too_large")', 'return _Decision(_RETRY, 0.1, "too_large")',
      ["WorkerTest.test_413_splits_and_400_bisects",
