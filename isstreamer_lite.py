@@ -771,13 +771,16 @@ class _SocketLines(object):
     parsed yet: a read that timed out can be parsed again from the start.
     """
 
-    def __init__(self, sock):
+    def __init__(self, sock, arm=None):
         self.sock = sock
+        self.arm = arm                  # called before each recv: sets its timeout
         self.data = b""
         self.pos = 0
         self.eof = False
 
     def _more(self):
+        if not self.eof and self.arm is not None:
+            self.arm()
         piece = b"" if self.eof else self.sock.recv(65536)
         self.eof = not piece
         self.data += piece
@@ -888,13 +891,16 @@ def _is_loopback(host):
 class _Exchange(object):
     """One request on its way: what to send, the tries so far, what was read of the answer."""
 
-    __slots__ = ("path", "body", "headers", "deadline", "attempt", "reused", "reader")
+    __slots__ = ("path", "body", "headers", "deadline", "attempt", "reused", "reader",
+                 "quick", "quick_bound")
 
     def __init__(self, path, body, headers, deadline):
         self.path, self.body, self.headers, self.deadline = path, body, headers, deadline
         self.attempt = 0
         self.reused = False
         self.reader = None              # a _SocketLines once the request is sent
+        self.quick = None               # this try's quick time (monotonic), or None
+        self.quick_bound = False        # the quick time bounds the blocking step under way
 
 
 class _Unfinished(Exception):
@@ -1043,6 +1049,7 @@ class _HTTPTransport(object):
         it) unless it is out, and read its answer: a _Response."""
         import http.client
         import socket
+        ex.quick = quick
         while True:
             if ex.reader is None:
                 if self._conn is None and quick is not None:
@@ -1051,7 +1058,7 @@ class _HTTPTransport(object):
                 ex.reused = self._conn is not None
                 if self._conn is None:
                     self._conn = self.dialer.connect(self._time_left(ex.deadline))
-            sock, sending, quick_bound = self._conn.sock, ex.reader is None, False
+            sock, sending = self._conn.sock, ex.reader is None
             try:
                 if sending:
                     # One packet for a small request: the head and the first piece together.
@@ -1060,17 +1067,17 @@ class _HTTPTransport(object):
                     pieces.extend(body[start:start + _SEND_CHUNK]
                                   for start in range(_SEND_CHUNK, len(body), _SEND_CHUNK))
                     for piece in pieces:
-                        quick_bound = self._set_timeout(sock, ex.deadline, quick)
+                        self._arm(sock, ex)
                         sock.sendall(piece)
-                    ex.reader, sending = _SocketLines(sock), False
+                    ex.reader = _SocketLines(sock, lambda: self._arm(sock, ex))
+                    sending = False
                 ex.reader.rewind()
-                quick_bound = self._set_timeout(sock, ex.deadline, quick)
                 status, answer, data, reusable = _read_reply(ex.reader, _MAX_REPLY_BYTES)
                 if status < 200:
                     raise http.client.HTTPException(
                         "the server sent an interim %d answer as final" % status)
             except socket.timeout:
-                if not quick_bound:
+                if not ex.quick_bound:
                     self.close(reset=True)      # the request's own timeout
                     raise
                 if sending:                     # part of it may be out: send it all again
@@ -1107,16 +1114,20 @@ class _HTTPTransport(object):
             raise TimeoutError("no answer before the request's deadline")
         return left
 
-    def _set_timeout(self, sock, deadline, quick):
-        """Bound the socket's next blocking step (_time_left, and ``quick`` if given);
-        whether ``quick`` is the bound. A timeout says which by this, not by the clock
-        read after it (PyPy's fires a little early)."""
-        left = self._time_left(deadline)
-        if quick is not None and quick - _monotonic() < left:
-            sock.settimeout(max(0.001, quick - _monotonic()))
-            return True
-        sock.settimeout(left)
-        return False
+    def _arm(self, sock, ex):
+        """Bound the socket's next blocking step, a send or each read: ``timeout`` of
+        silence within the deadline (_time_left), and ``ex.quick`` if set. Records in
+        ``ex.quick_bound`` whether the quick time is the bound: a timeout says which by
+        this, not by the clock read after it (PyPy's fire a little early). Armed before
+        every read, a server that trickles its answer cannot keep the worker past it.
+        """
+        ex.quick_bound = False
+        left = self._time_left(ex.deadline)
+        if ex.quick is not None and ex.quick - _monotonic() < left:
+            sock.settimeout(max(0.001, ex.quick - _monotonic()))
+            ex.quick_bound = True
+        else:
+            sock.settimeout(left)
 
     def abort(self):
         """Break a request running in another thread (its deadline passed).

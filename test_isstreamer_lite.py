@@ -2402,6 +2402,9 @@ class TransportTest(LiteTestCase):
         self.assertIn("travels in clear text", logs.output[0])
 
 
+_Gap = collections.namedtuple("_Gap", "event seconds")     # a server's pause in QuickPostTest
+
+
 class QuickPostTest(LiteTestCase):
     """_HTTPTransport.post(quick=...): the worker's own try at a call, finished elsewhere."""
 
@@ -2409,7 +2412,7 @@ class QuickPostTest(LiteTestCase):
 
     def server(self, pieces):
         """A server answering every request on a connection with ``pieces``: bytes to
-        send, or an Event to wait for (set by the test) before the next piece."""
+        send, an Event to wait for (set by the test) before the next piece, or a _Gap."""
         self.requests = []
 
         def answer(conn, number, stop):
@@ -2421,6 +2424,8 @@ class QuickPostTest(LiteTestCase):
                 for piece in pieces:
                     if isinstance(piece, bytes):
                         conn.sendall(piece)
+                    elif isinstance(piece, _Gap):
+                        piece.event.wait(piece.seconds)     # a slow server, not a sync
                     else:
                         self.assertTrue(piece.wait(10), "the test never released the answer")
         return RawServer(self, answer)
@@ -2513,6 +2518,20 @@ class QuickPostTest(LiteTestCase):
         release.set()
         self.assertEqual(transport.finish(caught.exception.exchange).status, 200)
         self.assertEqual([body for _, body in self.requests], [b"[0]", b"[1]", b"[1]"])
+
+    def test_answer_trickled_past_the_quick_time_is_left_to_finish(self):
+        """Transport: a server that trickles its answer (a byte every 5 ms, each read
+        within its timeout) cannot keep a quick post past its quick time."""
+        trickle = [self.ANSWER[i:i + 1] for i in range(len(self.ANSWER))]
+        pause = threading.Event()               # never set: each wait is the 5 ms gap
+        transport = self.transport(self.server(
+            [piece for byte in trickle for piece in (byte, _Gap(pause, 0.005))]))
+        transport.post("/api/events", b"[0]", {"X": "1"})     # opens the connection
+        with self.assertRaises(lite._Unfinished) as caught:
+            self.quick(transport, budget=0.05)  # the whole answer takes 0.2 s or more
+        response = transport.finish(caught.exception.exchange)
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+        self.assertEqual(len(self.requests), 2)
 
     def test_send_cut_by_the_quick_time_is_sent_again_on_a_new_connection(self):
         """Transport: a request not all written in the quick time is reset and sent whole
